@@ -1,0 +1,33 @@
+"""Evaluation data from ../shared/bench, shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "bench"
+CIFAR_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+CIFAR_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+
+
+def cifar(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 test copy as normalised NCHW float32 and int labels."""
+    data = np.load(SHARED / "cifar10" / "test2000_uint8_nhwc.npz")
+    x, y = data["x"][:limit], data["y"][:limit]
+    x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    return (x - CIFAR_MEAN) / CIFAR_STD, y
+
+
+def top1(model_path: str, x: np.ndarray, y: np.ndarray, batch: int = 200, threads: int = 2) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    hits = 0
+    for start in range(0, len(x), batch):
+        logits = session.run(None, {name: x[start:start + batch]})[0]
+        hits += int((logits.argmax(1) == y[start:start + batch]).sum())
+    return 100.0 * hits / len(x)

@@ -1,0 +1,69 @@
+"""Command line: converter_lite-style flags (`--fmk=ONNX --modelFile=M --outputFile=O --configFile=C`).
+
+`ptqlite convert ...` and `ptqlite ...` (no subcommand) both convert. Errors a user can cause print one line and
+exit 2; a failure while converting exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import PtqError, UsageError
+
+log = logging.getLogger("ptqlite")
+
+# subcommand -> module with add_arguments(parser) and run(args) -> int
+COMMANDS = {
+    "convert": "ptqlite.cli_convert",
+    "benchmark": "ptqlite.bench",
+    "analyze": "ptqlite.analyze",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 too; keep the one-line style
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ptqlite", description="Post-training quantization of ONNX models.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log details of every step")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        command = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # converter_lite command lines have no subcommand: treat bare flags as `convert`.
+    if not argv or argv[0].startswith("--") and argv[0] not in ("--help", "--verbose"):
+        argv.insert(0, "convert")
+    logging.basicConfig(level=logging.INFO if "--verbose" in argv or "-v" in argv else logging.WARNING,
+                        format="ptqlite: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "handler", None):
+            raise UsageError("expected a subcommand: " + ", ".join(COMMANDS))
+        return int(args.handler(args) or 0)
+    except PtqError as exc:
+        print(f"ptqlite: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ptqlite: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

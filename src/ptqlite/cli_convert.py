@@ -1,0 +1,74 @@
+"""Quantize a model as a config file says (the converter_lite command line)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .config import load_config
+from .convert import convert
+from .errors import UsageError
+from .model import SUPPORTED_FMKS, load_model, parse_input_shapes, save_model
+from .result import ConversionResult
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by convert and analyze."""
+    parser.add_argument("--fmk", required=True, help=f"model framework: {', '.join(SUPPORTED_FMKS)}")
+    parser.add_argument("--modelFile", required=True, help="input model file")
+    parser.add_argument("--configFile", required=True, help="quantization config (INI, see docs/spec.md)")
+    parser.add_argument("--inputShape", default="", help='fixed input shapes, e.g. "in:1,3,224,224;in2:1,10"')
+    parser.add_argument("--inputDataFormat", default="", choices=["", "NCHW", "NHWC"],
+                        help="layout of 4-D model inputs for calibration data (default: read from the model)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--outputFile", required=True, help="output model path (.onnx is added if missing)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+
+
+def load_inputs(args: argparse.Namespace):
+    if args.fmk not in SUPPORTED_FMKS:
+        raise UsageError(f"--fmk={args.fmk}: expected one of {', '.join(SUPPORTED_FMKS)}")
+    shapes = parse_input_shapes(args.inputShape) if args.inputShape else None
+    config = load_config(args.configFile)
+    model = load_model(args.modelFile, args.fmk, shapes)
+    return config, model
+
+
+def output_path(text: str) -> Path:
+    """`--outputFile=out/m` writes out/m.onnx; a name already ending in .onnx is kept."""
+    path = Path(text)
+    return path if path.suffix.lower() == ".onnx" else path.with_name(path.name + ".onnx")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = output_path(args.outputFile)
+    if out.exists() and os.path.samefile(out, args.modelFile):
+        raise UsageError(f"--outputFile={args.outputFile}: would overwrite the input model; choose another path")
+    config, model = load_inputs(args)
+    result = convert(model, config, input_format=args.inputDataFormat or None)
+    save_model(result.model, out)
+    if not args.quiet:
+        print(summary(result, Path(args.modelFile), out))
+    return 0
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+def summary(result: ConversionResult, source: Path, out: Path) -> str:
+    before, after = source.stat().st_size, out.stat().st_size
+    lines = [f"{result.quant_type}: {source} -> {out}",
+             f"quantized {len(result.quantized)} tensors, skipped {len(result.skipped)}"]
+    for q in result.quantized:
+        lines.append(f"  quantized {q.tensor} ({q.op_type} {', '.join(q.nodes)}): {q.bits} bit {q.scheme}, "
+                     f"{q.storage}, {q.bytes_before} -> {q.bytes_after} bytes, relative error {q.relative_error:.4f}")
+    for s in result.skipped:
+        lines.append(f"  skipped {s.tensor} ({s.op_type} {', '.join(s.nodes)}): {s.reason}")
+    lines += [f"  note: {n}" for n in result.notes]
+    lines.append(f"file size {_mb(before)} -> {_mb(after)} ({after / before:.3f}x) in {result.seconds:.2f} s")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Compact storage of integer weight codes inside a plain ONNX file.
+
+A quantized weight is stored as unsigned codes u (u < 2^bits) plus a per-channel affine map w = u * a + b (a, b
+absorb scale, zero point and bias correction). The codes are stored in the smallest of three forms, each decoded
+by standard ONNX ops whose inputs are all initializers, so ONNX Runtime folds the decoder into the plain float
+weight when the session loads and no decode work remains per inference:
+
+- "packed":  one MSB-first bit stream of ceil(n*bits/8) bytes (8 and 16 bits: plain uint8/uint16 codes);
+- "indexed": the sorted distinct codes as a small table plus packed indices of ceil(log2(distinct)) bits;
+- "sparse":  only the codes that differ from their channel's zero code, with packed position gaps;
+- "int8"/"int16": bits 8 and 16 without encoding (enable_encode=false), one signed integer per element.
+
+Only ops from opset 11 or older are used (Reshape, BitShift, Mod, Slice, Cast, MatMul, Gather, CumSum, Expand,
+ScatterElements, Mul, Add), so the decoder runs on any model with opset >= 11. Small constants that every decoder
+needs (shift tables, shapes) are stored once per model and shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .model import GraphIndex
+from .qmath import bits_for, pack_bits
+
+MIN_OPSET = 11
+
+
+@dataclass
+class Decoder:
+    """Nodes and initializers that rebuild one float weight under its original name."""
+
+    encoding: str
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data this decoder adds to the file (what an encoding is judged on)."""
+        return sum(len(t.raw_data) for t in self.initializers)
+
+
+class SharedConstants:
+    """Constants reused by many decoders of one model, created on first use."""
+
+    def __init__(self, index: GraphIndex):
+        self.index = index
+        self.by_key: dict[tuple, str] = {}
+        self.initializers: list[onnx.TensorProto] = []
+
+    def get(self, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.by_key:
+            name = self.index.unique_name("ptq_c")
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self.by_key[key] = name
+        return self.by_key[key]
+
+    def used_by(self, nodes: list[onnx.NodeProto]) -> list[onnx.TensorProto]:
+        """The shared constants that `nodes` read (candidates that lost also created some)."""
+        read = {name for node in nodes for name in node.input}
+        return [t for t in self.initializers if t.name in read]
+
+
+class _Builder:
+    def __init__(self, index: GraphIndex, shared: SharedConstants, prefix: str, encoding: str):
+        self.index = index
+        self.shared = shared
+        self.prefix = prefix
+        self.decoder = Decoder(encoding)
+
+    def const(self, array: np.ndarray) -> str:
+        """A constant owned by this decoder (weight data, per-channel parameters)."""
+        name = self.index.unique_name(self.prefix)
+        self.decoder.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        # Decoder nodes are folded away at load, so they carry no node name (it would only cost file bytes).
+        out = output or self.index.unique_name(self.prefix)
+        self.decoder.nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def shape_of(self, dims) -> str:
+        return self.shared.get(np.array(dims, np.int64))
+
+    def unpack(self, codes: np.ndarray, bits: int) -> str:
+        """Store unsigned codes packed; return the name of a graph value holding them as float, flat [n]."""
+        count = codes.size
+        if bits in (8, 16):
+            stored = self.const(codes.astype(np.uint8 if bits == 8 else np.uint16).ravel())
+            return self.node("Cast", [stored], to=TensorProto.FLOAT)
+        stream = self.const(pack_bits(codes, bits))
+        column = self.node("Reshape", [stream, self.shape_of([-1, 1])])
+        if 8 % bits == 0:
+            # Whole codes per byte: shift each field down, keep its low bits.
+            per_byte = 8 // bits
+            shifts = np.arange(per_byte - 1, -1, -1, dtype=np.uint8).reshape(1, per_byte) * bits
+            fields = self.node("BitShift", [column, self.shared.get(shifts)], direction="RIGHT")
+            low = self.node("Mod", [fields, self.shared.get(np.array([1 << bits], np.uint8))])
+            total = -(-count * bits // 8) * per_byte
+            return self.node("Cast", [self._first(low, count, total)], to=TensorProto.FLOAT)
+        # Any other width: split bytes into bits, then weigh each code's bits with powers of two.
+        shifted = self.node("BitShift", [column, self.shared.get(np.arange(7, -1, -1, dtype=np.uint8)[None])],
+                            direction="RIGHT")
+        bit = self.node("Mod", [shifted, self.shared.get(np.array([2], np.uint8))])
+        rows = self.node("Reshape", [self._first(bit, count * bits, -(-count * bits // 8) * 8), self.shape_of([count, bits])])
+        as_float = self.node("Cast", [rows], to=TensorProto.FLOAT)
+        powers = (2.0 ** np.arange(bits - 1, -1, -1)).astype(np.float32).reshape(bits, 1)
+        weighted = self.node("MatMul", [as_float, self.shared.get(powers)])
+        return self.node("Reshape", [weighted, self.shape_of([-1])])
+
+    def _first(self, fields: str, count: int, total: int) -> str:
+        """The first `count` of the `total` values of a [bytes, per_byte] table, flat (no Slice without padding)."""
+        flat = self.node("Reshape", [fields, self.shape_of([-1])])
+        if count == total:
+            return flat
+        return self.node("Slice", [flat, self.shape_of([0]), self.shape_of([count])])
+
+    def affine(self, flat_codes: str, shape: tuple[int, ...], scale: np.ndarray, offset: np.ndarray,
+               target: str) -> None:
+        shaped = self.node("Reshape", [flat_codes, self.shape_of(shape)])
+        scaled = self.node("Mul", [shaped, self.const(scale.astype(np.float32))])
+        self.node("Add", [scaled, self.const(offset.astype(np.float32))], output=target)
+
+
+def _packed(b: _Builder, codes, bits, scale, offset, target) -> Decoder:
+    b.affine(b.unpack(codes, bits), codes.shape, scale, offset, target)
+    return b.decoder
+
+
+def _indexed(b: _Builder, codes, bits, scale, offset, target) -> Decoder | None:
+    table, positions = np.unique(codes, return_inverse=True)
+    index_bits = bits_for(table.size)
+    if index_bits >= bits:
+        return None
+    idx = b.node("Cast", [b.unpack(positions.ravel(), index_bits)], to=TensorProto.INT64)
+    table_float = b.node("Cast", [b.const(table.astype(np.uint16 if bits > 8 else np.uint8))], to=TensorProto.FLOAT)
+    flat = b.node("Gather", [table_float, idx], axis=0)
+    b.affine(flat, codes.shape, scale, offset, target)
+    return b.decoder
+
+
+def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes) -> Decoder | None:
+    shape = codes.shape
+    flat_codes = codes.ravel()
+    positions = np.flatnonzero(flat_codes != np.broadcast_to(zero_codes, shape).ravel())
+    # Only worth it when most codes sit on the zero point; a dense tensor is never stored this way.
+    if positions.size == 0 or positions.size * 2 > flat_codes.size:
+        return None
+    gaps = np.diff(positions, prepend=0)
+    values = b.unpack(flat_codes[positions], bits)
+    where = b.node("CumSum", [b.node("Cast", [b.unpack(gaps, bits_for(int(gaps.max()) + 1))], to=TensorProto.INT64),
+                              b.shared.get(np.array(0, np.int64))])
+    zero_float = b.node("Cast", [b.const(zero_codes.astype(np.uint16 if bits > 8 else np.uint8))],
+                        to=TensorProto.FLOAT)
+    dense = b.node("Expand", [zero_float, b.shape_of(shape)])
+    dense_flat = b.node("Reshape", [dense, b.shape_of([-1])])
+    flat = b.node("ScatterElements", [dense_flat, where, values], axis=0)
+    b.affine(flat, shape, scale, offset, target)
+    return b.decoder
+
+
+def _plain(b: _Builder, codes, bits, scale, offset, target) -> Decoder:
+    """enable_encode=false: signed int8/int16 storage in the weight's shape."""
+    shift = 1 << (bits - 1)
+    stored = b.const((codes - shift).astype(np.int8 if bits == 8 else np.int16))
+    scaled = b.node("Mul", [b.node("Cast", [stored], to=TensorProto.FLOAT), b.const(scale.astype(np.float32))])
+    # offset is defined for unsigned codes; signed codes need offset + shift * scale
+    b.node("Add", [scaled, b.const((offset + shift * scale).astype(np.float32))], output=target)
+    return b.decoder
+
+
+def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes: np.ndarray, bits: int,
+                  scale: np.ndarray, offset: np.ndarray, zero_codes: np.ndarray, encode: bool = True) -> Decoder:
+    """The smallest decoder that rebuilds `codes * scale + offset` (float32, shape codes.shape) as `target`.
+
+    codes: unsigned integer codes < 2^bits; scale, offset, zero_codes: broadcastable to codes.shape (per channel
+    or per tensor); zero_codes are the codes that decode to the channel's zero point (for the sparse form).
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    prefix = index.unique_name("ptq_w")
+
+    def builder(encoding: str) -> _Builder:
+        return _Builder(index, shared, prefix, encoding)
+
+    if not encode:
+        return _plain(builder(f"int{bits}"), codes, bits, scale, offset, target)
+    candidates = [
+        _packed(builder("packed"), codes, bits, scale, offset, target),
+        _indexed(builder("indexed"), codes, bits, scale, offset, target),
+        _sparse(builder("sparse"), codes, bits, scale, offset, target, np.asarray(zero_codes)),
+    ]
+    return min((c for c in candidates if c is not None), key=lambda d: (d.stored_bytes, len(d.nodes)))

@@ -1,0 +1,33 @@
+"""Errors a user can cause. Each carries one sentence that says what was wrong and what was expected."""
+
+
+class PtqError(Exception):
+    """Base class; the CLI prints the message without a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(PtqError):
+    """The quantization config file is malformed or breaks a rule of docs/spec.md."""
+
+
+class UsageError(PtqError):
+    """A command-line flag is missing or has a bad value."""
+
+
+class ModelError(PtqError):
+    """The model file cannot be read or is not a model this tool handles."""
+
+
+class DataError(PtqError):
+    """Calibration or benchmark input data is missing or does not fit the model."""
+
+
+class UnsupportedError(PtqError):
+    """The configuration asks for something this version does not do yet."""
+
+
+class ConversionError(PtqError):
+    """Quantization failed part way; nothing was written."""
+
+    exit_code = 1

@@ -1,0 +1,223 @@
+"""Load and save ONNX models, the fmk front-ends, and small graph helpers shared by the passes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ConversionError, ModelError, UsageError
+
+SUPPORTED_FMKS = ("ONNX", "PYTORCH")
+_TWO_GB = 2**31 - 1
+
+
+def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """Read a model with the front-end for `fmk`; the file itself is never modified."""
+    path = Path(path)
+    if fmk not in SUPPORTED_FMKS:
+        raise UsageError(f"--fmk={fmk}: expected one of {', '.join(SUPPORTED_FMKS)}")
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    if fmk == "PYTORCH":
+        model = _load_torchscript(path, input_shapes)
+    else:
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:  # onnx raises several types for a corrupt file
+            raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
+    if not model.graph.node:
+        raise ModelError(f"{path}: the model graph has no nodes")
+    if input_shapes:
+        set_input_shapes(model, input_shapes, str(path))
+    return model
+
+
+def _load_torchscript(path: Path, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("--fmk=PYTORCH needs PyTorch: pip install 'ptqlite[torch]'") from None
+    if not input_shapes:
+        raise UsageError("--fmk=PYTORCH needs --inputShape to trace the model, e.g. --inputShape=\"x:1,3,224,224\"")
+    try:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable TorchScript file ({exc})") from None
+    names = list(input_shapes)
+    args = tuple(torch.zeros(*shape) for shape in input_shapes.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "model.onnx")
+        try:
+            torch.onnx.export(module, args, out, input_names=names, opset_version=17, dynamo=False)
+        except TypeError:  # older torch without the dynamo flag
+            torch.onnx.export(module, args, out, input_names=names, opset_version=17)
+        except Exception as exc:
+            raise ModelError(f"{path}: torch.onnx.export failed ({exc})") from None
+        return onnx.load(out)
+
+
+def parse_input_shapes(text: str) -> dict[str, list[int]]:
+    """'in:1,3,224,224;in2:1,10' -> {'in': [1,3,224,224], 'in2': [1,10]}."""
+    shapes: dict[str, list[int]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, dims = part.rpartition(":")
+        try:
+            values = [int(d) for d in dims.split(",")]
+        except ValueError:
+            values = []
+        if not sep or not name or not values or any(v < 1 and v != -1 for v in values):
+            raise UsageError(f"--inputShape part '{part}': expected name:d1,d2,... with positive integers")
+        shapes[name] = values
+    if not shapes:
+        raise UsageError(f"--inputShape='{text}': expected name:d1,d2,...[;name2:...]")
+    return shapes
+
+
+def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], source: str) -> None:
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise UsageError(f"--inputShape: {source} has no input '{name}'; its inputs are {', '.join(inputs)}")
+        shape = inputs[name].type.tensor_type.shape
+        if len(shape.dim) and len(shape.dim) != len(dims):
+            raise UsageError(f"--inputShape: input '{name}' has rank {len(shape.dim)}, got {len(dims)} dims")
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = d if d > 0 else 0
+            if d < 0:
+                shape.dim[-1].dim_param = "N"
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not also initializers (IR < 4 models list both)."""
+    init = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init]
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write atomically: a temp file beside the target, then rename. Models over 2 GB keep their tensors in
+    `<name>.data` beside the model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    data_name = path.name + ".data"
+    tmp_data = None
+    try:
+        if model.ByteSize() > _TWO_GB:
+            tmp_data = path.parent / f".{data_name}.tmp"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=1024)
+            os.replace(tmp_data, path.parent / data_name)
+            # The model refers to the data file by the name it had while being written; fix the reference.
+            saved = onnx.load(tmp, load_external_data=False)
+            for tensor in _all_tensors(saved):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+            onnx.save_model(saved, tmp)
+        else:
+            with open(tmp, "wb") as handle:
+                handle.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp, path)
+    except Exception as exc:
+        for leftover in (tmp, tmp_data):
+            if leftover and os.path.exists(leftover):
+                os.remove(leftover)
+        raise ConversionError(f"{path}: could not write the output model ({exc})") from None
+    return path
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    return model.ByteSize()
+
+
+# ---------------------------------------------------------------- graph helpers
+
+
+class GraphIndex:
+    """Lookups over one graph: initializers by name, consumers and producer of each tensor."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for node in graph.node:
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((node, slot))
+            for name in node.output:
+                self.producer[name] = node
+        self.graph_input_names = {i.name for i in graph.input}
+        self.graph_output_names = {o.name for o in graph.output}
+        self._used = {n for node in graph.node for n in (*node.input, *node.output, node.name)}
+        self._used |= set(self.initializers) | self.graph_input_names
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[name])
+
+    def unique_name(self, base: str) -> str:
+        name, counter = base, 1
+        while name in self._used:
+            name = f"{base}_{counter}"
+            counter += 1
+        self._used.add(name)
+        return name
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Turn Constant nodes that hold a tensor into initializers, so weights exported as Constant nodes are
+    quantized like any other weight."""
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
+    """Raise the default-domain opset to `minimum` when it is lower, via onnx's version converter."""
+    if opset_version(model) >= minimum:
+        return
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, minimum)
+    except Exception as exc:
+        raise ConversionError(f"cannot raise the model's opset to {minimum} ({exc})") from None
+    model.CopyFrom(converted)

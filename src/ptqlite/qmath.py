@@ -1,0 +1,115 @@
+"""Quantization arithmetic and bit packing, pure numpy (no loops over elements)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
+    """Full integer range of a `bits`-wide integer."""
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero (the reference's std::round), unlike numpy's ties-to-even."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
+    """Axes to reduce over so that one value remains per slice along `axis` (None: one value in all)."""
+    if axis is None:
+        return tuple(range(ndim))
+    axis %= ndim
+    return tuple(a for a in range(ndim) if a != axis)
+
+
+def channel_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """Broadcast shape of per-channel parameters along `axis` (all ones for per-tensor)."""
+    out = [1] * len(shape)
+    if axis is not None:
+        out[axis % len(shape)] = shape[axis % len(shape)]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """scale and zero_point broadcastable against the tensor they quantize."""
+
+    scale: np.ndarray  # float64
+    zero_point: np.ndarray  # int64
+    qmin: int
+    qmax: int
+
+    @property
+    def bits(self) -> int:
+        return int(np.log2(self.qmax - self.qmin + 1))
+
+
+def asymmetric_params(x: np.ndarray, bits: int, axis: int | None, signed: bool = True) -> QParams:
+    """Asymmetric full-range parameters; the range always holds 0 and 0 is exactly representable."""
+    qmin, qmax = qrange(bits, signed)
+    axes = reduce_axes(x.ndim, axis)
+    lo = np.minimum(x.min(axis=axes, keepdims=True).astype(np.float64), 0.0)
+    hi = np.maximum(x.max(axis=axes, keepdims=True).astype(np.float64), 0.0)
+    span = hi - lo
+    scale = np.where(span > 0, span / (qmax - qmin), 1.0)
+    zero_point = np.clip(round_half_away(qmin - lo / scale), qmin, qmax).astype(np.int64)
+    return QParams(scale, zero_point, qmin, qmax)
+
+
+def symmetric_params(x: np.ndarray, bits: int, axis: int | None, narrow: bool = True) -> QParams:
+    """Symmetric parameters, zero point 0; `narrow` uses [-(2^(b-1)-1), 2^(b-1)-1] as TensorRT and the
+    int8 kernels of ONNX Runtime expect."""
+    qmin, qmax = qrange(bits, True)
+    if narrow:
+        qmin = -qmax
+    axes = reduce_axes(x.ndim, axis)
+    amax = np.abs(x).max(axis=axes, keepdims=True).astype(np.float64)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    return QParams(scale, np.zeros_like(scale, dtype=np.int64), qmin, qmax)
+
+
+def quantize(x: np.ndarray, params: QParams) -> np.ndarray:
+    """Float -> integer codes (int64), clamped to the integer range."""
+    q = round_half_away(x.astype(np.float64) / params.scale) + params.zero_point
+    return np.clip(q, params.qmin, params.qmax).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, params: QParams) -> np.ndarray:
+    return ((q - params.zero_point) * params.scale).astype(np.float32)
+
+
+def storage_dtype(bits: int) -> type:
+    """Integer type the reference stores b-bit codes in before encoding."""
+    return np.int8 if bits <= 8 else np.int16
+
+
+# ---------------------------------------------------------------- bit packing
+# Codes are unsigned integers < 2^bits written MSB first into one contiguous bit stream, ceil(n*bits/8) bytes.
+# The ONNX decoder in encoding.py reads exactly this layout.
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (each < 2^bits) into a uint8 bit stream."""
+    codes = np.asarray(codes, dtype=np.uint32).ravel()
+    if codes.size and int(codes.max()) >> bits:
+        raise ValueError(f"a code does not fit in {bits} bits")
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint32)
+    stream = ((codes[:, None] >> shifts) & 1).astype(np.uint8).ravel()
+    return np.packbits(stream)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack_bits: the first `count` codes as int64."""
+    stream = np.unpackbits(np.asarray(packed, dtype=np.uint8))[: count * bits]
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
+    return stream.reshape(count, bits).astype(np.int64) @ weights
+
+
+def bits_for(count: int) -> int:
+    """Bits needed to index `count` distinct values (at least 1)."""
+    return max(1, int(np.ceil(np.log2(max(count, 2)))))

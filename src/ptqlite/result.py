@@ -1,0 +1,45 @@
+"""What a conversion did, tensor by tensor: the data behind the CLI summary and the debug reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+
+@dataclass
+class QuantizedTensor:
+    tensor: str
+    op_type: str
+    nodes: tuple[str, ...]
+    shape: tuple[int, ...]
+    bits: int
+    scheme: str  # e.g. "asymmetric per-channel axis 0"
+    storage: str  # encoding or runtime form, e.g. "packed", "indexed", "DequantizeLinear int8"
+    bytes_before: int
+    bytes_after: int
+    relative_error: float
+    # Parameters per channel (one entry for per-tensor), for quant_param.csv
+    scale: np.ndarray | None = None
+    zero_point: np.ndarray | None = None
+    correction_var: np.ndarray | None = None
+    correction_mean: np.ndarray | None = None
+
+
+@dataclass
+class SkippedTensor:
+    tensor: str
+    op_type: str
+    nodes: tuple[str, ...]
+    reason: str
+
+
+@dataclass
+class ConversionResult:
+    model: onnx.ModelProto
+    quant_type: str
+    quantized: list[QuantizedTensor] = field(default_factory=list)
+    skipped: list[SkippedTensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
