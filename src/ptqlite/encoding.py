@@ -176,11 +176,13 @@ def _plain(b: _Builder, codes, bits, scale, offset, target) -> Decoder:
 
 
 def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes: np.ndarray, bits: int,
-                  scale: np.ndarray, offset: np.ndarray, zero_codes: np.ndarray, encode: bool = True) -> Decoder:
+                  scale: np.ndarray, offset: np.ndarray, zero_codes: np.ndarray, encode: bool = True,
+                  forms: tuple[str, ...] = ("packed", "indexed", "sparse")) -> Decoder:
     """The smallest decoder that rebuilds `codes * scale + offset` (float32, shape codes.shape) as `target`.
 
     codes: unsigned integer codes < 2^bits; scale, offset, zero_codes: broadcastable to codes.shape (per channel
     or per tensor); zero_codes are the codes that decode to the channel's zero point (for the sparse form).
+    forms: the encodings to consider (indexed and sparse are skipped where they cannot pay).
     """
     codes = np.asarray(codes, dtype=np.int64)
     prefix = index.unique_name("ptq_w")
@@ -190,9 +192,12 @@ def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes
 
     if not encode:
         return _plain(builder(f"int{bits}"), codes, bits, scale, offset, target)
-    candidates = [
-        _packed(builder("packed"), codes, bits, scale, offset, target),
-        _indexed(builder("indexed"), codes, bits, scale, offset, target),
-        _sparse(builder("sparse"), codes, bits, scale, offset, target, np.asarray(zero_codes)),
-    ]
-    return min((c for c in candidates if c is not None), key=lambda d: (d.stored_bytes, len(d.nodes)))
+    makers = {
+        "packed": lambda: _packed(builder("packed"), codes, bits, scale, offset, target),
+        "indexed": lambda: _indexed(builder("indexed"), codes, bits, scale, offset, target),
+        "sparse": lambda: _sparse(builder("sparse"), codes, bits, scale, offset, target, np.asarray(zero_codes)),
+    }
+    candidates = [d for d in (makers[form]() for form in forms) if d is not None]
+    if not candidates:
+        raise ValueError(f"none of the forms {forms} can store these codes")
+    return min(candidates, key=lambda d: (d.stored_bytes, len(d.nodes)))

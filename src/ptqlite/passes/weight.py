@@ -40,7 +40,8 @@ class QuantizedWeight:
     mean_corr: np.ndarray
 
     def decoded(self) -> np.ndarray:
-        return (self.codes * self.scale.astype(np.float32) + self.offset.astype(np.float32)).astype(np.float32)
+        # float32 in the decoder's order (Mul, then Add), so this equals what onnxruntime computes
+        return self.codes.astype(np.float32) * self.scale.astype(np.float32) + self.offset.astype(np.float32)
 
 
 def quantize_weight(w: np.ndarray, bits: int, axis: int | None, correction_axis: int | None,

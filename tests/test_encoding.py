@@ -1,0 +1,97 @@
+"""Encoded weight storage: every form decodes in onnxruntime to exactly the numpy reconstruction, and the
+decoder is folded away when the session loads."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import run, session
+from ptqlite.encoding import SharedConstants, build_decoder
+from ptqlite.model import GraphIndex
+
+
+def _model_with_decoder(codes, bits, scale, offset, zero, **kwargs):
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(np.shape(codes)))])
+    index = GraphIndex(graph)
+    shared = SharedConstants(index)
+    decoder = build_decoder(index, shared, "w", codes, bits, scale, offset, zero, **kwargs)
+    graph.node.extend(decoder.nodes)
+    graph.initializer.extend(shared.used_by(decoder.nodes) + decoder.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model, decoder
+
+
+def _expected(codes, scale, offset):
+    # float32 all the way, in the decoder's order (Mul, then Add)
+    return codes.astype(np.float32) * scale.astype(np.float32) + offset.astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", list(range(1, 17)))
+@pytest.mark.parametrize("form", ["packed", "indexed", "sparse"])
+def test_each_form_decodes_exactly(bits, form):
+    rng = np.random.default_rng(bits)
+    shape = (6, 5, 3)
+    zero = rng.integers(0, 1 << bits, size=(6, 1, 1))
+    codes = rng.integers(0, 1 << bits, size=shape)
+    if form == "indexed":  # few distinct values, so an index is narrower than the codes
+        table = rng.integers(0, 1 << bits, size=max(1, (1 << bits) // 4))
+        codes = table[rng.integers(0, table.size, size=shape)]
+        if bits < 3:
+            pytest.skip("an index cannot be narrower than 1 or 2 bit codes")
+    if form == "sparse":  # most codes on the channel zero point
+        codes = np.where(rng.random(shape) < 0.8, zero, codes)
+    scale = rng.uniform(0.01, 0.1, size=(6, 1, 1))
+    offset = rng.uniform(-1, 1, size=(6, 1, 1))
+    model, decoder = _model_with_decoder(codes, bits, scale, offset, zero, forms=(form,))
+    assert decoder.encoding == form
+    np.testing.assert_array_equal(run(model, {})[0], _expected(codes, scale, offset))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_unencoded_storage_is_signed_integers(bits):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 1 << bits, size=(4, 7))
+    scale, offset = np.full((4, 1), 0.5), np.full((4, 1), -3.0)
+    model, decoder = _model_with_decoder(codes, bits, scale, offset, np.zeros((4, 1), np.int64), encode=False)
+    assert decoder.encoding == f"int{bits}"
+    stored = [t for t in decoder.initializers if t.data_type in (TensorProto.INT8, TensorProto.INT16)]
+    assert len(stored) == 1 and list(stored[0].dims) == [4, 7]
+    np.testing.assert_allclose(run(model, {})[0], _expected(codes, scale, offset), rtol=1e-6, atol=1e-5)
+
+
+def test_smallest_form_wins_and_sizes_follow_bits():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 8, size=(64, 64))
+    one = np.ones((64, 1))
+    _, dense = _model_with_decoder(codes, 3, one, one * 0, one * 0)
+    assert dense.encoding == "packed"
+    assert dense.stored_bytes < 64 * 64 * 3 / 8 + 64 * 8 + 64
+    sparse_codes = np.where(rng.random((64, 64)) < 0.95, 4, codes)
+    _, sparse = _model_with_decoder(sparse_codes, 3, one, one * 0, one * 4)
+    assert sparse.encoding == "sparse" and sparse.stored_bytes < dense.stored_bytes
+
+
+def test_decoder_is_folded_at_load(tmp_path):
+    """After the session loads, the graph is the plain float graph: no decode op runs per inference."""
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 8, size=(16, 32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])])
+    index = GraphIndex(graph)
+    shared = SharedConstants(index)
+    decoder = build_decoder(index, shared, "w", codes, 3, np.full((1, 32), 0.1), np.full((1, 32), -0.4), 0)
+    nodes = list(decoder.nodes) + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(shared.used_by(decoder.nodes) + decoder.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    optimized = tmp_path / "optimized.onnx"
+    sess = session(model, optimized_path=optimized)
+    x = rng.standard_normal((1, 16)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ (codes * 0.1 - 0.4).astype(np.float32), rtol=1e-5,
+                               atol=1e-5)
+    assert [n.op_type for n in onnx.load(optimized).graph.node] == ["MatMul"]

@@ -1,0 +1,216 @@
+"""Fixed-bit WEIGHT_QUANT on small synthetic graphs and on real models."""
+
+import collections
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import RESNET20, cosine, run, session, shared_file
+from ptqlite import convert, parse_config
+from ptqlite.passes.weight import quantize_weight, relative_error
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name, shape, scale=0.1):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def tiny_model() -> onnx.ModelProto:
+    """Conv -> Flatten -> Gemm(transB) -> MatMul, plus an embedding Gather and an LSTM on a second input."""
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["g"], name="fc", transB=1),
+        helper.make_node("MatMul", ["g", "mm_w"], ["y"], name="matmul"),
+        helper.make_node("Gather", ["emb_w", "ids"], ["e"], name="embed"),
+        helper.make_node("LSTM", ["e", "lstm_w", "lstm_r"], ["h"], name="lstm", hidden_size=8),
+    ]
+    inits = [_init("conv_w", (24, 3, 3, 3)), _init("conv_b", (24,)), _init("fc_w", (32, 24 * 4 * 4)),
+             _init("fc_b", (32,)), _init("mm_w", (32, 20)), _init("emb_w", (50, 16)),
+             _init("lstm_w", (1, 32, 16)), _init("lstm_r", (1, 32, 8))]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, [5, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 20]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [5, 1, 2, 8])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+FEEDS = {"x": RNG.standard_normal((2, 3, 4, 4)).astype(np.float32),
+         "ids": RNG.integers(0, 50, (5, 2)).astype(np.int64)}
+
+
+def config(text: str = "", bits: int = 8, **common):
+    common = {"min_quant_weight_channel": 0, **common}
+    lines = ["[common_quant_param]", "quant_type=WEIGHT_QUANT", f"bit_num={bits}"]
+    lines += [f"{k}={v}" for k, v in common.items()]
+    return parse_config("\n".join(lines) + "\n" + text, "test.cfg")
+
+
+def test_every_weighted_op_is_quantized_and_outputs_stay_close():
+    model = tiny_model()
+    result = convert(model, config())
+    assert sorted(q.tensor for q in result.quantized) == ["conv_w", "emb_w", "fc_w", "lstm_r", "lstm_w", "mm_w"]
+    assert result.skipped == []
+    names = {t.name for t in result.model.graph.initializer}
+    assert not names & {"conv_w", "fc_w", "mm_w", "emb_w", "lstm_w", "lstm_r"}
+    assert {"conv_b", "fc_b"} <= names  # biases are never quantized
+    for want, got in zip(run(model, FEEDS), run(result.model, FEEDS)):
+        assert cosine(want, got) > 0.9995
+
+
+def test_decoded_weights_equal_the_numpy_reconstruction():
+    model = tiny_model()
+    result = convert(model, config())
+    # expose the decoded weights (they keep the original names) as outputs
+    probe = onnx.ModelProto()
+    probe.CopyFrom(result.model)
+    for name in ("conv_w", "fc_w", "mm_w", "emb_w"):
+        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    decoded = dict(zip([o.name for o in probe.graph.output], run(probe, FEEDS)))
+    originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name, axis in (("conv_w", 0), ("fc_w", 0), ("mm_w", 1), ("emb_w", 0)):
+        expected = quantize_weight(originals[name], 8, axis, axis, True).decoded()
+        np.testing.assert_array_equal(decoded[name], expected)
+
+
+def test_per_channel_axes_follow_each_op():
+    result = convert(tiny_model(), config())
+    schemes = {q.tensor: (q.scheme, q.scale.size) for q in result.quantized}
+    assert schemes["conv_w"] == ("asymmetric per-channel axis 0", 24)
+    assert schemes["fc_w"] == ("asymmetric per-channel axis 0", 32)  # Gemm transB=1: [N, K]
+    assert schemes["mm_w"] == ("asymmetric per-channel axis 1", 20)  # MatMul B: [K, N]
+    assert schemes["emb_w"] == ("asymmetric per-channel axis 0", 50)  # one scale per embedding row
+    assert schemes["lstm_w"] == ("asymmetric per-channel axis 1", 32)
+    per_layer = convert(tiny_model(), config("[weight_quant_param]\nper_channel=false\n"))
+    assert all(q.scheme == "asymmetric per-tensor" and q.scale.size == 1 for q in per_layer.quantized)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lower_bits_give_smaller_files_and_larger_errors(bits):
+    model = tiny_model()
+    low, high = convert(model, config(bits=bits)), convert(model, config(bits=bits + 1))
+    assert low.model.ByteSize() < high.model.ByteSize()
+    err = {q.tensor: q.relative_error for q in low.quantized}
+    assert all(err[q.tensor] > q.relative_error for q in high.quantized)
+
+
+def test_size_channel_and_skip_filters_report_reasons(caplog):
+    text = "min_quant_weight_size=700\nmin_quant_weight_channel=24\nskip_quant_node=matmul,embedd\n"
+    cfg = parse_config("[common_quant_param]\nquant_type=WEIGHT_QUANT\n" + text, "f.cfg")
+    with caplog.at_level(logging.WARNING):
+        result = convert(tiny_model(), cfg)
+    reasons = {s.tensor: s.reason for s in result.skipped}
+    assert reasons["conv_w"] == "648 elements <= min_quant_weight_size=700"
+    assert reasons["mm_w"] == "skip_quant_node lists 'matmul'"
+    assert reasons["lstm_r"] == "256 elements <= min_quant_weight_size=700"
+    assert reasons["lstm_w"] == "512 elements <= min_quant_weight_size=700"
+    assert sorted(q.tensor for q in result.quantized) == ["emb_w", "fc_w"]
+    assert "no node is named 'embedd'" in caplog.text and "embed" in caplog.text
+    channel = convert(tiny_model(), config(min_quant_weight_channel=24))
+    assert {s.tensor: s.reason for s in channel.skipped} == {
+        "conv_w": "24 output channels <= min_quant_weight_channel=24"}
+
+
+def test_bias_correction_matches_channel_mean_and_spread():
+    w = (RNG.standard_normal((8, 200)) * 0.05 + 0.01).astype(np.float32)
+    for axis in (0, None):  # per-channel and per-layer quantization; the correction is per channel in both
+        plain = quantize_weight(w, 3, axis, 0, False).decoded()
+        corrected = quantize_weight(w, 3, axis, 0, True).decoded()
+        np.testing.assert_allclose(corrected.mean(1), w.mean(1), atol=1e-6)
+        np.testing.assert_allclose(corrected.std(1), w.std(1), rtol=1e-4)
+        assert np.abs(plain.std(1) - w.std(1)).max() > 1e-4  # there was something to correct
+
+
+def test_shared_weight_with_different_axes_is_per_tensor_and_non_weight_use_is_skipped():
+    w = _init("w", (16, 16))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="m1"),
+             helper.make_node("Gemm", ["x", "w"], ["b"], name="g1", transB=1),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert(model, config())
+    assert [(q.tensor, q.scheme) for q in result.quantized] == [("w", "asymmetric per-tensor")]
+    nodes[2] = helper.make_node("Add", ["a", "w"], ["y"], name="add")
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], [w])
+    result = convert(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), config())
+    assert [s.reason for s in result.skipped] == ["also read by Add node 'add' as a non-weight input"]
+
+
+def test_unencoded_8_and_16_bit_store_plain_integers():
+    for bits, dtype in ((8, TensorProto.INT8), (16, TensorProto.INT16)):
+        result = convert(tiny_model(), config(bits=bits, enable_encode="false"))
+        assert {q.storage for q in result.quantized} == {f"int{bits}"}
+        assert sum(t.data_type == dtype for t in result.model.graph.initializer) == 6
+
+
+def test_on_the_fly_keeps_integer_weights_and_dequantize_linear(tmp_path):
+    model = tiny_model()
+    result = convert(model, config("[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n"))
+    assert {q.storage for q in result.quantized} == {"DequantizeLinear int8"}
+    optimized = tmp_path / "opt.onnx"
+    session(result.model, optimized_path=optimized)
+    ops = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+    assert ops["DequantizeLinear"] + ops["MatMulNBits"] >= 4
+    for want, got in zip(run(model, FEEDS), run(result.model, FEEDS)):
+        assert cosine(want, got) > 0.999
+
+
+def test_same_inputs_give_identical_bytes_and_input_is_untouched():
+    model = tiny_model()
+    before = model.SerializeToString()
+    first = convert(model, config(bits=5)).model.SerializeToString(deterministic=True)
+    second = convert(model, config(bits=5)).model.SerializeToString(deterministic=True)
+    assert first == second and model.SerializeToString() == before
+
+
+def test_bundled_resnet20_default_strategy_runs_the_float_graph(tmp_path):
+    model = onnx.load(RESNET20)
+    result = convert(model, config(bits=4))
+    float_ops, quant_ops = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    session(model, optimized_path=float_ops)
+    session(result.model, optimized_path=quant_ops)
+    ops = [collections.Counter(n.op_type for n in onnx.load(p).graph.node) for p in (float_ops, quant_ops)]
+    assert ops[0] == ops[1]  # after load, nothing of the decoder is left
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    data = np.load(shared_file("cifar10/test2000_uint8_nhwc.npz"))
+    x = data["x"].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+    return (x - mean) / std, data["y"]
+
+
+def _top1(model, x, y):
+    logits = session(model).run(None, {"input": x})[0]
+    return 100.0 * float(np.mean(logits.argmax(1) == y))
+
+
+@pytest.mark.parametrize("bits, max_ratio, max_drop", [(8, 0.27, 0.2), (4, 0.15, None), (2, 0.09, None)])
+def test_resnet56_size_and_accuracy(cifar, bits, max_ratio, max_drop):
+    model = onnx.load(shared_file("models/resnet56_cifar10.onnx"))
+    result = convert(model, config(bits=bits))
+    ratio = result.model.ByteSize() / model.ByteSize()
+    assert ratio <= max_ratio
+    if max_drop is not None:
+        x, y = cifar
+        assert _top1(model, x, y) - _top1(result.model, x, y) <= max_drop
+
+
+def test_relative_error_edge_cases():
+    assert relative_error(np.zeros(3), np.zeros(3)) == 0.0
+    assert relative_error(np.zeros(3), np.ones(3)) == 1.0
+    assert relative_error(np.array([3.0, 4.0]), np.array([3.0, 4.5])) == pytest.approx(0.1)
