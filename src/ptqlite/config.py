@@ -2,7 +2,7 @@
 
 Parsing follows the reference reader: lines are trimmed, lines of two characters or fewer and lines starting with
 '#' are skipped, a key splits from its value at the first '=', a repeated key keeps its first value and a repeated
-section is dropped. Every error names the file, line, section and key, the bad value, and what is allowed.
+section is dropped. An empty value (`bit_num=`) counts as not given, as in the reference. Every error names the file, line, section and key, the bad value, and what is allowed.
 docs/spec.md documents each key.
 """
 
@@ -109,9 +109,19 @@ class QuantConfig:
 # Each returns the parsed value or raises ValueError with the "expected ..." half of the message.
 
 
+_INT = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take other scripts' digits
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # decimal, no inf/nan/underscores
+
+
+def _number(text: str) -> float:
+    if not _NUMBER.fullmatch(text):
+        raise ValueError(text)
+    return float(text)
+
+
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not re.fullmatch(r"[+-]?\d+", text):
+        if not _INT.fullmatch(text):
             raise ValueError(f"expected an integer in [{lo}, {hi}]")
         value = int(text)
         if not lo <= value <= hi:
@@ -124,7 +134,7 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
 def _float_open(lo: float, hi: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = _number(text)
         except ValueError:
             raise ValueError(f"expected a number in ({lo:g}, {hi:g})") from None
         if not (math.isfinite(value) and lo < value < hi):
@@ -152,7 +162,10 @@ def _choice(*choices: str, aliases: dict[str, str] | None = None) -> Callable[[s
     return parse
 
 
-def _text(text: str) -> str:
+def _directory(text: str) -> str:
+    # The reports go into this folder (created when missing); an existing file there could never hold them.
+    if Path(text).is_file():
+        raise ValueError("expected a directory path, not an existing file")
     return text
 
 
@@ -168,11 +181,12 @@ def _vector(text: str) -> tuple[float, ...]:
     if not match:
         raise ValueError("expected a vector like [127.5, 127.5, 127.5]")
     try:
-        values = tuple(float(part) for part in match.group(1).split(","))
+        values = tuple(_number(part.strip()) for part in match.group(1).split(","))
     except ValueError:
         raise ValueError("expected a vector of numbers like [127.5, 127.5, 127.5]") from None
-    if not 1 <= len(values) <= 4 or not all(math.isfinite(v) for v in values):
-        raise ValueError("expected 1 to 4 finite numbers like [127.5, 127.5, 127.5]")
+    # One value per image channel: 1 (GRAY) or 3 (RGB/BGR).
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+        raise ValueError("expected 1 or 3 finite numbers like [127.5, 127.5, 127.5]")
     return values
 
 
@@ -198,7 +212,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "min_quant_weight_size": ("min_quant_weight_size", _int_in(0, 65535)),
         "min_quant_weight_channel": ("min_quant_weight_channel", _int_in(0, 65535)),
         "skip_quant_node": ("skip_quant_node", _name_list),
-        "debug_info_save_path": ("debug_info_save_path", _text),
+        "debug_info_save_path": ("debug_info_save_path", _directory),
         "enable_encode": ("enable_encode", _bool),
     },
     "mixed_bit_weight_quant_param": {
@@ -264,17 +278,20 @@ class _Reader:
 
     def fail(self, section: str, key: str, expected: str, *, line: int | None = None) -> ConfigError:
         entry = self.entries.get(section, {}).get(key)
-        if entry is not None:
+        if entry is not None and entry.value is not None:
             return ConfigError(f"{self.source}:{entry.line}: [{section}] {key}={entry.raw}: {expected}")
+        if entry is not None:  # given with an empty value: point at that line
+            line = entry.line
         where = f"{self.source}:{line}" if line else self.source
         return ConfigError(f"{where}: [{section}] {key}: {expected}")
 
     def get(self, section: str, key: str, default: Any = None) -> Any:
         entry = self.entries.get(section, {}).get(key)
-        return default if entry is None else entry.value
+        return default if entry is None or entry.value is None else entry.value
 
     def has(self, section: str, key: str) -> bool:
-        return key in self.entries.get(section, {})
+        entry = self.entries.get(section, {}).get(key)
+        return entry is not None and entry.value is not None
 
 
 def parse_config(text: str, source: str = "<config>") -> QuantConfig:
@@ -314,9 +331,12 @@ def parse_config(text: str, source: str = "<config>") -> QuantConfig:
         spec = _SCHEMA[section].get(key)
         if spec is None:
             allowed = ", ".join(_SCHEMA[section])
-            raise ConfigError(
-                f"{source}:{number}: [{section}] {key}: key is not supported in [{section}]; expected one of {allowed}"
-            )
+            raise ConfigError(f"{source}:{number}: [{section}] {key}={value}: {key} is not supported in "
+                              f"[{section}]; expected one of {allowed}")
+        if not value:
+            # The reference treats an empty value as "not given"; the entry still blocks later duplicates.
+            reader.entries[section][key] = _Entry(None, value, number)
+            continue
         try:
             parsed = spec[1](value)
         except ValueError as exc:
@@ -329,7 +349,7 @@ def load_config(path: str | Path) -> QuantConfig:
     """Read and validate a config file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -340,7 +360,8 @@ def load_config(path: str | Path) -> QuantConfig:
 def _build(reader: _Reader) -> QuantConfig:
     parts: dict[str, Any] = {}
     for section, (attr, cls) in _SECTION_CLASSES.items():
-        values = {_SCHEMA[section][k][0]: e.value for k, e in reader.entries.get(section, {}).items()}
+        values = {_SCHEMA[section][k][0]: e.value for k, e in reader.entries.get(section, {}).items()
+                  if e.value is not None}
         parts[attr] = cls(**values)
     ascend = tuple((k, e.value) for k, e in reader.entries.get("ascend_context", {}).items())
     config = QuantConfig(
@@ -360,16 +381,19 @@ def _check_rules(config: QuantConfig, reader: _Reader) -> None:
         raise reader.fail(cq, "bit_num", f"expected 8 for quant_type={common.quant_type}")
     if common.quant_type == "WEIGHT_QUANT" and not common.enable_encode and common.bit_num not in (8, 16):
         raise reader.fail(
-            cq, "enable_encode", f"false is only allowed with bit_num 8 or 16 (bit_num is {common.bit_num})"
+            cq, "enable_encode", f"expected true when bit_num is not 8 or 16 (bit_num={common.bit_num}): "
+            "only 8 and 16 bits have a plain integer storage"
         )
     if config.is_mixed_bit and config.weight.dequant_strategy == "ON_THE_FLY":
         raise reader.fail("weight_quant_param", "dequant_strategy",
-                          "ON_THE_FLY needs a fixed bit_num in [1, 16], not mixed bit (bit_num=0)")
+                          "expected a fixed bit_num in [1, 16] with ON_THE_FLY, not mixed bit (bit_num=0)")
     if common.quant_type == "FULL_QUANT":
         dp = "data_preprocess_param"
+        # Without a [data_preprocess_param] section, point at the quant_type line.
+        line = reader.section_lines.get(dp) or reader.entries[cq]["quant_type"].line
         for key in ("calibrate_path", "calibrate_size", "input_type"):
             if not reader.has(dp, key):
-                raise reader.fail(dp, key, "required for quant_type=FULL_QUANT", line=reader.section_lines.get(dp))
+                raise reader.fail(dp, key, "required for quant_type=FULL_QUANT", line=line)
     _check_preprocess(config.data, reader)
 
 
@@ -396,10 +420,12 @@ def _check_preprocess(data: DataPreprocessParam, reader: _Reader) -> None:
         raise reader.fail(dp, missing, "required when the other normalize key is given",
                           line=reader.section_lines[dp])
     if data.normalize_mean:
+        # Images decode to 3 channels; only GRAY leaves one.
+        fmt = data.image_to_format or "BGR (the default)"
         channels = 1 if data.image_to_format == "GRAY" else 3
         for key, values in (("normalize_mean", data.normalize_mean), ("normalize_std", data.normalize_std)):
             if len(values) != channels:
-                raise reader.fail(dp, key, f"expected {channels} value(s), one per image channel")
+                raise reader.fail(dp, key, f"expected {channels} value(s), one per channel of image_to_format={fmt}")
         if any(v == 0 for v in data.normalize_std):
             raise reader.fail(dp, "normalize_std", "expected non-zero values (they divide the image)")
     if data.input_type == "BIN":
