@@ -20,14 +20,18 @@ def cifar(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return (x - CIFAR_MEAN) / CIFAR_STD, y
 
 
-def top1(model_path: str, x: np.ndarray, y: np.ndarray, batch: int = 200, threads: int = 2) -> float:
+def top1(model_path: str, x: np.ndarray, y: np.ndarray, batch: int = 200, threads: int = 2,
+         label_offset: int = 0) -> float:
+    """Top-1 accuracy in percent; `label_offset` is subtracted from the argmax (1 for a background class)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    fixed = session.get_inputs()[0].shape[0]
+    batch = fixed if isinstance(fixed, int) else batch  # models exported with a fixed batch size
     hits = 0
     for start in range(0, len(x), batch):
         logits = session.run(None, {name: x[start:start + batch]})[0]
-        hits += int((logits.argmax(1) == y[start:start + batch]).sum())
+        hits += int((logits.argmax(1) - label_offset == y[start:start + batch]).sum())
     return 100.0 * hits / len(x)

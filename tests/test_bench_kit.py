@@ -1,0 +1,154 @@
+"""The benchmark kit: ImageNet/CIFAR loaders, measurement helpers and the FULL_QUANT table's configs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "bench"
+sys.path.insert(0, str(ROOT / "bench"))
+
+import datasets
+import full_quant
+import imagenet
+import measure
+
+from ptqlite.config import load_config
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"benchmark data not found at {SHARED}")
+
+
+def test_preprocess_matches_hand_computed_crop_and_scale(tmp_path: Path) -> None:
+    # 5 rows x 6 columns, crop 2: offsets top=(5-2)//2=1, left=(6-2)//2=2 as ptqlite's center crop.
+    rgb = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3) * 2
+    path = tmp_path / "0007_n0.png"
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    x = imagenet.preprocess(path, crop=2)
+    expected = (rgb[1:3, 2:4].astype(np.float64) - 127.5) / 127.5
+    assert x.shape == (3, 2, 2) and x.dtype == np.float32
+    np.testing.assert_allclose(x, expected.transpose(2, 0, 1), rtol=0, atol=1e-7)
+    assert imagenet.label(path) == 7
+
+
+def test_preprocess_rejects_undecodable_file(tmp_path: Path) -> None:
+    path = tmp_path / "0001_n1.jpg"
+    path.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode"):
+        imagenet.preprocess(path)
+
+
+@needs_shared
+def test_imagenet_split_and_labels() -> None:
+    names = imagenet.files()
+    assert len(names) == 500 and names == sorted(names, key=lambda p: p.name)
+    calibration = imagenet.calibration_files()
+    assert len(calibration) == 100 and calibration == names[:100]
+    x, y = imagenet.evaluation(3)
+    assert x.shape == (3, 3, 224, 224) and x.dtype == np.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert list(y) == [imagenet.label(p) for p in names[100:103]]
+    assert all(0 <= label < 1000 for label in y)
+
+
+@needs_shared
+def test_cifar_calibration_pngs_hold_the_last_test_images() -> None:
+    directory = full_quant.cifar_calibration_dir()
+    pngs = sorted(directory.glob("*.png"))
+    assert len(pngs) == 100
+    data = np.load(SHARED / "cifar10" / "test2000_uint8_nhwc.npz")
+    first = cv2.cvtColor(cv2.imread(str(pngs[0])), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(first, data["x"][1900])
+    assert pngs[0].name == f"1900_{data['y'][1900]}.png"
+
+
+@needs_shared
+def test_cifar_config_normalisation_matches_the_evaluation_arrays() -> None:
+    # ptqlite computes (pixel - mean) / std on 0..255; the evaluation arrays use [0, 1] with the same constants.
+    config = {k: v for k, v in (line.split("=") for line in full_quant.CIFAR_CONFIG_LINES)}
+    mean = np.array(json.loads(config["normalize_mean"]), np.float32)
+    std = np.array(json.loads(config["normalize_std"]), np.float32)
+    x, _ = datasets.cifar(2)
+    raw = np.load(SHARED / "cifar10" / "test2000_uint8_nhwc.npz")["x"][:2].astype(np.float32)
+    np.testing.assert_allclose(((raw - mean) / std).transpose(0, 3, 1, 2), x, atol=2e-5)
+
+
+@pytest.mark.parametrize("bench", ["mobilenet_v2", "resnet20"])
+def test_rendered_configs_parse(tmp_path: Path, bench: str) -> None:
+    b = full_quant.BENCHES[bench]
+    model = tmp_path / "m.onnx"
+    onnx.save(_matmul_model(4, 1), model)
+    for row in full_quant.rows():
+        if row.kind != "ptqlite":
+            continue
+        if b.dataset == "cifar" and not SHARED.is_dir():
+            pytest.skip("CIFAR calibration images come from ../shared/bench")
+        config = load_config(full_quant.write_config(b, row, tmp_path, model, 100))
+        if config.quant_type == "FULL_QUANT":
+            assert config.data.calibrate_path[0][0] == "x" and config.data.calibrate_size == 100
+            assert config.data.input_type == "IMAGE" and config.data.image_to_format == "RGB"
+            if b.dataset == "imagenet":
+                assert config.data.normalize_mean == (127.5,) * 3 and config.data.center_crop_width == 224
+            assert config.full.per_channel == ("per_channel" in row.arg)
+            assert config.full.activation_quant_method == ("KL" if "_kl_" in row.arg else "MAX_MIN")
+        else:
+            assert config.quant_type == "WEIGHT_QUANT" and config.common.bit_num == 8
+
+
+def test_run_child_reports_exit_code_and_own_peak_memory() -> None:
+    big = measure.run_child([sys.executable, "-c", "import numpy as np; a = np.ones(25_000_000); print(a.sum())"])
+    small = measure.run_child([sys.executable, "-c", "import sys; sys.exit(3)"])
+    assert big.returncode == 0 and big.stdout.strip() == "25000000.0"
+    assert small.returncode == 3
+    assert big.peak_mb >= 200 > small.peak_mb  # 25M float64 = 200 MB lives only in the first child
+    assert big.seconds > 0
+
+
+def _matmul_model(size: int, repeats: int) -> onnx.ModelProto:
+    """x -> MatMul(w) repeated `repeats` times: more repeats, proportionally more work."""
+    w = numpy_helper.from_array(np.full((size, size), 1.0 / size, np.float32), "w")
+    nodes, name = [], "x"
+    for i in range(repeats):
+        nodes.append(helper.make_node("MatMul", [name, "w"], [f"y{i}"]))
+        name = f"y{i}"
+    nodes.append(helper.make_node("Identity", [name], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, size])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_latency_ratios_rank_more_work_as_slower(tmp_path: Path) -> None:
+    light, heavy = tmp_path / "light.onnx", tmp_path / "heavy.onnx"
+    onnx.save(_matmul_model(256, 1), light)
+    onnx.save(_matmul_model(256, 24), heavy)
+    feed = np.ones((1, 256), np.float32)
+    ratios = measure.latency_ratios({"light": light, "heavy": heavy}, "light", feed, threads=1, rounds=7, runs=3)
+    assert ratios["light"] == 1.0
+    assert ratios["heavy"] > 2.0
+    assert measure.file_mb(heavy) == pytest.approx(heavy.stat().st_size / 1e6)
+
+
+def test_table_marks_missing_rows_and_compares_with_quantize_static(tmp_path: Path) -> None:
+    model = tmp_path / "float.onnx"
+    model.write_bytes(b"x" * 4_000_000)
+    small = tmp_path / "q.onnx"
+    small.write_bytes(b"x" * 1_000_000)
+    rows = {r.key: r for r in full_quant.rows()}
+    rows["float"].path, rows["float"].top1, rows["float"].latency = model, 80.0, {1: 1.0, 2: 1.0}
+    rows["kl_pc"].status = "n/a (not supported yet)"
+    for key, top1, seconds, peak in (("maxmin_pc", 79.75, 10.0, 100.0), ("ort_entropy", 79.0, 40.0, 800.0)):
+        r = rows[key]
+        r.path, r.top1, r.latency, r.seconds, r.peak_mb = small, top1, {1: 0.4, 2: 0.5}, seconds, peak
+    text = full_quant.table(full_quant.BENCHES["mobilenet_v2"], list(rows.values()), 400, 100)
+    assert "| ptqlite FULL_QUANT KL per-channel | n/a (not supported yet) |" in text
+    assert "| ptqlite FULL_QUANT MAX_MIN per-channel | 79.75 | +0.25 | 1.00 | 0.250 | 0.400 | 0.500 | 10.0 | 100 |" \
+        in text
+    assert ("- ptqlite FULL_QUANT MAX_MIN per-channel: drop +0.25, top-1 vs best quantize_static +0.75, "
+            "1T latency vs quantize_static 1.00x, time 0.25x and peak memory 0.12x of quantize_static Entropy") in text
