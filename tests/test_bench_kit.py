@@ -152,3 +152,32 @@ def test_table_marks_missing_rows_and_compares_with_quantize_static(tmp_path: Pa
         in text
     assert ("- ptqlite FULL_QUANT MAX_MIN per-channel: drop +0.25, top-1 vs best quantize_static +0.75, "
             "1T latency vs quantize_static 1.00x, time 0.25x and peak memory 0.12x of quantize_static Entropy") in text
+
+
+def _input_model(name: str, shape: list[int]) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Identity", [name], ["y"])], "g",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@needs_shared
+@pytest.mark.parametrize("bench", ["mobilenet_v2", "resnet20"])
+def test_ptqlite_calibration_sees_exactly_the_bench_arrays(tmp_path: Path, bench: str) -> None:
+    # The benchmark evaluates on what ptqlite calibrates on: the config's IMAGE preprocessing must reproduce
+    # bench/imagenet.py bit for bit (and bench/datasets.py's CIFAR normalisation to float rounding).
+    data = pytest.importorskip("ptqlite.data")
+    b = full_quant.BENCHES[bench]
+    size = 32 if b.dataset == "cifar" else 224
+    model = tmp_path / "m.onnx"
+    onnx.save(_input_model("input", [1, 3, size, size]), model)
+    row = next(r for r in full_quant.rows() if r.key == "maxmin_pc")
+    config = load_config(full_quant.write_config(b, row, tmp_path, model, 100))
+    samples = data.calibration_set(config, onnx.load(model))
+    expected = b.calibration(3)
+    for i in range(3):
+        got = samples.sample(i)["input"]
+        if b.dataset == "imagenet":
+            np.testing.assert_array_equal(got, expected[i:i + 1])
+        else:
+            np.testing.assert_allclose(got, expected[i:i + 1], atol=2e-5)
