@@ -1,0 +1,212 @@
+"""Activation statistics gathered one sample at a time ([full_quant_param] activation_quant_method).
+
+Every observer keeps a fixed-size summary (a few floats, or one 2048-bin histogram) and never the activations, so
+memory does not grow with the number of samples. range() gives the float range to quantize; making it contain 0
+and turning it into a scale and zero point is the caller's job. docs/calibration.md explains the methods.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+METHODS = ("MAX_MIN", "KL", "REMOVAL_OUTLIER")
+HISTOGRAM_BINS = 2048
+QUANTIZED_BINS = 128
+OUTLIER_QUANTILES = (0.0001, 0.9999)
+
+
+@runtime_checkable
+class Observer(Protocol):
+    def update(self, x: np.ndarray) -> None: ...  # one sample's activation; never keeps x
+
+    def range(self) -> tuple[float, float]: ...  # (lo, hi) float range to quantize
+
+
+def make_observer(method: str) -> Observer:
+    """A fresh observer for activation_quant_method `method`: MAX_MIN, KL or REMOVAL_OUTLIER."""
+    if method == "MAX_MIN":
+        return MinMaxObserver()
+    if method == "KL":
+        return KLObserver()
+    if method == "REMOVAL_OUTLIER":
+        return OutlierRemovalObserver()
+    raise ValueError(f"unknown activation_quant_method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    """x as a float array with NaN/Inf dropped (only copied when there are any)."""
+    x = np.asarray(x)
+    if x.dtype.kind != "f" or x.dtype.itemsize < 4:
+        x = x.astype(np.float32)
+    if x.size and not (np.isfinite(x.max()) and np.isfinite(x.min())):
+        x = x[np.isfinite(x)]
+    return x
+
+
+class MinMaxObserver:
+    """MAX_MIN: the smallest and largest value seen over all samples."""
+
+    def __init__(self) -> None:
+        self.lo = math.inf
+        self.hi = -math.inf
+
+    def update(self, x: np.ndarray) -> None:
+        x = _finite(x)
+        if x.size:
+            self.lo = min(self.lo, float(x.min()))
+            self.hi = max(self.hi, float(x.max()))
+
+    def range(self) -> tuple[float, float]:
+        if self.lo > self.hi:  # nothing seen
+            return 0.0, 0.0
+        return self.lo, self.hi
+
+
+class OutlierRemovalObserver:
+    """REMOVAL_OUTLIER: each sample's 0.01% and 99.99% quantiles, averaged over samples."""
+
+    def __init__(self) -> None:
+        self.lo_sum = 0.0
+        self.hi_sum = 0.0
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = _finite(x)
+        if x.size:
+            lo, hi = np.quantile(x.reshape(-1), OUTLIER_QUANTILES)
+            self.lo_sum += float(lo)
+            self.hi_sum += float(hi)
+            self.count += 1
+
+    def range(self) -> tuple[float, float]:
+        if not self.count:
+            return 0.0, 0.0
+        return self.lo_sum / self.count, self.hi_sum / self.count
+
+
+class KLObserver:
+    """KL: entropy calibration on a histogram of |x|, symmetric threshold T, range [-T, T] clipped to what was
+    seen.
+
+    The histogram has 2048 bins of width 2**k, k the smallest integer with 2048 * 2**k > max|x| seen so far.
+    When a larger |x| arrives, k grows and neighbouring bins merge exactly (old bin i -> new bin i >> shift):
+    no first pass over the data, no approximation, and the final histogram depends only on the data, not on
+    the order of the samples. The data then always fills more than half the bins (1024..2048 of them).
+    Exact zeros are not counted (ReLU outputs would swamp bin 0).
+    """
+
+    def __init__(self, bins: int = HISTOGRAM_BINS, quantized_bins: int = QUANTIZED_BINS) -> None:
+        self.bins = bins
+        self.quantized_bins = quantized_bins
+        self.hist = np.zeros(bins, np.int64)
+        self.exponent: int | None = None  # bin width is 2**exponent
+        self.minmax = MinMaxObserver()
+
+    @property
+    def bin_width(self) -> float:
+        return 0.0 if self.exponent is None else math.ldexp(1.0, self.exponent)
+
+    def update(self, x: np.ndarray) -> None:
+        x = _finite(x)
+        self.minmax.update(x)
+        if not x.size:
+            return
+        magnitude = np.abs(x).reshape(-1)
+        top = float(magnitude.max())
+        if top == 0.0:
+            return
+        self._grow_to(top)
+        # Multiplying by a power of two is exact, so each value lands in its true bin.
+        scale = math.ldexp(1.0, -self.exponent)
+        if scale > 1e38:  # beyond float32 for tiny activations
+            magnitude = magnitude.astype(np.float64)
+        index = (magnitude * magnitude.dtype.type(scale)).astype(np.int64)
+        np.minimum(index, self.bins - 1, out=index)
+        counts = np.bincount(index, minlength=self.bins)
+        counts[0] -= magnitude.size - np.count_nonzero(magnitude)  # zeros fell in bin 0; drop them
+        self.hist += counts
+
+    def _grow_to(self, top: float) -> None:
+        # top / bins = mantissa * 2**needed with mantissa in [0.5, 1): 2**needed is the smallest power of two
+        # strictly above top / bins, so even the largest value has a bin of its own (no clamping).
+        needed = math.frexp(top / self.bins)[1]
+        if self.exponent is None:
+            self.exponent = needed
+        elif needed > self.exponent:
+            shift = needed - self.exponent
+            merged = np.zeros(self.bins, np.int64)
+            np.add.at(merged, np.arange(self.bins) >> shift, self.hist)
+            self.hist = merged
+            self.exponent = needed
+
+    def threshold(self) -> float:
+        """The clipping threshold T on |x| (0 when only zeros were seen)."""
+        used = np.flatnonzero(self.hist)
+        if not used.size:
+            return 0.0
+        return kl_threshold_bins(self.hist[: used[-1] + 1], self.quantized_bins) * self.bin_width
+
+    def range(self) -> tuple[float, float]:
+        lo, hi = self.minmax.range()
+        t = self.threshold()
+        if t == 0.0:
+            return lo, hi
+        # Clipped to what was seen, so a ReLU output keeps lo = 0 instead of wasting half the codes.
+        return max(-t, lo), min(t, hi)
+
+
+def kl_divergences(hist: np.ndarray, quantized_bins: int = QUANTIZED_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) for every candidate threshold of a histogram whose last bin is non-empty.
+
+    Candidate i keeps bins [0, i): P is hist[:i] with the clipped tail hist[i:] added to bin i-1; Q merges
+    hist[:i] into `quantized_bins` groups (bin j goes to group j * quantized_bins // i) and spreads each group's
+    count evenly over the group's bins where P is non-zero. Both are normalised. All candidates are evaluated
+    at once from prefix sums, so the cost is O(candidates x quantized_bins) rather than O(candidates x bins).
+    Returns (candidates, divergences).
+    """
+    h = np.asarray(hist, np.float64)
+    n = h.size
+    candidates = np.arange(quantized_bins, n + 1)
+    total = h.sum()
+    counts = np.concatenate(([0.0], np.cumsum(h)))
+    nonzero = np.concatenate(([0], np.cumsum(h > 0)))
+    h_log_h = np.concatenate(([0.0], np.cumsum(np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0))))
+
+    # Group g of candidate i covers bins [ceil(g*i/qb), ceil((g+1)*i/qb)).
+    groups = np.arange(quantized_bins + 1)
+    edges = (groups[None, :] * candidates[:, None] + quantized_bins - 1) // quantized_bins
+    group_sum = counts[edges[:, 1:]] - counts[edges[:, :-1]]
+    group_nonzero = (nonzero[edges[:, 1:]] - nonzero[edges[:, :-1]]).astype(np.float64)
+
+    kept = counts[candidates]
+    tail = total - kept
+    last = h[candidates - 1]
+    # The clipped tail makes P's last bin non-empty even where the histogram bin is empty.
+    group_nonzero[:, -1] += (last == 0) & (tail > 0)
+    p_mass = group_sum.copy()
+    p_mass[:, -1] += tail
+    # A group with P mass but no histogram count gives Q = 0 there: a tiny floor turns that into a large
+    # penalty instead of an infinite (or silently skipped) term.
+    q = np.maximum(group_sum, 1e-12) / (np.maximum(group_nonzero, 1.0) * np.maximum(kept, 1.0)[:, None])
+    cross = np.where(p_mass > 0, p_mass * np.log(q), 0.0).sum(axis=1)
+
+    # sum p log p: bins below i-1 come straight from the histogram; bin i-1 holds last + tail.
+    last_p = total - counts[candidates - 1]
+    self_term = h_log_h[candidates - 1] + last_p * np.log(last_p)
+    divergences = (self_term - cross) / total - math.log(total)
+    return candidates, divergences
+
+
+def kl_threshold_bins(hist: np.ndarray, quantized_bins: int = QUANTIZED_BINS) -> int:
+    """Number of histogram bins below the KL-optimal threshold.
+
+    Ties (within float noise) go to the widest candidate: with only a few distinct values, clipping them all
+    onto one bin scores as well as keeping them, and keeping them is what the data needs."""
+    if hist.size <= quantized_bins:
+        return int(hist.size)  # everything fits in the quantized bins: no reason to clip
+    candidates, divergences = kl_divergences(hist, quantized_bins)
+    best = np.flatnonzero(divergences <= divergences.min() + 1e-9)
+    return int(candidates[best[-1]])
