@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,9 +34,22 @@ class ChildRun:
     stderr: str
 
 
+# Linux carries a process's peak RSS across fork+exec, so a child started straight from this (large) process would
+# report at least this process's peak. A small launcher process forks the real command and reports its rusage.
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write("\\n__peak_kib__=%d\\n" % usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(command: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None) -> ChildRun:
-    """Run `command` to completion; its peak RSS comes from the kernel's rusage of that child alone."""
+    """Run `command` to completion; its peak RSS is the kernel's rusage of that command alone (via a launcher)."""
     start = time.perf_counter()
+    command = [sys.executable, "-c", _LAUNCHER, *command]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     # communicate() reaps the child itself, which would lose its rusage: read the pipes in threads and wait4.
     chunks: dict[str, str] = {}
@@ -47,13 +61,14 @@ def run_child(command: list[str], env: dict[str, str] | None = None, cwd: str | 
                                                                            ("err", process.stderr))]
     for reader in readers:
         reader.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    _, status, _usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     for reader in readers:
         reader.join()
     process.returncode = os.waitstatus_to_exitcode(status)
+    stderr, _, peak = chunks["err"].rpartition("\n__peak_kib__=")
     # Linux reports ru_maxrss in KiB.
-    return ChildRun(process.returncode, seconds, usage.ru_maxrss * 1024 / 1e6, chunks["out"], chunks["err"])
+    return ChildRun(process.returncode, seconds, int(peak) * 1024 / 1e6, chunks["out"], stderr.rstrip("\n"))
 
 
 def session(path: str | Path, threads: int) -> ort.InferenceSession:
