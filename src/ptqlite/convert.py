@@ -43,6 +43,10 @@ def convert(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> Conv
     work.CopyFrom(model)
     constants_to_initializers(work)
     result = quant_pass.run(work, config, **options)
+    if config.common.debug_info_save_path:
+        from .report import debug_report
+
+        debug_report(model, result, config, options.get("input_format"))
     result.seconds = time.perf_counter() - started
     return result
 
