@@ -1,0 +1,192 @@
+"""Find the layers whose quantization hurts the output most and print a skip_quant_node line that fixes it.
+
+Works for every quant mode because it only drives convert() with variants of the config's skip_quant_node:
+- "only L": every candidate layer but L skipped, so L alone is quantized; 1 - cosine is L's own damage;
+- "all but L": L alone skipped; the cosine gained over the full conversion is what skipping L buys.
+Layers are ranked by the sum of both effects. The skip line is the shortest prefix of that ranking whose
+conversion reaches --targetCosine (galloping then bisecting over the prefix length), verified by converting with it.
+Cosine: per sample, all graph outputs flattened together, float model vs quantized model; averaged over samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .cli_convert import add_model_arguments, load_inputs
+from .config import QuantConfig
+from .convert import convert
+from .errors import UsageError
+from .model import graph_inputs
+from .report import cosine_similarity, iter_limited, make_session, report_inputs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--targetCosine", type=float, default=0.999,
+                        help="output cosine similarity the suggested skip list must reach (default 0.999)")
+    parser.add_argument("--top", type=int, default=10, help="how many of the worst layers to print (default 10)")
+    parser.add_argument("--samples", type=int, default=8,
+                        help="calibration samples the cosine is measured on (default 8; each variant is converted "
+                             "with the config's own calibration data)")
+    parser.add_argument("--sweep", choices=["both", "only", "allbut"], default="both",
+                        help="which per-layer experiments to run (default both; one of them halves the time)")
+
+
+@dataclass
+class LayerEffect:
+    node: str
+    op_type: str
+    cos_only: float | None  # output cosine with only this layer quantized
+    cos_without: float | None  # output cosine with everything but this layer quantized
+
+    def score(self, base: float) -> float:
+        damage = 1.0 - self.cos_only if self.cos_only is not None else 0.0
+        gain = max(0.0, self.cos_without - base) if self.cos_without is not None else 0.0
+        return damage + gain
+
+
+@dataclass
+class Analysis:
+    base_cosine: float
+    ranking: list[LayerEffect]
+    skip: tuple[str, ...]  # the suggested skip_quant_node (the config's own entries first)
+    skip_cosine: float
+    reached: bool
+    conversions: int
+    notes: list[str]
+
+
+def _with_skip(config: QuantConfig, skip: Sequence[str]) -> QuantConfig:
+    common = dataclasses.replace(config.common, skip_quant_node=tuple(skip), debug_info_save_path="")
+    return dataclasses.replace(config, common=common)
+
+
+class _Evaluator:
+    """Converts the model with a skip list and measures the output cosine on fixed samples (memoised)."""
+
+    def __init__(self, model: onnx.ModelProto, config: QuantConfig, samples: list[dict[str, np.ndarray]],
+                 input_format: str | None):
+        self.model, self.config, self.samples, self.input_format = model, config, samples, input_format
+        session = make_session(model)
+        names = {i.name for i in session.get_inputs()}
+        self.reference = [session.run(None, {k: v for k, v in s.items() if k in names}) for s in samples]
+        self.cache: dict[frozenset[str], float] = {}
+        self.conversions = 0
+
+    def cosine(self, skip: Sequence[str]) -> float:
+        key = frozenset(skip)
+        if key not in self.cache:
+            self.evaluate(skip)
+        return self.cache[key]
+
+    def evaluate(self, skip: Sequence[str]):
+        """Convert with `skip` and measure it; returns the ConversionResult."""
+        result = convert(self.model, _with_skip(self.config, list(dict.fromkeys(skip))),
+                         input_format=self.input_format, progress=False)
+        self.conversions += 1
+        session = make_session(result.model)
+        names = {i.name for i in session.get_inputs()}
+        values = []
+        for sample, reference in zip(self.samples, self.reference, strict=True):
+            outputs = session.run(None, {k: v for k, v in sample.items() if k in names})
+            values.append(cosine_similarity(_flat(reference), _flat(outputs)))
+        self.cache[frozenset(skip)] = float(np.mean(values))
+        return result
+
+
+def _flat(outputs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(o, dtype=np.float64).ravel() for o in outputs])
+
+
+def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.999, samples: int = 8,
+            sweep: str = "both", input_format: str | None = None,
+            progress: Callable[[str], None] | None = None) -> Analysis:
+    """Rank the quantized layers of `model` by their effect on output cosine and find a skip list for `target`."""
+    notes: list[str] = []
+    inputs = list(iter_limited(report_inputs(model, config, input_format, notes), samples))
+    if not inputs:
+        raise UsageError("analyze needs at least one sample: --samples must be >= 1")
+    evaluator = _Evaluator(model, config, inputs, input_format)
+    own = tuple(config.common.skip_quant_node)
+    base = evaluator.evaluate(own)
+    base_cos = evaluator.cosine(own)
+    node_types = {n.name: n.op_type for n in model.graph.node}
+    candidates = list(dict.fromkeys(n for q in base.quantized for n in q.nodes
+                                    if n and n in node_types and n not in own))
+    if any(not n for q in base.quantized for n in q.nodes):
+        notes.append("some quantized tensors belong to unnamed nodes, which skip_quant_node cannot name")
+    ranking = []
+    for number, node in enumerate(candidates, 1):
+        if progress:
+            progress(f"layer {number}/{len(candidates)}: {node}")
+        others = [c for c in candidates if c != node]
+        ranking.append(LayerEffect(
+            node, node_types[node],
+            evaluator.cosine([*own, *others]) if sweep in ("both", "only") else None,
+            evaluator.cosine([*own, node]) if sweep in ("both", "allbut") else None))
+    ranking.sort(key=lambda e: (-e.score(base_cos), e.node))
+    count, cos = _shortest_prefix(lambda k: evaluator.cosine([*own, *(e.node for e in ranking[:k])]),
+                                  len(ranking), target)
+    skip = (*own, *(e.node for e in ranking[:count]))
+    return Analysis(base_cos, ranking, skip, cos, cos >= target, evaluator.conversions, notes)
+
+
+def _shortest_prefix(cosine_of: Callable[[int], float], total: int, target: float) -> tuple[int, float]:
+    """Smallest k in 0..total with cosine_of(k) >= target, assuming more skipped layers never hurt; when none
+    reaches the target, (total, cosine_of(total))."""
+    if cosine_of(0) >= target:
+        return 0, cosine_of(0)
+    low, high = 0, 1  # cosine_of(low) < target
+    while high < total and cosine_of(high) < target:
+        low, high = high, min(2 * high, total)
+    if cosine_of(high) < target:
+        return high, cosine_of(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if cosine_of(middle) >= target:
+            high = middle
+        else:
+            low = middle
+    return high, cosine_of(high)
+
+
+def format_analysis(analysis: Analysis, top: int, target: float) -> str:
+    lines = [f"output cosine with every layer quantized: {analysis.base_cosine:.6f}",
+             f"worst layers (of {len(analysis.ranking)}), by damage when quantized alone plus gain when skipped:",
+             f"  {'rank':>4}  {'cos only this':>13}  {'cos all but':>11}  node (type)"]
+    for rank, effect in enumerate(analysis.ranking[:top], 1):
+        only = f"{effect.cos_only:.6f}" if effect.cos_only is not None else "-"
+        without = f"{effect.cos_without:.6f}" if effect.cos_without is not None else "-"
+        lines.append(f"  {rank:>4}  {only:>13}  {without:>11}  {effect.node} ({effect.op_type})")
+    if analysis.reached:
+        lines.append(f"skipping {len(analysis.skip)} node(s) gives output cosine {analysis.skip_cosine:.6f} "
+                     f">= {target} (verified by converting with it):")
+    else:
+        lines.append(f"target {target} not reached: skipping every ranked layer gives {analysis.skip_cosine:.6f} "
+                     "(the loss comes from tensors that skip_quant_node does not control)")
+    lines.append("skip_quant_node=" + ",".join(analysis.skip))
+    lines += [f"note: {n}" for n in analysis.notes]
+    lines.append(f"({analysis.conversions} conversions)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.targetCosine <= 1.0:
+        raise UsageError(f"--targetCosine={args.targetCosine}: expected a number in (0, 1]")
+    if args.top < 1 or args.samples < 1:
+        raise UsageError("--top and --samples must be at least 1")
+    config, model = load_inputs(args)
+    if not graph_inputs(model):
+        raise UsageError(f"{args.modelFile}: the model has no inputs to feed")
+    analysis = analyze(model, config, target=args.targetCosine, samples=args.samples, sweep=args.sweep,
+                       input_format=args.inputDataFormat or None,
+                       progress=lambda text: print(f"analyze: {text}", file=sys.stderr, flush=True))
+    print(format_analysis(analysis, args.top, args.targetCosine))
+    return 0

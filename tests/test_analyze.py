@@ -1,0 +1,122 @@
+"""`ptqlite analyze`: ranks layers by their effect on output cosine and proposes a skip list that reaches a target."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqlite import cli
+from ptqlite.analyze import _shortest_prefix, _with_skip, analyze
+from ptqlite.config import load_config
+from ptqlite.convert import convert
+from ptqlite.report import cosine_similarity, make_session, synthetic_input
+
+FRAGILE = "layer2"
+
+
+def _chain(width: int = 32, layers: int = 4) -> onnx.ModelProto:
+    """x -> (MatMul -> Tanh) x layers; layer2's weight has one huge outlier, so one scale per tensor leaves almost
+    every other weight of that layer at zero."""
+    rng = np.random.default_rng(7)
+    nodes, inits, current = [], [], "x"
+    for i in range(layers):
+        w = rng.normal(0, 1 / np.sqrt(width), size=(width, width)).astype(np.float32)
+        if f"layer{i}" == FRAGILE:
+            w[0, 0] = 200.0
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"], name=f"layer{i}"),
+                  helper.make_node("Tanh", [f"h{i}"], [f"a{i}"], name=f"tanh{i}")]
+        current = f"a{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, [1, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+CONFIG = """[common_quant_param]
+quant_type=WEIGHT_QUANT
+bit_num=8
+min_quant_weight_size=0
+min_quant_weight_channel=0
+
+[weight_quant_param]
+per_channel=false
+bias_correction=false
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("analyze")
+    model_path, config_path = folder / "chain.onnx", folder / "weight.cfg"
+    onnx.save(_chain(), model_path)
+    config_path.write_text(CONFIG)
+    return model_path, config_path
+
+
+def _output_cosine(model: onnx.ModelProto, quantized: onnx.ModelProto) -> float:
+    feeds = synthetic_input(model)
+    return cosine_similarity(make_session(model).run(None, feeds)[0], make_session(quantized).run(None, feeds)[0])
+
+
+def test_fragile_layer_ranks_first_and_skip_reaches_target(setup):
+    model_path, config_path = setup
+    model, config = onnx.load(model_path), load_config(config_path)
+    analysis = analyze(model, config, target=0.999, samples=1)
+    assert analysis.base_cosine < 0.99  # the fragile layer really breaks the whole model
+    assert analysis.ranking[0].node == FRAGILE
+    assert analysis.ranking[0].cos_only < 0.99  # alone it does the damage
+    assert analysis.ranking[0].cos_without > 0.999  # and skipping it alone repairs it
+    assert all(e.cos_only > 0.999 for e in analysis.ranking[1:])
+    assert analysis.reached and analysis.skip == (FRAGILE,)
+    # independent check: convert with the suggested line and measure again
+    result = convert(model, _with_skip(config, analysis.skip))
+    assert [s.tensor for s in result.skipped] == ["w2"]
+    assert _output_cosine(model, result.model) >= 0.999
+    assert any("synthetic" in n for n in analysis.notes)
+
+
+def test_own_skip_list_is_kept(setup):
+    model_path, config_path = setup
+    model, config = onnx.load(model_path), load_config(config_path)
+    analysis = analyze(model, _with_skip(config, ("layer0",)), target=0.999, samples=1, sweep="only")
+    assert "layer0" not in [e.node for e in analysis.ranking]
+    assert analysis.skip == ("layer0", FRAGILE)
+    assert all(e.cos_without is None for e in analysis.ranking)
+
+
+def test_cli_prints_ranking_and_skip_line(setup, capsys):
+    model_path, config_path = setup
+    code = cli.main(["analyze", "--fmk=ONNX", f"--modelFile={model_path}", f"--configFile={config_path}",
+                     "--top", "2", "--samples", "1", "--targetCosine", "0.999"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[3].endswith(f"{FRAGILE} (MatMul)")  # rank 1 right after the header lines
+    assert "skip_quant_node=layer2\n" in out
+    ranked = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(ranked) == 2
+
+
+def test_cli_rejects_bad_target(setup, capsys):
+    model_path, config_path = setup
+    code = cli.main(["analyze", "--fmk=ONNX", f"--modelFile={model_path}", f"--configFile={config_path}",
+                     "--targetCosine", "1.5"])
+    assert code == 2
+    assert "--targetCosine=1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("needed", [0, 1, 2, 5, 7, 8, 13])
+def test_shortest_prefix_finds_the_smallest_count(needed):
+    calls = []
+
+    def cosine_of(k):
+        calls.append(k)
+        return 0.9999 if k >= needed else 0.9
+
+    count, cos = _shortest_prefix(cosine_of, 12, 0.999)
+    if needed <= 12:
+        assert (count, cos) == (needed, 0.9999)
+    else:
+        assert (count, cos) == (12, 0.9)
+    assert len(set(calls)) <= 2 * 4 + 2  # galloping then bisecting, not one conversion per layer
