@@ -1,0 +1,172 @@
+"""auto_tune for mixed bit: the init_scale whose quantized model keeps output cosine similarity near 0.995.
+
+The whole model's output is compared with the float model's on the user's calibration data when
+[data_preprocess_param] is given; otherwise on seeded uniform [0.1, 1] inputs (the reference's choice, which
+is not representative, so a note says so). The search is coarse then fine: starting at the configured
+init_scale it doubles or halves until the target is bracketed, then bisects the bracket on a log scale. Each
+evaluation quantizes every layer at one init_scale and runs the substituted model in ONNX Runtime, so the
+number of model evaluations is bounded by MAX_COARSE + MAX_FINE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .config import QuantConfig
+from .errors import DataError
+from .model import graph_inputs
+
+TARGET_COSINE = 0.995
+TOLERANCE = 0.001  # the fine search stops once the cosine lies in [target, target + TOLERANCE]
+MAX_COARSE = 8
+MAX_FINE = 8
+SCALE_LIMITS = (1e-4, 0.9)  # init_scale must stay in (0, 1)
+RANDOM_SAMPLES = 4
+RANDOM_SEED = 0
+
+
+def output_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity in double: both all-zero -> 1, one all-zero -> 0, any NaN/Inf -> 0."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return 0.0
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(np.clip(a @ b / (na * nb), -1.0, 1.0))
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class OutputComparer:
+    """Float outputs on fixed inputs, computed once; scores candidate models against them."""
+
+    def __init__(self, model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]]):
+        self.inputs = inputs
+        session = _session(model)
+        self.reference = [session.run(None, feed) for feed in inputs]
+
+    def __call__(self, candidate: onnx.ModelProto) -> float:
+        """Mean over samples and outputs of the cosine similarity to the float outputs."""
+        session = _session(candidate)
+        scores = [output_cosine(ref, out)
+                  for feed, refs in zip(self.inputs, self.reference)
+                  for ref, out in zip(refs, session.run(None, feed))]
+        return float(np.mean(scores))
+
+
+def random_inputs(model: onnx.ModelProto, samples: int = RANDOM_SAMPLES,
+                  seed: int = RANDOM_SEED) -> list[dict[str, np.ndarray]]:
+    """Seeded uniform [0.1, 1] inputs shaped like the model's inputs (unknown dims taken as 1)."""
+    rng = np.random.default_rng(seed)
+    specs = []
+    for value in graph_inputs(model):
+        tensor = value.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        if not np.issubdtype(dtype, np.floating):
+            raise DataError(f"auto_tune: input '{value.name}' is {dtype}, so random inputs cannot stand in "
+                            "for data; give calibration data in [data_preprocess_param]")
+        specs.append((value.name, [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim], dtype))
+    return [{name: rng.uniform(0.1, 1.0, shape).astype(dtype) for name, shape, dtype in specs}
+            for _ in range(samples)]
+
+
+def evaluation_inputs(model: onnx.ModelProto, config: QuantConfig,
+                      input_format: str | None) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The inputs auto_tune compares outputs on, and a phrase saying what they are."""
+    if config.data.calibrate_path:
+        from .data import calibration_set
+
+        data = calibration_set(config, model, input_format)
+        return list(data), f"{len(data)} calibration samples"
+    return random_inputs(model), (f"{RANDOM_SAMPLES} seeded uniform [0.1, 1] random inputs, since no "
+                                  "[data_preprocess_param] is given (not representative of real data)")
+
+
+@dataclass
+class TuneResult:
+    init_scale: float
+    cosine: float
+    history: list[tuple[float, float]] = field(default_factory=list)  # (init_scale, cosine), in order
+
+
+def search_scale(evaluate: Callable[[float], float], start: float, target: float = TARGET_COSINE,
+                 tolerance: float = TOLERANCE, max_coarse: int = MAX_COARSE,
+                 max_fine: int = MAX_FINE) -> TuneResult:
+    """The largest init_scale whose cosine is >= target: coarse (x2 or /2 steps), then fine (log bisection).
+
+    `evaluate` maps init_scale to cosine, which falls as init_scale grows. If even the smallest scale tried
+    misses the target, that smallest scale is returned.
+    """
+    lo_limit, hi_limit = SCALE_LIMITS
+    history: list[tuple[float, float]] = []
+
+    def score(scale: float) -> float:
+        cosine = evaluate(scale)
+        history.append((scale, cosine))
+        return cosine
+
+    def close(cosine: float) -> bool:
+        return target <= cosine <= target + tolerance
+
+    scale = min(max(start, lo_limit), hi_limit)
+    cosine = score(scale)
+    good, bad = (scale, math.inf) if cosine >= target else (0.0, scale)
+    # Coarse: walk by factors of two until the target lies between a good and a bad scale.
+    for _ in range(max_coarse - 1):
+        if close(cosine) or (good > 0 and math.isfinite(bad)):
+            break
+        scale = min(good * 2, hi_limit) if cosine >= target else max(bad / 2, lo_limit)
+        if scale in (good, bad):
+            break  # at a limit
+        cosine = score(scale)
+        if cosine >= target:
+            good = scale
+        else:
+            bad = scale
+    # Fine: bisect between the good and the bad scale on a log scale.
+    if good > 0 and math.isfinite(bad) and not close(cosine):
+        for _ in range(max_fine):
+            scale = math.sqrt(good * bad)
+            cosine = score(scale)
+            if cosine >= target:
+                good = scale
+            else:
+                bad = scale
+            if close(cosine):
+                break
+    if good > 0:
+        return TuneResult(good, dict(history)[good], history)
+    smallest = min(s for s, _ in history)
+    return TuneResult(smallest, dict(history)[smallest], history)
+
+
+def tune_init_scale(model: onnx.ModelProto, config: QuantConfig,
+                    input_format: str | None = None) -> tuple[float, list[str]]:
+    """Search init_scale for `model` (not changed); returns it and notes for the conversion result."""
+    from .passes.mixed_bit import quantize_weights, substitute
+
+    inputs, described = evaluation_inputs(model, config, input_format)
+    compare = OutputComparer(model, inputs)
+
+    def evaluate(scale: float) -> float:
+        layers, _ = quantize_weights(model, config, scale)
+        return compare(substitute(model, layers))
+
+    found = search_scale(evaluate, config.mixed_bit.init_scale)
+    tried = ", ".join(f"{s:.4g}->{c:.5f}" for s, c in found.history)
+    notes = [(f"auto_tune: init_scale={found.init_scale:.4g} gives mean output cosine {found.cosine:.5f} "
+              f"(target {TARGET_COSINE}) on {described}"),
+             f"auto_tune: {len(found.history)} evaluations (init_scale->cosine): {tried}"]
+    return found.init_scale, notes

@@ -1,0 +1,373 @@
+"""WEIGHT_QUANT mixed bit (bit_num=0): per layer, the coarsest step whose error stays within init_scale.
+
+For each weight the pass searches a symmetric step s (zero point 0, q = round(w / s), never clipped) so that
+the relative error sqrt(sum((w - q*s)^2) / sum(w^2)) lands within 1% below the target t = init_scale. Two ways
+of measuring it compete, and the smaller file wins at the same error:
+
+- "per-tensor": one step for the whole tensor, error measured over the tensor (the reference's way);
+- "per-channel": one step per output channel, each channel's own relative error at t (so the tensor's is too).
+
+The integer codes are then stored in the smallest form: the packed / indexed / sparse forms of encoding.py,
+or a Rice code (an entropy code close to the codes' entropy, see _rice_values) decoded by standard ONNX ops.
+Every form is folded back into the float weight by ONNX Runtime when the session loads. A layer whose target
+cannot be met with codes of at most 16 bits falls back to 8-bit fixed quantization.
+
+auto_tune=true searches init_scale itself (see ptqlite.autotune). docs/mixed_bit.md has details and figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from ..config import QuantConfig
+from ..encoding import MIN_OPSET, Decoder, SharedConstants, _Builder, build_decoder
+from ..model import GraphIndex, ensure_opset
+from ..plan import WeightSpec, plan_weights
+from ..qmath import bits_for, channel_shape, reduce_axes, round_half_away
+from ..result import ConversionResult, QuantizedTensor, SkippedTensor
+from .weight import _replace, quantize_weight, relative_error
+
+log = logging.getLogger(__name__)
+
+SEARCH_ITERATIONS = 100  # the reference's bound on the step search
+SEARCH_TOLERANCE = 0.01  # stop once the error is within 1% below the target
+MAX_CODE_BITS = 16  # a step needing wider codes counts as "cannot meet the target"
+FALLBACK_BITS = 8
+RICE_CHUNK = 1 << 22  # values per shared Rice stream: bounds the memory the decoder takes at load
+
+
+# ---------------------------------------------------------------- step search
+
+
+def _reconstruct(q: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """The float32 weight the decoders rebuild: code times step, in float32 like the runtime does."""
+    return q.astype(np.float32) * step.astype(np.float32)
+
+
+def channel_errors(w: np.ndarray, step: np.ndarray, axis: int | None) -> np.ndarray:
+    """Relative error per slice along `axis` (one value for axis None), shaped like `step`."""
+    axes = reduce_axes(w.ndim, axis)
+    w64 = w.astype(np.float64)
+    q = round_half_away(w64 / step)
+    diff = w64 - _reconstruct(q, step)
+    energy = np.sum(w64 * w64, axis=axes, keepdims=True)
+    err = np.sum(diff * diff, axis=axes, keepdims=True)
+    # An all-zero slice is exact when it decodes to zeros, and fully wrong otherwise.
+    ratio = np.sqrt(err / np.where(energy > 0, energy, 1.0))
+    return np.where(energy > 0, ratio, (err > 0).astype(np.float64))
+
+
+def search_step(w: np.ndarray, target: float, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Largest step (per slice along `axis`, or one for the tensor) whose relative error is <= target.
+
+    Starts at (max - min) * target, doubles or halves until the target is bracketed, then bisects (geometric
+    mean) until the error is within SEARCH_TOLERANCE below the target. Steps are float32 values, so the error
+    measured here is the error of the stored weight. Returns (step, met): met is False for slices where no
+    step with codes of at most MAX_CODE_BITS bits meets the target.
+    """
+    shape = channel_shape(w.shape, axis)
+    axes = reduce_axes(w.ndim, axis)
+    w64 = w.astype(np.float64)
+    span = (w64.max(axis=axes, keepdims=True) - w64.min(axis=axes, keepdims=True)).reshape(shape)
+    amax = np.abs(w64).max(axis=axes, keepdims=True).reshape(shape)
+    # The finest step allowed: codes of MAX_CODE_BITS bits over [-amax, amax].
+    finest = np.where(amax > 0, 2 * amax / ((1 << MAX_CODE_BITS) - 2), 1.0)
+    step = np.where(span > 0, span * target, np.where(amax > 0, amax, 1.0))
+    step = np.maximum(step, finest).astype(np.float32).astype(np.float64)
+    low = np.zeros(shape)  # largest step known to meet the target (0: none yet)
+    high = np.full(shape, np.inf)  # smallest step known to miss it
+    done = np.zeros(shape, dtype=bool)
+    for _ in range(SEARCH_ITERATIONS):
+        err = channel_errors(w, step, axis)
+        ok = err <= target
+        low = np.where(~done & ok & (step > low), step, low)
+        high = np.where(~done & ~ok & (step < high), step, high)
+        done |= ok & (err >= target * (1 - SEARCH_TOLERANCE))
+        # Converged brackets (float32 neighbours) and slices stuck at the finest step are done too.
+        done |= np.isfinite(high) & (low > 0) & (high <= np.nextafter(low.astype(np.float32), np.inf))
+        done |= ~ok & (step <= finest)
+        if done.all():
+            break
+        grow = np.where(np.isinf(high), step * 2, np.sqrt(np.maximum(low, 1e-300) * high))
+        nxt = np.where(low > 0, grow, np.maximum(step / 2, finest))
+        step = np.where(done, step, nxt.astype(np.float32).astype(np.float64))
+    met = low > 0
+    return np.where(met, low, finest).astype(np.float32).astype(np.float64), met
+
+
+# ---------------------------------------------------------------- Rice code
+
+
+def zigzag(q: np.ndarray) -> np.ndarray:
+    """Signed codes -> unsigned, small magnitudes first: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ..."""
+    q = np.asarray(q, dtype=np.int64)
+    return np.where(q >= 0, 2 * q, -2 * q - 1)
+
+
+def rice_parameter(z: np.ndarray) -> int:
+    """The k that makes the Rice code of `z` shortest: each value costs k + 1 + (z >> k) bits."""
+    z = np.asarray(z, dtype=np.int64).ravel()
+    top = max(1, int(z.max()).bit_length()) if z.size else 1
+    costs = [z.size * (k + 1) + int(np.sum(z >> k)) for k in range(top + 1)]
+    return int(np.argmin(costs))
+
+
+def rice_encode(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unsigned values -> (unary stream, remainders): value = (ones before its 0) * 2^k + remainder.
+
+    The unary stream is a packed bit string (MSB first) where value i adds (z_i >> k) ones then one zero;
+    the padding of the last byte is ones, so the stream holds exactly len(z) zeros.
+    """
+    z = np.asarray(z, dtype=np.int64).ravel()
+    quotient = z >> k
+    stops = np.cumsum(quotient + 1) - 1  # where each value's terminating zero sits
+    length = int(stops[-1]) + 1 if z.size else 0
+    bits = np.ones(-(-length // 8) * 8, dtype=np.uint8)
+    bits[stops] = 0
+    return np.packbits(bits), z & ((1 << k) - 1)
+
+
+def rice_decode(stream: np.ndarray, remainders: np.ndarray, k: int, count: int) -> np.ndarray:
+    """Inverse of rice_encode (numpy; the ONNX decoder does the same with graph ops)."""
+    stops = np.flatnonzero(np.unpackbits(stream) == 0)[:count]
+    quotient = np.diff(stops, prepend=-1) - 1
+    return (quotient << k) + np.asarray(remainders, dtype=np.int64)
+
+
+def unzigzag(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.int64)
+    return np.where(z % 2 == 0, z // 2, -(z + 1) // 2)
+
+
+def rice_bits(z: np.ndarray, k: int) -> int:
+    """Length in bits of the Rice code of unsigned values `z` with parameter k."""
+    return int(z.size * (k + 1) + np.sum(np.asarray(z, dtype=np.int64) >> k))
+
+
+def _rice_values(b: _Builder, z: np.ndarray, k: int) -> str:
+    """Graph value holding the signed codes of the Rice-coded zigzag values `z`, flat float [len(z)].
+
+    Unary stream: bytes -> bits (BitShift, Mod) -> positions of the zeros -> gaps between them = quotients.
+    The positions come from TopK (smallest first, k = number of values) over the bits: equal keys come out
+    lowest index first, so these are the zeros in order (NonZero would do too, but ONNX Runtime does not fold
+    it). Remainders are packed with k bits each. All inputs are constants: the runtime folds it all at load.
+    """
+    stream, remainders = rice_encode(z, k)
+    shared = b.shared
+    shifts = shared.get(np.arange(7, -1, -1, dtype=np.uint8)[None])
+    shifted = b.node("BitShift", [b.const(stream.reshape(-1, 1)), shifts], direction="RIGHT")
+    bits = b.node("Mod", [shifted, shared.get(np.array([2], np.uint8))])
+    keys = b.node("Cast", [b.node("Reshape", [bits, b.shape_of([-1])])], to=TensorProto.FLOAT)
+    b.node("TopK", [keys, b.shape_of([z.size])], axis=0, largest=0, sorted=1)
+    stops = b.index.unique_name(b.prefix)
+    b.decoder.nodes[-1].output.append(stops)  # TopK's second output: the indices
+    previous = b.node("Concat", [shared.get(np.array([-1], np.int64)),
+                                 b.node("Slice", [stops, b.shape_of([0]), b.shape_of([z.size - 1])])], axis=0)
+    gaps = b.node("Sub", [b.node("Sub", [stops, previous]), shared.get(np.array([1], np.int64))])
+    value = b.node("Cast", [gaps], to=TensorProto.FLOAT)
+    if k:
+        value = b.node("Add", [b.node("Mul", [value, shared.get(np.array([1 << k], np.float32))]),
+                               b.unpack(remainders, k)])
+    # zigzag back, in float (exact for these integers): odd = z mod 2, q = (z + odd) * (0.5 - odd)
+    odd = b.node("Mod", [value, shared.get(np.array([2.0], np.float32))], fmod=1)
+    sign = b.node("Sub", [shared.get(np.array([0.5], np.float32)), odd])
+    return b.node("Mul", [b.node("Add", [value, odd]), sign])
+
+
+def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer]) -> list[Decoder]:
+    """Decoders for the Rice-coded layers: one stream per Rice parameter k (cut at RICE_CHUNK values), so the
+    decoding graph is paid for once and each layer only adds Slice, Reshape and Mul by its step(s)."""
+    decoders = []
+    for k in sorted({layer.rice_k for layer in layers}):
+        group = [layer for layer in layers if layer.rice_k == k]
+        chunks: list[list[MixedLayer]] = [[]]
+        for layer in group:
+            if chunks[-1] and sum(x.q.size for x in chunks[-1]) + layer.q.size > RICE_CHUNK:
+                chunks.append([])
+            chunks[-1].append(layer)
+        for chunk in chunks:
+            b = _Builder(index, shared, index.unique_name("ptq_rice"), f"rice k={k}")
+            flat = _rice_values(b, np.concatenate([zigzag(x.q).ravel() for x in chunk]), k)
+            start = 0
+            for layer in chunk:
+                size = layer.q.size
+                part = flat if len(chunk) == 1 else b.node("Slice", [flat, b.shape_of([start]),
+                                                                     b.shape_of([start + size])])
+                shaped = b.node("Reshape", [part, b.shape_of(layer.q.shape)])
+                b.node("Mul", [shaped, b.const(layer.step.astype(np.float32))], output=layer.spec.tensor)
+                start += size
+            decoders.append(b.decoder)
+    return decoders
+
+
+# ---------------------------------------------------------------- one layer
+
+
+@dataclass
+class MixedLayer:
+    """How one weight is stored: codes and step(s), Rice-coded or in `decoder`, or the 8-bit fallback."""
+
+    spec: WeightSpec
+    measure: str  # "per-tensor", "per-channel" or "fallback"
+    bits: int  # width of the codes' range (what fixed-width storage would need)
+    step: np.ndarray  # per channel or scalar (fallback: the 8-bit scale)
+    q: np.ndarray  # signed codes (fallback: unsigned 8-bit codes)
+    decoded: np.ndarray  # float32 weight the decoder rebuilds
+    relative_error: float
+    stored_bytes: int  # bytes of its data in the file (Rice: its share of the shared stream, plus its steps)
+    decoder: Decoder | None = None  # None: Rice-coded, decoded by rice_decoders()
+    rice_k: int | None = None
+    zero_point: np.ndarray | None = None
+    correction_var: np.ndarray | None = None
+    correction_mean: np.ndarray | None = None
+
+    @property
+    def encoding(self) -> str:
+        return f"rice k={self.rice_k}" if self.decoder is None else self.decoder.encoding
+
+    @property
+    def storage(self) -> str:
+        bits_per_weight = 8 * self.stored_bytes / max(1, self.q.size)
+        return f"{self.encoding}, {bits_per_weight:.2f} bits/weight"
+
+    @property
+    def scheme(self) -> str:
+        if self.measure == "fallback":
+            axis = self.spec.axis
+            where = f"per-channel axis {axis}" if axis is not None else "per-tensor"
+            return f"fallback {FALLBACK_BITS}-bit asymmetric {where} (init_scale not reachable)"
+        if self.measure == "per-channel":
+            return f"symmetric step per channel axis {self.spec.axis}, error measured per channel"
+        return "symmetric step per tensor, error measured per tensor"
+
+
+def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec, w: np.ndarray, target: float,
+                   per_channel: bool = True, bias_correction: bool = True) -> MixedLayer:
+    """Search the step(s) for one weight and keep the smallest stored form that meets `target`."""
+    best: MixedLayer | None = None
+    measures = [("per-tensor", None)]
+    if per_channel and spec.axis is not None and w.shape[spec.axis] > 1:
+        measures.append(("per-channel", spec.axis))
+    for measure, axis in measures:
+        step, met = search_step(w, target, axis)
+        if not met.all():
+            continue
+        step32 = step.astype(np.float32)
+        q = round_half_away(w.astype(np.float64) / step).astype(np.int64)
+        bits = bits_for(int(q.max() - q.min()) + 1)
+        # Rice: the model shares one decoding graph per k, so a layer costs its bits and its steps.
+        z = zigzag(q)
+        k = rice_parameter(z)
+        rice_bytes = -(-rice_bits(z, k) // 8) + step32.nbytes
+        if best is None or rice_bytes < best.stored_bytes:
+            decoded = _reconstruct(q, step32)
+            best = MixedLayer(spec, measure, bits, step32, q, decoded, relative_error(w, decoded), rice_bytes,
+                              rice_k=k, zero_point=np.zeros(step.size, np.int64))
+        # Skip the fixed-width forms when even their lower bound (indices into the distinct codes, or only the
+        # nonzero codes) cannot beat the Rice code: building them costs time, auto_tune quantizes many times.
+        distinct = np.unique(q).size
+        bound = min(q.size * bits_for(distinct), int(np.count_nonzero(q)) * bits) // 8
+        if bits > MAX_CODE_BITS or bound >= best.stored_bytes:
+            continue
+        # The fixed-width forms of encoding.py, codes shifted to start at 0 per step.
+        low = q.min(axis=reduce_axes(q.ndim, axis), keepdims=True)
+        offset = (low * step32).astype(np.float32)
+        codes = q - low
+        decoder = build_decoder(index, shared, spec.tensor, codes, bits_for(int(codes.max()) + 1), step32,
+                                offset, -low)
+        if decoder.stored_bytes < best.stored_bytes:
+            decoded = ((q - low).astype(np.float32) * step32 + offset).astype(np.float32)
+            best = MixedLayer(spec, measure, bits, step32, q, decoded, relative_error(w, decoded),
+                              decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64))
+    if best is not None:
+        return best
+    # No step with codes of at most 16 bits meets the target: 8-bit fixed quantization, like the reference.
+    qw = quantize_weight(w, FALLBACK_BITS, spec.axis if per_channel else None, spec.correction_axis,
+                         bias_correction)
+    decoder = build_decoder(index, shared, spec.tensor, qw.codes, FALLBACK_BITS, qw.scale, qw.offset,
+                            qw.zero_codes)
+    decoded = qw.decoded()
+    return MixedLayer(spec, "fallback", FALLBACK_BITS, qw.q_scale, qw.codes, decoded,
+                      relative_error(w, decoded),
+                      decoder.stored_bytes, decoder=decoder, zero_point=qw.q_zero_point,
+                      correction_var=qw.var_corr, correction_mean=qw.mean_corr)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: float,
+                     index: GraphIndex | None = None,
+                     shared: SharedConstants | None = None) -> tuple[list[MixedLayer], list[SkippedTensor]]:
+    """Every planned weight of `model` at target error `init_scale` (the model is not changed)."""
+    plan = plan_weights(model, config, per_channel=True)
+    index = index or GraphIndex(model.graph)
+    shared = shared or SharedConstants(index)
+    skipped = [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
+    layers = []
+    for spec in plan.quantized:
+        w = index.array(spec.tensor)
+        layer = quantize_layer(index, shared, spec, w, init_scale, config.weight.per_channel,
+                               config.weight.bias_correction)
+        if layer.stored_bytes >= w.nbytes:
+            skipped.append(SkippedTensor(spec.tensor, spec.op_type, spec.nodes,
+                                         "quantized storage would not be smaller than float"))
+            continue
+        log.info("%s: %s, %d bits, relative error %.4f, %s", spec.tensor, layer.measure, layer.bits,
+                 layer.relative_error, layer.storage)
+        layers.append(layer)
+    return layers, skipped
+
+
+def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None,
+        **_: object) -> ConversionResult:
+    """Mixed-bit weight quantization of `model` in place."""
+    result = ConversionResult(model, config.quant_type)
+    init_scale = config.mixed_bit.init_scale
+    if config.mixed_bit.auto_tune:
+        from ..autotune import tune_init_scale
+
+        init_scale, notes = tune_init_scale(model, config, input_format)
+        result.notes += notes
+    else:
+        result.notes.append(f"mixed bit: init_scale={init_scale:g} (target relative error per layer)")
+    ensure_opset(model, MIN_OPSET)
+    index = GraphIndex(model.graph)
+    shared = SharedConstants(index)
+    layers, result.skipped = quantize_weights(model, config, init_scale, index, shared)
+    decoders = [layer.decoder for layer in layers if layer.decoder is not None]
+    decoders += rice_decoders(index, shared, [layer for layer in layers if layer.decoder is None])
+    nodes = [n for d in decoders for n in d.nodes]
+    inits = [t for d in decoders for t in d.initializers]
+    _replace(model, {layer.spec.tensor for layer in layers}, nodes, shared.used_by(nodes) + inits)
+    result.quantized = [_record(layer) for layer in layers]
+    return result
+
+
+def _record(layer: MixedLayer) -> QuantizedTensor:
+    spec = layer.spec
+    return QuantizedTensor(
+        spec.tensor, spec.op_type, spec.nodes, spec.shape, layer.bits, layer.scheme, layer.storage,
+        bytes_before=layer.q.size * 4, bytes_after=layer.stored_bytes, relative_error=layer.relative_error,
+        scale=np.asarray(layer.step, np.float64).ravel(),
+        zero_point=None if layer.zero_point is None else np.asarray(layer.zero_point).ravel(),
+        correction_var=None if layer.correction_var is None else layer.correction_var.ravel(),
+        correction_mean=None if layer.correction_mean is None else layer.correction_mean.ravel(),
+    )
+
+
+def substitute(model: onnx.ModelProto, layers: list[MixedLayer]) -> onnx.ModelProto:
+    """A copy of `model` whose quantized weights are replaced by their decoded float values (what the runtime
+    sees after folding), for fast evaluation without building the decoder graph."""
+    decoded = {layer.spec.tensor: layer.decoded for layer in layers}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.name in decoded:
+            tensor.CopyFrom(numpy_helper.from_array(decoded[tensor.name], tensor.name))
+    return copy

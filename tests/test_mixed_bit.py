@@ -1,0 +1,230 @@
+"""Mixed-bit weight quantization (bit_num=0) and auto_tune."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from conftest import EXAMPLES, RESNET20, cosine, run, session
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqlite.autotune import MAX_COARSE, TARGET_COSINE, output_cosine, search_scale
+from ptqlite.config import parse_config
+from ptqlite.convert import convert
+from ptqlite.encoding import SharedConstants
+from ptqlite.model import GraphIndex
+from ptqlite.passes.mixed_bit import (
+    channel_errors,
+    quantize_layer,
+    rice_decode,
+    rice_encode,
+    rice_parameter,
+    search_step,
+    unzigzag,
+    zigzag,
+)
+from ptqlite.plan import WeightSpec
+
+CALIB = EXAMPLES / "calib" / "input"
+
+
+def mixed_config(init_scale: float = 0.02, extra: str = "", **common) -> object:
+    lines = ["[common_quant_param]", "quant_type=WEIGHT_QUANT", "bit_num=0", "min_quant_weight_size=0",
+             "min_quant_weight_channel=0"] + [f"{k}={v}" for k, v in common.items()]
+    lines += ["[mixed_bit_weight_quant_param]", f"init_scale={init_scale}", extra]
+    return parse_config("\n".join(lines))
+
+
+def _weights(seed: int, channels: int, size: int, spread: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scales = np.exp(rng.uniform(-spread, spread, (channels, 1)))
+    return (rng.standard_normal((channels, size)) * scales * 0.1).astype(np.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), channels=st.integers(1, 6), size=st.integers(2, 80),
+       spread=st.floats(0, 3), target=st.floats(0.003, 0.3))
+def test_step_search_meets_the_target_per_tensor_and_per_channel(seed, channels, size, spread, target):
+    w = _weights(seed, channels, size, spread)
+    for axis in (None, 0):
+        step, met = search_step(w, target, axis)
+        assert met.all()
+        assert np.all(channel_errors(w, step, axis) <= target)
+    # The layer actually stored meets it too (the decoders' float32 arithmetic included).
+    index = GraphIndex(helper.make_graph([], "g", [], []))
+    spec = WeightSpec("w", "MatMul", ("m",), w.shape, axis=0)
+    layer = quantize_layer(index, SharedConstants(index), spec, w, target)
+    assert layer.relative_error <= target * (1 + 1e-5)
+
+
+def test_step_search_lands_within_one_percent_on_a_large_tensor():
+    w = _weights(1, 32, 500, 1.0)
+    for axis in (None, 0):
+        step, _ = search_step(w, 0.02, axis)
+        errors = channel_errors(w, step, axis)
+        assert np.all((errors <= 0.02) & (errors >= 0.02 * 0.99))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-3000, 3000), min_size=1, max_size=300))
+def test_rice_code_round_trips(values):
+    q = np.array(values, np.int64)
+    z = zigzag(q)
+    assert np.all(z >= 0) and np.array_equal(unzigzag(z), q)
+    k = rice_parameter(z)
+    stream, remainders = rice_encode(z, k)
+    assert np.array_equal(unzigzag(rice_decode(stream, remainders, k, q.size)), q)
+
+
+def test_unreachable_target_falls_back_to_8_bits():
+    w = _weights(2, 4, 64, 0.0)
+    index = GraphIndex(helper.make_graph([], "g", [], []))
+    spec = WeightSpec("w", "MatMul", ("m",), w.shape, axis=0)
+    layer = quantize_layer(index, SharedConstants(index), spec, w, 1e-7)
+    assert layer.measure == "fallback" and layer.bits == 8
+    assert layer.relative_error < 0.01
+
+
+def _matmul_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """y_i = x @ W_i for each weight: with x the identity, the outputs are the weights the runtime decoded."""
+    rows = next(iter(weights.values())).shape[0]
+    nodes = [helper.make_node("MatMul", ["x", name], [f"y_{name}"], name=f"mm_{name}") for name in weights]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, rows])],
+        [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [rows, w.shape[1]])
+         for name, w in weights.items()],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_decoded_weights_in_onnxruntime_equal_the_numpy_reconstruction(tmp_path):
+    rng = np.random.default_rng(3)
+    sparse = (rng.standard_normal((64, 40)) * (rng.random((64, 40)) < 0.04)).astype(np.float32)
+    weights = {"a": _weights(4, 48, 64, 0.5).T.copy(), "b": _weights(5, 32, 64, 0.0).T.copy(),
+               "c": sparse}
+    model = _matmul_model(weights)
+    result = convert(model, mixed_config(0.05))
+    layers = {q.tensor: q for q in result.quantized}
+    assert set(layers) == set(weights)
+    storages = {q.storage.split(",")[0].split()[0] for q in result.quantized}
+    assert "rice" in storages and len(storages) >= 2  # the sparse weight is stored another way
+    eye = np.eye(64, dtype=np.float32)
+    optimized = tmp_path / "optimized.onnx"
+    outputs = session(result.model, optimized).run(None, {"x": eye})
+    # Every decoder was folded at load: the runtime graph is the float graph.
+    assert sorted(n.op_type for n in onnx.load(str(optimized)).graph.node) == ["MatMul"] * 3
+    # The recorded relative errors are those of what the runtime computes, and meet the target.
+    from ptqlite.passes.weight import relative_error
+
+    for (name, w), out in zip(weights.items(), outputs):
+        assert relative_error(w, out) == pytest.approx(layers[name].relative_error, rel=1e-9)
+        assert layers[name].relative_error <= 0.05 * (1 + 1e-5)
+
+
+def test_numpy_reconstruction_is_bit_exact_with_the_runtime():
+    from ptqlite.passes.mixed_bit import quantize_weights
+
+    rng = np.random.default_rng(6)
+    weights = {"a": _weights(7, 24, 64, 1.0).T.copy(),
+               "c": (rng.standard_normal((64, 16)) * (rng.random((64, 16)) < 0.03)).astype(np.float32)}
+    model = _matmul_model(weights)
+    config = mixed_config(0.03)
+    layers, _ = quantize_weights(model, config, 0.03)
+    outputs = run(convert(model, config).model, {"x": np.eye(64, dtype=np.float32)})
+    for layer, out in zip(layers, outputs):
+        assert np.array_equal(layer.decoded, out)
+
+
+def test_bits_and_bytes_fall_as_init_scale_grows():
+    w = _weights(8, 32, 300, 0.7)
+    index = GraphIndex(helper.make_graph([], "g", [], []))
+    spec = WeightSpec("w", "MatMul", ("m",), w.shape, axis=0)
+    layers = [quantize_layer(index, SharedConstants(index), spec, w, t) for t in (0.005, 0.01, 0.02, 0.05, 0.1)]
+    bits = [layer.bits for layer in layers]
+    sizes = [layer.stored_bytes for layer in layers]
+    errors = [layer.relative_error for layer in layers]
+    assert bits == sorted(bits, reverse=True) and bits[0] > bits[-1]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    assert errors == sorted(errors)
+
+
+def _calibration_images(count: int) -> np.ndarray:
+    import cv2
+
+    files = sorted(CALIB.glob("*.png"))[:count]
+    rgb = np.stack([cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files]).astype(np.float32)
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    return ((rgb - mean) / std).astype(np.float32).transpose(0, 3, 1, 2).copy()
+
+
+def test_bundled_resnet20_shrinks_as_init_scale_grows_and_stays_close():
+    model = onnx.load(str(RESNET20))
+    x = _calibration_images(16)
+    reference = run(model, {"input": x})[0]
+    sizes, cosines = [], []
+    for t in (0.01, 0.02, 0.05):
+        result = convert(model, mixed_config(t))
+        assert all(q.relative_error <= t * (1 + 1e-5) for q in result.quantized)
+        sizes.append(result.model.ByteSize())
+        cosines.append(cosine(reference, run(result.model, {"input": x})[0]))
+    float_size = model.ByteSize()
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert sizes[1] < 0.23 * float_size  # 5.8 bits per weight at init_scale 0.02
+    assert cosines[0] > 0.999 and cosines[1] > 0.998 and cosines[2] > 0.98
+    # Same inputs, same bytes.
+    again = convert(model, mixed_config(0.02))
+    assert again.model.SerializeToString() == convert(model, mixed_config(0.02)).model.SerializeToString()
+
+
+def test_search_scale_brackets_then_bisects_within_bounds():
+    calls = []
+
+    def evaluate(scale: float) -> float:  # cosine falls with scale; 0.995 is reached at scale 0.0707...
+        calls.append(scale)
+        return 1 - scale**2
+
+    found = search_scale(evaluate, 0.02)
+    assert TARGET_COSINE <= found.cosine <= TARGET_COSINE + 0.001
+    assert found.init_scale == pytest.approx(math.sqrt(0.005), rel=0.05)
+    assert len(calls) <= 16
+    # A target that no scale reaches: the smallest scale tried, after a bounded number of evaluations.
+    missed = search_scale(lambda s: 0.5, 0.02)
+    assert missed.init_scale == min(s for s, _ in missed.history) < 0.001
+    assert len(missed.history) == MAX_COARSE
+
+
+def test_output_cosine_edge_cases():
+    zeros, ones = np.zeros(4), np.ones(4)
+    assert output_cosine(zeros, zeros) == 1.0
+    assert output_cosine(zeros, ones) == 0.0
+    assert output_cosine(ones, np.array([1, 1, np.nan, 1])) == 0.0
+    assert output_cosine(ones, -ones) == -1.0
+    assert output_cosine(np.array([1.0, 0]), np.array([1.0, 1])) == pytest.approx(math.sqrt(0.5))
+
+
+def test_auto_tune_without_data_says_it_used_random_inputs():
+    model = _matmul_model({"a": _weights(9, 48, 64, 0.5).T.copy()})
+    result = convert(model, mixed_config(0.02, "auto_tune=true"))
+    notes = " ".join(result.notes)
+    assert "random" in notes and "auto_tune: init_scale=" in notes
+
+
+def test_auto_tune_on_resnet20_calibration_images_reaches_the_target_cosine():
+    pytest.importorskip("ptqlite.data")
+    count = 24
+    extra = "\n".join([
+        "auto_tune=true", "[data_preprocess_param]", f"calibrate_path=input:{CALIB}", f"calibrate_size={count}",
+        "input_type=IMAGE", "image_to_format=RGB", "normalize_mean=[123.675,116.28,103.53]",
+        "normalize_std=[58.395,57.12,57.375]"])
+    model = onnx.load(str(RESNET20))
+    result = convert(model, mixed_config(0.02, extra), input_format="NCHW")
+    assert any(f"{count} calibration samples" in n for n in result.notes)
+    x = _calibration_images(count)
+    reference = run(model, {"input": x})[0]
+    quantized = run(result.model, {"input": x})[0]
+    mean_cosine = np.mean([output_cosine(r, q) for r, q in zip(reference, quantized)])
+    assert abs(mean_cosine - TARGET_COSINE) <= 0.003
