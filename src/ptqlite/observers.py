@@ -36,14 +36,59 @@ def make_observer(method: str) -> Observer:
     raise ValueError(f"unknown activation_quant_method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
-    """x as a float array with NaN/Inf dropped (only copied when there are any)."""
-    x = np.asarray(x)
+def _finite(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """x as a flat float array with NaN/Inf dropped (copied only when there are any), and its min and max."""
+    x = np.asarray(x).reshape(-1)
     if x.dtype.kind != "f" or x.dtype.itemsize < 4:
         x = x.astype(np.float32)
-    if x.size and not (np.isfinite(x.max()) and np.isfinite(x.min())):
+    if not x.size:
+        return x, math.inf, -math.inf
+    lo, hi = float(x.min()), float(x.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         x = x[np.isfinite(x)]
-    return x
+        return _finite(x) if x.size else (x, math.inf, -math.inf)
+    return x, lo, hi
+
+
+def quantiles(x: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """np.quantile's default (linear) quantiles, fast for quantiles near 0 or 1.
+
+    np.partition is slowest exactly there (slower than a full sort), so each tail is first cut down to a few
+    candidates with a threshold taken from a strided subsample, then partitioned exactly. When the threshold
+    keeps too few values, the whole tensor is partitioned instead: the result is exact either way.
+    """
+    flat = np.asarray(x).reshape(-1)
+    n = flat.size
+    position = np.asarray(qs, np.float64) * (n - 1)
+    below = np.floor(position).astype(np.intp)
+    ranks = np.concatenate((below, np.minimum(below + 1, n - 1)))
+    values = np.empty(ranks.size, np.float64)
+    top = ranks >= n - 1 - ranks  # each rank is read from its nearer tail
+    for side in (False, True):
+        chosen = top == side
+        if not chosen.any():
+            continue
+        depth = int((n - 1 - ranks[chosen]).max() if side else ranks[chosen].max())
+        tail = _tail(flat, depth, side)
+        local = ranks[chosen] - (n - tail.size) if side else ranks[chosen]
+        values[chosen] = np.partition(tail, np.unique(local))[local]
+    low, high = values[: below.size], values[below.size:]
+    return (low + (position - below) * (high - low)).tolist()
+
+
+def _tail(flat: np.ndarray, depth: int, top: bool) -> np.ndarray:
+    """The k largest (top) or smallest values of flat for some k > depth; flat itself when no cheap cut works."""
+    n = flat.size
+    if n <= 4096 or depth * 64 >= n:
+        return flat
+    sub = flat[:: max(1, n // (256 * (depth + 1)))]
+    # A cut at about twice the needed share of the subsample, plus a margin, keeps enough values in practice.
+    j = min(sub.size - 1, 2 * (depth + 1) * sub.size // n + 8)
+    if top:
+        tail = flat[flat >= np.partition(sub, sub.size - 1 - j)[sub.size - 1 - j]]
+    else:
+        tail = flat[flat <= np.partition(sub, j)[j]]
+    return tail if tail.size > depth else flat
 
 
 class MinMaxObserver:
@@ -54,10 +99,9 @@ class MinMaxObserver:
         self.hi = -math.inf
 
     def update(self, x: np.ndarray) -> None:
-        x = _finite(x)
-        if x.size:
-            self.lo = min(self.lo, float(x.min()))
-            self.hi = max(self.hi, float(x.max()))
+        _, lo, hi = _finite(x)
+        self.lo = min(self.lo, lo)
+        self.hi = max(self.hi, hi)
 
     def range(self) -> tuple[float, float]:
         if self.lo > self.hi:  # nothing seen
@@ -74,11 +118,11 @@ class OutlierRemovalObserver:
         self.count = 0
 
     def update(self, x: np.ndarray) -> None:
-        x = _finite(x)
+        x, _, _ = _finite(x)
         if x.size:
-            lo, hi = np.quantile(x.reshape(-1), OUTLIER_QUANTILES)
-            self.lo_sum += float(lo)
-            self.hi_sum += float(hi)
+            lo, hi = quantiles(x, OUTLIER_QUANTILES)
+            self.lo_sum += lo
+            self.hi_sum += hi
             self.count += 1
 
     def range(self) -> tuple[float, float]:
@@ -103,21 +147,20 @@ class KLObserver:
         self.quantized_bins = quantized_bins
         self.hist = np.zeros(bins, np.int64)
         self.exponent: int | None = None  # bin width is 2**exponent
-        self.minmax = MinMaxObserver()
+        self.lo = math.inf  # what was seen, to clip [-T, T] to
+        self.hi = -math.inf
 
     @property
     def bin_width(self) -> float:
         return 0.0 if self.exponent is None else math.ldexp(1.0, self.exponent)
 
     def update(self, x: np.ndarray) -> None:
-        x = _finite(x)
-        self.minmax.update(x)
-        if not x.size:
+        x, lo, hi = _finite(x)
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        top = max(-lo, hi)
+        if not x.size or top == 0.0:
             return
-        magnitude = np.abs(x).reshape(-1)
-        top = float(magnitude.max())
-        if top == 0.0:
-            return
+        magnitude = np.abs(x)
         self._grow_to(top)
         # Multiplying by a power of two is exact, so each value lands in its true bin.
         scale = math.ldexp(1.0, -self.exponent)
@@ -150,7 +193,9 @@ class KLObserver:
         return kl_threshold_bins(self.hist[: used[-1] + 1], self.quantized_bins) * self.bin_width
 
     def range(self) -> tuple[float, float]:
-        lo, hi = self.minmax.range()
+        if self.lo > self.hi:  # nothing seen
+            return 0.0, 0.0
+        lo, hi = self.lo, self.hi
         t = self.threshold()
         if t == 0.0:
             return lo, hi
@@ -172,14 +217,14 @@ def kl_divergences(hist: np.ndarray, quantized_bins: int = QUANTIZED_BINS) -> tu
     candidates = np.arange(quantized_bins, n + 1)
     total = h.sum()
     counts = np.concatenate(([0.0], np.cumsum(h)))
-    nonzero = np.concatenate(([0], np.cumsum(h > 0)))
+    nonzero = np.concatenate(([0.0], np.cumsum(h > 0)))
     h_log_h = np.concatenate(([0.0], np.cumsum(np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0))))
 
     # Group g of candidate i covers bins [ceil(g*i/qb), ceil((g+1)*i/qb)).
     groups = np.arange(quantized_bins + 1)
     edges = (groups[None, :] * candidates[:, None] + quantized_bins - 1) // quantized_bins
-    group_sum = counts[edges[:, 1:]] - counts[edges[:, :-1]]
-    group_nonzero = (nonzero[edges[:, 1:]] - nonzero[edges[:, :-1]]).astype(np.float64)
+    group_sum = np.diff(np.take(counts, edges), axis=1)
+    group_nonzero = np.diff(np.take(nonzero, edges), axis=1)
 
     kept = counts[candidates]
     tail = total - kept
@@ -191,7 +236,7 @@ def kl_divergences(hist: np.ndarray, quantized_bins: int = QUANTIZED_BINS) -> tu
     # A group with P mass but no histogram count gives Q = 0 there: a tiny floor turns that into a large
     # penalty instead of an infinite (or silently skipped) term.
     q = np.maximum(group_sum, 1e-12) / (np.maximum(group_nonzero, 1.0) * np.maximum(kept, 1.0)[:, None])
-    cross = np.where(p_mass > 0, p_mass * np.log(q), 0.0).sum(axis=1)
+    cross = (p_mass * np.log(q)).sum(axis=1)  # q > 0 everywhere, so groups without P mass add exactly 0
 
     # sum p log p: bins below i-1 come straight from the histogram; bin i-1 holds last + tail.
     last_p = total - counts[candidates - 1]
