@@ -106,6 +106,24 @@ def test_cli_rejects_bad_target(setup, capsys):
     assert "--targetCosine=1.5" in capsys.readouterr().err
 
 
+def test_unnamed_nodes_are_named_after_their_first_output(setup, tmp_path, capsys):
+    model_path, config_path = setup
+    model = onnx.load(model_path)
+    for node in model.graph.node:
+        node.name = ""
+    unnamed = tmp_path / "unnamed.onnx"
+    onnx.save(model, unnamed)
+    named = tmp_path / "named.onnx"
+    code = cli.main(["analyze", "--fmk=ONNX", f"--modelFile={unnamed}", f"--configFile={config_path}",
+                     "--samples", "1", f"--namedModelFile={named}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "skip_quant_node=h2\n" in out and "8 nodes had no name" in out
+    named_model = onnx.load(named)
+    assert [n.name for n in named_model.graph.node][:2] == ["h0", "a0"]
+    result = convert(named_model, _with_skip(load_config(config_path), ("h2",)))
+    assert [s.tensor for s in result.skipped] == ["w2"]
+
+
 @pytest.mark.parametrize("needed", [0, 1, 2, 5, 7, 8, 13])
 def test_shortest_prefix_finds_the_smallest_count(needed):
     calls = []

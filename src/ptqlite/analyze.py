@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .cli_convert import add_model_arguments, load_inputs
+from .cli_convert import add_model_arguments, load_inputs, output_path
 from .config import QuantConfig
 from .convert import convert
 from .errors import UsageError
-from .model import graph_inputs
+from .model import graph_inputs, save_model
 from .report import cosine_similarity, iter_limited, make_session, report_inputs
 
 
@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=8,
                         help="calibration samples the cosine is measured on (default 8; each variant is converted "
                              "with the config's own calibration data)")
+    parser.add_argument("--namedModelFile", default="",
+                        help="where to write the model with its unnamed nodes named (their first output's name), "
+                             "for use with the printed skip line")
     parser.add_argument("--sweep", choices=["both", "only", "allbut"], default="both",
                         help="which per-layer experiments to run (default both; one of them halves the time)")
 
@@ -61,6 +64,25 @@ class Analysis:
     reached: bool
     conversions: int
     notes: list[str]
+    model: onnx.ModelProto  # the model the node names refer to (unnamed nodes named)
+
+
+def name_unnamed_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node the name of its first output (made unique), so skip_quant_node can name it.
+    Returns how many nodes were named."""
+    used = {n.name for n in model.graph.node if n.name}
+    named = 0
+    for node in model.graph.node:
+        if node.name:
+            continue
+        base = next((o for o in node.output if o), node.op_type)
+        name, counter = base, 1
+        while name in used:
+            name, counter = f"{base}_{counter}", counter + 1
+        node.name = name
+        used.add(name)
+        named += 1
+    return named
 
 
 def _with_skip(config: QuantConfig, skip: Sequence[str]) -> QuantConfig:
@@ -110,6 +132,12 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
             progress: Callable[[str], None] | None = None) -> Analysis:
     """Rank the quantized layers of `model` by their effect on output cosine and find a skip list for `target`."""
     notes: list[str] = []
+    unnamed = sum(1 for n in model.graph.node if not n.name)
+    if unnamed:
+        model = _copy(model)
+        name_unnamed_nodes(model)
+        notes.append(f"{unnamed} nodes had no name; they are named after their first output here, so the skip line "
+                     "applies to the model written by --namedModelFile")
     inputs = list(iter_limited(report_inputs(model, config, input_format, notes), samples))
     if not inputs:
         raise UsageError("analyze needs at least one sample: --samples must be >= 1")
@@ -120,8 +148,6 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
     node_types = {n.name: n.op_type for n in model.graph.node}
     candidates = list(dict.fromkeys(n for q in base.quantized for n in q.nodes
                                     if n and n in node_types and n not in own))
-    if any(not n for q in base.quantized for n in q.nodes):
-        notes.append("some quantized tensors belong to unnamed nodes, which skip_quant_node cannot name")
     ranking = []
     for number, node in enumerate(candidates, 1):
         if progress:
@@ -135,7 +161,13 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
     count, cos = _shortest_prefix(lambda k: evaluator.cosine([*own, *(e.node for e in ranking[:k])]),
                                   len(ranking), target)
     skip = (*own, *(e.node for e in ranking[:count]))
-    return Analysis(base_cos, ranking, skip, cos, cos >= target, evaluator.conversions, notes)
+    return Analysis(base_cos, ranking, skip, cos, cos >= target, evaluator.conversions, notes, model)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _shortest_prefix(cosine_of: Callable[[int], float], total: int, target: float) -> tuple[int, float]:
@@ -189,4 +221,6 @@ def run(args: argparse.Namespace) -> int:
                        input_format=args.inputDataFormat or None,
                        progress=lambda text: print(f"analyze: {text}", file=sys.stderr, flush=True))
     print(format_analysis(analysis, args.top, args.targetCosine))
+    if args.namedModelFile:
+        print(f"named model written to {save_model(analysis.model, output_path(args.namedModelFile))}")
     return 0
