@@ -1,9 +1,9 @@
-"""Mixed-bit weight quantization on ResNet56 (CIFAR-10 copy): file size and top-1 per init_scale, and auto_tune.
+"""Mixed-bit weight quantization on ResNet56 (CIFAR-10 copy): file size and top-1 per init_scale, auto_tune.
 
 Run: .venv/bin/python bench/mixed_bit.py [--limit N]
-Needs ../shared/bench. Every weight is a candidate (min_quant_weight_size=0, min_quant_weight_channel=0); auto_tune
-compares outputs on the 100 bundled calibration PNGs (examples/calib/input, CIFAR test images), preprocessed by
-[data_preprocess_param] as the model expects. Prints a markdown table for docs/results.md.
+Needs ../shared/bench. Every weight is a candidate (min_quant_weight_size=0, min_quant_weight_channel=0);
+auto_tune compares outputs on the 100 bundled calibration PNGs (examples/calib/input, CIFAR test images),
+preprocessed by [data_preprocess_param] as the model expects. Prints a markdown table for docs/results.md.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def main() -> int:
     float_top1 = top1(str(MODEL), x, y)
     calib_config = parse_config(COMMON + DATA)
     compare = OutputComparer(model, list(calibration_set(calib_config, model, "NCHW")))
-    rows = [f"| float32 | - | {float_size / 1e6:.3f} MB | 1.000x | 32.00 | {float_top1:.2f} | - | 1.00000 | - |"]
-    runs = [(f"init_scale={t}", f"[mixed_bit_weight_quant_param]\ninit_scale={t}\n") for t in (0.01, 0.02, 0.05)]
+    rows = [(f"| float32 | - | {float_size / 1e6:.3f} MB | 1.000x | 32.00 | {float_top1:.2f} | - | 1.00000 "
+            "| - |")]
+    runs = [(f"init_scale={t}", f"[mixed_bit_weight_quant_param]\ninit_scale={t}\n")
+            for t in (0.01, 0.02, 0.05)]
     runs.append(("auto_tune=true", "[mixed_bit_weight_quant_param]\nauto_tune=true\n" + DATA))
     OUT.mkdir(parents=True, exist_ok=True)
     for label, section in runs:
@@ -70,8 +72,9 @@ def main() -> int:
         bits = 8 * sum(q.bytes_after for q in quantized) / sum(q.bytes_before // 4 for q in quantized)
         worst = max(q.relative_error for q in quantized)
         accuracy = top1(str(path), x, y)
-        tuned = next((n.split("init_scale=")[1].split()[0] for n in result.notes if "auto_tune: init_scale" in n), "")
-        rows.append(f"| {label} | {tuned or '-'} | {size / 1e6:.3f} MB | {size / float_size:.3f}x | {bits:.2f} | "
+        tuned = next((n.split("init_scale=")[1].split()[0] for n in result.notes
+                      if "auto_tune: init_scale" in n), "-")
+        rows.append(f"| {label} | {tuned} | {size / 1e6:.3f} MB | {size / float_size:.3f}x | {bits:.2f} | "
                     f"{accuracy:.2f} | {accuracy - float_top1:+.2f} | {compare(result.model):.5f} | "
                     f"{worst:.4f} |")
         print(f"{label}: {seconds:.1f} s; " + "; ".join(result.notes), file=sys.stderr)

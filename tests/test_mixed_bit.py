@@ -143,7 +143,8 @@ def test_bits_and_bytes_fall_as_init_scale_grows():
     w = _weights(8, 32, 300, 0.7)
     index = GraphIndex(helper.make_graph([], "g", [], []))
     spec = WeightSpec("w", "MatMul", ("m",), w.shape, axis=0)
-    layers = [quantize_layer(index, SharedConstants(index), spec, w, t) for t in (0.005, 0.01, 0.02, 0.05, 0.1)]
+    scales = (0.005, 0.01, 0.02, 0.05, 0.1)
+    layers = [quantize_layer(index, SharedConstants(index), spec, w, t) for t in scales]
     bits = [layer.bits for layer in layers]
     sizes = [layer.stored_bytes for layer in layers]
     errors = [layer.relative_error for layer in layers]
@@ -217,7 +218,8 @@ def test_auto_tune_on_resnet20_calibration_images_reaches_the_target_cosine():
     pytest.importorskip("ptqlite.data")
     count = 24
     extra = "\n".join([
-        "auto_tune=true", "[data_preprocess_param]", f"calibrate_path=input:{CALIB}", f"calibrate_size={count}",
+        "auto_tune=true", "[data_preprocess_param]", f"calibrate_path=input:{CALIB}",
+        f"calibrate_size={count}",
         "input_type=IMAGE", "image_to_format=RGB", "normalize_mean=[123.675,116.28,103.53]",
         "normalize_std=[58.395,57.12,57.375]"])
     model = onnx.load(str(RESNET20))
