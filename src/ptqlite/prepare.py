@@ -1,0 +1,140 @@
+"""Graph preparation before full quantization: fold what is constant, fold BatchNormalization into Conv, and
+infer tensor types, so that activations are quantized where the runtime will compute them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper, shape_inference
+from onnx.reference import ReferenceEvaluator
+
+from .model import GraphIndex, attribute
+
+log = logging.getLogger(__name__)
+
+# Ops never folded even when every input is constant: random ops would change from run to run.
+_NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def prepare(model: onnx.ModelProto) -> dict[str, int]:
+    """Rewrite `model` in place; returns the element type of every tensor whose type is known."""
+    fold_constants(model)
+    fold_batch_norm(model)
+    return tensor_types(model)
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Evaluate nodes whose inputs are all constants and store their outputs as initializers (shape arithmetic
+    and padding tables exported by PyTorch, for instance). Returns the number of nodes folded."""
+    graph = model.graph
+    values: dict[str, np.ndarray] = {}
+    known = {t.name for t in graph.initializer}
+    index = GraphIndex(graph)
+    keep, folded = [], 0
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        foldable = (node.op_type not in _NEVER_FOLD and node.domain in ("", "ai.onnx")
+                    and all(name in known for name in inputs)
+                    and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                for a in node.attribute)
+                    and not any(name in index.graph_output_names for name in node.output))
+        if foldable:
+            feeds = {name: values[name] if name in values else index.array(name) for name in inputs}
+            try:
+                outputs = ReferenceEvaluator(node).run(None, feeds)
+            except Exception as exc:  # noqa: BLE001 -- an op the reference evaluator lacks: keep the node
+                log.debug("constant folding skipped %s (%s)", node.name or node.op_type, exc)
+                outputs = None
+            if outputs is not None:
+                for name, value in zip(node.output, outputs):
+                    values[name] = np.asarray(value)
+                    known.add(name)
+                folded += 1
+                continue
+        keep.append(node)
+    if folded:
+        used = {name for node in keep for name in node.input}
+        graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in values if name in used)
+        del graph.node[:]
+        graph.node.extend(keep)
+        _drop_unused_initializers(model)
+    return folded
+
+
+def fold_batch_norm(model: onnx.ModelProto) -> int:
+    """Conv -> BatchNormalization (inference form, constant statistics) becomes one Conv with scaled weights."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    removed, folded = set(), 0
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or bn.input[0] not in index.producer:
+            continue
+        conv = index.producer[bn.input[0]]
+        params = bn.input[1:5]
+        if (conv.op_type != "Conv" or len(index.consumers[conv.output[0]]) != 1
+                or conv.output[0] in index.graph_output_names or conv.input[1] not in index.initializers
+                or not all(p in index.initializers for p in params)
+                or len(index.consumers[conv.input[1]]) != 1):
+            continue
+        gamma, beta, mean, var = (index.array(p).astype(np.float64) for p in params)
+        factor = gamma / np.sqrt(var + attribute(bn, "epsilon", 1e-5))
+        w = index.array(conv.input[1])
+        bias = index.array(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        w_new = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        b_new = ((bias - mean) * factor + beta).astype(np.float32)
+        _set_initializer(index, conv.input[1], w_new)
+        b_name = index.unique_name(conv.input[1] + "_bn_bias")
+        graph.initializer.append(numpy_helper.from_array(b_new, b_name))
+        while len(conv.input) < 3:
+            conv.input.append("")
+        conv.input[2] = b_name
+        conv.output[0] = bn.output[0]
+        removed.add(id(bn))
+        folded += 1
+    if folded:
+        keep = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(keep)
+        _drop_unused_initializers(model)
+    return folded
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of each tensor: from the graph's declarations and onnx shape inference."""
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        infos = list(inferred.graph.value_info)
+    except Exception as exc:  # noqa: BLE001 -- fails on some custom ops; declared types still count
+        log.debug("shape inference failed: %s", exc)
+        infos = list(model.graph.value_info)
+    types = {}
+    for info in [*model.graph.input, *model.graph.output, *infos]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+            types[info.name] = info.type.tensor_type.elem_type
+    for tensor in model.graph.initializer:
+        types[tensor.name] = tensor.data_type
+    return types
+
+
+def is_float(types: dict[str, int], name: str) -> bool:
+    return types.get(name) == TensorProto.FLOAT
+
+
+def _set_initializer(index: GraphIndex, name: str, value: np.ndarray) -> None:
+    index.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    removed = {t.name for t in graph.initializer if t.name not in used}
+    keep = [t for t in graph.initializer if t.name not in removed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    # IR < 4 models list initializers as inputs too; drop the entries of removed initializers.
+    inputs = [i for i in graph.input if i.name not in removed]
+    del graph.input[:]
+    graph.input.extend(inputs)

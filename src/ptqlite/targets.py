@@ -1,0 +1,71 @@
+"""target_device presets: what the FULL_QUANT planner quantizes, and how, for each runtime.
+
+They are data only; passes/full.py reads them and has no per-device branches. docs/full_quant.md gives the reason
+for every choice (and the measurements behind the CPU one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx import TensorProto
+
+# Ops that compute on integers when their inputs and output carry QDQ pairs (own output parameters).
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+_COMPUTE_CPU = WEIGHTED_OPS | {"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid",
+                               "LeakyRelu", "Softmax", "Relu", "Clip"}
+# Ops that only move or select values: their output reuses the input's parameters, so onnxruntime drops the
+# DequantizeLinear/QuantizeLinear around them and runs them on the integer tensor.
+_SHARED = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "GlobalMaxPool",
+                     "Resize", "Slice", "Gather", "Pad", "Identity", "DepthToSpace", "SpaceToDepth", "Expand",
+                     "Tile", "Split"})
+# Activations that may be folded into the producing op: dropped when the output quantizer clamps the same way.
+FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
+@dataclass(frozen=True)
+class Target:
+    """How one target_device wants its int8 graph."""
+
+    name: str
+    provider: str  # onnxruntime execution provider the preset is meant for
+    activation_type: int  # TensorProto.UINT8 or TensorProto.INT8
+    activation_symmetric: bool  # zero point fixed at 0
+    weight_per_tensor_type: int  # weight dtype when per_channel=false (per-channel weights are always int8)
+    weight_per_tensor_symmetric: bool
+    compute_ops: frozenset[str]  # ops run in int8 with their own output parameters
+    shared_ops: frozenset[str] = _SHARED  # ops whose output shares the input's parameters
+    # Leave the output of a graph-output MatMul/Gemm in float: onnxruntime then fuses to an int8 kernel with float
+    # output, and the logits keep full precision.
+    float_weighted_outputs: bool = True
+    # Largest weight code: 127 is full int8; 63 keeps u8*s8 pair sums inside int16 for CPUs without VNNI.
+    weight_qmax: int = 127
+
+    @property
+    def activation_signed(self) -> bool:
+        return self.activation_type == TensorProto.INT8
+
+
+PRESETS: dict[str, Target] = {
+    # onnxruntime CPU: uint8 asymmetric activations with int8 symmetric weights (the u8s8 kernels of MLAS; s8s8
+    # measured slower on x86, see docs/full_quant.md).
+    "CPU": Target("CPU", "CPUExecutionProvider", TensorProto.UINT8, False, TensorProto.INT8, True, _COMPUTE_CPU),
+    # TensorRT: int8 symmetric everywhere (zero point 0 is the only one it accepts), per-channel weights; it fuses
+    # Conv+ReLU itself, so activations are never dropped (the symmetric zero point keeps them anyway).
+    "NVGPU": Target("NVGPU", "TensorrtExecutionProvider", TensorProto.INT8, True, TensorProto.INT8, True,
+                    _COMPUTE_CPU),
+    # Qualcomm QNN HTP: uint8 asymmetric activations; per-channel weights must be int8 symmetric, per-tensor
+    # weights are uint8 asymmetric like the activations. HTP wants every tensor quantized, so the
+    # elementwise activations and normalisations are quantized too.
+    "DSP": Target("DSP", "QNNExecutionProvider", TensorProto.UINT8, False, TensorProto.UINT8, False,
+                  _COMPUTE_CPU | {"Tanh", "HardSigmoid", "HardSwish", "Sub", "Div", "ReduceMean", "Softmax",
+                                  "PRelu", "Sigmoid", "LayerNormalization", "InstanceNormalization"}),
+    # Ascend (CANN): int8 asymmetric activations, symmetric int8 weights.
+    "ASCEND": Target("ASCEND", "CANNExecutionProvider", TensorProto.INT8, False, TensorProto.INT8, True,
+                     _COMPUTE_CPU),
+}
+
+
+def target(name: str) -> Target:
+    """The preset for a config's target_device (config.py already limits the names)."""
+    return PRESETS[name]
