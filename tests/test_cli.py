@@ -262,8 +262,6 @@ def test_module_entry_point_converts_with_relative_paths(work):
     assert [p.name for p in out.iterdir()] == ["rel.onnx"]
 
 
-@pytest.mark.xfail(reason="cli_convert.run compares the paths with os.path.samefile before checking that the model "
-                   "exists, so an existing output and a missing model raise FileNotFoundError", strict=False)
 def test_missing_model_with_existing_output(work, capsys):
     _, config, out = work
     (out / "m.onnx").write_bytes(b"old")

@@ -46,7 +46,7 @@ def output_path(text: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = output_path(args.outputFile)
-    if out.exists() and os.path.samefile(out, args.modelFile):
+    if out.exists() and Path(args.modelFile).exists() and os.path.samefile(out, args.modelFile):
         raise UsageError(f"--outputFile={args.outputFile}: would overwrite the input model; choose another path")
     config, model = load_inputs(args)
     result = convert(model, config, input_format=args.inputDataFormat or None)
