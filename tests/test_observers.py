@@ -187,3 +187,13 @@ def test_ranges_stay_inside_what_was_seen(xs):
     for method in ("KL", "REMOVAL_OUTLIER"):
         lo, hi = feed(make_observer(method), xs).range()
         assert everything.min() - 1e-3 <= lo <= hi <= everything.max() + 1e-3
+
+
+@pytest.mark.parametrize("scale", [1e-42, 1e-30, 1.0, 1e30])
+def test_kl_handles_tiny_and_huge_magnitudes(scale):
+    rng = np.random.default_rng(4)
+    x = (rng.uniform(-1, 1, 5000) * scale).astype(np.float32)
+    observer = feed(KLObserver(), [x])
+    assert observer.hist.sum() == np.count_nonzero(x)
+    lo, hi = observer.range()
+    assert x.min() <= lo < 0 < hi <= x.max() and hi > 0.9 * x.max()

@@ -66,29 +66,33 @@ def quantiles(x: np.ndarray, qs: tuple[float, ...]) -> list[float]:
     top = ranks >= n - 1 - ranks  # each rank is read from its nearer tail
     for side in (False, True):
         chosen = top == side
-        if not chosen.any():
-            continue
-        depth = int((n - 1 - ranks[chosen]).max() if side else ranks[chosen].max())
-        tail = _tail(flat, depth, side)
-        local = ranks[chosen] - (n - tail.size) if side else ranks[chosen]
-        values[chosen] = np.partition(tail, np.unique(local))[local]
+        if chosen.any():
+            depths = n - 1 - ranks[chosen] if side else ranks[chosen]  # 0 = the extreme value itself
+            values[chosen] = _tail_values(flat, depths, side)
     low, high = values[: below.size], values[below.size:]
     return (low + (position - below) * (high - low)).tolist()
 
 
-def _tail(flat: np.ndarray, depth: int, top: bool) -> np.ndarray:
-    """The k largest (top) or smallest values of flat for some k > depth; flat itself when no cheap cut works."""
-    n = flat.size
-    if n <= 4096 or depth * 64 >= n:
-        return flat
-    sub = flat[:: max(1, n // (256 * (depth + 1)))]
-    # A cut at about twice the needed share of the subsample, plus a margin, keeps enough values in practice.
-    j = min(sub.size - 1, 2 * (depth + 1) * sub.size // n + 8)
-    if top:
-        tail = flat[flat >= np.partition(sub, sub.size - 1 - j)[sub.size - 1 - j]]
-    else:
-        tail = flat[flat <= np.partition(sub, j)[j]]
-    return tail if tail.size > depth else flat
+def _tail_values(flat: np.ndarray, depths: np.ndarray, top: bool) -> np.ndarray:
+    """The values `depths` places from the largest (top) or smallest end of flat."""
+    n, depth = flat.size, int(depths.max())
+    if n > 4096 and depth * 64 < n:
+        sub = flat[:: max(1, n // (256 * (depth + 1)))]
+        # A cut at about twice the needed share of the subsample, plus a margin, keeps enough values in practice.
+        j = min(sub.size - 1, 2 * (depth + 1) * sub.size // n + 8)
+        cut = np.partition(sub, sub.size - 1 - j)[sub.size - 1 - j] if top else np.partition(sub, j)[j]
+        if np.count_nonzero(flat >= cut if top else flat <= cut) > depth:
+            # Values strictly beyond the cut are few; every other wanted value equals the cut. Splitting off
+            # the ties matters: a ReLU output has half its values equal to the cut 0.
+            beyond = flat[flat > cut] if top else flat[flat < cut]
+            out = np.full(depths.size, float(cut))
+            inner = depths < beyond.size
+            if inner.any():
+                local = beyond.size - 1 - depths[inner] if top else depths[inner]
+                out[inner] = np.partition(beyond, np.unique(local))[local]
+            return out
+    local = n - 1 - depths if top else depths
+    return np.partition(flat, np.unique(local))[local].astype(np.float64)
 
 
 class MinMaxObserver:
@@ -160,16 +164,13 @@ class KLObserver:
         top = max(-lo, hi)
         if not x.size or top == 0.0:
             return
-        magnitude = np.abs(x)
         self._grow_to(top)
-        # Multiplying by a power of two is exact, so each value lands in its true bin.
         scale = math.ldexp(1.0, -self.exponent)
-        if scale > 1e38:  # beyond float32 for tiny activations
-            magnitude = magnitude.astype(np.float64)
-        index = (magnitude * magnitude.dtype.type(scale)).astype(np.int64)
-        np.minimum(index, self.bins - 1, out=index)
-        counts = np.bincount(index, minlength=self.bins)
-        counts[0] -= magnitude.size - np.count_nonzero(magnitude)  # zeros fell in bin 0; drop them
+        magnitude = np.abs(x, dtype=np.float64 if scale > 1e38 else None)  # float64 when 1/width overflows f32
+        # Scaling by a power of two is exact and |x| < bins * width, so every index is its true bin < bins.
+        magnitude *= scale
+        counts = np.bincount(magnitude.astype(np.intp), minlength=self.bins)
+        counts[0] -= x.size - np.count_nonzero(x)  # zeros fell in bin 0; drop them
         self.hist += counts
 
     def _grow_to(self, top: float) -> None:
