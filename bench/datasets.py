@@ -21,9 +21,12 @@ def cifar(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def top1(model_path: str, x: np.ndarray, y: np.ndarray, batch: int = 200, threads: int = 2,
-         label_offset: int = 0) -> float:
-    """Top-1 accuracy in percent; `label_offset` is subtracted from the argmax (1 for a background class)."""
+         label_offset: int = 0, optimize: bool = True) -> float:
+    """Top-1 accuracy in percent; `label_offset` is subtracted from the argmax (1 for a background class).
+    optimize=False runs the graph as written: a QDQ model then computes in float, without int8 kernels."""
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
