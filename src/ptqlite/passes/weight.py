@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..config import QuantConfig
 from ..encoding import MIN_OPSET, SharedConstants, build_decoder
+from ..errors import ConversionError
 from ..model import GraphIndex, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
 from ..qmath import asymmetric_params, dequantize, quantize, reduce_axes
@@ -87,7 +88,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     if on_the_fly:
-        ensure_opset(model, 21 if common.bit_num > 8 else 13)
+        _raise_opset_for_storage(model, common.bit_num, result)
     else:
         ensure_opset(model, MIN_OPSET)
     index = GraphIndex(model.graph)
@@ -114,6 +115,20 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
         result.quantized.append(_record(spec, qw, storage, w, dequantized, sum(_nbytes(t) for t in inits)))
     _replace(model, removed, new_nodes, shared.used_by(new_nodes) + new_inits)
     return result
+
+
+def _raise_opset_for_storage(model: onnx.ModelProto, bits: int, result: ConversionResult) -> None:
+    """DequantizeLinear needs opset 13 for int8 per-axis and opset 21 for int16 and int4 weights."""
+    if bits > 8:
+        ensure_opset(model, 21)
+        return
+    if bits <= 4:
+        try:
+            ensure_opset(model, 21)
+            return
+        except ConversionError:
+            result.notes.append("the model could not be moved to opset 21, so 4-bit weights are stored as int8")
+    ensure_opset(model, 13)
 
 
 def _scheme(spec: WeightSpec) -> str:
