@@ -171,10 +171,13 @@ class KLObserver:
         self._grow_to(top)
         scale = math.ldexp(1.0, -self.exponent)
         magnitude = np.abs(x, dtype=np.float64 if scale > 1e38 else None)  # float64 when 1/width overflows f32
+        # Zeros (+0 after abs) are counted on the integer view: several times faster than on floats.
+        zeros = x.size - np.count_nonzero(magnitude.view(np.uint64 if magnitude.itemsize == 8 else np.uint32))
         # Scaling by a power of two is exact and |x| < bins * width, so every index is its true bin < bins.
         magnitude *= scale
-        counts = np.bincount(magnitude.astype(np.intp), minlength=self.bins)
-        counts[0] -= x.size - np.count_nonzero(x)  # zeros fell in bin 0; drop them
+        index = magnitude.astype(np.uint16 if self.bins <= 65536 else np.intp)  # narrow: a cheaper cast
+        counts = np.bincount(index, minlength=self.bins)
+        counts[0] -= zeros  # zeros fell in bin 0; drop them
         self.hist += counts
 
     def _grow_to(self, top: float) -> None:
