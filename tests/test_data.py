@@ -263,6 +263,13 @@ def test_missing_directory(tmp_path):
         calibration_set(make_config(f"x:{tmp_path / 'nowhere'}", input_type="BIN"), model)
 
 
+def test_file_instead_of_directory(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"")
+    model = make_model(("x", [1, 4], TensorProto.FLOAT))
+    with pytest.raises(DataError, match="'.*x.bin' for input 'x' is not a directory"):
+        calibration_set(make_config(f"x:{tmp_path / 'x.bin'}", input_type="BIN"), model)
+
+
 def test_relative_directory_resolves_against_cwd(tmp_path, monkeypatch):
     (tmp_path / "rel").mkdir()
     np.zeros(4, np.float32).tofile(tmp_path / "rel" / "0.bin")

@@ -138,8 +138,9 @@ def _list_files(name: str, directory: str, size: int, source: str) -> tuple[Path
     # Relative directories are taken from the current working directory, as converter_lite does.
     folder = Path(directory).expanduser().absolute()
     if not folder.is_dir():
+        problem = "is not a directory" if folder.exists() else "does not exist"
         raise DataError(f"{source}: {_SECTION} calibrate_path: directory '{directory}' for input '{name}' "
-                        f"does not exist (looked in {folder})")
+                        f"{problem} (looked in {folder})")
     # Byte-wise name order, hidden files ignored; the first `size` files are the samples.
     names = sorted((entry.name for entry in os.scandir(folder)
                     if not entry.name.startswith(".") and entry.is_file()), key=os.fsencode)
