@@ -54,8 +54,9 @@ def quantiles(x: np.ndarray, qs: tuple[float, ...]) -> list[float]:
     """np.quantile's default (linear) quantiles, fast for quantiles near 0 or 1.
 
     np.partition is slowest exactly there (slower than a full sort), so each tail is first cut down to a few
-    candidates with a threshold taken from a strided subsample, then partitioned exactly. When the threshold
-    keeps too few values, the whole tensor is partitioned instead: the result is exact either way.
+    candidates with a threshold taken from a strided subsample, then partitioned exactly. Small tensors, central
+    quantiles and thresholds that keep too few values fall back to one full sort: the result is exact either
+    way.
     """
     flat = np.asarray(x).reshape(-1)
     n = flat.size
