@@ -315,7 +315,9 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
                 plain = dict(zip([o.name for o in quant_session.get_outputs()],
                                  quant_session.run(None, _feeds(quant_session, feeds)), strict=True))
             for name in output_names:
-                cos = cosine_similarity(float_values[name], plain[name]) if name in plain else 0.0
+                origin = float_values.get(name, float_probe.constant(name))
+                result_value = plain.get(name, quant_probe.constant(name))
+                cos = cosine_similarity(origin, result_value) if origin is not None and result_value is not None else 0.0
                 summary.writerow((index, name, _fmt(cos)))
                 report.output_cosines.append((index, name, cos))
             path = folder / f"round_{index}.csv"
