@@ -83,13 +83,16 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
                                           progress)
     act_params = {name: activation_params(*ranges[source], preset) for name, source in plan.tensors.items()}
 
+    reference = onnx.ModelProto()
+    if corrected:
+        reference.CopyFrom(model)
     rewriter = _Rewriter(model, plan, act_params, preset, corrected)
     rewriter.run()
     corrected = [pos for pos in corrected if pos in rewriter.biases]
     if corrected:
         float_means = dict(zip(corrected_all, float_sums))
-        quant_sums = _channel_means(model, [rewriter.node_outputs[pos] for pos in corrected], samples, progress,
-                                    "bias correction")
+        names = _add_layer_copies(reference, corrected, act_params, rewriter, preset)
+        quant_sums = _channel_means(reference, names, samples, progress, "bias correction")
         for pos, quant_sum in zip(corrected, quant_sums):
             rewriter.correct_bias(pos, (float_means[pos] - quant_sum) / count)
         result.notes.append(f"bias correction of {len(corrected)} layers over {count} samples")
@@ -243,13 +246,13 @@ def activation_params(lo: float, hi: float, preset: Target) -> QParams:
     return asymmetric_params(span, 8, None, signed=preset.activation_signed)
 
 
-def weight_params(w: np.ndarray, spec: WeightSpec, preset: Target) -> QParams:
+def weight_params(w: np.ndarray, spec: WeightSpec, preset: Target, depthwise: bool = False) -> QParams:
     """int8 symmetric per channel (the kernels and every runtime accept it); per tensor as the preset says."""
     if spec.axis is not None or preset.weight_per_tensor_symmetric:
         params = symmetric_params(w, 8, spec.axis, narrow=True)
-        if preset.weight_qmax != params.qmax:
-            params = QParams(params.scale * (params.qmax / preset.weight_qmax), params.zero_point,
-                             -preset.weight_qmax, preset.weight_qmax)
+        qmax = preset.depthwise_qmax if depthwise else preset.weight_qmax
+        if qmax != params.qmax:
+            params = QParams(params.scale * (params.qmax / qmax), params.zero_point, -qmax, qmax)
         return params
     return asymmetric_params(w, 8, None, signed=preset.weight_per_tensor_type == TensorProto.INT8)
 
@@ -324,6 +327,44 @@ def _channel_means(model: onnx.ModelProto, names: list[str], samples, progress: 
     return sums
 
 
+def _add_layer_copies(reference: onnx.ModelProto, positions: list[int], act_params: dict[str, QParams],
+                      rewriter: _Rewriter, preset: Target) -> list[str]:
+    """Beside each corrected layer of the float graph, a copy that reads the same float input through its
+    quantizer and uses the quantized weight and bias: its output differs from the layer's only by this layer's
+    quantization, so every correction is measured on its own, in one pass, without counting upstream errors
+    twice."""
+    graph = reference.graph
+    index = GraphIndex(graph)
+    names = []
+    dtype = helper.tensor_dtype_to_np_dtype(preset.activation_type)
+    for pos in positions:
+        node = graph.node[pos]
+        params = act_params[node.input[0]]
+        tag = index.unique_name(f"{node.output[0]}_layer_quantized")
+        constants = {
+            "scale": params.scale.reshape(()).astype(np.float32),
+            "zero": params.zero_point.reshape(()).astype(dtype),
+            "weight": rewriter.dequantized[node.input[1]],
+            "bias": rewriter.bias_values[pos],
+        }
+        for key, value in constants.items():
+            graph.initializer.append(numpy_helper.from_array(value, f"{tag}_{key}"))
+        graph.node.append(helper.make_node("QuantizeLinear", [node.input[0], f"{tag}_scale", f"{tag}_zero"],
+                                           [f"{tag}_q"]))
+        graph.node.append(helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zero"],
+                                           [f"{tag}_x"]))
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = tag
+        del copy.input[:]
+        copy.input.extend([f"{tag}_x", f"{tag}_weight", f"{tag}_bias"])
+        del copy.output[:]
+        copy.output.append(tag)
+        graph.node.append(copy)
+        names.append(tag)
+    return names
+
+
 def _corrected_nodes(model: onnx.ModelProto, plan: GraphPlan) -> list[int]:
     """Weighted int8 nodes whose bias can absorb a per-channel correction."""
     return [pos for pos, node in enumerate(model.graph.node)
@@ -350,6 +391,8 @@ class _Rewriter:
         self.node_outputs: dict[int, str] = {}  # corrected node position -> its output name in the new graph
         self.biases: dict[int, tuple[str, np.ndarray]] = {}  # position -> (int32 bias initializer, its scale)
         self.weight_scales: dict[str, np.ndarray] = {}
+        self.dequantized: dict[str, np.ndarray] = {}  # weight -> its dequantized float value
+        self.bias_values: dict[int, np.ndarray] = {}  # position -> dequantized float bias
         self.dropped: set[int] = set()
         self.float_ops: set[str] = set()
 
@@ -452,7 +495,9 @@ class _Rewriter:
             if not users or any(self.plan.roles[self.positions[id(n)]] != "compute" for n, _ in users):
                 continue
             w = self.index.array(name)
-            params = weight_params(w, spec, self.preset)
+            depthwise = all(n.op_type == "Conv" and attribute(n, "group", 1) > 1 and spec.shape[1] == 1
+                            for n, _ in users)
+            params = weight_params(w, spec, self.preset, depthwise)
             q = quantize(w, params)
             dtype = TensorProto.INT8 if params.qmin < 0 else TensorProto.UINT8
             q_name = self._init(q.astype(helper.tensor_dtype_to_np_dtype(dtype)), f"{name}_quantized")
@@ -461,7 +506,8 @@ class _Rewriter:
             head.append(self._dequantize_node(q_name, scale, zero, dq, spec.axis))
             reads[name] = dq
             self.weight_scales[name] = params.scale.reshape(-1)
-            w_hat = dequantize(q, params).astype(np.float64)
+            self.dequantized[name] = dequantize(q, params)
+            w_hat = self.dequantized[name].astype(np.float64)
             err = float(np.sqrt(np.sum((w - w_hat) ** 2) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)))
             scheme = "symmetric " if not params.zero_point.any() and params.qmin < 0 else "asymmetric "
             scheme += f"per-channel axis {spec.axis}" if spec.axis is not None else "per-tensor"
@@ -485,7 +531,9 @@ class _Rewriter:
         in_scale = float(self.params[original[0]].scale.ravel()[0])
         scale = in_scale * np.broadcast_to(self.weight_scales[weight], (channels,)).astype(np.float64)
         base = original[2] if has_bias else f"{node.output[0]}_bias"
-        q_name = self._init(_bias_codes(bias, scale), f"{base}_quantized")
+        codes = _bias_codes(bias, scale)
+        self.bias_values[pos] = (codes * scale).astype(np.float32)
+        q_name = self._init(codes, f"{base}_quantized")
         s_name = self._init(scale.astype(np.float32), f"{base}_scale")
         z_name = self._init(np.zeros(channels, np.int32), f"{base}_zero_point")
         dq = self._name(f"{base}_dequantized")

@@ -1,0 +1,295 @@
+"""FULL_QUANT: QDQ graph structure, accuracy against float, bias correction, CLE, skip_quant_node, ResNet20."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import ROOT, cosine, session
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqlite.config import load_config, parse_config
+from ptqlite.convert import convert
+from ptqlite.equalize import equalize
+from ptqlite.prepare import fold_batch_norm, fold_constants
+
+RNG = np.random.default_rng(0)
+
+
+def _config(method: str = "MAX_MIN", per_channel: bool = True, bias_correction: bool = False,
+            target: str = "CPU", skip: str = "") -> object:
+    skip_line = f"skip_quant_node={skip}\n" if skip else ""
+    return parse_config(f"""[common_quant_param]
+quant_type=FULL_QUANT
+bit_num=8
+{skip_line}
+[data_preprocess_param]
+calibrate_path=x:/nonexistent
+calibrate_size=1
+input_type=BIN
+[full_quant_param]
+activation_quant_method={method}
+bias_correction={str(bias_correction).lower()}
+per_channel={str(per_channel).lower()}
+target_device={target}
+""", "test.cfg")
+
+
+def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(value.astype(np.float32), name)
+
+
+def conv_model() -> onnx.ModelProto:
+    """Conv+Relu -> Conv -> Add(residual) -> Relu -> MaxPool -> GlobalAveragePool -> Flatten -> Gemm."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    inits = [_init("w1", RNG.normal(0, 0.3, (16, 3, 3, 3))), _init("b1", RNG.normal(0, 0.1, 16)),
+             _init("w2", RNG.normal(0, 0.1, (16, 16, 3, 3))), _init("b2", RNG.normal(0, 0.1, 16)),
+             _init("wf", RNG.normal(0, 0.3, (10, 16))), _init("bf", RNG.normal(0, 0.1, 10))]
+    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def matmul_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["a"], name="bias"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    inits = [_init("w", RNG.normal(0, 0.2, (32, 64))), _init("b", RNG.normal(0, 0.1, 64)),
+             _init("w2", RNG.normal(0, 0.2, (64, 8)))]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def depthwise_model(relu6: bool = True) -> onnx.ModelProto:
+    """Conv -> ReLU6 -> depthwise Conv -> ReLU6 -> Conv, with channel ranges spread over 3 decades."""
+    spread = np.logspace(-1.5, 1.5, 16)
+    act = ["lo", "hi"] if relu6 else []
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="expand"),
+        helper.make_node("Clip" if relu6 else "Relu", ["c1", *act], ["r1"], name="act_1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="depthwise", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("Clip" if relu6 else "Relu", ["c2", *act], ["r2"], name="act_2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="project"),
+    ]
+    w2 = RNG.normal(0, 0.3, (16, 1, 3, 3)) * spread.reshape(-1, 1, 1, 1)
+    inits = [_init("w1", RNG.normal(0, 0.3, (16, 4, 1, 1))), _init("b1", RNG.uniform(0, 0.5, 16)),
+             _init("w2", w2), _init("b2", RNG.uniform(0, 0.5, 16) * spread),
+             _init("w3", RNG.normal(0, 0.3, (8, 16, 1, 1)) / np.sqrt(spread).reshape(1, -1, 1, 1)),
+             _init("b3", RNG.normal(0, 0.1, 8)), _init("lo", np.array(0.0)), _init("hi", np.array(6.0))]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def samples(shape: tuple[int, ...], count: int = 16, seed: int = 1, low: float = -1.0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.uniform(low, 1.0, shape).astype(np.float32)} for _ in range(count)]
+
+
+def outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], fused: bool = True) -> np.ndarray:
+    """Outputs over all feeds; fused=False runs QuantizeLinear/DequantizeLinear as they are (the exact
+    arithmetic of the QDQ graph, independent of which int8 kernels this CPU has)."""
+    options = {} if fused else {"graph_optimization_level": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    s = session(model, **options)
+    return np.stack([s.run(None, f)[0] for f in feeds])
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    path = tmp_path / "optimized.onnx"
+    session(model, optimized_path=path, intra_op_num_threads=1)
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_conv_graph_runs_int8_end_to_end(tmp_path):
+    model = conv_model()
+    calib, evaluate = samples((1, 3, 16, 16)), samples((1, 3, 16, 16), 8, seed=2)
+    result = convert(model, _config(), samples=calib, progress=False)
+    ops = optimized_ops(result.model, tmp_path)
+    # Every conv, the residual add, the average pool and the classifier run on integer kernels.
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1
+    assert ops["QGemm"] == 1
+    assert ops["Conv"] == 0 and ops["Add"] == 0 and ops["Gemm"] == 0 and ops["Relu"] == 0
+    # Both Relu are folded into their producers' output quantizers.
+    assert not any(n.op_type == "Relu" for n in result.model.graph.node)
+    reference = outputs(model, evaluate)
+    assert cosine(reference, outputs(result.model, evaluate, fused=False)) > 0.999
+    assert cosine(reference, outputs(result.model, evaluate)) > 0.99
+    # Weights are int8 behind a per-channel DequantizeLinear, biases int32.
+    inits = {t.name: t for t in result.model.graph.initializer}
+    assert inits["w1_quantized"].data_type == TensorProto.INT8
+    assert inits["b1_quantized"].data_type == TensorProto.INT32
+    assert [i.name for i in result.model.graph.output] == ["y"]
+
+
+def test_bias_scale_is_input_scale_times_weight_scale():
+    model = conv_model()
+    result = convert(model, _config(), samples=samples((1, 3, 16, 16)), progress=False)
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_allclose(inits["b1_scale"], inits["x_scale"] * inits["w1_scale"], rtol=1e-6)
+    b1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b1"))
+    np.testing.assert_allclose(inits["b1_quantized"] * inits["b1_scale"], b1, atol=inits["b1_scale"].max())
+
+
+def test_matmul_model_quantized(tmp_path):
+    model = matmul_model()
+    calib, evaluate = samples((1, 4, 32)), samples((1, 4, 32), 8, seed=3)
+    result = convert(model, _config(), samples=calib, progress=False)
+    ops = optimized_ops(result.model, tmp_path)
+    assert ops["MatMul"] == 0  # both MatMuls run on integer kernels
+    assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] >= 1
+    reference = outputs(model, evaluate)
+    assert cosine(reference, outputs(result.model, evaluate, fused=False)) > 0.999
+    assert cosine(reference, outputs(result.model, evaluate)) > 0.99
+
+
+def test_deterministic():
+    model = conv_model()
+    first = convert(model, _config("KL", bias_correction=True), samples=samples((1, 3, 16, 16)), progress=False).model
+    second = convert(model, _config("KL", bias_correction=True), samples=samples((1, 3, 16, 16)), progress=False).model
+    assert first.SerializeToString(deterministic=True) == second.SerializeToString(deterministic=True)
+
+
+# KL clips the tails on purpose; on these uniform synthetic inputs that costs more than on real activations.
+@pytest.mark.parametrize("method,bound", [("MAX_MIN", 0.995), ("KL", 0.85), ("REMOVAL_OUTLIER", 0.995)])
+def test_activation_methods(method, bound):
+    model = conv_model()
+    evaluate = samples((1, 3, 16, 16), 8, seed=2)
+    result = convert(model, _config(method), samples=samples((1, 3, 16, 16)), progress=False)
+    assert cosine(outputs(model, evaluate), outputs(result.model, evaluate, fused=False)) > bound
+
+
+def test_equalize_keeps_the_function_and_balances_ranges():
+    model = depthwise_model()
+    feeds = samples((1, 4, 8, 8), 4, low=0.0)
+    reference = outputs(model, feeds)
+    equalized = onnx.ModelProto()
+    equalized.CopyFrom(model)
+    notes = equalize(equalized)
+    assert "2 conv pairs" in notes[0] and "2 ReLU6" in notes[1]
+    # ReLU6 -> ReLU changes the function only where an activation exceeded 6; compare with ReLU in the float
+    # model too.
+    relu = onnx.ModelProto()
+    relu.CopyFrom(model)
+    for node in relu.graph.node:
+        if node.op_type == "Clip":
+            del node.input[1:]
+            node.op_type = "Relu"
+    np.testing.assert_allclose(outputs(equalized, feeds), outputs(relu, feeds), rtol=1e-4, atol=1e-4)
+    w2 = numpy_helper.to_array(next(t for t in equalized.graph.initializer if t.name == "w2"))
+    ranges = np.abs(w2).reshape(16, -1).max(1)
+    assert ranges.max() / ranges.min() < 20  # was ~1000 before
+    assert reference.shape == outputs(equalized, feeds).shape
+
+
+def test_per_tensor_with_equalisation_beats_plain_per_tensor(monkeypatch):
+    model = depthwise_model(relu6=False)
+    calib, evaluate = samples((1, 4, 8, 8), low=0.0), samples((1, 4, 8, 8), 8, seed=5, low=0.0)
+    reference = outputs(model, evaluate)
+    with_cle = convert(model, _config(per_channel=False), samples=calib, progress=False)
+    assert any("equalisation" in n for n in with_cle.notes)
+    from ptqlite.passes import full
+
+    monkeypatch.setattr(full, "equalize", lambda m: [])
+    without = convert(model, _config(per_channel=False), samples=calib, progress=False)
+    good = cosine(reference, outputs(with_cle.model, evaluate, fused=False))
+    bad = cosine(reference, outputs(without.model, evaluate, fused=False))
+    assert good > 0.99 and good > bad
+    scales = numpy_helper.to_array(next(t for t in with_cle.model.graph.initializer if t.name == "w2_scale"))
+    assert scales.size == 1  # per tensor
+
+
+def test_bias_correction_reduces_mean_error():
+    """Weights at n + 0.45 steps of their scale all round down: a systematic per-channel error that bias
+    correction removes (created bias included: the conv has none)."""
+    steps = RNG.integers(-126, 126, (8, 4, 3, 3)) + 0.45
+    steps[:, 0, 0, 0] = 127  # pins each channel's scale to exactly 1 step
+    w = (steps * 0.01).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "bc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [_init("w", w)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib, evaluate = samples((1, 4, 8, 8), low=0.0), samples((1, 4, 8, 8), 8, seed=7, low=0.0)
+    reference = outputs(model, evaluate)
+
+    def channel_error(config) -> float:
+        quantized = convert(model, config, samples=calib, progress=False).model
+        diff = outputs(quantized, evaluate, fused=False) - reference
+        return float(np.abs(diff.mean(axis=(0, 1, 3, 4))).mean())
+
+    plain, corrected = channel_error(_config()), channel_error(_config(bias_correction=True))
+    assert corrected < plain / 4, (plain, corrected)
+
+
+def test_skip_quant_node_keeps_float_with_boundaries(caplog):
+    model = conv_model()
+    evaluate = samples((1, 3, 16, 16), 4, seed=2)
+    with caplog.at_level(logging.WARNING):
+        result = convert(model, _config(skip="conv2,conv_2x"), samples=samples((1, 3, 16, 16)), progress=False)
+    assert "conv_2x" in caplog.text and "conv2" in caplog.text  # unknown name, with the near match
+    graph = result.model.graph
+    conv2 = next(n for n in graph.node if n.name == "conv2")
+    producers = {o: n for n in graph.node for o in n.output}
+    assert conv2.input[1] == "w2" and conv2.input[2] == "b2"  # float weight and bias
+    assert producers[conv2.input[0]].op_type == "DequantizeLinear"  # reads the int8 tensor through a DQ
+    # Its float output is quantized again for the int8 Add after it.
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == conv2.output[0] for n in graph.node)
+    assert any(s.reason.startswith("skip_quant_node") for s in result.skipped)
+    assert cosine(outputs(model, evaluate), outputs(result.model, evaluate)) > 0.99
+
+
+def test_prepare_folds_batch_norm_and_constants():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"], name="bn"),
+             helper.make_node("Add", ["k1", "k2"], ["k"], name="const_add"),
+             helper.make_node("Mul", ["bn", "k"], ["y"], name="mul")]
+    inits = [_init("w", RNG.normal(0, 1, (4, 2, 1, 1))), _init("g", RNG.uniform(0.5, 2, 4)),
+             _init("b", RNG.normal(0, 1, 4)), _init("m", RNG.normal(0, 1, 4)), _init("v", RNG.uniform(0.5, 2, 4)),
+             _init("k1", np.array([2.0])), _init("k2", np.array([1.0]))]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = samples((1, 2, 3, 3), 2)
+    reference = outputs(model, feeds)
+    assert fold_constants(model) == 1 and fold_batch_norm(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Conv", "Mul"]
+    np.testing.assert_allclose(outputs(model, feeds), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet20_with_bundled_images(tmp_path, monkeypatch):
+    """The bundled config: IMAGE calibration of the bundled ResNet20 on the bundled PNGs."""
+    import cv2
+
+    monkeypatch.chdir(ROOT)
+    config = load_config(ROOT / "examples" / "configs" / "full_quant.cfg")
+    model = onnx.load(str(ROOT / "examples" / "models" / "resnet20_cifar10.onnx"))
+    result = convert(model, config, progress=False)
+    files = sorted((ROOT / "examples" / "calib" / "input").glob("*.png"))[:40]
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    feeds = [{"input": (((cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) / 255.0 - mean) / std)
+                        .astype(np.float32).transpose(2, 0, 1)[None])} for f in files]
+    labels = np.array([int(f.stem.split("_")[1]) for f in files])
+    reference = outputs(model, feeds)[:, 0]
+    fake, fused = outputs(result.model, feeds, fused=False)[:, 0], outputs(result.model, feeds)[:, 0]
+    assert cosine(reference, fake) > 0.998
+    # The int8 kernels of CPUs without VNNI saturate some u8*s8 sums (docs/full_quant.md), hence the looser bound.
+    assert cosine(reference, fused) > 0.97
+    assert (fake.argmax(1) == labels).mean() >= (reference.argmax(1) == labels).mean() - 0.05
+    ops = optimized_ops(result.model, tmp_path)
+    assert ops["QLinearConv"] == 19 and ops["QLinearAdd"] == 9 and ops["QGemm"] == 1
+    assert ops["Conv"] == 0 and ops["Add"] == 0
