@@ -72,13 +72,16 @@ def test_data_files(tmp_path, capsys):
     assert json.loads(out)["input_source"] == f"files {data}"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--modelFile=missing.onnx"], "model file not found"),
-    ([f"--modelFile={RESNET}", "--inDataFile=a.bin,b.bin"], "got 2 file(s) for 1 model input(s)"),
-    ([f"--modelFile={RESNET}", "--inputShape=image:1,3,32,32"], "has no input 'image'"),
-    ([f"--modelFile={RESNET}", "--inputShape=input:1,3,30,32"], "got [1, 3, 30, 32]"),
-    ([f"--modelFile={RESNET}", "--loopCount=0"], "--loopCount=0: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--modelFile=missing.onnx"], "model file not found"),
+        ([f"--modelFile={RESNET}", "--inDataFile=a.bin,b.bin"], "got 2 file(s) for 1 model input(s)"),
+        ([f"--modelFile={RESNET}", "--inputShape=image:1,3,32,32"], "has no input 'image'"),
+        ([f"--modelFile={RESNET}", "--inputShape=input:1,3,30,32"], "got [1, 3, 30, 32]"),
+        ([f"--modelFile={RESNET}", "--loopCount=0"], "--loopCount=0: expected an integer >= 1"),
+    ],
+)
 def test_errors_are_one_sentence(capsys, args, message):
     code, _, err = run_cli(capsys, *args)
     assert code == 2
@@ -95,16 +98,26 @@ def test_data_file_of_wrong_size(tmp_path, capsys):
 
 def token_model(tmp_path: Path) -> Path:
     """A text-like model: int64 ids and mask with dynamic batch and sequence."""
-    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((1000, 4)).astype(np.float32), "table")
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["e"]),
-             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
-             helper.make_node("Mul", ["e", "m3"], ["y"])]
+    table = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((1000, 4)).astype(np.float32), "table"
+    )
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["e"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
+        helper.make_node("Mul", ["e", "m3"], ["y"]),
+    ]
     axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
-    graph = helper.make_graph(nodes, "tokens", [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table, axes])
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [table, axes],
+    )
     path = tmp_path / "tokens.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
@@ -114,14 +127,19 @@ def test_dynamic_sequence_needs_input_shape(tmp_path, capsys):
     path = token_model(tmp_path)
     code, _, err = run_cli(capsys, f"--modelFile={path}")
     assert code == 2 and "--inputShape" in err and "input_ids" in err
-    code, out, _ = run_cli(capsys, f"--modelFile={path}", "--inputShape=input_ids:2,16;attention_mask:2,16",
-                           "--json", *FAST)
+    code, out, _ = run_cli(
+        capsys, f"--modelFile={path}", "--inputShape=input_ids:2,16;attention_mask:2,16", "--json", *FAST
+    )
     assert code == 0 and json.loads(out)["inputs"]["attention_mask"] == [2, 16]
 
 
 def test_random_token_inputs():
-    specs = [("input_ids", (2, 8), np.int64), ("attention_mask", (2, 8), np.int64),
-             ("token_type_ids", (2, 8), np.int64), ("pixels", (2, 3), np.float32)]
+    specs = [
+        ("input_ids", (2, 8), np.int64),
+        ("attention_mask", (2, 8), np.int64),
+        ("token_type_ids", (2, 8), np.int64),
+        ("pixels", (2, 3), np.float32),
+    ]
     inputs = _random_inputs(specs)
     assert np.all(inputs["attention_mask"] == 1) and np.all(inputs["token_type_ids"] == 0)
     assert inputs["input_ids"].min() >= 1 and inputs["input_ids"].max() < 1000
@@ -133,8 +151,14 @@ def test_random_token_inputs():
 def test_api_with_given_arrays(tmp_path):
     path = token_model(tmp_path)
     ids = np.array([[5, 6, 7]], np.int64)
-    report = benchmark(path, path, inputs={"input_ids": ids, "attention_mask": np.ones_like(ids)}, loops=2,
-                       warmup=0, measure_memory=False)
+    report = benchmark(
+        path,
+        path,
+        inputs={"input_ids": ids, "attention_mask": np.ones_like(ids)},
+        loops=2,
+        warmup=0,
+        measure_memory=False,
+    )
     assert report.cosine == {"y": 1.0} and report.input_source == "given arrays"
 
 

@@ -1,4 +1,4 @@
-"""DYNAMIC_QUANT (ALWC and ACWL) on small transformer-like graphs, checked against float and exact simulations."""
+"""DYNAMIC_QUANT (ALWC, ACWL) on small transformer-like graphs, against float and exact simulations."""
 
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ REL_TOL = 0.05
 
 
 def config(strategy: str = "ALWC", extra: str = ""):
-    return parse_config(f"[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n{extra}\n"
-                        f"[dynamic_quant_param]\nquant_strategy={strategy}\n", "test.cfg")
+    return parse_config(
+        f"[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n{extra}\n"
+        f"[dynamic_quant_param]\nquant_strategy={strategy}\n",
+        "test.cfg",
+    )
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -37,13 +40,24 @@ def transformer_block(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
     """Embedding Gather, Q/K/V projections, a two-activation attention MatMul, softmax, output Gemm-free
     projection with bias, and a feed-forward pair (MatMul + bias, Relu, MatMul)."""
     rng = np.random.default_rng(seed)
-    w = {n: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
-         for n, s in [("Wq", (D, D)), ("Wk", (D, D)), ("Wv", (D, D)), ("Wo", (D, D)), ("W1", (D, FF)), ("W2", (FF, D))]}
+    w = {
+        n: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+        for n, s in [
+            ("Wq", (D, D)),
+            ("Wk", (D, D)),
+            ("Wv", (D, D)),
+            ("Wo", (D, D)),
+            ("W1", (D, FF)),
+            ("W2", (FF, D)),
+        ]
+    }
     inits = [_init(k, v) for k, v in w.items()]
-    inits += [_init("table", rng.standard_normal((VOCAB, D)).astype(np.float32)),
-              _init("bo", rng.standard_normal(D).astype(np.float32) * 0.1),
-              _init("b1", rng.standard_normal(FF).astype(np.float32) * 0.1),
-              _init("inv_sqrt_d", np.array(1 / np.sqrt(D), np.float32))]
+    inits += [
+        _init("table", rng.standard_normal((VOCAB, D)).astype(np.float32)),
+        _init("bo", rng.standard_normal(D).astype(np.float32) * 0.1),
+        _init("b1", rng.standard_normal(FF).astype(np.float32) * 0.1),
+        _init("inv_sqrt_d", np.array(1 / np.sqrt(D), np.float32)),
+    ]
     n = helper.make_node
     nodes = [
         n("Gather", ["table", "ids"], ["x"], name="embed"),
@@ -63,8 +77,13 @@ def transformer_block(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
         n("Relu", ["ff_bias"], ["ff_act"], name="relu"),
         n("MatMul", ["ff_act", "W2"], ["y"], name="ff2"),
     ]
-    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", D])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -74,16 +93,25 @@ def gemm_model(trans_b: int, alpha: float = 1.0, beta: float = 1.0, seed: int = 
     weight = rng.standard_normal((n_out, k) if trans_b else (k, n_out)).astype(np.float32)
     inits = [_init("W", weight), _init("C", rng.standard_normal(n_out).astype(np.float32))]
     node = helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
-    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", n_out])], inits)
+    graph = helper.make_graph(
+        [node],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", n_out])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def matmul_model(weight: np.ndarray, rank: int = 3) -> onnx.ModelProto:
     dims = ["B", "S", weight.shape[0]][-rank:]
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_init("W", weight)])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("W", weight)],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -167,9 +195,15 @@ def test_acwl_bias_is_not_scaled_per_row():
     weight = rng.standard_normal((16, 8)).astype(np.float32)
     bias = (rng.standard_normal(8) * 5).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["t"], name="mm"), helper.make_node("Add", ["t", "b"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_init("W", weight), _init("b", bias)])
+        [
+            helper.make_node("MatMul", ["x", "W"], ["t"], name="mm"),
+            helper.make_node("Add", ["t", "b"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("W", weight), _init("b", bias)],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     quantized = convert(model, config("ACWL")).model
     # rows of very different magnitude: a per-row scale of 0.001 vs 1000
@@ -195,8 +229,14 @@ def simulate_alwc(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 9), st.integers(2, 40), st.integers(1, 24), st.integers(0, 2**32 - 1),
-       st.floats(0.01, 100.0))
+@given(
+    st.integers(1, 3),
+    st.integers(1, 9),
+    st.integers(2, 40),
+    st.integers(1, 24),
+    st.integers(0, 2**32 - 1),
+    st.floats(0.01, 100.0),
+)
 def test_alwc_equals_integer_simulation(batch, seq, k, n, seed, magnitude):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -207,7 +247,9 @@ def test_alwc_equals_integer_simulation(batch, seq, k, n, seed, magnitude):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 9), st.integers(2, 40), st.integers(1, 24), st.integers(0, 2**32 - 1))
+@given(
+    st.integers(1, 3), st.integers(1, 9), st.integers(2, 40), st.integers(1, 24), st.integers(0, 2**32 - 1)
+)
 def test_acwl_close_to_float_for_every_row(batch, seq, k, n, seed):
     """Per-row activation scales: every row keeps its own precision, whatever the other rows hold."""
     rng = np.random.default_rng(seed)
@@ -259,7 +301,9 @@ def test_gather_rows(strategy):
 
 
 def test_skip_quant_node_and_no_size_filters():
-    cfg = config("ALWC", "skip_quant_node=ff2,embed\nmin_quant_weight_size=65535\nmin_quant_weight_channel=1000")
+    cfg = config(
+        "ALWC", "skip_quant_node=ff2,embed\nmin_quant_weight_size=65535\nmin_quant_weight_channel=1000"
+    )
     result = convert(transformer_block(), cfg)
     assert {q.tensor for q in result.quantized} == {"Wq", "Wk", "Wv", "Wo", "W1"}
     reasons = {s.tensor: s.reason for s in result.skipped}
@@ -271,9 +315,15 @@ def test_weight_shared_by_two_matmuls_is_stored_once():
     rng = np.random.default_rng(7)
     w = rng.standard_normal((8, 8)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"), helper.make_node("MatMul", ["a", "W"], ["y"], name="m2")],
-        "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_init("W", w)])
+        [
+            helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"),
+            helper.make_node("MatMul", ["a", "W"], ["y"], name="m2"),
+        ],
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("W", w)],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = convert(model, config("ALWC"))
     assert [t.name for t in result.model.graph.initializer].count("W_quantized") == 1
@@ -284,10 +334,13 @@ def test_weight_shared_by_two_matmuls_is_stored_once():
 
 def test_constant_first_input_stays_float():
     rng = np.random.default_rng(8)
-    graph = helper.make_graph([helper.make_node("MatMul", ["W", "x"], ["y"], name="left")], "left",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [_init("W", rng.standard_normal((4, 8)).astype(np.float32))])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["W", "x"], ["y"], name="left")],
+        "left",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("W", rng.standard_normal((4, 8)).astype(np.float32))],
+    )
     result = convert(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), config())
     assert ops(result.model) == ["MatMul"]
     assert "first input" in result.skipped[0].reason

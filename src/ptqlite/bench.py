@@ -3,7 +3,7 @@
 `ptqlite benchmark --modelFile=Q.onnx [--baselineFile=F.onnx] [--inDataFile=a.bin,b.bin | --inputShape=...]`
 
 - file size: the .onnx file plus its external-data file, if any;
-- RAM: peak resident memory (ru_maxrss) of a fresh child process that imports onnxruntime, loads the model and
+- RAM: peak resident memory (VmHWM) of a fresh child process that imports onnxruntime, loads the model and
   runs it; one child per model, so the two models never share a heap;
 - latency: median wall time of session.run, the model and its baseline timed in the same process, interleaved
   run by run so that machine load affects both alike;
@@ -37,8 +37,13 @@ _ZERO_WORDS = ("token_type", "segment", "type_ids")
 _ID_RANGE = (1, 1000)
 
 _NUMPY_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
 
@@ -74,9 +79,16 @@ class Report:
         }
 
     def to_json(self) -> dict:
-        out = {"model": _public(self.model), "baseline": _public(self.baseline) if self.baseline else None,
-               "inputs": self.inputs, "input_source": self.input_source, "threads": self.threads,
-               "loops": self.loops, "cosine": self.cosine, "ratios": self.ratios()}
+        out = {
+            "model": _public(self.model),
+            "baseline": _public(self.baseline) if self.baseline else None,
+            "inputs": self.inputs,
+            "input_source": self.input_source,
+            "threads": self.threads,
+            "loops": self.loops,
+            "cosine": self.cosine,
+            "ratios": self.ratios(),
+        }
         if self.cosine:
             out["mean_cosine"] = float(np.mean(list(self.cosine.values())))
         return out
@@ -91,15 +103,28 @@ def _public(measure: ModelMeasure) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modelFile", required=True, help="model to measure (.onnx)")
     parser.add_argument("--baselineFile", default="", help="float model to compare with (cosine and ratios)")
-    parser.add_argument("--inDataFile", default="",
-                        help="raw input files, one per model input in input order, comma separated")
-    parser.add_argument("--inputShape", default="",
-                        help='shapes for inputs with dynamic dimensions, e.g. "input_ids:1,128;attention_mask:1,128"')
-    parser.add_argument("--loopCount", type=_positive("--loopCount"), default=10, help="timed runs (default 10)")
-    parser.add_argument("--warmUpLoopCount", type=_positive("--warmUpLoopCount", zero=True), default=3,
-                        help="untimed runs first (default 3)")
-    parser.add_argument("--numThreads", type=_positive("--numThreads"), default=1,
-                        help="intra-op threads (default 1)")
+    parser.add_argument(
+        "--inDataFile",
+        default="",
+        help="raw input files, one per model input in input order, comma separated",
+    )
+    parser.add_argument(
+        "--inputShape",
+        default="",
+        help='shapes for inputs with dynamic dimensions, e.g. "input_ids:1,128;attention_mask:1,128"',
+    )
+    parser.add_argument(
+        "--loopCount", type=_positive("--loopCount"), default=10, help="timed runs (default 10)"
+    )
+    parser.add_argument(
+        "--warmUpLoopCount",
+        type=_positive("--warmUpLoopCount", zero=True),
+        default=3,
+        help="untimed runs first (default 3)",
+    )
+    parser.add_argument(
+        "--numThreads", type=_positive("--numThreads"), default=1, help="intra-op threads (default 1)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -117,9 +142,15 @@ def _positive(flag: str, zero: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    report = benchmark(args.modelFile, args.baselineFile or None, data_files=_split(args.inDataFile),
-                       shapes=parse_input_shapes(args.inputShape) if args.inputShape else None,
-                       loops=args.loopCount, warmup=args.warmUpLoopCount, threads=args.numThreads)
+    report = benchmark(
+        args.modelFile,
+        args.baselineFile or None,
+        data_files=_split(args.inDataFile),
+        shapes=parse_input_shapes(args.inputShape) if args.inputShape else None,
+        loops=args.loopCount,
+        warmup=args.warmUpLoopCount,
+        threads=args.numThreads,
+    )
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return 0
 
@@ -131,9 +162,18 @@ def _split(text: str) -> list[str]:
 # ---------------------------------------------------------------- measuring
 
 
-def benchmark(model: str | Path, baseline: str | Path | None = None, *, data_files: list[str] | None = None,
-              inputs: dict[str, np.ndarray] | None = None, shapes: dict[str, list[int]] | None = None,
-              loops: int = 10, warmup: int = 3, threads: int = 1, measure_memory: bool = True) -> Report:
+def benchmark(
+    model: str | Path,
+    baseline: str | Path | None = None,
+    *,
+    data_files: list[str] | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    loops: int = 10,
+    warmup: int = 3,
+    threads: int = 1,
+    measure_memory: bool = True,
+) -> Report:
     """Measure `model` (and `baseline`) as the command does; `inputs` may be given directly as arrays."""
     paths = [Path(model)] + ([Path(baseline)] if baseline else [])
     for path in paths:
@@ -150,18 +190,25 @@ def benchmark(model: str | Path, baseline: str | Path | None = None, *, data_fil
     if baseline:
         _check_same_inputs(sessions, paths)
 
-    outputs, latencies = _time_interleaved(sessions, inputs, loops, warmup)
+    outputs, latencies = time_interleaved(sessions, inputs, loops, warmup)
     rss = [0] * len(paths)
     if measure_memory:
         with tempfile.TemporaryDirectory(prefix="ptqlite-bench-") as tmp:
             feed_file = Path(tmp) / "inputs.npz"
             np.savez(feed_file, **inputs)
             rss = [_child_peak_rss(path, feed_file, threads, max(1, warmup) + 1) for path in paths]
-    measures = [ModelMeasure(str(p), _file_bytes(p), r, float(np.median(t)), t)
-                for p, r, t in zip(paths, rss, latencies)]
-    report = Report(measures[0], measures[1] if baseline else None,
-                    inputs={k: list(v.shape) for k, v in inputs.items()}, input_source=source, threads=threads,
-                    loops=loops)
+    measures = [
+        ModelMeasure(str(p), _file_bytes(p), r, float(np.median(t)), t)
+        for p, r, t in zip(paths, rss, latencies)
+    ]
+    report = Report(
+        measures[0],
+        measures[1] if baseline else None,
+        inputs={k: list(v.shape) for k, v in inputs.items()},
+        input_source=source,
+        threads=threads,
+        loops=loops,
+    )
     if baseline:
         names = [o.name for o in sessions[0].get_outputs()]
         base_names = [o.name for o in sessions[1].get_outputs()]
@@ -192,26 +239,37 @@ def _input_specs(session, shapes: dict[str, list[int]] | None, path: Path) -> li
     inputs = session.get_inputs()
     unknown = set(shapes) - {i.name for i in inputs}
     if unknown:
-        raise UsageError(f"--inputShape: {path} has no input '{min(unknown)}'; its inputs are "
-                         + ", ".join(i.name for i in inputs))
+        raise UsageError(
+            f"--inputShape: {path} has no input '{min(unknown)}'; its inputs are "
+            + ", ".join(i.name for i in inputs)
+        )
     for info in inputs:
         dtype = _NUMPY_TYPES.get(info.type)
         if dtype is None:
-            raise DataError(f"{path}: input '{info.name}' has type {info.type}, which benchmark cannot generate")
+            raise DataError(
+                f"{path}: input '{info.name}' has type {info.type}, which benchmark cannot generate"
+            )
         if info.name in shapes:
             shape = tuple(shapes[info.name])
-            if len(shape) != len(info.shape) or any(isinstance(d, int) and d != s for d, s in zip(info.shape, shape)):
-                raise UsageError(f"--inputShape: input '{info.name}' is {_shape_text(info.shape)} in {path}, "
-                                 f"got {list(shape)}")
+            if len(shape) != len(info.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(info.shape, shape)
+            ):
+                raise UsageError(
+                    f"--inputShape: input '{info.name}' is {_shape_text(info.shape)} in {path}, "
+                    f"got {list(shape)}"
+                )
         else:
             dims = list(info.shape)
             # A dynamic first dimension is the batch: 1. Any other dynamic dimension must be given.
             for axis, d in enumerate(dims):
                 if not isinstance(d, int) or d < 1:
                     if axis > 0:
-                        raise UsageError(f"input '{info.name}' of {path} has a dynamic dimension "
-                                         f"{_shape_text(info.shape)}; give its size with --inputShape, e.g. --inputShape={info.name}:"
-                                         + ",".join(str(x) if isinstance(x, int) and x > 0 else "1" for x in dims))
+                        raise UsageError(
+                            f"input '{info.name}' of {path} has a dynamic dimension "
+                            f"{_shape_text(info.shape)}; give its size with --inputShape, "
+                            f"e.g. --inputShape={info.name}:"
+                            + ",".join(str(x) if isinstance(x, int) and x > 0 else "1" for x in dims)
+                        )
                     dims[axis] = 1
             shape = tuple(dims)
         specs.append((info.name, shape, dtype))
@@ -241,8 +299,10 @@ def _random_inputs(specs) -> dict[str, np.ndarray]:
 
 def _read_data(files: list[str], specs) -> dict[str, np.ndarray]:
     if len(files) != len(specs):
-        raise DataError(f"--inDataFile: got {len(files)} file(s) for {len(specs)} model input(s) "
-                        f"({', '.join(s[0] for s in specs)}); give one file per input, in that order")
+        raise DataError(
+            f"--inDataFile: got {len(files)} file(s) for {len(specs)} model input(s) "
+            f"({', '.join(s[0] for s in specs)}); give one file per input, in that order"
+        )
     inputs = {}
     for file, (name, shape, dtype) in zip(files, specs):
         path = Path(file)
@@ -251,8 +311,10 @@ def _read_data(files: list[str], specs) -> dict[str, np.ndarray]:
         expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
         size = path.stat().st_size
         if size != expected:
-            raise DataError(f"--inDataFile: {path} has {size} bytes; input '{name}' {list(shape)} "
-                            f"{np.dtype(dtype).name} needs {expected}")
+            raise DataError(
+                f"--inDataFile: {path} has {size} bytes; input '{name}' {list(shape)} "
+                f"{np.dtype(dtype).name} needs {expected}"
+            )
         inputs[name] = np.fromfile(path, dtype=dtype).reshape(shape)
     return inputs
 
@@ -260,12 +322,14 @@ def _read_data(files: list[str], specs) -> dict[str, np.ndarray]:
 def _check_same_inputs(sessions, paths) -> None:
     names = [sorted(i.name for i in s.get_inputs()) for s in sessions]
     if names[0] != names[1]:
-        raise ModelError(f"{paths[0]} and {paths[1]} have different inputs ({', '.join(names[0])} vs "
-                         f"{', '.join(names[1])})")
+        raise ModelError(
+            f"{paths[0]} and {paths[1]} have different inputs ({', '.join(names[0])} vs "
+            f"{', '.join(names[1])})"
+        )
 
 
-def _time_interleaved(sessions, inputs, loops: int, warmup: int):
-    """Outputs of each session and its per-run latencies in ms, the sessions alternating run by run."""
+def time_interleaved(sessions, inputs, loops: int, warmup: int) -> tuple[list, list[list[float]]]:
+    """Outputs of each session and its per-run latencies in ms, the sessions taking turns run by run."""
     outputs = [None] * len(sessions)
     try:
         for i, session in enumerate(sessions):
@@ -287,13 +351,20 @@ def _time_interleaved(sessions, inputs, loops: int, warmup: int):
 
 def _child_peak_rss(path: Path, feed_file: Path, threads: int, runs: int) -> int:
     """Peak resident bytes of a fresh process that loads `path` and runs it `runs` times."""
-    code = ("import sys; from ptqlite.bench import _child_main; "
-            "_child_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))")
+    code = (
+        "import sys; from ptqlite.bench import _child_main; "
+        "_child_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))"
+    )
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    done = subprocess.run([sys.executable, "-c", code, str(path), str(feed_file), str(threads), str(runs)],
-                          check=False, capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(feed_file), str(threads), str(runs)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise ModelError(f"{path}: the memory-measuring process failed ({last})")
@@ -301,15 +372,29 @@ def _child_peak_rss(path: Path, feed_file: Path, threads: int, runs: int) -> int
 
 
 def _child_main(path: str, feed_file: str, threads: int, runs: int) -> None:
-    import resource
-
     data = np.load(feed_file)
     inputs = {k: data[k] for k in data.files}
     session = _session(Path(path), threads)
     for _ in range(runs):
         session.run(None, inputs)
-    # ru_maxrss is in KiB on Linux
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(_peak_rss())
+
+
+def _peak_rss() -> int:
+    """Peak resident bytes of this process since it started its program.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: Linux keeps that across fork+exec, so a child of a large
+    parent would report the parent's size.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _file_bytes(path: Path) -> int:
@@ -321,8 +406,12 @@ def _file_bytes(path: Path) -> int:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - onnxruntime loaded it; only the size of extra files is at stake
         return total
-    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
-    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+    locations = {
+        entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"
+    }
+    return total + sum(
+        (path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file()
+    )
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -356,14 +445,17 @@ def format_report(report: Report) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     shapes = ", ".join(f"{k} {v}" for k, v in report.inputs.items())
-    lines.append(f"inputs: {shapes} ({report.input_source}); {report.threads} thread(s), {report.loops} timed runs"
-                 + (", interleaved with the baseline" if report.baseline else ""))
+    lines.append(
+        f"inputs: {shapes} ({report.input_source}); {report.threads} thread(s), {report.loops} timed runs"
+        + (", interleaved with the baseline" if report.baseline else "")
+    )
     for name, value in report.cosine.items():
         lines.append(f"cosine similarity of output '{name}' to the baseline: {value:.6f}")
     ratios = report.ratios()
     if ratios:
-        lines.append(f"compression {ratios['compression']:.2f}x, size {ratios['size_vs_baseline']:.3f}x, "
-                     f"RAM {ratios['ram_vs_baseline']:.3f}x, latency {ratios['latency_vs_baseline']:.3f}x "
-                     "of the baseline")
+        lines.append(
+            f"compression {ratios['compression']:.2f}x, size {ratios['size_vs_baseline']:.3f}x, "
+            f"RAM {ratios['ram_vs_baseline']:.3f}x, latency {ratios['latency_vs_baseline']:.3f}x "
+            "of the baseline"
+        )
     return "\n".join(lines)
-

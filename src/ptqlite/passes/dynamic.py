@@ -12,8 +12,8 @@ point of 128: on x86 CPUs without VNNI the uint8 x int8 kernel adds pairs of pro
 arithmetic, which corrupts results, while uint8 x uint8 is exact (see docs/dynamic_quant.md). A MatMul of two
 activations stays float.
 
-Gather embedding tables get int8 codes with one symmetric scale per row; the gathered rows are dequantized after
-the Gather, so the table stays int8 in memory as well as on disk.
+Gather embedding tables get int8 codes with one symmetric scale per row; the gathered rows are dequantized
+after the Gather, so the table stays int8 in memory as well as on disk.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def _row_equalizer(w: np.ndarray) -> np.ndarray:
     """ACWL: d[k] = sqrt(max |w[k, :]|), normalised to a geometric mean of 1.
 
     One scale for a whole weight is dominated by its largest rows (in BERT one input channel of a feed-forward
-    weight reaches 175 standard deviations). Dividing row k by d[k] and multiplying activation column k by d[k]
-    leaves x @ w unchanged and splits that spread evenly between the weight and the per-row activation scale.
+    weight reaches 175 standard deviations). Dividing row k by d[k] and multiplying activation column k by
+    d[k] leaves x @ w unchanged and splits that spread evenly between the weight and the per-row activation
+    scale.
     """
     peak = np.abs(w).max(axis=1).astype(np.float64)
     d = np.sqrt(np.where(peak > 0, peak, 1.0))
@@ -116,10 +117,13 @@ class _Rewriter:
 
     def node(self, op: str, inputs: list[str], prefix: str, output: str | None = None, **attrs) -> tuple:
         out = output or self.index.unique_name(f"{prefix}/{op}_output")
-        return helper.make_node(op, inputs, [out], name=self.index.unique_name(f"{prefix}/{op}"), **attrs), out
+        return helper.make_node(
+            op, inputs, [out], name=self.index.unique_name(f"{prefix}/{op}"), **attrs
+        ), out
 
-    def quantized_matmul(self, x: str, tensor: str, transpose: bool, output: str, prefix: str,
-                         alpha: float = 1.0) -> list[onnx.NodeProto]:
+    def quantized_matmul(
+        self, x: str, tensor: str, transpose: bool, output: str, prefix: str, alpha: float = 1.0
+    ) -> list[onnx.NodeProto]:
         """Nodes computing alpha * x @ W (W = tensor, transposed if asked) with integer arithmetic."""
         weight = self.matmul_weight(tensor, transpose)
         q_name, zero_name = weight.q_name, weight.zero_name
@@ -132,13 +136,18 @@ class _Rewriter:
             return name
 
         if self.strategy == "ALWC":
-            dq = helper.make_node("DynamicQuantizeLinear", [x], [self.index.unique_name(f"{prefix}/{s}")
-                                                                 for s in ("x_quantized", "x_scale", "x_zero_point")],
-                                  name=self.index.unique_name(f"{prefix}/DynamicQuantizeLinear"))
+            dq = helper.make_node(
+                "DynamicQuantizeLinear",
+                [x],
+                [self.index.unique_name(f"{prefix}/{s}") for s in ("x_quantized", "x_scale", "x_zero_point")],
+                name=self.index.unique_name(f"{prefix}/DynamicQuantizeLinear"),
+            )
             nodes.append(dq)
             x_q, x_scale, x_zero = dq.output
             acc = add("MatMulInteger", [x_q, q_name, x_zero, zero_name])
-            w_scale_name = self.const(w_scale if w_scale.size > 1 else w_scale.reshape(()), f"{prefix}_w_scale")
+            w_scale_name = self.const(
+                w_scale if w_scale.size > 1 else w_scale.reshape(()), f"{prefix}_w_scale"
+            )
             scale = add("Mul", [x_scale, w_scale_name])
         else:
             if weight.equalizer is not None:
@@ -149,8 +158,11 @@ class _Rewriter:
             x_q = add("Cast", [add("Add", [rounded, self.shared(np.float32(_ZERO))])], to=TensorProto.UINT8)
             acc = add("MatMulInteger", [x_q, q_name, self.shared(np.uint8(_ZERO)), zero_name])
             # The output scale is made by a Div, not a Mul: ONNX Runtime 1.32 would otherwise fuse the product
-            # (and a following bias Add) into MatMulIntegerToFloat, which scales the bias by the per-row scale.
-            scale = add("Div", [amax, self.const((127 / w_scale).astype(np.float32).reshape(()), f"{prefix}_w_scale")])
+            # (and a following bias Add) into MatMulIntegerToFloat, which then scales the bias by the
+            # per-row scale too.
+            scale = add(
+                "Div", [amax, self.const((127 / w_scale).astype(np.float32).reshape(()), f"{prefix}_w_scale")]
+            )
         add("Mul", [add("Cast", [acc], to=TensorProto.FLOAT), scale], out=output)
         return nodes
 
@@ -158,15 +170,18 @@ class _Rewriter:
         node, magnitude = self.node("Abs", [x], prefix)
         nodes.append(node)
         if self.opset >= 18:
-            node, out = self.node("ReduceMax", [magnitude, self.shared(np.array([-1], np.int64))], prefix,
-                                  keepdims=1)
+            node, out = self.node(
+                "ReduceMax", [magnitude, self.shared(np.array([-1], np.int64))], prefix, keepdims=1
+            )
         else:
             node, out = self.node("ReduceMax", [magnitude], prefix, axes=[-1], keepdims=1)
         nodes.append(node)
         return out
 
-    def gather(self, node: onnx.NodeProto, spec: WeightSpec) -> tuple[list[onnx.NodeProto], np.ndarray, QParams]:
-        """int8 table, one symmetric scale per row: Gather codes and scales, then multiply the gathered rows."""
+    def gather(
+        self, node: onnx.NodeProto, spec: WeightSpec
+    ) -> tuple[list[onnx.NodeProto], np.ndarray, QParams]:
+        """int8 table, one symmetric scale per row: Gather codes and scales, then scale the gathered rows."""
         key = spec.tensor
         if key not in self.tables:
             table = self.index.array(spec.tensor)
@@ -218,7 +233,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
             scheme, storage = "symmetric per-row axis 0", "Gather int8, rows dequantized after gathering"
         else:
             nodes, w_hat, params = _matmul_nodes(rw, node, weight)
-            scheme = ("symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor")
+            scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
             scheme += f"; activations {_ACTIVATION_SCHEME[strategy]}"
             storage = "MatMulInteger uint8 (zero point 128)"
         new_nodes += nodes
@@ -226,14 +241,25 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
             w = rw.index.array(weight)
             w_ref = w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
             done[weight] = QuantizedTensor(
-                weight, node.op_type, spec.nodes, spec.shape, 8, scheme, storage, bytes_before=w.nbytes,
-                bytes_after=w.size + 4 * params.scale.size, relative_error=relative_error(w_ref, w_hat),
-                scale=params.scale.ravel(), zero_point=params.zero_point.ravel(),
+                weight,
+                node.op_type,
+                spec.nodes,
+                spec.shape,
+                8,
+                scheme,
+                storage,
+                bytes_before=w.nbytes,
+                bytes_after=w.size + 4 * params.scale.size,
+                relative_error=relative_error(w_ref, w_hat),
+                scale=params.scale.ravel(),
+                zero_point=params.zero_point.ravel(),
             )
 
     for weight, record in done.items():
         if weight in kept_float:
-            record.storage += f" (a float copy stays for a user that cannot be rewritten: {kept_float[weight]})"
+            record.storage += (
+                f" (a float copy stays for a user that cannot be rewritten: {kept_float[weight]})"
+            )
         result.quantized.append(record)
     for weight, reason in kept_float.items():
         if weight not in done:
@@ -245,7 +271,9 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     model.graph.initializer.extend(kept + rw.initializers)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    result.notes.append(f"quant_strategy={strategy}: activations {_ACTIVATION_SCHEME[strategy]}, quantized at run time")
+    result.notes.append(
+        f"quant_strategy={strategy}: activations {_ACTIVATION_SCHEME[strategy]}, quantized at run time"
+    )
     return result
 
 
@@ -273,7 +301,7 @@ def _unsupported(node: onnx.NodeProto, weight: str, index: GraphIndex) -> str:
             return f"Gather '{node.name}' gathers along axis {attribute(node, 'axis', 0)}, not rows (axis 0)"
         return ""
     if node.input[1] != weight:
-        return f"the constant is the first input of {op} '{node.name}'; only a constant second input is quantized"
+        return f"the constant is the first input of {op} '{node.name}'; only a constant second input is done"
     if node.input[0] in index.initializers:
         return f"{op} '{node.name}' multiplies two constants"
     if op == "Gemm" and attribute(node, "transA", 0):
@@ -296,7 +324,9 @@ def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str):
                 if bias in rw.index.initializers:
                     bias = rw.const((rw.index.array(bias) * beta).astype(np.float32), f"{prefix}_bias")
                 else:
-                    scaled, bias = rw.node("Mul", [bias, rw.const(np.float32(beta), f"{prefix}_beta")], prefix)
+                    scaled, bias = rw.node(
+                        "Mul", [bias, rw.const(np.float32(beta), f"{prefix}_beta")], prefix
+                    )
                     nodes.append(scaled)
             add, _ = rw.node("Add", [product, bias], prefix, output=node.output[0])
             nodes.append(add)
