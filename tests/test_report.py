@@ -285,6 +285,15 @@ def test_calibration_samples_give_one_round_each(tmp_path, monkeypatch, no_histo
     assert not (tmp_path / "round_3.csv").exists()
 
 
+def test_samples_given_to_convert_are_the_rounds(tmp_path, no_histograms):
+    rng = np.random.default_rng(2)
+    samples = [{"input": rng.normal(size=(1, 3, 32, 32)).astype(np.float32)} for _ in range(2)]
+    config = _with_debug(load_config(EXAMPLES / "configs" / "fixed_bit_weight_quant.cfg"), tmp_path)
+    result = convert(onnx.load(RESNET20), config, samples=samples)
+    assert not any("synthetic" in n for n in result.notes)
+    assert [r[0] for r in _rows(tmp_path / "output_summary.csv")[1:]] == ["0", "1"]
+
+
 def test_synthetic_input_is_seeded_uniform():
     model = _tiny(W)
     first, second = report.synthetic_input(model), report.synthetic_input(model)

@@ -46,7 +46,7 @@ def convert(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> Conv
     if config.common.debug_info_save_path:
         from .report import debug_report
 
-        debug_report(model, result, config, options.get("input_format"))
+        debug_report(model, result, config, options.get("input_format"), options.get("samples"))
     result.seconds = time.perf_counter() - started
     return result
 

@@ -523,10 +523,12 @@ def _write_html(path: Path, report: DebugReport, result: ConversionResult, notes
 
 
 def debug_report(float_model: onnx.ModelProto, result: ConversionResult, config: QuantConfig,
-                 input_format: str | None = None) -> DebugReport:
-    """The convert() hook: reports for `result` on the config's calibration data (or one synthetic sample)."""
+                 input_format: str | None = None,
+                 samples: Iterable[dict[str, np.ndarray]] | None = None) -> DebugReport:
+    """The convert() hook: reports for `result` on `samples` when convert() was given them (Python API), else on
+    the config's calibration data, else on one synthetic sample."""
     notes: list[str] = []
-    inputs = report_inputs(float_model, config, input_format, notes)
+    inputs = samples if samples is not None else report_inputs(float_model, config, input_format, notes)
     result.notes += [n for n in notes if n not in result.notes]
     return write_reports(config.common.debug_info_save_path, float_model, result.model, result, inputs, notes)
 
