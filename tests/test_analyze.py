@@ -65,6 +65,7 @@ def test_fragile_layer_ranks_first_and_skip_reaches_target(setup):
     model, config = onnx.load(model_path), load_config(config_path)
     analysis = analyze(model, config, target=0.999, samples=1)
     assert analysis.base_cosine < 0.99  # the fragile layer really breaks the whole model
+    assert analysis.all_skipped_cosine == pytest.approx(1.0)  # nothing quantized: the float model
     assert analysis.ranking[0].node == FRAGILE
     assert analysis.ranking[0].cos_only < 0.99  # alone it does the damage
     assert analysis.ranking[0].cos_without > 0.999  # and skipping it alone repairs it
@@ -92,7 +93,7 @@ def test_cli_prints_ranking_and_skip_line(setup, capsys):
                      "--top", "2", "--samples", "1", "--targetCosine", "0.999"])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.splitlines()[3].endswith(f"{FRAGILE} (MatMul)")  # rank 1 right after the header lines
+    assert out.splitlines()[4].endswith(f"{FRAGILE} (MatMul)")  # rank 1 right after the header lines
     assert "skip_quant_node=layer2\n" in out
     ranked = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(ranked) == 2

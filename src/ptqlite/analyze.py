@@ -58,6 +58,7 @@ class LayerEffect:
 @dataclass
 class Analysis:
     base_cosine: float
+    all_skipped_cosine: float  # every candidate layer skipped
     ranking: list[LayerEffect]
     skip: tuple[str, ...]  # the suggested skip_quant_node (the config's own entries first)
     skip_cosine: float
@@ -157,11 +158,13 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
             node, node_types[node],
             evaluator.cosine([*own, *others]) if sweep in ("both", "only") else None,
             evaluator.cosine([*own, node]) if sweep in ("both", "allbut") else None))
+    # the best skip_quant_node can do: when this is far from 1, the loss is elsewhere
+    floor = evaluator.cosine([*own, *candidates])
     ranking.sort(key=lambda e: (-e.score(base_cos), e.node))
     count, cos = _shortest_prefix(lambda k: evaluator.cosine([*own, *(e.node for e in ranking[:k])]),
                                   len(ranking), target)
     skip = (*own, *(e.node for e in ranking[:count]))
-    return Analysis(base_cos, ranking, skip, cos, cos >= target, evaluator.conversions, notes, model)
+    return Analysis(base_cos, floor, ranking, skip, cos, cos >= target, evaluator.conversions, notes, model)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -191,6 +194,7 @@ def _shortest_prefix(cosine_of: Callable[[int], float], total: int, target: floa
 
 def format_analysis(analysis: Analysis, top: int, target: float) -> str:
     lines = [f"output cosine with every layer quantized: {analysis.base_cosine:.6f}",
+             f"output cosine with every layer skipped:   {analysis.all_skipped_cosine:.6f}",
              f"worst layers (of {len(analysis.ranking)}), by damage when quantized alone plus gain when skipped:",
              f"  {'rank':>4}  {'cos only this':>13}  {'cos all but':>11}  node (type)"]
     for rank, effect in enumerate(analysis.ranking[:top], 1):
