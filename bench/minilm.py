@@ -105,6 +105,24 @@ def _session(path: Path, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def embedding_variants(float_path: Path, cache: Path) -> dict[str, Path]:
+    """Only the embedding tables quantized, two ways: int8 Gather + row scales (DYNAMIC_QUANT) against a table
+    decoded back to float when the session loads (WEIGHT_QUANT's default strategy)."""
+    model = onnx.load(str(float_path))
+    matmuls = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    common = "[common_quant_param]\nskip_quant_node=" + ",".join(matmuls) + "\n"
+    texts = {
+        "embeddings int8, rows dequantized after Gather": common + "quant_type=DYNAMIC_QUANT\n",
+        "embeddings decoded to float at load": common + "quant_type=WEIGHT_QUANT\n",
+    }
+    variants = {"FP32": float_path}
+    for index, (label, text) in enumerate(texts.items()):
+        path = cache / f"minilm_embeddings_only_{index}.onnx"
+        save_model(convert(model, parse_config(text, label)).model, path)
+        variants[label] = path
+    return variants
+
+
 def embeddings(path: Path, tokens: dict[str, np.ndarray], rows: slice, batch: int = 32) -> np.ndarray:
     """Sentence embeddings of `rows`; batches hold sentences of similar length, trimmed to their longest."""
     session = _session(path, threads=2)
@@ -152,6 +170,8 @@ def main() -> int:
     parser.add_argument("--train", type=int, default=1500)
     parser.add_argument("--loops", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--embeddings-study", action="store_true",
+                        help="compare the two ways to store embedding tables instead of the main table")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     float_path, token_path = build_float(args.cache, args.venv, args.sentences)
@@ -161,7 +181,10 @@ def main() -> int:
     train, held = slice(0, args.train), slice(args.train, args.sentences)
 
     started = time.perf_counter()
-    variants = make_variants(float_path, args.cache)
+    if args.embeddings_study:
+        variants = embedding_variants(float_path, args.cache)
+    else:
+        variants = make_variants(float_path, args.cache)
     reference = embeddings(float_path, tokens, slice(0, args.sentences))
     probe = train_probe(reference[train], labels[train])
     # latency and RAM input: one sentence at sequence length 128 (its padding included)
