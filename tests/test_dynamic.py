@@ -365,3 +365,31 @@ def test_bundled_resnet20(strategy):
     ref, y = run_model(model, {"input": x}), run_model(result.model, {"input": x})
     assert np.all(y.argmax(1) == ref.argmax(1))
     assert rel_error(y, ref) < 0.02
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batched_weight_and_vector_activation(strategy):
+    """A rank-3 weight [G, K, N] (scalar zero point, scales along N); a 1-D activation (scalar Gather)."""
+    rng = np.random.default_rng(9)
+    w3 = rng.standard_normal((3, 16, 8)).astype(np.float32)
+    model = matmul_model(w3)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, "M", 16]))
+    x = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    assert rel_error(run_model(convert(model, config(strategy)).model, {"x": x}), x @ w3) < 0.02
+
+    nodes = [
+        helper.make_node("Gather", ["T", "i"], ["e"], name="g"),
+        helper.make_node("MatMul", ["e", "W"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "vector",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("T", rng.standard_normal((10, 16)).astype(np.float32)), _init("W", w3[0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"i": np.array(3, np.int64)}
+    y, ref = run_model(convert(model, config(strategy)).model, feed), run_model(model, feed)
+    assert y.shape == ref.shape == (8,)
+    assert rel_error(y, ref) < 0.02
