@@ -22,6 +22,7 @@ import argparse
 import lzma
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +309,16 @@ def run_bench(bench: Bench, args: argparse.Namespace) -> str:
     return table(bench, selected, len(x), calibrate)
 
 
+def source_version() -> str:
+    """The commit the run measured, flagged when src/ has uncommitted edits."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], check=False, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    return f"ptqlite at {commit}" + (" with uncommitted changes in src/" if git("status", "--porcelain", "src") else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", choices=sorted(BENCHES), default=["mobilenet_v2"])
@@ -326,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark data not found: {MODELS}", file=sys.stderr)
         return 2
     command = "python bench/full_quant.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    parts = [f"`{command}`", ""]
+    parts = [f"`{command}` ({source_version()})", ""]
     for name in args.model:
         text = run_bench(BENCHES[name], args)
         print(text + "\n", flush=True)
