@@ -225,3 +225,16 @@ def test_on_the_fly_4_bit_stores_int4_on_opset_21():
     assert len(int4) == 12  # a weight and a zero point for each of the six weights
     for want, got in zip(run(model, FEEDS), run(result.model, FEEDS)):
         assert cosine(want, got) > 0.97  # three stacked 4-bit layers on random weights
+
+
+def test_output_file_gets_ordinary_permissions(tmp_path):
+    import os
+
+    from ptqlite.model import save_model
+
+    umask = os.umask(0o022)
+    try:
+        path = save_model(tiny_model(), tmp_path / "m.onnx")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -125,6 +125,10 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
         else:
             with open(tmp, "wb") as handle:
                 handle.write(model.SerializeToString(deterministic=True))
+        # mkstemp creates the file private (0600); give the output the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except Exception as exc:
         for leftover in (tmp, tmp_data):
