@@ -300,3 +300,46 @@ def test_synthetic_input_is_seeded_uniform():
     assert np.array_equal(first["x"], second["x"])
     assert first["x"].shape == (1, 4) and first["x"].dtype == np.float32
     assert (first["x"] >= 0.1).all() and (first["x"] <= 1.0).all()
+
+
+def _mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, size=(32, 32)).astype(np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="mm0"), helper.make_node("Relu", ["h0"], ["a0"],
+                                                                                          name="relu0"),
+             helper.make_node("MatMul", ["a0", "w1"], ["y"], name="mm1")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("common", [
+    "quant_type=WEIGHT_QUANT\nbit_num=8\nmin_quant_weight_channel=0",
+    "quant_type=WEIGHT_QUANT\nbit_num=0\nmin_quant_weight_channel=0",
+    "quant_type=FULL_QUANT\nbit_num=8",
+    "quant_type=DYNAMIC_QUANT\nbit_num=8",
+])
+def test_every_quant_mode_writes_the_reports(tmp_path, no_histograms, common):
+    rng = np.random.default_rng(4)
+    samples = [{"x": rng.normal(size=(1, 32)).astype(np.float32)} for _ in range(2)]
+    data = tmp_path / "bin"
+    data.mkdir()
+    for index, sample in enumerate(samples):
+        sample["x"].tofile(data / f"{index}.bin")
+    text = f"[common_quant_param]\n{common}\ndebug_info_save_path={tmp_path / 'dbg'}\n"
+    if "FULL_QUANT" in common:
+        text += f"[data_preprocess_param]\ncalibrate_path=x:{data}\ncalibrate_size=2\ninput_type=BIN\n"
+    path = tmp_path / "q.cfg"
+    path.write_text(text)
+    result = convert(_mlp(), load_config(path), samples=samples)
+    folder = tmp_path / "dbg"
+    summary = _rows(folder / "output_summary.csv")
+    assert tuple(summary[0]) == SUMMARY_HEADER and [r[:2] for r in summary[1:]] == [["0", "y"], ["1", "y"]]
+    assert all(float(r[2]) > 0.9 for r in summary[1:])
+    for index in range(2):
+        rows = _rows(folder / f"round_{index}.csv")
+        assert tuple(rows[0]) == ROUND_HEADER
+        assert [r[4] for r in rows[1:]] == ["Origin", "Dequant"] * ((len(rows) - 1) // 2)
+        assert {"x", "a0", "y"} <= {r[2] for r in rows[1:]}  # h0 may be fused away (Relu folded)
+    params = _rows(folder / "quant_param.csv")
+    assert tuple(params[0]) == PARAM_HEADER and {r[2] for r in params[1:]} == {q.tensor for q in result.quantized}
