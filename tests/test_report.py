@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqlite import report
 from ptqlite.config import load_config
 from ptqlite.convert import convert
+from ptqlite.errors import ConfigError
 from ptqlite.report import (
     PARAM_HEADER,
     ROUND_HEADER,
@@ -164,6 +165,18 @@ def test_reports_are_deterministic(tmp_path):
         write_reports(tmp_path / name, _tiny(W), quant, _result(quant, scale=np.array([0.5, 0.25])), feeds)
     for path in sorted((tmp_path / "a").iterdir()):
         assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+
+
+def test_stale_rounds_are_removed_and_bad_folder_is_a_config_error(tmp_path):
+    (tmp_path / "round_7.csv").write_text("old")
+    (tmp_path / "round_notes.csv").write_text("kept: not a round file")
+    model = _tiny(W)
+    write_reports(tmp_path, model, model, _result(model), [{"x": np.ones((1, 4), np.float32)}])
+    assert not (tmp_path / "round_7.csv").exists() and (tmp_path / "round_notes.csv").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="debug_info_save_path="):
+        write_reports(blocker / "debug", model, model, _result(model), [])
 
 
 def test_qdq_graph_compares_what_the_consumer_reads(tmp_path):

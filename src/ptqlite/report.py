@@ -21,6 +21,7 @@ import csv
 import html
 import io
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from .config import QuantConfig
-from .errors import ConversionError
+from .errors import ConfigError, ConversionError
 from .model import constants_to_initializers, graph_inputs
 from .result import ConversionResult
 
@@ -287,7 +288,10 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConversionError(f"debug_info_save_path={folder}: cannot create the folder ({exc})") from None
+        raise ConfigError(f"debug_info_save_path={folder}: cannot create the folder ({exc.strerror})") from None
+    for stale in folder.glob("round_*.csv"):  # rounds of an earlier, longer run would look like this run's
+        if re.fullmatch(r"round_\d+\.csv", stale.name):
+            stale.unlink()
     reference = onnx.ModelProto()
     reference.CopyFrom(float_model)
     constants_to_initializers(reference)  # weights exported as Constant nodes compare like initializers
