@@ -20,8 +20,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from datasets import SHARED, cifar, top1  # noqa: E402
-from measure import file_mb, latency_ratios, run_child  # noqa: E402
+from datasets import SHARED, cifar, top1
+from measure import file_mb, latency_ratios, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

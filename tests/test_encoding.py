@@ -4,9 +4,9 @@ decoder is folded away when the session loads."""
 import numpy as np
 import onnx
 import pytest
+from conftest import run, session
 from onnx import TensorProto, helper
 
-from conftest import run, session
 from ptqlite.encoding import SharedConstants, build_decoder
 from ptqlite.model import GraphIndex
 

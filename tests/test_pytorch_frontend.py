@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import cosine, run
+
 from ptqlite import convert, parse_config
 from ptqlite.errors import UsageError
 from ptqlite.model import load_model

@@ -5,8 +5,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ptqlite.qmath import (asymmetric_params, bits_for, dequantize, pack_bits, quantize, qrange,
-                           round_half_away, symmetric_params, unpack_bits)
+from ptqlite.qmath import (
+    asymmetric_params,
+    bits_for,
+    dequantize,
+    pack_bits,
+    qrange,
+    quantize,
+    round_half_away,
+    symmetric_params,
+    unpack_bits,
+)
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 

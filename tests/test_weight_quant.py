@@ -6,9 +6,9 @@ import logging
 import numpy as np
 import onnx
 import pytest
+from conftest import RESNET20, cosine, run, session, shared_file
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import RESNET20, cosine, run, session, shared_file
 from ptqlite import convert, parse_config
 from ptqlite.passes.weight import quantize_weight, relative_error
 

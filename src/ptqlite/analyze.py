@@ -23,7 +23,7 @@ from .cli_convert import add_model_arguments, load_inputs, output_path
 from .config import QuantConfig
 from .convert import convert
 from .errors import UsageError
-from .model import graph_inputs, save_model
+from .model import graph_inputs, name_unnamed_nodes, save_model
 from .report import cosine_similarity, iter_limited, make_session, report_inputs
 
 
@@ -66,24 +66,6 @@ class Analysis:
     conversions: int
     notes: list[str]
     model: onnx.ModelProto  # the model the node names refer to (unnamed nodes named)
-
-
-def name_unnamed_nodes(model: onnx.ModelProto) -> int:
-    """Give every unnamed node the name of its first output (made unique), so skip_quant_node can name it.
-    Returns how many nodes were named."""
-    used = {n.name for n in model.graph.node if n.name}
-    named = 0
-    for node in model.graph.node:
-        if node.name:
-            continue
-        base = next((o for o in node.output if o), node.op_type)
-        name, counter = base, 1
-        while name in used:
-            name, counter = f"{base}_{counter}", counter + 1
-        node.name = name
-        used.add(name)
-        named += 1
-    return named
 
 
 def _with_skip(config: QuantConfig, skip: Sequence[str]) -> QuantConfig:
@@ -137,8 +119,8 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
     if unnamed:
         model = _copy(model)
         name_unnamed_nodes(model)
-        notes.append(f"{unnamed} nodes had no name; they are named after their first output here, so the skip line "
-                     "applies to the model written by --namedModelFile")
+        notes.append(f"{unnamed} nodes had no name; they are named after their first output, as convert does, "
+                     "so the skip line works on the original file too")
     inputs = list(iter_limited(report_inputs(model, config, input_format, notes), samples))
     if not inputs:
         raise UsageError("analyze needs at least one sample: --samples must be >= 1")

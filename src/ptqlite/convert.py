@@ -10,7 +10,7 @@ import onnx
 
 from .config import QuantConfig
 from .errors import UnsupportedError
-from .model import constants_to_initializers
+from .model import constants_to_initializers, name_unnamed_nodes
 from .result import ConversionResult
 
 # quant mode -> module in ptqlite.passes whose run() does it
@@ -42,6 +42,8 @@ def convert(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> Conv
     work = onnx.ModelProto()
     work.CopyFrom(model)
     constants_to_initializers(work)
+    # Unnamed nodes (common in converted models) get their first output's name, so skip_quant_node can list them.
+    name_unnamed_nodes(work)
     result = quant_pass.run(work, config, **options)
     if config.common.debug_info_save_path:
         from .report import debug_report

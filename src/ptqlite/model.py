@@ -29,7 +29,7 @@ def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list
     else:
         try:
             model = onnx.load(str(path))
-        except Exception as exc:  # onnx raises several types for a corrupt file
+        except Exception as exc:  # noqa: BLE001  (onnx raises many types for a corrupt file)
             raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
     if not model.graph.node:
         raise ModelError(f"{path}: the model graph has no nodes")
@@ -47,7 +47,7 @@ def _load_torchscript(path: Path, input_shapes: dict[str, list[int]] | None) -> 
         raise UsageError("--fmk=PYTORCH needs --inputShape to trace the model, e.g. --inputShape=\"x:1,3,224,224\"")
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (torch raises many types for a bad file)
         raise ModelError(f"{path}: not a readable TorchScript file ({exc})") from None
     names = list(input_shapes)
     args = tuple(torch.zeros(*shape) for shape in input_shapes.values())
@@ -57,7 +57,7 @@ def _load_torchscript(path: Path, input_shapes: dict[str, list[int]] | None) -> 
             torch.onnx.export(module, args, out, input_names=names, opset_version=17, dynamo=False)
         except TypeError:  # older torch without the dynamo flag
             torch.onnx.export(module, args, out, input_names=names, opset_version=17)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (any export failure is reported the same way)
             raise ModelError(f"{path}: torch.onnx.export failed ({exc})") from None
         return onnx.load(out)
 
@@ -89,7 +89,7 @@ def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], sourc
             raise UsageError(f"--inputShape: input '{name}' has rank {len(shape.dim)}, got {len(dims)} dims")
         del shape.dim[:]
         for d in dims:
-            shape.dim.add().dim_value = d if d > 0 else 0
+            shape.dim.add().dim_value = max(0, d)
             if d < 0:
                 shape.dim[-1].dim_param = "N"
 
@@ -130,7 +130,7 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (clean up and report whatever stopped the write)
         for leftover in (tmp, tmp_data):
             if leftover and os.path.exists(leftover):
                 os.remove(leftover)
@@ -200,6 +200,24 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
     model.graph.node.extend(keep)
 
 
+def name_unnamed_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node the name of its first output (made unique), so skip_quant_node can name it and
+    reports can show it. Returns how many nodes were named."""
+    used = {n.name for n in model.graph.node if n.name}
+    named = 0
+    for node in model.graph.node:
+        if node.name:
+            continue
+        base = next((o for o in node.output if o), node.op_type)
+        name, counter = base, 1
+        while name in used:
+            name, counter = f"{base}_{counter}", counter + 1
+        node.name = name
+        used.add(name)
+        named += 1
+    return named
+
+
 def attribute(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:
@@ -222,6 +240,6 @@ def ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
 
     try:
         converted = version_converter.convert_version(model, minimum)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (the converter raises many types)
         raise ConversionError(f"cannot raise the model's opset to {minimum} ({exc})") from None
     model.CopyFrom(converted)

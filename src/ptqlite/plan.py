@@ -120,7 +120,7 @@ def plan_weights(model: onnx.ModelProto, config: QuantConfig, *, apply_size_filt
     for tensor_name, tensor_uses in uses.items():
         tensor = index.initializers[tensor_name]
         shape = tuple(int(d) for d in tensor.dims)
-        first_node, first_slot = tensor_uses[0]
+        first_node = tensor_uses[0][0]
         spec = WeightSpec(tensor_name, first_node.op_type, tuple(n.name for n, _ in tensor_uses), shape,
                           bits=common.bit_num)
         plan.specs.append(spec)
