@@ -38,9 +38,10 @@ class Target:
     # Leave the output of a graph-output MatMul/Gemm in float: onnxruntime then fuses to an int8 kernel with float
     # output, and the logits keep full precision.
     float_weighted_outputs: bool = True
-    # Largest weight code: 127 is full int8; 63 keeps u8*s8 pair sums inside int16 for CPUs without VNNI.
-    weight_qmax: int = 127
-    depthwise_qmax: int = 127  # depthwise kernels widen to 16 bits before multiplying: no saturation
+    # Keep every pair of u8*s8 products inside int16 (x86 kernels without VNNI add them with saturation): the
+    # weight scale of a channel grows where two neighbouring codes could sum past 128. Depthwise kernels widen to
+    # 16 bits before multiplying and keep full int8 weights.
+    int16_pair_sums: bool = False
 
     @property
     def activation_signed(self) -> bool:
@@ -50,10 +51,10 @@ class Target:
 PRESETS: dict[str, Target] = {
     # onnxruntime CPU: uint8 asymmetric activations with int8 symmetric weights (the u8s8 kernels of MLAS; s8s8
     # measured slower on x86, see docs/full_quant.md).
-    # Non-depthwise weights use 7 bits ([-63, 63]): the AVX2 kernels (CPUs without VNNI) add u8*s8 products pairwise
-    # in int16 and saturate with full-range weights (MobileNet V2: 80.5 top-1 instead of 86.0).
+    # The AVX2 kernels (CPUs without VNNI) add u8*s8 products pairwise in int16 and saturate with full-range
+    # weights (MobileNet V2: 80.5 top-1 instead of 86.75): weights keep 8 bits but no pair may overflow.
     "CPU": Target("CPU", "CPUExecutionProvider", TensorProto.UINT8, False, TensorProto.INT8, True, _COMPUTE_CPU,
-                  weight_qmax=63),
+                  int16_pair_sums=True),
     # TensorRT: int8 symmetric everywhere (zero point 0 is the only one it accepts), per-channel weights; it fuses
     # Conv+ReLU itself, so activations are never dropped (the symmetric zero point keeps them anyway).
     "NVGPU": Target("NVGPU", "TensorrtExecutionProvider", TensorProto.INT8, True, TensorProto.INT8, True,

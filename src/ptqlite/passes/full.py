@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # normalisation weights stay float).
 _ALL_INPUTS = {"Add", "Mul", "Sub", "Div", "Concat", "PRelu"}
 _INT32 = (-(2**31), 2**31 - 1)
+# Ops that only reshape or rename a tensor: a chain of them may carry a weighted op's float output to the graph.
+_SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 # Channel axis of the weighted-op outputs that bias correction averages per channel (NCHW, or [M, N] for Gemm).
 _CHANNEL_AXIS = 1
 
@@ -148,6 +150,9 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
         for out in node.output:
             producer_role[out] = role
 
+    tails = _float_tails(graph, index, roles) if preset.float_weighted_outputs else set()
+    for pos in tails:
+        roles[pos] = "float"
     plan = GraphPlan(roles, weights={s.tensor: s for s in weights})
     for pos, node in enumerate(graph.node):
         if roles[pos] == "compute" and node.op_type in FUSABLE_ACTIVATIONS:
@@ -167,8 +172,8 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
         for out in node.output:
             if not is_activation(out) or out in pre_activation:
                 continue
-            if roles[pos] == "compute" and node.op_type in ("MatMul", "Gemm") and preset.float_weighted_outputs \
-                    and out in index.graph_output_names:
+            if roles[pos] == "compute" and node.op_type in WEIGHTED_OPS and preset.float_weighted_outputs \
+                    and _output_only(out, index, roles, positions):
                 continue
             if roles[pos] != "float" or _read_as_data(out, index, roles, positions):
                 wanted.append(out)
@@ -179,6 +184,42 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
         else:
             plan.tensors[name] = name
     return plan
+
+
+def _output_only(name: str, index: GraphIndex, roles: list[str], positions: dict[int, int]) -> bool:
+    """True when `name` only reaches graph outputs, through float nodes that merely move values."""
+    if name in index.graph_output_names:
+        return not index.consumers.get(name)
+    users = index.consumers.get(name, [])
+    return bool(users) and all(
+        roles[positions[id(n)]] == "float" and n.op_type in _SHAPE_OPS and slot == 0
+        and all(_output_only(o, index, roles, positions) for o in n.output) for n, slot in users)
+
+
+def _float_tails(graph: onnx.GraphProto, index: GraphIndex, roles: list[str]) -> list[int]:
+    """Shared nodes (Flatten, Reshape, Identity...) between a weighted op and a graph output: they stay float so
+    that the weighted op's output is not quantized (logits keep full precision; onnxruntime runs a MatMul/Gemm
+    as an int8 kernel with float output, a Conv this small in float)."""
+    positions = {id(n): i for i, n in enumerate(graph.node)}
+    tails: list[int] = []
+    trial = list(roles)
+    for pos in reversed(range(len(graph.node))):
+        node = graph.node[pos]
+        if roles[pos] == "shared" and node.op_type in _SHAPE_OPS:
+            trial[pos] = "float"
+            if all(_output_only(o, index, trial, positions) for o in node.output):
+                tails.append(pos)
+                continue
+            trial[pos] = roles[pos]
+    # Keep only chains that start at a weighted op: elsewhere the integer tensor may as well stay integer.
+    keep = []
+    for pos in tails:
+        src = graph.node[pos].input[0]
+        while (prod := index.producer.get(src)) is not None and positions[id(prod)] in tails:
+            src = prod.input[0]
+        if prod is not None and prod.op_type in WEIGHTED_OPS and roles[positions[id(prod)]] == "compute":
+            keep.append(pos)
+    return keep
 
 
 def _weighted_ok(node: onnx.NodeProto, index: GraphIndex, specs: dict[str, WeightSpec], is_activation) -> bool:
@@ -243,18 +284,58 @@ def activation_params(lo: float, hi: float, preset: Target) -> QParams:
     span = np.array([lo, hi], np.float64)
     if preset.activation_symmetric:
         return symmetric_params(span, 8, None, narrow=True)
-    return asymmetric_params(span, 8, None, signed=preset.activation_signed)
+    params = asymmetric_params(span, 8, None, signed=preset.activation_signed)
+    # Rounding the zero point to an integer shifts the grid by up to half a step, which would clip one end of
+    # the range (and put inputs normalised as (x - 127.5) / 127.5 exactly on rounding ties): widen the scale
+    # just enough that [lo, hi] stays representable.
+    zero = int(params.zero_point.ravel()[0])
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(float(params.scale.ravel()[0]), -lo / max(zero - params.qmin, 1), hi / max(params.qmax - zero, 1))
+    return QParams(np.full_like(params.scale, scale), params.zero_point, params.qmin, params.qmax)
 
 
-def weight_params(w: np.ndarray, spec: WeightSpec, preset: Target, depthwise: bool = False) -> QParams:
-    """int8 symmetric per channel (the kernels and every runtime accept it); per tensor as the preset says."""
+def weight_params(w: np.ndarray, spec: WeightSpec, preset: Target, depthwise: bool = False,
+                  rows: np.ndarray | None = None) -> QParams:
+    """int8 symmetric per channel (the kernels and every runtime accept it); per tensor as the preset says.
+    `rows` is the weight as [output channel, K] in the order the int8 GEMM sums over K (see gemm_rows); with
+    a preset that keeps pair sums in int16, the scale grows where two neighbouring codes could overflow."""
     if spec.axis is not None or preset.weight_per_tensor_symmetric:
         params = symmetric_params(w, 8, spec.axis, narrow=True)
-        qmax = preset.depthwise_qmax if depthwise else preset.weight_qmax
-        if qmax != params.qmax:
-            params = QParams(params.scale * (params.qmax / qmax), params.zero_point, -qmax, qmax)
+        if preset.int16_pair_sums and not depthwise and rows is not None:
+            limit = _pair_limit(rows.astype(np.float64)) / params.qmax
+            limit = limit.max() if spec.axis is None else limit.reshape(-1, params.scale.size).max(axis=0)
+            params = QParams(np.maximum(params.scale, limit.reshape(params.scale.shape)), params.zero_point,
+                             params.qmin, params.qmax)
         return params
     return asymmetric_params(w, 8, None, signed=preset.weight_per_tensor_type == TensorProto.INT8)
+
+
+def gemm_rows(w: np.ndarray, op_type: str, trans_b: bool) -> np.ndarray | None:
+    """The weight as [output channel, K] in onnxruntime's summation order: (kh, kw, input channel) for a Conv
+    (it runs convolutions NHWC), K for MatMul/Gemm. None for ops without an x86 int8 GEMM (ConvTranspose)."""
+    if op_type == "Conv":
+        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
+    if op_type == "Gemm" and trans_b:
+        return w
+    if op_type in ("Gemm", "MatMul"):
+        return np.moveaxis(w, -1, -2).reshape(-1, w.shape[-2])
+    return None
+
+
+def _pair_limit(rows: np.ndarray) -> np.ndarray:
+    """Per row, the largest |w_a + w_b| over the weights the x86 kernels multiply in one pair.
+
+    Without VNNI, MLAS multiplies u8 activations by s8 weights with VPMADDUBSW, which adds the products of
+    neighbouring K positions (2i, 2i+1) in int16 with saturation: with activation codes up to 255, a pair of
+    same-sign weight codes must sum to at most 128 (255 * 128 = 32640). Opposite signs never overflow. With an
+    odd K the pairs of a Conv may straddle kernel taps, so any two weights of a row count as a pair."""
+    if rows.shape[1] % 2 == 0:
+        return np.abs(rows.reshape(rows.shape[0], -1, 2).sum(axis=2)).max(axis=1)
+    if rows.shape[1] < 2:
+        return np.abs(rows).max(axis=1)
+    top = np.sort(np.maximum(rows, 0), axis=1)[:, -2:].sum(axis=1)
+    bottom = np.sort(np.maximum(-rows, 0), axis=1)[:, -2:].sum(axis=1)
+    return np.maximum(top, bottom)
 
 
 # ---------------------------------------------------------------- statistics
@@ -497,7 +578,9 @@ class _Rewriter:
             w = self.index.array(name)
             depthwise = all(n.op_type == "Conv" and attribute(n, "group", 1) > 1 and spec.shape[1] == 1
                             for n, _ in users)
-            params = weight_params(w, spec, self.preset, depthwise)
+            first = users[0][0]
+            rows = gemm_rows(w, first.op_type, bool(attribute(first, "transB", 0)))
+            params = weight_params(w, spec, self.preset, depthwise, rows)
             q = quantize(w, params)
             dtype = TensorProto.INT8 if params.qmin < 0 else TensorProto.UINT8
             q_name = self._init(q.astype(helper.tensor_dtype_to_np_dtype(dtype)), f"{name}_quantized")
