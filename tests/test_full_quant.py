@@ -176,25 +176,43 @@ def test_activation_methods(method, bound):
 
 def test_equalize_keeps_the_function_and_balances_ranges():
     model = depthwise_model()
-    feeds = samples((1, 4, 8, 8), 4, low=0.0)
+    # Inputs up to 4 drive many activations past the ReLU6 cap: the per-channel Min must reproduce it.
+    feeds = [{"x": f["x"] * 4} for f in samples((1, 4, 8, 8), 4, low=0.0)]
     reference = outputs(model, feeds)
     equalized = onnx.ModelProto()
     equalized.CopyFrom(model)
     notes = equalize(equalized)
     assert "2 conv pairs" in notes[0] and "2 ReLU6" in notes[1]
-    # ReLU6 -> ReLU changes the function only where an activation exceeded 6; compare with ReLU in the float
-    # model too.
+    assert [n.op_type for n in equalized.graph.node] == ["Conv", "Relu", "Min", "Conv", "Relu", "Min", "Conv"]
+    np.testing.assert_allclose(outputs(equalized, feeds), reference, rtol=1e-4, atol=1e-4)
+    w2 = numpy_helper.to_array(next(t for t in equalized.graph.initializer if t.name == "w2"))
+    ranges = np.abs(w2).reshape(16, -1).max(1)
+    assert ranges.max() / ranges.min() < 20  # was ~1000 before
+    # The caps matter on these inputs: with plain ReLUs the model computes something else.
     relu = onnx.ModelProto()
     relu.CopyFrom(model)
     for node in relu.graph.node:
         if node.op_type == "Clip":
             del node.input[1:]
             node.op_type = "Relu"
-    np.testing.assert_allclose(outputs(equalized, feeds), outputs(relu, feeds), rtol=1e-4, atol=1e-4)
-    w2 = numpy_helper.to_array(next(t for t in equalized.graph.initializer if t.name == "w2"))
-    ranges = np.abs(w2).reshape(16, -1).max(1)
-    assert ranges.max() / ranges.min() < 20  # was ~1000 before
-    assert reference.shape == outputs(equalized, feeds).shape
+    assert np.abs(outputs(relu, feeds) - reference).max() > 0.1
+
+
+def test_equalize_zeroes_weights_behind_dead_channels():
+    """A channel with zero weights and a negative bias is 0 after the ReLU: the next conv's weights on it are
+    zeroed (exactly the same function) instead of dominating its per-tensor range."""
+    model = depthwise_model()
+    inits = {t.name: t for t in model.graph.initializer}
+    w1, b1, w2 = (numpy_helper.to_array(inits[n]).copy() for n in ("w1", "b1", "w2"))
+    w1[3], b1[3], w2[3] = 0.0, -0.5, 500.0
+    for name, value in (("w1", w1), ("b1", b1), ("w2", w2)):
+        inits[name].CopyFrom(_init(name, value))
+    feeds = samples((1, 4, 8, 8), 4, low=0.0)
+    reference = outputs(model, feeds)
+    equalize(model)
+    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))
+    assert not w2[3].any()
+    np.testing.assert_allclose(outputs(model, feeds), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_per_tensor_with_equalisation_beats_plain_per_tensor(monkeypatch):
@@ -293,3 +311,29 @@ def test_resnet20_with_bundled_images(tmp_path, monkeypatch):
     ops = optimized_ops(result.model, tmp_path)
     assert ops["QLinearConv"] == 19 and ops["QLinearAdd"] == 9 and ops["QGemm"] == 1
     assert ops["Conv"] == 0 and ops["Add"] == 0
+
+
+def test_conv_output_reaching_the_graph_output_stays_float():
+    """Conv -> Flatten -> Identity -> output: the logits are not quantized (the shape ops stay float)."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="logits"),
+             helper.make_node("Flatten", ["c2"], ["f"], name="flatten"),
+             helper.make_node("Identity", ["f"], ["y"], name="identity")]
+    inits = [_init("w1", RNG.normal(0, 0.3, (8, 3, 1, 1))), _init("b1", RNG.normal(0, 0.1, 8)),
+             _init("w2", RNG.normal(0, 0.3, (10, 8, 4, 4))), _init("b2", RNG.normal(0, 0.1, 10))]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert(model, _config(), samples=samples((1, 3, 4, 4)), progress=False)
+    quantized = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized == {"x", "r1"}
+    evaluate = samples((1, 3, 4, 4), 8, seed=4)
+    assert cosine(outputs(model, evaluate), outputs(result.model, evaluate)) > 0.999
+
+
+def test_relu_after_a_skipped_conv_stays_float():
+    """Quantizing the unbounded input of a Relu whose producer is float would waste codes on clipped values."""
+    result = convert(conv_model(), _config(skip="conv1"), samples=samples((1, 3, 16, 16)), progress=False)
+    quantized = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert "c1" not in quantized and "r1" in quantized

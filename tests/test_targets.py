@@ -6,10 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import cosine
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 from test_full_quant import _config, conv_model, depthwise_model, outputs, samples
 
 from ptqlite.convert import convert
+from ptqlite.passes.full import _pair_limit, activation_params, gemm_rows, weight_params
+from ptqlite.plan import WeightSpec
+from ptqlite.qmath import quantize
 from ptqlite.targets import PRESETS, target
 
 
@@ -65,3 +70,46 @@ def test_presets_are_data():
         assert {"Conv", "MatMul", "Gemm", "Add"} <= preset.compute_ops
         assert not preset.compute_ops & preset.shared_ops
     assert PRESETS["NVGPU"].activation_symmetric and not PRESETS["CPU"].activation_symmetric
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 9), st.sampled_from([1, 3]), st.floats(0.2, 10), st.integers(0, 10**6))
+def test_cpu_weight_pairs_never_overflow_int16(channels, cin, kernel, spread, seed):
+    """With the CPU preset every pair of neighbouring codes in the kernels' K order sums to at most 128 (u8 * s8
+    pairs stay inside int16), and a channel without such a pair keeps the plain max/127 scale."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 1, (channels, cin, kernel, kernel)) * rng.uniform(0.1, spread, (channels, 1, 1, 1))
+    spec = WeightSpec("w", "Conv", ("conv",), w.shape, 8, axis=0)
+    rows = gemm_rows(w, "Conv", False)
+    params = weight_params(w, spec, target("CPU"), rows=rows)
+    codes = gemm_rows(quantize(w, params), "Conv", False)
+    assert np.abs(codes).max() <= 127
+    if codes.shape[1] % 2 == 0:
+        assert np.abs(codes.reshape(channels, -1, 2).sum(axis=2)).max() <= 128
+    else:  # odd K: any two codes of a row may meet in a pair
+        top = np.sort(np.maximum(codes, 0), axis=1)[:, -2:].sum(axis=1)
+        bottom = np.sort(np.maximum(-codes, 0), axis=1)[:, -2:].sum(axis=1)
+        assert max(top.max(), bottom.max()) <= 128
+    plain = np.abs(w).reshape(channels, -1).max(axis=1) / 127
+    assert (params.scale.ravel() >= plain * (1 - 1e-12)).all()
+    # No pair can overflow at the plain scale: the plain scale stays.
+    safe = _pair_limit(rows) <= np.abs(rows).max(axis=1)
+    np.testing.assert_allclose(params.scale.ravel()[safe], plain[safe])
+    # Other presets keep full-range int8 weights.
+    assert np.allclose(weight_params(w, spec, target("NVGPU"), rows=rows).scale.ravel(), plain)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(-50, 0), st.floats(0, 50))
+def test_activation_range_stays_representable(lo, hi):
+    """After the zero point is rounded, [lo, hi] still lies inside the codes' range (nothing is clipped)."""
+    params = activation_params(lo, hi, target("CPU"))
+    scale, zero = float(params.scale.ravel()[0]), int(params.zero_point.ravel()[0])
+    assert (params.qmin - zero) * scale <= lo + 1e-9 and (params.qmax - zero) * scale >= hi - 1e-9
+    if hi > lo:
+        assert scale <= (hi - lo) / 254 * (1 + 1e-9)  # at most one code wider than the exact fit
+    # Inputs normalised as (p - 127.5) / 127.5 no longer sit on rounding ties.
+    pixels = (np.arange(256) - 127.5) / 127.5
+    normalised = activation_params(-1.0, 1.0, target("CPU"))
+    steps = pixels / float(normalised.scale.ravel()[0])
+    assert np.abs(steps - np.floor(steps) - 0.5).min() > 0.001
