@@ -371,6 +371,8 @@ def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs if n not in declared)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Between runs the observers work in Python: spinning worker threads would only steal their CPU time.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises several unrelated types
