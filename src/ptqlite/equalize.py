@@ -29,7 +29,7 @@ class _Pair:
 
 
 def equalize(model: onnx.ModelProto, iterations: int = 8) -> list[str]:
-    """Equalise every Conv->Conv pair (which covers Conv->DepthwiseConv->Conv chains) in place; returns notes."""
+    """Equalise Conv->Conv pairs (a depthwise conv with the conv before it) in place; returns notes."""
     index = GraphIndex(model.graph)
     pairs = [p for node in model.graph.node if (p := _pair_after(index, node)) is not None]
     if not pairs:
@@ -98,7 +98,11 @@ def _single_consumer(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
 
 
 def _pair_after(index: GraphIndex, first: onnx.NodeProto) -> _Pair | None:
-    if not _is_plain_conv(index, first):
+    # A depthwise conv is equalised with the conv before it only. Pairing it with the conv after it too (the
+    # paper's Conv -> DW -> Conv chain) measured worse on MobileNet V2 per tensor: output cosine 0.983 vs 0.989
+    # (MAX_MIN), top-1 84.5 vs 85.75 (KL); pairing it only with the conv after it gave 0.950. It also halves the
+    # ReLU6 caps that run in float.
+    if not _is_plain_conv(index, first) or _is_depthwise(index, first):
         return None
     nxt = _single_consumer(index, first.output[0])
     activation = None
@@ -117,6 +121,10 @@ def _pair_after(index: GraphIndex, first: onnx.NodeProto) -> _Pair | None:
     if int(index.initializers[first.input[1]].dims[0]) != in_channels:
         return None
     return _Pair(first, nxt, activation)
+
+
+def _is_depthwise(index: GraphIndex, conv: onnx.NodeProto) -> bool:
+    return attribute(conv, "group", 1) > 1 and int(index.initializers[conv.input[1]].dims[1]) == 1
 
 
 def _is_plain_conv(index: GraphIndex, node: onnx.NodeProto) -> bool:
