@@ -167,7 +167,7 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
         for out in node.output:
             producer_role[out] = role
 
-    tails = _float_tails(graph, index, roles) if preset.float_weighted_outputs else set()
+    tails = _float_tails(graph, index, roles) if preset.float_weighted_outputs else []
     for pos in tails:
         roles[pos] = "float"
     plan = GraphPlan(roles, weights={s.tensor: s for s in weights})
@@ -306,11 +306,12 @@ def activation_params(lo: float, hi: float, preset: Target) -> QParams:
     if hi <= lo:
         return asymmetric_params(span, 8, None, signed=preset.activation_signed)
     # An integer zero point shifts the exact grid by up to half a step, which would clip one end of the range
-    # (and put inputs normalised as (x - 127.5) / 127.5 exactly on rounding ties). Of the two integer zero points
-    # around the exact one, take the one that needs the smaller scale to keep [lo, hi] whole.
-    exact = qmin - lo * (qmax - qmin) / (hi - lo)
+    # (and put inputs normalised as (x - 127.5) / 127.5 exactly on rounding ties). Of the integer zero points
+    # around the exact one (and their neighbours, for ranges that touch 0), take the one that needs the smallest
+    # scale to keep [lo, hi] whole.
+    base = int(np.floor(qmin - lo * (qmax - qmin) / (hi - lo)))
     best = (np.inf, qmin)
-    for zero in sorted({int(np.floor(exact)) - 1, int(np.floor(exact)), int(np.ceil(exact)), int(np.ceil(exact)) + 1}):
+    for zero in range(base - 1, base + 3):
         below, above = zero - qmin, qmax - zero
         if below < 0 or above < 0 or (lo < 0 and below == 0) or (hi > 0 and above == 0):
             continue
@@ -318,7 +319,7 @@ def activation_params(lo: float, hi: float, preset: Target) -> QParams:
         if scale < best[0]:
             best = (scale, zero)
     scale, zero = best
-    return QParams(np.array([[scale]]).reshape(span[:1].shape), np.array([zero], np.int64), qmin, qmax)
+    return QParams(np.array([scale]), np.array([zero], np.int64), qmin, qmax)
 
 
 def weight_params(w: np.ndarray, spec: WeightSpec, preset: Target, depthwise: bool = False,
