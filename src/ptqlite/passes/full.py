@@ -7,11 +7,13 @@ Steps (docs/full_quant.md explains each choice):
    activation tensors get a QuantizeLinear/DequantizeLinear pair.
 3. statistics: one streaming pass of the calibration samples through onnxruntime with the planned tensors exposed
    as outputs; one observer per tensor, updated per sample.
-4. rewrite: QDQ pairs on activations, int8 weights (symmetric, per output channel or per tensor) behind a
+4. rewrite: QDQ pairs on activations, int8 weights (symmetric, per output channel or per tensor; the CPU preset
+   keeps pairs of u8*s8 products inside int16) behind a
    DequantizeLinear, int32 biases with scale act_scale * weight_scale; a Relu/Clip right after an int8 op is
    dropped when the output quantizer clamps exactly as it would.
-5. bias_correction: a second streaming pass through the quantized model; the mean per-channel difference to the
-   float outputs is added to each bias.
+5. bias_correction: a second streaming pass through the float model with, beside each weighted layer, a copy
+   that reads its input through the quantizer and uses the quantized weight; the mean per-channel difference
+   is added to each bias.
 """
 
 from __future__ import annotations
