@@ -342,7 +342,10 @@ def weight_params(w: np.ndarray, spec: WeightSpec, preset: Target, depthwise: bo
 
 def gemm_rows(w: np.ndarray, op_type: str, trans_b: bool) -> np.ndarray | None:
     """The weight as [output channel, K] in onnxruntime's summation order: (kh, kw, input channel) for a Conv
-    (it runs convolutions NHWC), K for MatMul/Gemm. None for ops without an x86 int8 GEMM (ConvTranspose)."""
+    (it runs convolutions NHWC), K for MatMul/Gemm. None for ops without an x86 int8 GEMM (ConvTranspose) and
+    for vector weights."""
+    if w.ndim < 2:
+        return None
     if op_type == "Conv":
         return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
     if op_type == "Gemm" and trans_b:
