@@ -20,6 +20,17 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+# What each bundled config shows, printed before its result.
+ABOUT = {
+    "dynamic_quant": "DYNAMIC_QUANT (made for transformers): only this CNN's final Gemm has a MatMul/Gemm weight",
+    "fixed_bit_weight_quant": "WEIGHT_QUANT 8 bit, the reference's example (convs of <= 16 channels stay float)",
+    "full_quant": "FULL_QUANT int8 from the 100 bundled calibration PNGs",
+    "mixed_bit_weight_quant": "WEIGHT_QUANT mixed bit (bit_num=0), the reference's example thresholds",
+    "on_the_fly_weight_quant": "WEIGHT_QUANT 8 bit ON_THE_FLY: int8 weights stay in memory",
+    "packed_4bit_weight_quant": "WEIGHT_QUANT 4 bit, bit-packed, decoded when ONNX Runtime loads the model",
+}
+
+
 def images() -> tuple[np.ndarray, np.ndarray]:
     """The bundled calibration PNGs as the model's NCHW input, and their labels (from the file names)."""
     files = sorted((HERE / "calib" / "input").glob("*.png"))
@@ -45,7 +56,9 @@ def main() -> int:
                    f"--outputFile={out}", f"--configFile={config}", "--quiet"]
         print(f"\n$ ptqlite convert --fmk=ONNX --modelFile={MODEL.relative_to(HERE.parent)} "
               f"--outputFile={out.relative_to(HERE.parent)} --configFile={config.relative_to(HERE.parent)}")
-        done = subprocess.run(command, capture_output=True, text=True)
+        if config.stem in ABOUT:
+            print(f"  ({ABOUT[config.stem]})")
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
         if done.returncode == 2 and "not supported yet" in done.stderr:
             print("  " + done.stderr.strip())
             continue
