@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ptqlite.config import load_config, parse_config
 from ptqlite.convert import convert
-from ptqlite.equalize import equalize
+from ptqlite.equalize import capped_tensors, equalize
 from ptqlite.prepare import fold_batch_norm, fold_constants
 
 RNG = np.random.default_rng(0)
@@ -229,7 +229,7 @@ def test_per_tensor_with_equalisation_beats_plain_per_tensor(monkeypatch):
     assert any("equalisation" in n for n in with_cle.notes)
     from ptqlite.passes import full
 
-    monkeypatch.setattr(full, "equalize", lambda m: [])
+    monkeypatch.setattr(full, "equalize", lambda m, **_: [])
     without = convert(model, _config(per_channel=False), samples=calib, progress=False)
     good = cosine(reference, outputs(with_cle.model, evaluate, fused=False))
     bad = cosine(reference, outputs(without.model, evaluate, fused=False))
@@ -354,3 +354,36 @@ def test_relu_after_a_skipped_conv_stays_float():
     result = convert(conv_model(), _config(skip="conv1"), samples=samples((1, 3, 16, 16)), progress=False)
     quantized = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
     assert "c1" not in quantized and "r1" in quantized
+
+
+def test_equalize_with_channel_maxima_keeps_one_clip():
+    """With calibration maxima the ReLU6 stays one Clip (no float Min): exact on the calibration data, since the
+    channels reaching 6 share one scale and the others stay under the new bound."""
+    from ptqlite.passes.full import _channel_max
+
+    model = depthwise_model()
+    feeds = [{"x": f["x"] * 10} for f in samples((1, 4, 8, 8), 4, low=0.0)]
+    reference = outputs(model, feeds)
+    equalized = onnx.ModelProto()
+    equalized.CopyFrom(model)
+    names = capped_tensors(equalized)
+    assert names == ["c1"]
+    peaks = _channel_max(equalized, names, feeds, False)
+    assert 0 < (peaks["c1"] >= 6).sum() < 16  # some channels reach the cap, some do not
+    notes = equalize(equalized, channel_max=peaks)
+    assert "1 ReLU6" in notes[-1] and "one Clip" in notes[-1]
+    assert [n.op_type for n in equalized.graph.node] == ["Conv", "Clip", "Conv", "Clip", "Conv"]
+    inits = {t.name: numpy_helper.to_array(t) for t in equalized.graph.initializer}
+    first, second = (n for n in equalized.graph.node if n.op_type == "Clip")
+    assert float(inits[first.input[2]]) != 6.0 and float(inits[second.input[2]]) == 6.0  # "hi" is shared
+    np.testing.assert_allclose(outputs(equalized, feeds), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_per_tensor_relu6_model_has_no_float_min():
+    """Per tensor, the ReLU6 between equalised convs is folded into the int8 conv: no Min runs in float."""
+    model = depthwise_model()
+    calib, evaluate = samples((1, 4, 8, 8), low=0.0), samples((1, 4, 8, 8), 8, seed=5, low=0.0)
+    result = convert(model, _config(per_channel=False), samples=calib, progress=False)
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "Min" not in ops and "Relu" not in ops
+    assert cosine(outputs(model, evaluate), outputs(result.model, evaluate, fused=False)) > 0.99

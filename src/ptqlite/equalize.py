@@ -28,8 +28,21 @@ class _Pair:
     activation: onnx.NodeProto | None
 
 
-def equalize(model: onnx.ModelProto, iterations: int = 8) -> list[str]:
-    """Equalise Conv->Conv pairs (a depthwise conv with the conv before it) in place; returns notes."""
+def capped_tensors(model: onnx.ModelProto) -> list[str]:
+    """The inputs of the ReLU6 (Clip 0..m) nodes that equalisation would rescale: `equalize` needs their
+    per-channel maxima to replace each cap by one Clip instead of per-channel Min caps."""
+    index = GraphIndex(model.graph)
+    pairs = [p for node in model.graph.node if (p := _pair_after(index, node)) is not None]
+    return [p.activation.input[0] for p in pairs if p.activation is not None and p.activation.op_type == "Clip"]
+
+
+def equalize(model: onnx.ModelProto, iterations: int = 8,
+             channel_max: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Equalise Conv->Conv pairs (a depthwise conv with the conv before it) in place; returns notes.
+
+    `channel_max` maps the input of a ReLU6 between equalised convs (see `capped_tensors`) to its per-channel
+    maximum over calibration data. With it, the channels that reach the cap share one scale and the ReLU6 becomes
+    a single Clip(0, cap / s) that the int8 producer absorbs; without it, Relu -> Min(per-channel caps)."""
     index = GraphIndex(model.graph)
     pairs = [p for node in model.graph.node if (p := _pair_after(index, node)) is not None]
     if not pairs:
@@ -40,12 +53,20 @@ def equalize(model: onnx.ModelProto, iterations: int = 8) -> list[str]:
         # Sweeping the chain repeatedly converges: each pair's scale approaches 1.
         for i, pair in enumerate(pairs):
             scales[i] *= _equalize_pair(pair, weights)
+    uniform = 0
+    for i, pair in enumerate(pairs):
+        act = pair.activation
+        if channel_max is not None and act is not None and act.op_type == "Clip" and act.input[0] in channel_max:
+            scales[i], bound = _share_cap(pair, weights, scales[i], channel_max[act.input[0]],
+                                          _clip_max(index, act))
+            _set_clip_max(model.graph, index, act, bound)
+            uniform += 1
     for name, value in weights.items():
         index.initializers[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
     capped = []
     for pair, scale in zip(pairs, scales):
         act = pair.activation
-        if act is not None and act.op_type == "Clip":
+        if act is not None and act.op_type == "Clip" and not (channel_max and act.input[0] in channel_max):
             rank = len(index.initializers[pair.first.input[1]].dims)  # the conv's output rank
             capped.append(_cap_per_channel(model.graph, index, act, _clip_max(index, act) / scale, rank))
     if capped:
@@ -57,7 +78,67 @@ def equalize(model: onnx.ModelProto, iterations: int = 8) -> list[str]:
     notes = [f"cross-layer equalisation of {len(pairs)} conv pairs"]
     if capped:
         notes.append(f"{len(capped)} ReLU6 (Clip 0..6) between equalised convs became Relu -> Min(per-channel cap)")
+    if uniform:
+        notes.append(f"{uniform} ReLU6 between equalised convs kept as one Clip: the channels that reach the cap "
+                     "share one scale")
     return notes
+
+
+def _share_cap(pair: _Pair, weights: dict[str, np.ndarray], scale: np.ndarray, peak: np.ndarray,
+               cap: float) -> tuple[np.ndarray, float]:
+    """Give the channels whose calibration maximum reaches the cap one common scale s_b, so that one bound
+    cap / s_b clips them all exactly; lift the scale of the other channels where needed so that their observed
+    maximum stays under that bound. Rescales the pair's weights in place; returns the new scales and the bound."""
+    w1 = weights[pair.first.input[1]]
+    channels = w1.shape[0]
+    r1 = np.abs(w1.reshape(channels, -1)).max(axis=1) * scale  # ranges before equalisation
+    r2 = _input_ranges(pair, weights) / scale
+    peak = np.asarray(peak, dtype=np.float64).reshape(-1)
+    binding = peak >= cap
+    target = scale.copy()
+    if binding.any():
+        # The binding channels act as one channel: balance their joint ranges like _equalize_pair does one.
+        top1, top2 = r1[binding].max(), r2[binding].max()
+        target[binding] = np.sqrt(top1 / top2) if top1 > 0 and top2 > 0 else 1.0
+        bound = cap / float(target[binding][0])
+        target = np.where(binding, target, np.maximum(target, peak / bound))
+    else:
+        bound = float(np.max(cap / target))  # clips no channel earlier than the ReLU6 did
+    _rescale_pair(pair, weights, target / scale)
+    return target, bound
+
+
+def _input_ranges(pair: _Pair, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """Largest |w| of the second conv per input channel (the channels of the first conv's output)."""
+    w2 = weights[pair.second.input[1]]
+    channels = weights[pair.first.input[1]].shape[0]
+    if attribute(pair.second, "group", 1) == 1:
+        return np.abs(np.moveaxis(w2, 1, 0).reshape(channels, -1)).max(axis=1)
+    return np.abs(w2.reshape(channels, -1)).max(axis=1)
+
+
+def _rescale_pair(pair: _Pair, weights: dict[str, np.ndarray], factor: np.ndarray) -> None:
+    """Divide the first conv's output channel c by factor_c and multiply the second's input channel c by it."""
+    w1 = weights[pair.first.input[1]]
+    weights[pair.first.input[1]] = w1 / factor.reshape(-1, *([1] * (w1.ndim - 1)))
+    if len(pair.first.input) > 2 and pair.first.input[2]:
+        weights[pair.first.input[2]] = weights[pair.first.input[2]] / factor
+    w2 = weights[pair.second.input[1]]
+    if attribute(pair.second, "group", 1) == 1:
+        weights[pair.second.input[1]] = w2 * factor.reshape(1, -1, *([1] * (w2.ndim - 2)))
+    else:  # depthwise: [channels x multiplier, 1, ...], input channel c owns `multiplier` consecutive rows
+        weights[pair.second.input[1]] = (w2.reshape(factor.size, -1) * factor[:, None]).reshape(w2.shape)
+
+
+def _set_clip_max(graph: onnx.GraphProto, index: GraphIndex, clip: onnx.NodeProto, bound: float) -> None:
+    """Rewrite the Clip as Clip(x, 0, bound) with its own bound constants (the old ones may be shared)."""
+    low = index.unique_name(f"{clip.output[0]}_min")
+    high = index.unique_name(f"{clip.output[0]}_max")
+    graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), low))
+    graph.initializer.append(numpy_helper.from_array(np.array(bound, np.float32), high))
+    del clip.attribute[:]
+    del clip.input[1:]
+    clip.input.extend([low, high])
 
 
 def _clip_max(index: GraphIndex, clip: onnx.NodeProto) -> float:

@@ -28,7 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..config import QuantConfig
-from ..equalize import equalize
+from ..equalize import capped_tensors, equalize
 from ..errors import ConversionError, DataError
 from ..model import GraphIndex, attribute, ensure_opset
 from ..plan import WeightSpec, plan_weights
@@ -81,13 +81,15 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     ensure_opset(model, 13)  # per-axis DequantizeLinear
     original_info = [vi for vi in model.graph.value_info]
     types = prepare(model)
-    if not options.per_channel:
-        result.notes += equalize(model)
-        types = tensor_types(model)  # equalisation adds tensors
     if samples is None:
         from ..data import calibration_set
 
         samples = calibration_set(config, model, input_format)
+    if not options.per_channel:
+        # The ReLU6 caps between equalised convs become one Clip each when calibration says which channels
+        # reach the cap (per-channel Min caps ran in float and made the int8 model slower than float).
+        result.notes += equalize(model, channel_max=_channel_max(model, capped_tensors(model), samples, progress))
+        types = tensor_types(model)  # equalisation adds tensors
     weight_plan = plan_weights(model, config, apply_size_filters=False, per_channel=options.per_channel,
                                ops=tuple(sorted(WEIGHTED_OPS)))
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in weight_plan.skipped]
@@ -426,6 +428,20 @@ def _collect(model: onnx.ModelProto, plan: GraphPlan, samples, method: str, floa
     if count == 0:
         raise DataError("no calibration samples: FULL_QUANT needs at least one")
     return {n: observers[n].range() for n in sources}, sums, count
+
+
+def _channel_max(model: onnx.ModelProto, names: list[str], samples, progress: bool | None
+                 ) -> dict[str, np.ndarray]:
+    """Per-channel maximum (axis 1) of the named float tensors over the samples."""
+    if not names:
+        return {}
+    session = _session(model, names)
+    peaks: dict[str, np.ndarray] = {}
+    for sample in _samples(samples, progress, "channel ranges"):
+        for name, value in zip(names, _run(session, names, sample)):
+            peak = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1).max(axis=1)
+            peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
+    return peaks
 
 
 def _per_channel_mean(x: np.ndarray) -> np.ndarray:
