@@ -1,7 +1,8 @@
 """FULL_QUANT: int8 weights and activations, as a QDQ graph that onnxruntime runs with integer kernels.
 
 Steps (docs/full_quant.md explains each choice):
-1. prepare: fold constants and BatchNormalization; with per_channel=false, cross-layer equalisation.
+1. prepare: fold constants and BatchNormalization; with per_channel=false, cross-layer equalisation (after a
+   pass over the calibration samples for the per-channel maxima that turn each ReLU6 into one Clip).
 2. plan: which nodes compute in int8 ("compute": own output parameters; "shared": output reuses the input's
    parameters, e.g. Reshape or MaxPool), which stay float (skip_quant_node, ops without int8 kernels), and which
    activation tensors get a QuantizeLinear/DequantizeLinear pair.
