@@ -4,8 +4,10 @@ For Conv A -> [ReLU] -> Conv B, scaling output channel c of A by 1/s_c and input
 function unchanged, because ReLU commutes with positive scaling. Choosing s_c = sqrt(r_A[c] / r_B[c]) (r = the
 channel's largest |weight|) gives both layers the same per-channel range, so one scale per tensor fits all
 channels; without it depthwise convolutions, whose channels differ by orders of magnitude, collapse to zero.
-ReLU6 does not commute with scaling: after it, channel c must be capped at 6 / s_c, so a Clip(0, 6) between two
-equalised convs becomes Relu -> Min(per-channel caps) and the graph computes exactly what it did. (Replacing it
+ReLU6 does not commute with scaling: after it, channel c must be capped at 6 / s_c. Given per-channel calibration
+maxima, the channels that reach 6 share one scale and the ReLU6 stays one Clip that the int8 conv absorbs (per-
+channel caps would run as a float Min); without them, Clip(0, 6) becomes Relu -> Min(per-channel caps), exact for
+any input. (Replacing it
 by a plain ReLU, as the paper does, cost MobileNet V2 -- a model fine-tuned for quantization, whose activations
 often reach 6 -- 13.5 points of float top-1.)
 """
