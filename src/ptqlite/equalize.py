@@ -7,9 +7,8 @@ channels; without it depthwise convolutions, whose channels differ by orders of 
 ReLU6 does not commute with scaling: after it, channel c must be capped at 6 / s_c. Given per-channel calibration
 maxima, the channels that reach 6 share one scale and the ReLU6 stays one Clip that the int8 conv absorbs (per-
 channel caps would run as a float Min); without them, Clip(0, 6) becomes Relu -> Min(per-channel caps), exact for
-any input. (Replacing it
-by a plain ReLU, as the paper does, cost MobileNet V2 -- a model fine-tuned for quantization, whose activations
-often reach 6 -- 13.5 points of float top-1.)
+any input. (Replacing it by a plain ReLU, as the paper does, cost MobileNet V2 -- a model fine-tuned for
+quantization, whose activations often reach 6 -- 13.5 points of float top-1.)
 """
 
 from __future__ import annotations
