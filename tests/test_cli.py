@@ -270,3 +270,11 @@ def test_missing_model_with_existing_output(work, capsys):
     assert code == 2
     assert one_error_line(err) == f"{missing}: model file not found"
     assert (out / "m.onnx").read_bytes() == b"old"
+
+
+def test_no_arguments_prints_the_subcommands(capsys):
+    from ptqlite.cli import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "convert" in err and "benchmark" in err and "analyze" in err

@@ -47,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        build_parser().print_help(sys.stderr)
+        return 2
     # converter_lite command lines have no subcommand: treat bare flags as `convert`.
-    if not argv or argv[0].startswith("--") and argv[0] not in ("--help", "--verbose"):
+    if argv[0].startswith("--") and argv[0] not in ("--help", "--verbose"):
         argv.insert(0, "convert")
     logging.basicConfig(level=logging.INFO if "--verbose" in argv or "-v" in argv else logging.WARNING,
                         format="ptqlite: %(levelname)s: %(message)s", stream=sys.stderr)
