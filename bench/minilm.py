@@ -8,7 +8,8 @@ The float model is built once by ../shared/bench/tools/build_minilm.py in a scra
 with every variant under --cache, outside the tracked files.
 
 Rows: FP32; FP16 (onnxconverter-common, float16 weights and compute, float32 inputs/outputs);
-WEIGHT_QUANT 8 bit (decoded to float at load); DYNAMIC_QUANT ALWC; ACWL;
+WEIGHT_QUANT 8 bit (decoded to float at load); DYNAMIC_QUANT ALWC (int8 weights with pair-safe scales);
+ACWL; ALWC with uint8 weights (zero point 128, exact on any CPU, slower without VNNI);
 onnxruntime.quantization.quantize_dynamic (its defaults).
 Columns: file size, peak RAM of a process that loads the model and runs it once at batch 1, sequence 128;
 median latency there with 1 thread, all variants loaded in one process and taking turns run by run; mean
@@ -52,6 +53,8 @@ CONFIGS = {
     "DYNAMIC_QUANT ACWL": "[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n"
     "[dynamic_quant_param]\nquant_strategy=ACWL\n",
 }
+# Extra rows: label -> (config label, convert options). ALWC with the exact uint8 x uint8 weight storage.
+VARIANT_OPTIONS = {"DYNAMIC_QUANT ALWC, uint8 weights": ("DYNAMIC_QUANT ALWC", {"alwc_weights": "uint8"})}
 
 
 def build_float(cache: Path, venv: Path, sentences: int) -> tuple[Path, Path]:
@@ -87,6 +90,10 @@ def make_variants(float_path: Path, cache: Path) -> dict[str, Path]:
     for label, text in CONFIGS.items():
         path = cache / ("minilm_" + label.lower().replace(" ", "_") + ".onnx")
         save_model(convert(model, parse_config(text, label)).model, path)
+        variants[label] = path
+    for label, (base, options) in VARIANT_OPTIONS.items():
+        path = cache / ("minilm_" + label.lower().replace(" ", "_").replace(",", "") + ".onnx")
+        save_model(convert(model, parse_config(CONFIGS[base], base), **options).model, path)
         variants[label] = path
     peer = cache / "minilm_ort_quantize_dynamic.onnx"
     if not peer.is_file():

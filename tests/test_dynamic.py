@@ -170,7 +170,8 @@ def test_block_structure(strategy):
         assert name not in inits, f"float {name} should be gone"
     dtypes = {t.name: t.data_type for t in quantized.graph.initializer}
     assert dtypes["table_quantized"] == TensorProto.INT8
-    assert dtypes["Wq_quantized"] == TensorProto.UINT8
+    # ALWC: int8 weights with pair-safe scales; ACWL: q + 128 as uint8 (exact uint8 x uint8 kernel)
+    assert dtypes["Wq_quantized"] == (TensorProto.INT8 if strategy == "ALWC" else TensorProto.UINT8)
     assert {q.tensor for q in result.quantized} == {"Wq", "Wk", "Wv", "Wo", "W1", "W2", "table"}
     assert not result.skipped
     float_bytes = sum(t.ByteSize() for t in transformer_block().graph.initializer)
@@ -217,13 +218,27 @@ def test_acwl_bias_is_not_scaled_per_row():
 # ---------------------------------------------------------------- exact simulations of the integer arithmetic
 
 
+def pair_safe_scale(w: np.ndarray) -> np.ndarray:
+    """Per column of w [K, N]: max|w| / 127, widened so same-sign codes at K positions 2i, 2i+1 sum to at
+    most 128 (any two codes of the column when K is odd)."""
+    k = w.shape[0]
+    if k % 2 == 0:
+        pair = np.abs(w[0::2] + w[1::2]).max(axis=0)
+    else:
+        top = np.sort(np.maximum(w, 0), axis=0)[-2:].sum(axis=0)
+        bottom = np.sort(np.maximum(-w, 0), axis=0)[-2:].sum(axis=0)
+        pair = np.maximum(top, bottom)
+    return np.maximum(np.abs(w).max(axis=0), pair.astype(np.float64)) / 127
+
+
 def simulate_alwc(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """DynamicQuantizeLinear (uint8, per tensor) x per-column symmetric int8 weight, in float64."""
+    """DynamicQuantizeLinear (uint8, per tensor) x per-column symmetric int8 weight (pair-safe scale), exact
+    integer products in float64."""
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     scale = (hi - lo) / 255 if hi > lo else 1.0
     zero = np.clip(np.round(-lo / np.float32(scale)), 0, 255)
     xq = np.clip(np.round(x / np.float32(scale)) + zero, 0, 255) - zero
-    w_scale = np.abs(w).max(axis=0) / 127
+    w_scale = pair_safe_scale(w.astype(np.float64))
     wq = np.clip(np.sign(w) * np.floor(np.abs(w / w_scale) + 0.5), -127, 127)
     return (xq.astype(np.float64) @ wq) * (scale * w_scale)
 
@@ -258,20 +273,37 @@ def test_acwl_close_to_float_for_every_row(batch, seq, k, n, seed):
     x = (rng.standard_normal((batch, seq, k)) * row_scale).astype(np.float32)
     y = run_model(convert(matmul_model(w), config("ACWL")).model, {"x": x})
     ref = x.astype(np.float64) @ w
-    # int8 on both operands: error per row within a few percent of the row's largest |x| * sum |w|
-    bound = 0.03 * np.abs(x).max(-1, keepdims=True) * np.abs(w).sum(0)
+    # int8 on both operands: error per row within a few percent of the row's largest |x| * sum |w|, plus the
+    # per-tensor weight step (max |w| / 127, rounding error half of it) that even a small column carries
+    bound = np.abs(x).max(-1, keepdims=True) * (0.03 * np.abs(w).sum(0) + k * np.abs(w).max() / 254)
     assert np.all(np.abs(y - ref) <= bound + 1e-6)
 
 
-def test_no_int16_saturation():
-    """Large activations against large weights: uint8 x int8 kernels without VNNI saturate 16-bit pair sums;
-    the uint8 x uint8 storage must give the exact result."""
-    w = np.full((64, 8), 1.0, np.float32)
+@pytest.mark.parametrize("k", [64, 63])
+def test_no_int16_saturation(k):
+    """Large activations against large weights: uint8 x int8 kernels without VNNI saturate 16-bit pair sums.
+    The pair-safe int8 scales must give the exact integer result, and so must the uint8 storage."""
+    w = np.full((k, 8), 1.0, np.float32)
     w[:, 1] = -1.0
-    x = np.full((1, 4, 64), 1.0, np.float32)
+    w[:, 2] = np.where(np.arange(k) % 2 == 0, 1.0, -1.0)  # opposite signs in each pair never overflow
+    x = np.full((1, 4, k), 1.0, np.float32)
     x[0, 0, 0] = 0.0  # keeps 0 in the range so the zero point is 0 and codes reach 255
     y = run_model(convert(matmul_model(w), config("ALWC")).model, {"x": x})
-    np.testing.assert_allclose(y, x @ w, rtol=1e-2)
+    expected = simulate_alwc(x, w)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, x @ w, rtol=1e-2, atol=1e-2)
+    exact = run_model(convert(matmul_model(w), config("ALWC"), alwc_weights="uint8").model, {"x": x})
+    np.testing.assert_allclose(exact, x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_alwc_int8_pair_sums_fit_int16():
+    """Every same-sign pair of neighbouring K codes of every ALWC weight sums to at most 128 in magnitude."""
+    quantized = convert(transformer_block(), config("ALWC")).model
+    for name in ("Wq", "Wk", "Wv", "Wo", "W1", "W2"):
+        codes = numpy_helper.to_array(next(t for t in quantized.graph.initializer if t.name == f"{name}_quantized"))
+        assert codes.dtype == np.int8 and np.abs(codes).max() >= 64
+        pairs = codes.astype(np.int64).reshape(-1, 2, codes.shape[1]).sum(axis=1)
+        assert np.abs(pairs).max() <= 128
 
 
 # ---------------------------------------------------------------- Gemm, Gather, config rules

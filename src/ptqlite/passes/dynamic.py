@@ -2,15 +2,18 @@
 
 Each MatMul/Gemm with a constant weight B becomes
 
-    ALWC (default): DynamicQuantizeLinear(x) -> MatMulInteger(x_u8, W_u8) -> Cast -> Mul(x_scale * w_scale[N])
+    ALWC (default): DynamicQuantizeLinear(x) -> MatMulInteger(x_u8, W_s8) -> Cast -> Mul(x_scale * w_scale[N])
     ACWL:           per-row scale s = max|x| / 127 over the last axis; x_u8 = Round(x / s) + 128
                     -> MatMulInteger(x_u8, W_u8) -> Cast -> Mul(s * w_scale)
 
 ONNX Runtime fuses these into its DynamicQuantizeMatMul / MatMulIntegerToFloat kernels. The weight codes are
-symmetric int8 in [-127, 127] (per output channel for ALWC, per tensor for ACWL), stored as uint8 with a zero
-point of 128: on x86 CPUs without VNNI the uint8 x int8 kernel adds pairs of products in saturating 16-bit
-arithmetic, which corrupts results, while uint8 x uint8 is exact (see docs/dynamic_quant.md). A MatMul of two
-activations stays float.
+symmetric int8 in [-127, 127] (per output channel for ALWC, per tensor for ACWL). On x86 CPUs without VNNI the
+uint8 x int8 kernel adds the products of neighbouring K positions in saturating 16-bit arithmetic, so ALWC
+widens a column's scale where two same-sign neighbouring codes could sum above 128 (as FULL_QUANT's CPU preset
+does) and keeps the faster int8 kernel exact. ACWL's per-tensor weight would lose too much to that widening:
+it stores q + 128 as uint8 (zero point 128), whose uint8 x uint8 product is exact (see docs/dynamic_quant.md).
+The `alwc_weights="uint8"` option gives ALWC that storage too (for comparisons). A MatMul of two activations
+stays float.
 
 Gather embedding tables get int8 codes with one symmetric scale per row; the gathered rows are dequantized
 after the Gather, so the table stays int8 in memory as well as on disk.
@@ -29,6 +32,7 @@ from ..model import GraphIndex, attribute, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
 from ..qmath import QParams, dequantize, quantize, symmetric_params
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
+from .full import _pair_limit, gemm_rows
 from .weight import relative_error
 
 _OPS = ("MatMul", "Gemm", "Gather")
@@ -40,8 +44,8 @@ _TINY = np.float32(1e-30)
 
 @dataclass
 class _IntWeight:
-    q_name: str  # uint8 codes (q + 128), layout [.., K, N]
-    zero_name: str
+    q_name: str  # int8 codes q, or uint8 codes q + 128, layout [.., K, N]
+    zero_name: str  # "" for int8 codes (zero point 0)
     params: QParams
     w_hat: np.ndarray  # the float weight the integer path computes with, layout [.., K, N]
     equalizer: str | None = None  # ACWL: per-input-channel factor applied to x (the weight was divided by it)
@@ -63,9 +67,10 @@ def _row_equalizer(w: np.ndarray) -> np.ndarray:
 class _Rewriter:
     """Builds the replacement nodes and constants for one model."""
 
-    def __init__(self, model: onnx.ModelProto, strategy: str):
+    def __init__(self, model: onnx.ModelProto, strategy: str, int8_weights: bool):
         self.model = model
         self.strategy = strategy
+        self.int8_weights = int8_weights
         self.index = GraphIndex(model.graph)
         self.opset = opset_version(model)
         self.initializers: list[onnx.TensorProto] = []
@@ -87,7 +92,7 @@ class _Rewriter:
         return self.constants[key]
 
     def matmul_weight(self, tensor: str, transpose: bool) -> _IntWeight:
-        """uint8 codes [.., K, N] and their parameters, quantized once per (tensor, layout)."""
+        """Integer codes [.., K, N] and their parameters, quantized once per (tensor, layout)."""
         key = (tensor, transpose)
         if key not in self.weights:
             w = self.index.array(tensor).astype(np.float32)
@@ -102,17 +107,23 @@ class _Rewriter:
                     equalizer = _row_equalizer(w)
                     w = w / equalizer[:, None]
             params = symmetric_params(w, 8, axis, narrow=True)
+            if self.int8_weights:
+                params = _pair_safe(w, params)
             codes = quantize(w, params)
             w_hat = dequantize(codes, params)
             base = tensor.replace("::", "_").strip("/")
-            q_name = self.const((codes + _ZERO).astype(np.uint8), f"{base}_quantized")
-            # A zero point per column takes ONNX Runtime's fast uint8 x uint8 path (a scalar one does not).
-            zero = np.full(w.shape[-1], _ZERO, np.uint8) if w.ndim == 2 else np.array(_ZERO, np.uint8)
+            if self.int8_weights:
+                q_name, zero_name = self.const(codes.astype(np.int8), f"{base}_quantized"), ""
+            else:
+                q_name = self.const((codes + _ZERO).astype(np.uint8), f"{base}_quantized")
+                # A zero point per column takes ONNX Runtime's fast uint8 x uint8 path (a scalar one does not).
+                zero = np.full(w.shape[-1], _ZERO, np.uint8) if w.ndim == 2 else np.array(_ZERO, np.uint8)
+                zero_name = self.shared(zero)
             eq_name = None
             if equalizer is not None:
                 eq_name = self.const(equalizer.astype(np.float32), f"{base}_equalizer")
                 w_hat = w_hat * equalizer[:, None].astype(np.float32)
-            self.weights[key] = _IntWeight(q_name, self.shared(zero), params, w_hat, eq_name)
+            self.weights[key] = _IntWeight(q_name, zero_name, params, w_hat, eq_name)
         return self.weights[key]
 
     def node(self, op: str, inputs: list[str], prefix: str, output: str | None = None, **attrs) -> tuple:
@@ -144,7 +155,7 @@ class _Rewriter:
             )
             nodes.append(dq)
             x_q, x_scale, x_zero = dq.output
-            acc = add("MatMulInteger", [x_q, q_name, x_zero, zero_name])
+            acc = add("MatMulInteger", [x_q, q_name, x_zero] + ([zero_name] if zero_name else []))
             w_scale_name = self.const(
                 w_scale if w_scale.size > 1 else w_scale.reshape(()), f"{prefix}_w_scale"
             )
@@ -204,15 +215,30 @@ class _Rewriter:
         return nodes, table_hat, params
 
 
-def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
-    """Dynamic quantization of `model` in place (quant_strategy ALWC or ACWL)."""
+def _pair_safe(w: np.ndarray, params: QParams) -> QParams:
+    """Per-column scales widened so that two same-sign codes at K positions 2i, 2i+1 sum to at most 128.
+
+    ONNX Runtime's uint8 x int8 kernel on x86 without VNNI adds those two products in saturating int16; with
+    activation codes up to 255 a pair sum of 128 stays exact (255 * 128 = 32640). Sums of float weights at most
+    127 * scale round to at most 128."""
+    limit = _pair_limit(gemm_rows(w, "MatMul", False).astype(np.float64)) / params.qmax
+    limit = limit.reshape(-1, params.scale.size).max(axis=0).reshape(params.scale.shape)
+    return QParams(np.maximum(params.scale, limit), params.zero_point, params.qmin, params.qmax)
+
+
+def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8", **_) -> ConversionResult:
+    """Dynamic quantization of `model` in place (quant_strategy ALWC or ACWL).
+
+    `alwc_weights`: "int8" (default; pair-safe scales, uint8 x int8 kernel) or "uint8" (q + 128, exact
+    uint8 x uint8 kernel at any scale, slower on CPUs without VNNI)."""
     strategy = config.dynamic.quant_strategy
     ensure_opset(model, 11)
     plan = plan_weights(model, config, apply_size_filters=False, ops=_OPS)
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     specs = {s.tensor: s for s in plan.quantized}
-    rw = _Rewriter(model, strategy)
+    int8_weights = strategy == "ALWC" and alwc_weights == "int8"
+    rw = _Rewriter(model, strategy, int8_weights)
 
     new_nodes: list[onnx.NodeProto] = []
     kept_float: dict[str, str] = {}  # weight -> why one of its users stays float
@@ -235,7 +261,11 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
             nodes, w_hat, params = _matmul_nodes(rw, node, weight)
             scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
             scheme += f"; activations {_ACTIVATION_SCHEME[strategy]}"
-            storage = "MatMulInteger uint8 (zero point 128)"
+            storage = (
+                "MatMulInteger int8 (pair sums kept within int16)"
+                if int8_weights
+                else "MatMulInteger uint8 (zero point 128)"
+            )
         new_nodes += nodes
         if weight not in done:
             w = rw.index.array(weight)
