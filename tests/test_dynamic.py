@@ -300,7 +300,8 @@ def test_alwc_int8_pair_sums_fit_int16():
     """Every same-sign pair of neighbouring K codes of every ALWC weight sums to at most 128 in magnitude."""
     quantized = convert(transformer_block(), config("ALWC")).model
     for name in ("Wq", "Wk", "Wv", "Wo", "W1", "W2"):
-        codes = numpy_helper.to_array(next(t for t in quantized.graph.initializer if t.name == f"{name}_quantized"))
+        stored = next(t for t in quantized.graph.initializer if t.name == f"{name}_quantized")
+        codes = numpy_helper.to_array(stored)
         assert codes.dtype == np.int8 and np.abs(codes).max() >= 64
         pairs = codes.astype(np.int64).reshape(-1, 2, codes.shape[1]).sum(axis=1)
         assert np.abs(pairs).max() <= 128

@@ -10,10 +10,10 @@ ONNX Runtime fuses these into its DynamicQuantizeMatMul / MatMulIntegerToFloat k
 symmetric int8 in [-127, 127] (per output channel for ALWC, per tensor for ACWL). On x86 CPUs without VNNI the
 uint8 x int8 kernel adds the products of neighbouring K positions in saturating 16-bit arithmetic, so ALWC
 widens a column's scale where two same-sign neighbouring codes could sum above 128 (as FULL_QUANT's CPU preset
-does) and keeps the faster int8 kernel exact. ACWL's per-tensor weight would lose too much to that widening:
-it stores q + 128 as uint8 (zero point 128), whose uint8 x uint8 product is exact (see docs/dynamic_quant.md).
-The `alwc_weights="uint8"` option gives ALWC that storage too (for comparisons). A MatMul of two activations
-stays float.
+does) and keeps the faster int8 kernel exact. ACWL's one per-tensor weight scale would take the worst pair of
+the whole tensor: it stores q + 128 as uint8 (zero point 128), whose uint8 x uint8 product is exact (see
+docs/dynamic_quant.md). The `alwc_weights="uint8"` option gives ALWC that storage too (for comparisons). A
+MatMul of two activations stays float.
 
 Gather embedding tables get int8 codes with one symmetric scale per row; the gathered rows are dequantized
 after the Gather, so the table stays int8 in memory as well as on disk.
@@ -116,7 +116,8 @@ class _Rewriter:
                 q_name, zero_name = self.const(codes.astype(np.int8), f"{base}_quantized"), ""
             else:
                 q_name = self.const((codes + _ZERO).astype(np.uint8), f"{base}_quantized")
-                # A zero point per column takes ONNX Runtime's fast uint8 x uint8 path (a scalar one does not).
+                # A zero point per column takes ONNX Runtime's fast uint8 x uint8 path (a scalar one
+                # was slower on some runs).
                 zero = np.full(w.shape[-1], _ZERO, np.uint8) if w.ndim == 2 else np.array(_ZERO, np.uint8)
                 zero_name = self.shared(zero)
             eq_name = None
@@ -219,8 +220,8 @@ def _pair_safe(w: np.ndarray, params: QParams) -> QParams:
     """Per-column scales widened so that two same-sign codes at K positions 2i, 2i+1 sum to at most 128.
 
     ONNX Runtime's uint8 x int8 kernel on x86 without VNNI adds those two products in saturating int16; with
-    activation codes up to 255 a pair sum of 128 stays exact (255 * 128 = 32640). Sums of float weights at most
-    127 * scale round to at most 128."""
+    activation codes up to 255 a pair sum of 128 stays exact (255 * 128 = 32640). Sums of float weights at
+    most 127 * scale round to at most 128."""
     limit = _pair_limit(gemm_rows(w, "MatMul", False).astype(np.float64)) / params.qmax
     limit = limit.reshape(-1, params.scale.size).max(axis=0).reshape(params.scale.shape)
     return QParams(np.maximum(params.scale, limit), params.zero_point, params.qmin, params.qmax)
