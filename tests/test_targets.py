@@ -12,9 +12,9 @@ from onnx import TensorProto, numpy_helper
 from test_full_quant import _config, conv_model, depthwise_model, outputs, samples
 
 from ptqlite.convert import convert
-from ptqlite.passes.full import _pair_limit, activation_params, gemm_rows, weight_params
+from ptqlite.passes.full import activation_params, weight_params
 from ptqlite.plan import WeightSpec
-from ptqlite.qmath import quantize
+from ptqlite.qmath import gemm_rows, int16_pair_limit, quantize
 from ptqlite.targets import PRESETS, target
 
 
@@ -93,7 +93,7 @@ def test_cpu_weight_pairs_never_overflow_int16(channels, cin, kernel, spread, se
     plain = np.abs(w).reshape(channels, -1).max(axis=1) / 127
     assert (params.scale.ravel() >= plain * (1 - 1e-12)).all()
     # No pair can overflow at the plain scale: the plain scale stays.
-    safe = _pair_limit(rows) <= np.abs(rows).max(axis=1)
+    safe = int16_pair_limit(rows) <= np.abs(rows).max(axis=1)
     np.testing.assert_allclose(params.scale.ravel()[safe], plain[safe])
     # Other presets keep full-range int8 weights.
     assert np.allclose(weight_params(w, spec, target("NVGPU"), rows=rows).scale.ravel(), plain)

@@ -113,3 +113,37 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def bits_for(count: int) -> int:
     """Bits needed to index `count` distinct values (at least 1)."""
     return max(1, int(np.ceil(np.log2(max(count, 2)))))
+
+
+# ---------------------------------------------------------------- x86 int8 kernels without VNNI
+
+
+def gemm_rows(w: np.ndarray, op_type: str, trans_b: bool) -> np.ndarray | None:
+    """The weight as [output channel, K] in onnxruntime's summation order: (kh, kw, input channel) for a Conv
+    (it runs convolutions NHWC), K for MatMul/Gemm. None for ops without an x86 int8 GEMM (ConvTranspose) and
+    for vector weights."""
+    if w.ndim < 2:
+        return None
+    if op_type == "Conv":
+        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
+    if op_type == "Gemm" and trans_b:
+        return w
+    if op_type in ("Gemm", "MatMul"):
+        return np.moveaxis(w, -1, -2).reshape(-1, w.shape[-2])
+    return None
+
+
+def int16_pair_limit(rows: np.ndarray) -> np.ndarray:
+    """Per row, the largest |w_a + w_b| over the weights the x86 kernels multiply in one pair.
+
+    Without VNNI, MLAS multiplies u8 activations by s8 weights with VPMADDUBSW, which adds the products of
+    neighbouring K positions (2i, 2i+1) in int16 with saturation: with activation codes up to 255, a pair of
+    same-sign weight codes must sum to at most 128 (255 * 128 = 32640). Opposite signs never overflow. With an
+    odd K the pairs of a Conv may straddle kernel taps, so any two weights of a row count as a pair."""
+    if rows.shape[1] % 2 == 0:
+        return np.abs(rows.reshape(rows.shape[0], -1, 2).sum(axis=2)).max(axis=1)
+    if rows.shape[1] < 2:
+        return np.abs(rows).max(axis=1)
+    top = np.sort(np.maximum(rows, 0), axis=1)[:, -2:].sum(axis=1)
+    bottom = np.sort(np.maximum(-rows, 0), axis=1)[:, -2:].sum(axis=1)
+    return np.maximum(top, bottom)

@@ -30,9 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..config import QuantConfig
 from ..model import GraphIndex, attribute, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
-from ..qmath import QParams, dequantize, quantize, symmetric_params
+from ..qmath import QParams, dequantize, gemm_rows, int16_pair_limit, quantize, symmetric_params
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
-from .full import _pair_limit, gemm_rows
 from .weight import relative_error
 
 _OPS = ("MatMul", "Gemm", "Gather")
@@ -222,7 +221,7 @@ def _pair_safe(w: np.ndarray, params: QParams) -> QParams:
     ONNX Runtime's uint8 x int8 kernel on x86 without VNNI adds those two products in saturating int16; with
     activation codes up to 255 a pair sum of 128 stays exact (255 * 128 = 32640). Sums of float weights at
     most 127 * scale round to at most 128."""
-    limit = _pair_limit(gemm_rows(w, "MatMul", False).astype(np.float64)) / params.qmax
+    limit = int16_pair_limit(gemm_rows(w, "MatMul", False).astype(np.float64)) / params.qmax
     limit = limit.reshape(-1, params.scale.size).max(axis=0).reshape(params.scale.shape)
     return QParams(np.maximum(params.scale, limit), params.zero_point, params.qmin, params.qmax)
 

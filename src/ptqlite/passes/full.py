@@ -38,6 +38,8 @@ from ..qmath import (
     QParams,
     asymmetric_params,
     dequantize,
+    gemm_rows,
+    int16_pair_limit,
     qrange,
     quantize,
     round_half_away,
@@ -330,48 +332,17 @@ def activation_params(lo: float, hi: float, preset: Target) -> QParams:
 def weight_params(w: np.ndarray, spec: WeightSpec, preset: Target, depthwise: bool = False,
                   rows: np.ndarray | None = None) -> QParams:
     """int8 symmetric per channel (the kernels and every runtime accept it); per tensor as the preset says.
-    `rows` is the weight as [output channel, K] in the order the int8 GEMM sums over K (see gemm_rows); with
+    `rows` is the weight as [output channel, K] in the order the int8 GEMM sums over K (see qmath.gemm_rows); with
     a preset that keeps pair sums in int16, the scale grows where two neighbouring codes could overflow."""
     if spec.axis is not None or preset.weight_per_tensor_symmetric:
         params = symmetric_params(w, 8, spec.axis, narrow=True)
         if preset.int16_pair_sums and not depthwise and rows is not None:
-            limit = _pair_limit(rows.astype(np.float64)) / params.qmax
+            limit = int16_pair_limit(rows.astype(np.float64)) / params.qmax
             limit = limit.max() if spec.axis is None else limit.reshape(-1, params.scale.size).max(axis=0)
             params = QParams(np.maximum(params.scale, limit.reshape(params.scale.shape)), params.zero_point,
                              params.qmin, params.qmax)
         return params
     return asymmetric_params(w, 8, None, signed=preset.weight_per_tensor_type == TensorProto.INT8)
-
-
-def gemm_rows(w: np.ndarray, op_type: str, trans_b: bool) -> np.ndarray | None:
-    """The weight as [output channel, K] in onnxruntime's summation order: (kh, kw, input channel) for a Conv
-    (it runs convolutions NHWC), K for MatMul/Gemm. None for ops without an x86 int8 GEMM (ConvTranspose) and
-    for vector weights."""
-    if w.ndim < 2:
-        return None
-    if op_type == "Conv":
-        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
-    if op_type == "Gemm" and trans_b:
-        return w
-    if op_type in ("Gemm", "MatMul"):
-        return np.moveaxis(w, -1, -2).reshape(-1, w.shape[-2])
-    return None
-
-
-def _pair_limit(rows: np.ndarray) -> np.ndarray:
-    """Per row, the largest |w_a + w_b| over the weights the x86 kernels multiply in one pair.
-
-    Without VNNI, MLAS multiplies u8 activations by s8 weights with VPMADDUBSW, which adds the products of
-    neighbouring K positions (2i, 2i+1) in int16 with saturation: with activation codes up to 255, a pair of
-    same-sign weight codes must sum to at most 128 (255 * 128 = 32640). Opposite signs never overflow. With an
-    odd K the pairs of a Conv may straddle kernel taps, so any two weights of a row count as a pair."""
-    if rows.shape[1] % 2 == 0:
-        return np.abs(rows.reshape(rows.shape[0], -1, 2).sum(axis=2)).max(axis=1)
-    if rows.shape[1] < 2:
-        return np.abs(rows).max(axis=1)
-    top = np.sort(np.maximum(rows, 0), axis=1)[:, -2:].sum(axis=1)
-    bottom = np.sort(np.maximum(-rows, 0), axis=1)[:, -2:].sum(axis=1)
-    return np.maximum(top, bottom)
 
 
 # ---------------------------------------------------------------- statistics
