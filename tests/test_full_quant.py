@@ -43,7 +43,7 @@ def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(value.astype(np.float32), name)
 
 
-def conv_model() -> onnx.ModelProto:
+def conv_model(seed: int = 10) -> onnx.ModelProto:
     """Conv+Relu -> Conv -> Add(residual) -> Relu -> MaxPool -> GlobalAveragePool -> Flatten -> Gemm."""
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -56,27 +56,29 @@ def conv_model() -> onnx.ModelProto:
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
     ]
-    inits = [_init("w1", RNG.normal(0, 0.3, (16, 3, 3, 3))), _init("b1", RNG.normal(0, 0.1, 16)),
-             _init("w2", RNG.normal(0, 0.1, (16, 16, 3, 3))), _init("b2", RNG.normal(0, 0.1, 16)),
-             _init("wf", RNG.normal(0, 0.3, (10, 16))), _init("bf", RNG.normal(0, 0.1, 10))]
+    rng = np.random.default_rng(seed)  # each model its own generator: tests must not depend on their order
+    inits = [_init("w1", rng.normal(0, 0.3, (16, 3, 3, 3))), _init("b1", rng.normal(0, 0.1, 16)),
+             _init("w2", rng.normal(0, 0.1, (16, 16, 3, 3))), _init("b2", rng.normal(0, 0.1, 16)),
+             _init("wf", rng.normal(0, 0.3, (10, 16))), _init("bf", rng.normal(0, 0.1, 10))]
     graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def matmul_model() -> onnx.ModelProto:
+def matmul_model(seed: int = 11) -> onnx.ModelProto:
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
              helper.make_node("Add", ["m", "b"], ["a"], name="bias"),
              helper.make_node("Relu", ["a"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
-    inits = [_init("w", RNG.normal(0, 0.2, (32, 64))), _init("b", RNG.normal(0, 0.1, 64)),
-             _init("w2", RNG.normal(0, 0.2, (64, 8)))]
+    rng = np.random.default_rng(seed)
+    inits = [_init("w", rng.normal(0, 0.2, (32, 64))), _init("b", rng.normal(0, 0.1, 64)),
+             _init("w2", rng.normal(0, 0.2, (64, 8)))]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def depthwise_model(relu6: bool = True) -> onnx.ModelProto:
+def depthwise_model(relu6: bool = True, seed: int = 0) -> onnx.ModelProto:
     """Conv -> ReLU6 -> depthwise Conv -> ReLU6 -> Conv, with channel ranges spread over 3 decades."""
     spread = np.logspace(-1.5, 1.5, 16)
     act = ["lo", "hi"] if relu6 else []
@@ -87,11 +89,12 @@ def depthwise_model(relu6: bool = True) -> onnx.ModelProto:
         helper.make_node("Clip" if relu6 else "Relu", ["c2", *act], ["r2"], name="act_2"),
         helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="project"),
     ]
-    w2 = RNG.normal(0, 0.3, (16, 1, 3, 3)) * spread.reshape(-1, 1, 1, 1)
-    inits = [_init("w1", RNG.normal(0, 0.3, (16, 4, 1, 1))), _init("b1", RNG.uniform(0, 0.5, 16)),
-             _init("w2", w2), _init("b2", RNG.uniform(0, 0.5, 16) * spread),
-             _init("w3", RNG.normal(0, 0.3, (8, 16, 1, 1)) / np.sqrt(spread).reshape(1, -1, 1, 1)),
-             _init("b3", RNG.normal(0, 0.1, 8)), _init("lo", np.array(0.0)), _init("hi", np.array(6.0))]
+    rng = np.random.default_rng(seed)
+    w2 = rng.normal(0, 0.3, (16, 1, 3, 3)) * spread.reshape(-1, 1, 1, 1)
+    inits = [_init("w1", rng.normal(0, 0.3, (16, 4, 1, 1))), _init("b1", rng.uniform(0, 0.5, 16)),
+             _init("w2", w2), _init("b2", rng.uniform(0, 0.5, 16) * spread),
+             _init("w3", rng.normal(0, 0.3, (8, 16, 1, 1)) / np.sqrt(spread).reshape(1, -1, 1, 1)),
+             _init("b3", rng.normal(0, 0.1, 8)), _init("lo", np.array(0.0)), _init("hi", np.array(6.0))]
     graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
