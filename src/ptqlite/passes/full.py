@@ -492,7 +492,6 @@ class _Rewriter:
         self.positions = {id(n): i for i, n in enumerate(self.graph.node)}
         self.records: list[QuantizedTensor] = []
         self.new_inits: list[onnx.TensorProto] = []
-        self.node_outputs: dict[int, str] = {}  # corrected node position -> its output name in the new graph
         self.biases: dict[int, tuple[str, np.ndarray]] = {}  # position -> (int32 bias initializer, its scale)
         self.weight_scales: dict[str, np.ndarray] = {}
         self.dequantized: dict[str, np.ndarray] = {}  # weight -> its dequantized float value
@@ -567,8 +566,6 @@ class _Rewriter:
             for out in list(node.output):
                 if out in plan.tensors:
                     add_qdq(out, body)
-            if pos in self.corrected:
-                self.node_outputs[pos] = node.output[0]
         del graph.node[:]
         graph.node.extend(head + body)
         graph.initializer.extend(self.new_inits)
