@@ -33,7 +33,7 @@ from onnx import TensorProto, numpy_helper
 
 from .config import QuantConfig
 from .errors import ConfigError, ConversionError
-from .model import constants_to_initializers, graph_inputs
+from .model import GraphIndex, constants_to_initializers, graph_inputs
 from .result import ConversionResult
 
 log = logging.getLogger(__name__)
@@ -179,21 +179,17 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     """One entry per tensor, in graph order: quantized weights as the Input of the node that reads them, graph
     inputs as the Input of their first consumer, every other activation as the Output of the node making it."""
     graph = float_model.graph
-    initializers = {t.name for t in graph.initializer}
+    index = GraphIndex(graph)
     quant_nodes: dict[str, onnx.NodeProto] = {}
     for node in quant_model.graph.node:
         if node.name:
             quant_nodes.setdefault(node.name, node)
     quant_values = {t.name for t in quant_model.graph.initializer} | {i.name for i in quant_model.graph.input}
     quant_values |= {o for n in quant_model.graph.node for o in n.output}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, slot))
     types = _float_types(float_model)
 
     def counterpart(tensor: str) -> str | None:
-        for node, slot in consumers.get(tensor, []):
+        for node, slot in index.consumers.get(tensor, []):
             twin = quant_nodes.get(node.name) if node.name else None
             if twin is not None and slot < len(twin.input) and twin.input[slot]:
                 return twin.input[slot]
@@ -203,9 +199,9 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
         return types.get(tensor, TensorProto.FLOAT) in _FLOAT_TYPES
 
     entries: list[_Entry] = []
-    weights = {q.tensor for q in result.quantized if q.tensor in initializers}
+    weights = {q.tensor for q in result.quantized if q.tensor in index.initializers}
     for value in graph_inputs(float_model):
-        users = consumers.get(value.name)
+        users = index.consumers.get(value.name)
         twin = counterpart(value.name)
         if users and twin and is_float(value.name):
             entries.append(_Entry(users[0][0].name, users[0][0].op_type, value.name, "Input", "Activation", twin))
