@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqlite.autotune import MAX_COARSE, TARGET_COSINE, output_cosine, search_scale
+from ptqlite.autotune import MAX_COARSE, TARGET_COSINE, search_scale
 from ptqlite.config import parse_config
 from ptqlite.convert import convert
 from ptqlite.encoding import SharedConstants
@@ -28,6 +28,7 @@ from ptqlite.passes.mixed_bit import (
     zigzag,
 )
 from ptqlite.plan import WeightSpec
+from ptqlite.report import cosine_similarity
 
 CALIB = EXAMPLES / "calib" / "input"
 
@@ -198,13 +199,13 @@ def test_search_scale_brackets_then_bisects_within_bounds():
     assert len(missed.history) == MAX_COARSE
 
 
-def test_output_cosine_edge_cases():
+def test_auto_tune_cosine_edge_cases():
     zeros, ones = np.zeros(4), np.ones(4)
-    assert output_cosine(zeros, zeros) == 1.0
-    assert output_cosine(zeros, ones) == 0.0
-    assert output_cosine(ones, np.array([1, 1, np.nan, 1])) == 0.0
-    assert output_cosine(ones, -ones) == -1.0
-    assert output_cosine(np.array([1.0, 0]), np.array([1.0, 1])) == pytest.approx(math.sqrt(0.5))
+    assert cosine_similarity(zeros, zeros) == 1.0
+    assert cosine_similarity(zeros, ones) == 0.0
+    assert cosine_similarity(ones, np.array([1, 1, np.nan, 1])) == 0.0
+    assert cosine_similarity(ones, -ones) == -1.0
+    assert cosine_similarity(np.array([1.0, 0]), np.array([1.0, 1])) == pytest.approx(math.sqrt(0.5))
 
 
 def test_auto_tune_without_data_says_it_used_random_inputs():
@@ -228,5 +229,5 @@ def test_auto_tune_on_resnet20_calibration_images_reaches_the_target_cosine():
     x = _calibration_images(count)
     reference = run(model, {"input": x})[0]
     quantized = run(result.model, {"input": x})[0]
-    mean_cosine = np.mean([output_cosine(r, q) for r, q in zip(reference, quantized)])
+    mean_cosine = np.mean([cosine_similarity(r, q) for r, q in zip(reference, quantized)])
     assert abs(mean_cosine - TARGET_COSINE) <= 0.003

@@ -22,6 +22,7 @@ from onnx import helper
 from .config import QuantConfig
 from .errors import DataError
 from .model import graph_inputs
+from .report import cosine_similarity
 
 TARGET_COSINE = 0.995
 TOLERANCE = 0.001  # the fine search stops once the cosine lies in [target, target + TOLERANCE]
@@ -30,17 +31,6 @@ MAX_FINE = 8
 SCALE_LIMITS = (1e-4, 0.9)  # init_scale must stay in (0, 1)
 RANDOM_SAMPLES = 4
 RANDOM_SEED = 0
-
-
-def output_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity in double: both all-zero -> 1, one all-zero -> 0, any NaN/Inf -> 0."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        return 0.0
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0 or nb == 0:
-        return 1.0 if na == nb else 0.0
-    return float(np.clip(a @ b / (na * nb), -1.0, 1.0))
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -60,7 +50,7 @@ class OutputComparer:
     def __call__(self, candidate: onnx.ModelProto) -> float:
         """Mean over samples and outputs of the cosine similarity to the float outputs."""
         session = _session(candidate)
-        scores = [output_cosine(ref, out)
+        scores = [cosine_similarity(ref, out)
                   for feed, refs in zip(self.inputs, self.reference)
                   for ref, out in zip(refs, session.run(None, feed))]
         return float(np.mean(scores))
