@@ -47,6 +47,7 @@ from ..qmath import (
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 from ..targets import FUSABLE_ACTIVATIONS, WEIGHTED_OPS, Target, target
+from .weight import relative_error
 
 log = logging.getLogger(__name__)
 
@@ -610,8 +611,7 @@ class _Rewriter:
             reads[name] = dq
             self.weight_scales[name] = params.scale.reshape(-1)
             self.dequantized[name] = dequantize(q, params)
-            w_hat = self.dequantized[name].astype(np.float64)
-            err = float(np.sqrt(np.sum((w - w_hat) ** 2) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)))
+            err = relative_error(w, self.dequantized[name])
             scheme = "symmetric " if not params.zero_point.any() and params.qmin < 0 else "asymmetric "
             scheme += f"per-channel axis {spec.axis}" if spec.axis is not None else "per-tensor"
             storage = "DequantizeLinear " + TensorProto.DataType.Name(dtype).lower()
