@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .config import QuantConfig
 from .convert import convert
 from .errors import UsageError
 from .model import graph_inputs, name_unnamed_nodes, save_model
-from .report import cosine_similarity, iter_limited, make_session, report_inputs
+from .report import cosine_similarity, make_session, report_inputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +122,8 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
         name_unnamed_nodes(model)
         notes.append(f"{unnamed} nodes had no name; they are named after their first output, as convert does, "
                      "so the skip line works on the original file too")
-    inputs = list(iter_limited(report_inputs(model, config, input_format, notes), samples))
+    # islice reads no sample past the last one used; a count below 1 reaches the error below
+    inputs = list(itertools.islice(report_inputs(model, config, input_format, notes), max(samples, 0)))
     if not inputs:
         raise UsageError("analyze needs at least one sample: --samples must be >= 1")
     evaluator = _Evaluator(model, config, inputs, input_format)

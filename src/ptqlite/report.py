@@ -22,7 +22,7 @@ import html
 import io
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -531,11 +531,3 @@ def debug_report(float_model: onnx.ModelProto, result: ConversionResult, config:
     inputs = samples if samples is not None else report_inputs(float_model, config, input_format, notes)
     result.notes += [n for n in notes if n not in result.notes]
     return write_reports(config.common.debug_info_save_path, float_model, result.model, result, inputs, notes)
-
-
-def iter_limited(inputs: Iterable[dict[str, np.ndarray]], count: int) -> Iterator[dict[str, np.ndarray]]:
-    """At most `count` samples of `inputs`, read lazily."""
-    for index, feeds in enumerate(inputs):
-        if index >= count:
-            return
-        yield feeds
