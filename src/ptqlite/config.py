@@ -285,10 +285,6 @@ class _Reader:
         where = f"{self.source}:{line}" if line else self.source
         return ConfigError(f"{where}: [{section}] {key}: {expected}")
 
-    def get(self, section: str, key: str, default: Any = None) -> Any:
-        entry = self.entries.get(section, {}).get(key)
-        return default if entry is None or entry.value is None else entry.value
-
     def has(self, section: str, key: str) -> bool:
         entry = self.entries.get(section, {}).get(key)
         return entry is not None and entry.value is not None

@@ -146,10 +146,6 @@ def _all_tensors(model: onnx.ModelProto):
                 yield attr.t
 
 
-def model_bytes(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
-
-
 # ---------------------------------------------------------------- graph helpers
 
 
