@@ -60,7 +60,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
         graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in values if name in used)
         del graph.node[:]
         graph.node.extend(keep)
-        _drop_unused_initializers(model)
+        drop_unused_initializers(graph)
     return folded
 
 
@@ -98,7 +98,7 @@ def fold_batch_norm(model: onnx.ModelProto) -> int:
         keep = [n for n in graph.node if id(n) not in removed]
         del graph.node[:]
         graph.node.extend(keep)
-        _drop_unused_initializers(model)
+        drop_unused_initializers(graph)
     return folded
 
 
@@ -127,8 +127,8 @@ def _set_initializer(index: GraphIndex, name: str, value: np.ndarray) -> None:
     index.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    graph = model.graph
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers that no node reads and no graph output names."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     removed = {t.name for t in graph.initializer if t.name not in used}
     keep = [t for t in graph.initializer if t.name not in removed]

@@ -33,7 +33,7 @@ from ..equalize import capped_tensors, equalize
 from ..errors import ConversionError, DataError
 from ..model import GraphIndex, attribute, ensure_opset
 from ..plan import WeightSpec, plan_weights
-from ..prepare import is_float, prepare, tensor_types
+from ..prepare import drop_unused_initializers, is_float, prepare, tensor_types
 from ..qmath import (
     QParams,
     asymmetric_params,
@@ -570,7 +570,7 @@ class _Rewriter:
         del graph.node[:]
         graph.node.extend(head + body)
         graph.initializer.extend(self.new_inits)
-        self._drop_unused()
+        drop_unused_initializers(self.graph)
 
     def _fold_activations(self) -> None:
         """Drop a Relu/Clip after an int8 op when its output quantizer clamps identically (zero point at the
@@ -679,16 +679,6 @@ class _Rewriter:
         tensor = next(t for t in self.graph.initializer if t.name == q_name)
         corrected = numpy_helper.to_array(tensor).astype(np.float64) * scale + diff
         tensor.CopyFrom(numpy_helper.from_array(_bias_codes(corrected, scale), q_name))
-
-    def _drop_unused(self) -> None:
-        used = {n for node in self.graph.node for n in node.input} | {o.name for o in self.graph.output}
-        removed = {t.name for t in self.graph.initializer} - used
-        keep = [t for t in self.graph.initializer if t.name not in removed]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep)
-        inputs = [i for i in self.graph.input if i.name not in removed]
-        del self.graph.input[:]
-        self.graph.input.extend(inputs)
 
 
 def _bias_codes(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
