@@ -25,7 +25,7 @@ from .config import QuantConfig
 from .convert import convert
 from .errors import UsageError
 from .model import graph_inputs, name_unnamed_nodes, save_model
-from .report import cosine_similarity, make_session, report_inputs
+from .report import cosine_similarity, make_session, report_inputs, session_feeds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,9 +80,7 @@ class _Evaluator:
     def __init__(self, model: onnx.ModelProto, config: QuantConfig, samples: list[dict[str, np.ndarray]],
                  input_format: str | None):
         self.model, self.config, self.samples, self.input_format = model, config, samples, input_format
-        session = make_session(model)
-        names = {i.name for i in session.get_inputs()}
-        self.reference = [session.run(None, {k: v for k, v in s.items() if k in names}) for s in samples]
+        self.reference = _run(model, samples)
         self.cache: dict[frozenset[str], float] = {}
         self.conversions = 0
 
@@ -97,14 +95,16 @@ class _Evaluator:
         result = convert(self.model, _with_skip(self.config, list(dict.fromkeys(skip))),
                          input_format=self.input_format, progress=False)
         self.conversions += 1
-        session = make_session(result.model)
-        names = {i.name for i in session.get_inputs()}
-        values = []
-        for sample, reference in zip(self.samples, self.reference, strict=True):
-            outputs = session.run(None, {k: v for k, v in sample.items() if k in names})
-            values.append(cosine_similarity(_flat(reference), _flat(outputs)))
+        values = [cosine_similarity(_flat(reference), _flat(outputs))
+                  for reference, outputs in zip(self.reference, _run(result.model, self.samples), strict=True)]
         self.cache[frozenset(skip)] = float(np.mean(values))
         return result
+
+
+def _run(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """The graph outputs of `model` on each sample."""
+    session = make_session(model)
+    return [session.run(None, session_feeds(session, sample)) for sample in samples]
 
 
 def _flat(outputs: list[np.ndarray]) -> np.ndarray:

@@ -246,7 +246,7 @@ class _Probe:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = dict(zip(self.outputs, self.session.run(None, _feeds(self.session, feeds)), strict=True))
+        values = dict(zip(self.outputs, self.session.run(None, session_feeds(self.session, feeds)), strict=True))
         for name in self.inputs:
             if name in feeds:
                 values[name] = feeds[name]
@@ -257,7 +257,8 @@ class _Probe:
         return numpy_helper.to_array(tensor) if tensor is not None else None
 
 
-def _feeds(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def session_feeds(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The entries of `feeds` that `session` takes as inputs."""
     names = {i.name for i in session.get_inputs()}
     return {k: v for k, v in feeds.items() if k in names}
 
@@ -313,7 +314,7 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
             plain = quant_values
             if quant_session is not None:
                 plain = dict(zip([o.name for o in quant_session.get_outputs()],
-                                 quant_session.run(None, _feeds(quant_session, feeds)), strict=True))
+                                 quant_session.run(None, session_feeds(quant_session, feeds)), strict=True))
             for name in output_names:
                 origin = float_values.get(name, float_probe.constant(name))
                 result_value = plain.get(name, quant_probe.constant(name))
