@@ -105,14 +105,18 @@ class _Builder:
             total = -(-count * bits // 8) * per_byte
             return self.node("Cast", [self._first(low, count, total)], to=TensorProto.FLOAT)
         # Any other width: split bytes into bits, then weigh each code's bits with powers of two.
-        shifted = self.node("BitShift", [column, self.shared.get(np.arange(7, -1, -1, dtype=np.uint8)[None])],
-                            direction="RIGHT")
-        bit = self.node("Mod", [shifted, self.shared.get(np.array([2], np.uint8))])
+        bit = self.bits(column)
         rows = self.node("Reshape", [self._first(bit, count * bits, -(-count * bits // 8) * 8), self.shape_of([count, bits])])
         as_float = self.node("Cast", [rows], to=TensorProto.FLOAT)
         powers = (2.0 ** np.arange(bits - 1, -1, -1)).astype(np.float32).reshape(bits, 1)
         weighted = self.node("MatMul", [as_float, self.shared.get(powers)])
         return self.node("Reshape", [weighted, self.shape_of([-1])])
+
+    def bits(self, column: str) -> str:
+        """The bits of a uint8 column [n, 1], MSB first, as a uint8 table [n, 8]."""
+        shifts = self.shared.get(np.arange(7, -1, -1, dtype=np.uint8)[None])
+        shifted = self.node("BitShift", [column, shifts], direction="RIGHT")
+        return self.node("Mod", [shifted, self.shared.get(np.array([2], np.uint8))])
 
     def _first(self, fields: str, count: int, total: int) -> str:
         """The first `count` of the `total` values of a [bytes, per_byte] table, flat (no Slice without padding)."""

@@ -159,9 +159,7 @@ def _rice_values(b: _Builder, z: np.ndarray, k: int) -> str:
     """
     stream, remainders = rice_encode(z, k)
     shared = b.shared
-    shifts = shared.get(np.arange(7, -1, -1, dtype=np.uint8)[None])
-    shifted = b.node("BitShift", [b.const(stream.reshape(-1, 1)), shifts], direction="RIGHT")
-    bits = b.node("Mod", [shifted, shared.get(np.array([2], np.uint8))])
+    bits = b.bits(b.const(stream.reshape(-1, 1)))
     keys = b.node("Cast", [b.node("Reshape", [bits, b.shape_of([-1])])], to=TensorProto.FLOAT)
     b.node("TopK", [keys, b.shape_of([z.size])], axis=0, largest=0, sorted=1)
     stops = b.index.unique_name(b.prefix)
