@@ -124,6 +124,11 @@ def _rescale_pair(pair: _Pair, weights: dict[str, np.ndarray], factor: np.ndarra
     weights[pair.first.input[1]] = w1 / factor.reshape(-1, *([1] * (w1.ndim - 1)))
     if len(pair.first.input) > 2 and pair.first.input[2]:
         weights[pair.first.input[2]] = weights[pair.first.input[2]] / factor
+    _scale_inputs(pair, weights, factor)
+
+
+def _scale_inputs(pair: _Pair, weights: dict[str, np.ndarray], factor: np.ndarray) -> None:
+    """Multiply the second conv's input channel c by factor_c."""
     w2 = weights[pair.second.input[1]]
     if attribute(pair.second, "group", 1) == 1:
         weights[pair.second.input[1]] = w2 * factor.reshape(1, -1, *([1] * (w2.ndim - 2)))
@@ -228,23 +233,15 @@ def _clip_from_zero(index: GraphIndex, clip: onnx.NodeProto) -> bool:
 def _equalize_pair(pair: _Pair, weights: dict[str, np.ndarray]) -> np.ndarray:
     """Rescale one pair in place; returns the scale s (A's output channel c was divided by s_c)."""
     w1 = weights[pair.first.input[1]]
-    w2 = weights[pair.second.input[1]]
     channels = w1.shape[0]
-    group = attribute(pair.second, "group", 1)
-    # View B's weight with input channel c along axis 1: [out, in, ...] for group 1,
-    # [groups(=channels), multiplier, ...] for depthwise.
-    view2 = w2 if group == 1 else w2.reshape(channels, -1)
-    axis2 = 1 if group == 1 else 0
-    shape2 = [1] * view2.ndim
-    shape2[axis2] = channels
     has_bias = len(pair.first.input) > 2 and bool(pair.first.input[2])
     bias = weights[pair.first.input[2]] if has_bias else np.zeros(channels)
     r1 = np.abs(w1.reshape(channels, -1)).max(axis=1)
     if pair.activation is not None:
         # A channel of A with zero weights and a bias <= 0 is 0 after the ReLU: B's weights reading it do not
         # matter, and zeroing them keeps them from setting B's per-tensor range (MobileNet V2 has such channels).
-        view2 = view2 * ~((r1 == 0) & (bias <= 0)).reshape(shape2)
-    r2 = np.abs(np.moveaxis(view2, axis2, 0).reshape(channels, -1)).max(axis=1)
+        _scale_inputs(pair, weights, (~((r1 == 0) & (bias <= 0))).astype(np.float64))
+    r2 = _input_ranges(pair, weights)
     scale = np.ones(channels)
     ok = (r1 > 0) & (r2 > 0)
     scale[ok] = np.sqrt(r1[ok] / r2[ok])
@@ -253,8 +250,5 @@ def _equalize_pair(pair: _Pair, weights: dict[str, np.ndarray]) -> np.ndarray:
     free = (r1 == 0) & (r2 > 0)
     if free.any() and ok.any():
         scale[free] = np.minimum(1.0, np.max(r2[ok] * scale[ok]) / r2[free])
-    weights[pair.first.input[1]] = w1 / scale.reshape(-1, *([1] * (w1.ndim - 1)))
-    if has_bias:
-        weights[pair.first.input[2]] = bias / scale
-    weights[pair.second.input[1]] = (view2 * scale.reshape(shape2)).reshape(w2.shape)
+    _rescale_pair(pair, weights, scale)
     return scale
