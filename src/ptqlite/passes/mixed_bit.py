@@ -52,7 +52,7 @@ def _reconstruct(q: np.ndarray, step: np.ndarray) -> np.ndarray:
 def channel_errors(w: np.ndarray, step: np.ndarray, axis: int | None) -> np.ndarray:
     """Relative error per slice along `axis` (one value for axis None), shaped like `step`."""
     axes = reduce_axes(w.ndim, axis)
-    w64 = w.astype(np.float64)
+    w64 = np.asarray(w, np.float64)  # no copy when search_step passes its float64 weight
     q = round_half_away(w64 / step)
     diff = w64 - _reconstruct(q, step)
     energy = np.sum(w64 * w64, axis=axes, keepdims=True)
@@ -83,7 +83,7 @@ def search_step(w: np.ndarray, target: float, axis: int | None) -> tuple[np.ndar
     high = np.full(shape, np.inf)  # smallest step known to miss it
     done = np.zeros(shape, dtype=bool)
     for _ in range(SEARCH_ITERATIONS):
-        err = channel_errors(w, step, axis)
+        err = channel_errors(w64, step, axis)
         ok = err <= target
         low = np.where(~done & ok & (step > low), step, low)
         high = np.where(~done & ~ok & (step < high), step, high)
