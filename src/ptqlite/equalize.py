@@ -33,7 +33,7 @@ def capped_tensors(model: onnx.ModelProto) -> list[str]:
     """The inputs of the ReLU6 (Clip 0..m) nodes that equalisation would rescale: `equalize` needs their
     per-channel maxima to replace each cap by one Clip instead of per-channel Min caps."""
     index = GraphIndex(model.graph)
-    pairs = [p for node in model.graph.node if (p := _pair_after(index, node)) is not None]
+    pairs = _pairs(index)
     return [p.activation.input[0] for p in pairs if p.activation is not None and p.activation.op_type == "Clip"]
 
 
@@ -45,7 +45,7 @@ def equalize(model: onnx.ModelProto, iterations: int = 8,
     maximum over calibration data. With it, the channels that reach the cap share one scale and the ReLU6 becomes
     a single Clip(0, cap / s) that the int8 producer absorbs; without it, Relu -> Min(per-channel caps)."""
     index = GraphIndex(model.graph)
-    pairs = [p for node in model.graph.node if (p := _pair_after(index, node)) is not None]
+    pairs = _pairs(index)
     if not pairs:
         return []
     weights = {name: index.array(name).astype(np.float64) for p in pairs for name in _params(p)}
@@ -168,6 +168,10 @@ def _cap_per_channel(graph: onnx.GraphProto, index: GraphIndex, clip: onnx.NodeP
     clip.output[0] = relu_out
     cap = onnx.helper.make_node("Min", [relu_out, cap_name], [output], name=index.unique_name(f"{output}_min"))
     return clip, cap
+
+
+def _pairs(index: GraphIndex) -> list[_Pair]:
+    return [p for node in index.graph.node if (p := _pair_after(index, node)) is not None]
 
 
 def _params(pair: _Pair) -> list[str]:
