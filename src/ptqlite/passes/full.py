@@ -42,6 +42,7 @@ from ..qmath import (
     int16_pair_limit,
     qrange,
     quantize,
+    reduce_axes,
     round_half_away,
     symmetric_params,
 )
@@ -178,7 +179,7 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
     tails = _float_tails(graph, index, roles) if preset.float_weighted_outputs else []
     for pos in tails:
         roles[pos] = "float"
-    plan = GraphPlan(roles, weights={s.tensor: s for s in weights})
+    plan = GraphPlan(roles, weights=weight_specs)
     for pos, node in enumerate(graph.node):
         if roles[pos] == "compute" and node.op_type in FUSABLE_ACTIVATIONS:
             src = node.input[0]
@@ -412,14 +413,13 @@ def _channel_max(model: onnx.ModelProto, names: list[str], samples, progress: bo
     peaks: dict[str, np.ndarray] = {}
     for sample in _samples(samples, progress, "channel ranges"):
         for name, value in zip(names, _run(session, names, sample)):
-            peak = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1).max(axis=1)
+            peak = value.max(axis=reduce_axes(value.ndim, 1))
             peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
     return peaks
 
 
 def _per_channel_mean(x: np.ndarray) -> np.ndarray:
-    axes = tuple(a for a in range(x.ndim) if a != _CHANNEL_AXIS)
-    return x.astype(np.float64).mean(axis=axes)
+    return x.astype(np.float64).mean(axis=reduce_axes(x.ndim, _CHANNEL_AXIS))
 
 
 def _channel_means(model: onnx.ModelProto, names: list[str], samples, progress: bool | None,
