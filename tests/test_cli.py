@@ -278,3 +278,24 @@ def test_no_arguments_prints_the_subcommands(capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "convert" in err and "benchmark" in err and "analyze" in err
+
+
+def test_a_pass_whose_own_import_fails_is_not_reported_as_unsupported(monkeypatch):
+    import importlib
+    import sys
+
+    from ptqlite.config import parse_config
+
+    convert_module = sys.modules["ptqlite.convert"]  # the package attribute of that name is the function
+    original = importlib.import_module
+
+    def fail(name, *args, **kwargs):
+        if name == "ptqlite.passes.broken":
+            raise ModuleNotFoundError("No module named 'missing_dependency'", name="missing_dependency")
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setitem(PASSES, ("WEIGHT_QUANT", "fixed"), "broken")
+    monkeypatch.setattr(convert_module.importlib, "import_module", fail)
+    config = parse_config("[common_quant_param]\nquant_type=WEIGHT_QUANT\n")
+    with pytest.raises(ModuleNotFoundError, match="missing_dependency"):
+        convert_module._pass_for(config)

@@ -25,10 +25,12 @@ _PASSES = {
 def _pass_for(config: QuantConfig):
     key = (config.quant_type, "mixed" if config.is_mixed_bit else "fixed")
     label = "WEIGHT_QUANT mixed bit (bit_num=0)" if config.is_mixed_bit else config.quant_type
-    module = _PASSES.get(key)
+    name = f"ptqlite.passes.{_PASSES.get(key)}"
     try:
-        return importlib.import_module(f"ptqlite.passes.{module}")
-    except ModuleNotFoundError:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:  # the pass exists but something it imports is missing: a real error
+            raise
         raise UnsupportedError(f"{config.source}: quant_type {label} is not supported yet") from None
 
 
