@@ -18,7 +18,7 @@ from ..encoding import MIN_OPSET, SharedConstants, build_decoder
 from ..errors import ConversionError
 from ..model import GraphIndex, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
-from ..qmath import asymmetric_params, dequantize, quantize, reduce_axes
+from ..qmath import asymmetric_params, dequantize, qrange, quantize, reduce_axes
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 
 # Variance corrections outside this open interval are treated as degenerate and dropped (as the reference does).
@@ -157,13 +157,13 @@ def _dequantize_linear(index: GraphIndex, spec: WeightSpec, qw: QuantizedWeight,
     """
     bits = spec.bits
     if bits <= 4 and opset >= 21:
-        dtype, np_type, lo, hi = TensorProto.INT4, np.int8, -8, 7
+        dtype, np_type, width = TensorProto.INT4, np.int8, 4
     elif bits <= 8:
-        dtype, np_type, lo, hi = TensorProto.INT8, np.int8, -128, 127
+        dtype, np_type, width = TensorProto.INT8, np.int8, 8
     else:
-        dtype, np_type, lo, hi = TensorProto.INT16, np.int16, -32768, 32767
-    qmin = -(1 << (bits - 1))
-    q = qw.codes + qmin  # signed codes of the asymmetric scheme
+        dtype, np_type, width = TensorProto.INT16, np.int16, 16
+    lo, hi = qrange(width)
+    q = qw.codes + qrange(bits)[0]  # signed codes of the asymmetric scheme
     scale = np.broadcast_to(qw.q_scale * qw.var_corr, np.broadcast_shapes(qw.q_scale.shape, qw.var_corr.shape))
     zero = qw.q_zero_point - np.rint(qw.mean_corr / scale)
     zero = np.clip(np.broadcast_to(zero, scale.shape), lo, hi).astype(np_type)
