@@ -12,7 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-METHODS = ("MAX_MIN", "KL", "REMOVAL_OUTLIER")
+from .config import ACTIVATION_METHODS
+
 HISTOGRAM_BINS = 2048
 QUANTIZED_BINS = 128
 OUTLIER_QUANTILES = (0.0001, 0.9999)
@@ -33,7 +34,7 @@ def make_observer(method: str) -> Observer:
         return KLObserver()
     if method == "REMOVAL_OUTLIER":
         return OutlierRemovalObserver()
-    raise ValueError(f"unknown activation_quant_method {method!r}; expected one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown activation_quant_method {method!r}; expected one of {', '.join(ACTIVATION_METHODS)}")
 
 
 def _finite(x: np.ndarray) -> tuple[np.ndarray, float, float]:
