@@ -67,7 +67,6 @@ class _Rewriter:
     """Builds the replacement nodes and constants for one model."""
 
     def __init__(self, model: onnx.ModelProto, strategy: str, int8_weights: bool):
-        self.model = model
         self.strategy = strategy
         self.int8_weights = int8_weights
         self.index = GraphIndex(model.graph)
@@ -341,10 +340,10 @@ def _unsupported(node: onnx.NodeProto, weight: str, index: GraphIndex) -> str:
 
 def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str):
     prefix = node.name or rw.index.unique_name(node.op_type)
+    transpose = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
     if node.op_type == "MatMul":
-        nodes = rw.quantized_matmul(node.input[0], weight, False, node.output[0], prefix)
+        nodes = rw.quantized_matmul(node.input[0], weight, transpose, node.output[0], prefix)
     else:
-        transpose = bool(attribute(node, "transB", 0))
         alpha, beta = float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0))
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
         product = node.output[0] if not bias or beta == 0 else rw.index.unique_name(f"{prefix}/product")
@@ -360,5 +359,5 @@ def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str):
                     nodes.append(scaled)
             add, _ = rw.node("Add", [product, bias], prefix, output=node.output[0])
             nodes.append(add)
-    quantized = rw.weights[(weight, node.op_type == "Gemm" and bool(attribute(node, "transB", 0)))]
+    quantized = rw.matmul_weight(weight, transpose)  # memoised: the codes quantized_matmul used
     return nodes, quantized.w_hat, quantized.params
