@@ -100,21 +100,20 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in weight_plan.skipped]
     plan = plan_graph(model, types, weight_plan.quantized, preset, set(config.common.skip_quant_node))
 
-    corrected_all = _corrected_nodes(model, plan) if options.bias_correction else []
-    corrected = corrected_all
-    float_outputs = [model.graph.node[pos].output[0] for pos in corrected]
+    planned = _corrected_nodes(model, plan) if options.bias_correction else []
+    float_outputs = [model.graph.node[pos].output[0] for pos in planned]
     ranges, float_sums, count = _collect(model, plan, samples, options.activation_quant_method, float_outputs,
                                           progress)
     act_params = {name: activation_params(*ranges[source], preset) for name, source in plan.tensors.items()}
 
     reference = onnx.ModelProto()
-    if corrected:
+    if planned:
         reference.CopyFrom(model)
-    rewriter = _Rewriter(model, plan, act_params, preset, corrected)
+    rewriter = _Rewriter(model, plan, act_params, preset, planned)
     rewriter.run()
-    corrected = [pos for pos in corrected if pos in rewriter.biases]
+    corrected = [pos for pos in planned if pos in rewriter.biases]
     if corrected:
-        float_means = dict(zip(corrected_all, float_sums))
+        float_means = dict(zip(planned, float_sums))
         names = _add_layer_copies(reference, corrected, act_params, rewriter, preset)
         quant_sums = _channel_means(reference, names, samples, progress, "bias correction")
         for pos, quant_sum in zip(corrected, quant_sums):
