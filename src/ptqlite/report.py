@@ -123,11 +123,10 @@ def report_inputs(model: onnx.ModelProto, config: QuantConfig, input_format: str
                   notes: list[str] | None = None) -> Iterable[dict[str, np.ndarray]]:
     """The samples the debug report runs on: the calibration set when the config has one (one round per sample),
     else one synthetic sample (and a note saying so appended to `notes`)."""
-    try:
-        from .data import calibration_set, has_calibration_data
-    except ModuleNotFoundError:  # calibration reading not available: behave as without data
-        calibration_set = has_calibration_data = None
-    if has_calibration_data is not None and has_calibration_data(config):
+    # Imported here so that OpenCV loads only when a report is asked for.
+    from .data import calibration_set, has_calibration_data
+
+    if has_calibration_data(config):
         return calibration_set(config, model, input_format)
     if notes is not None:
         notes.append(SYNTHETIC_NOTE)
