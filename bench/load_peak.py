@@ -1,0 +1,63 @@
+"""Peak memory of loading weights that a decoder chain rebuilds at load, against plain float weights.
+
+    .venv/bin/python bench/load_peak.py
+
+Builds an 8-layer 2048x2048 MatMul stack three ways (float weights; uint8 weights behind one Cast; uint8 weights
+behind Cast, Mul by a per-column scale and Add of a per-column offset, the 8-bit decoder of WEIGHT_QUANT) and prints
+the peak resident memory of a child process that loads each and runs it once.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import run_child
+
+WIDTH, LAYERS = 2048, 8
+RUN = f"""import sys, numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.log_severity_level = 3
+s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
+s.run(None, {{"x": np.zeros((1, {WIDTH}), np.float32)}})"""
+
+
+def build(kind: str, path: Path) -> None:
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for k in range(LAYERS):
+        if kind == "float":
+            inits.append(numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32), f"w{k}"))
+        else:
+            inits.append(numpy_helper.from_array(rng.integers(0, 255, (WIDTH, WIDTH)).astype(np.uint8), f"u{k}"))
+            if kind == "cast":
+                nodes.append(helper.make_node("Cast", [f"u{k}"], [f"w{k}"], to=TensorProto.FLOAT))
+            else:
+                inits += [numpy_helper.from_array(np.full((1, WIDTH), 0.01, np.float32), f"a{k}"),
+                          numpy_helper.from_array(np.full((1, WIDTH), -1.0, np.float32), f"b{k}")]
+                nodes += [helper.make_node("Cast", [f"u{k}"], [f"c{k}"], to=TensorProto.FLOAT),
+                          helper.make_node("Mul", [f"c{k}", f"a{k}"], [f"m{k}"]),
+                          helper.make_node("Add", [f"m{k}", f"b{k}"], [f"w{k}"])]
+        nodes.append(helper.make_node("MatMul", [prev, f"w{k}"], [f"h{k}"]))
+        prev = f"h{k}"
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, WIDTH])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("float", "cast", "cast+mul+add"):
+            path = Path(tmp) / "model.onnx"
+            build(kind, path)
+            print(f"{kind}: peak RSS {run_child([sys.executable, '-c', RUN, str(path)]).peak_mb:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
