@@ -4,7 +4,8 @@
 
 Builds an 8-layer 2048x2048 MatMul stack three ways (float weights; uint8 weights behind one Cast; uint8 weights
 behind Cast, Mul by a per-column scale and Add of a per-column offset, the 8-bit decoder of WEIGHT_QUANT) and prints
-the peak resident memory of a child process that loads each and runs it once.
+the peak resident memory of a child process that loads each and runs it once. A fourth build does the same affine
+map with one BatchNormalization (scale a, bias b, mean 0, variance 1, epsilon 0: exactly x * a + b).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def build(kind: str, path: Path) -> None:
             inits.append(numpy_helper.from_array(rng.integers(0, 255, (WIDTH, WIDTH)).astype(np.uint8), f"u{k}"))
             if kind == "cast":
                 nodes.append(helper.make_node("Cast", [f"u{k}"], [f"w{k}"], to=TensorProto.FLOAT))
+            elif kind == "cast+batchnorm":
+                inits += [numpy_helper.from_array(np.full(WIDTH, 0.01, np.float32), f"a{k}"),
+                          numpy_helper.from_array(np.full(WIDTH, -1.0, np.float32), f"b{k}"),
+                          numpy_helper.from_array(np.zeros(WIDTH, np.float32), f"z{k}"),
+                          numpy_helper.from_array(np.ones(WIDTH, np.float32), f"o{k}")]
+                nodes += [helper.make_node("Cast", [f"u{k}"], [f"c{k}"], to=TensorProto.FLOAT),
+                          helper.make_node("BatchNormalization", [f"c{k}", f"a{k}", f"b{k}", f"z{k}", f"o{k}"],
+                                           [f"w{k}"], epsilon=0.0)]
             else:
                 inits += [numpy_helper.from_array(np.full((1, WIDTH), 0.01, np.float32), f"a{k}"),
                           numpy_helper.from_array(np.full((1, WIDTH), -1.0, np.float32), f"b{k}")]
@@ -52,7 +61,7 @@ def build(kind: str, path: Path) -> None:
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("float", "cast", "cast+mul+add"):
+        for kind in ("float", "cast", "cast+mul+add", "cast+batchnorm"):
             path = Path(tmp) / "model.onnx"
             build(kind, path)
             print(f"{kind}: peak RSS {run_child([sys.executable, '-c', RUN, str(path)]).peak_mb:.0f} MB")
