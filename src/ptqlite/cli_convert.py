@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import load_config
 from .convert import convert
 from .errors import UsageError
-from .model import SUPPORTED_FMKS, load_model, parse_input_shapes, save_model
+from .model import SUPPORTED_FMKS, check_fmk, load_model, parse_input_shapes, save_model
 from .result import ConversionResult
 
 
@@ -30,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_inputs(args: argparse.Namespace):
-    if args.fmk not in SUPPORTED_FMKS:
-        raise UsageError(f"--fmk={args.fmk}: expected one of {', '.join(SUPPORTED_FMKS)}")
+    check_fmk(args.fmk)  # before the config, so a wrong framework is the error a user sees first
     shapes = parse_input_shapes(args.inputShape) if args.inputShape else None
     config = load_config(args.configFile)
     model = load_model(args.modelFile, args.fmk, shapes)

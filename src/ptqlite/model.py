@@ -17,11 +17,16 @@ SUPPORTED_FMKS = ("ONNX", "PYTORCH")
 _TWO_GB = 2**31 - 1
 
 
+def check_fmk(fmk: str) -> None:
+    """Fail with the supported front-ends unless `fmk` is one of them."""
+    if fmk not in SUPPORTED_FMKS:
+        raise UsageError(f"--fmk={fmk}: expected one of {', '.join(SUPPORTED_FMKS)}")
+
+
 def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """Read a model with the front-end for `fmk`; the file itself is never modified."""
     path = Path(path)
-    if fmk not in SUPPORTED_FMKS:
-        raise UsageError(f"--fmk={fmk}: expected one of {', '.join(SUPPORTED_FMKS)}")
+    check_fmk(fmk)
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
     if fmk == "PYTORCH":
