@@ -21,7 +21,7 @@ from onnx import helper
 
 from .config import QuantConfig
 from .errors import DataError
-from .model import graph_inputs
+from .model import cpu_session, graph_inputs
 from .report import cosine_similarity
 
 TARGET_COSINE = 0.995
@@ -34,9 +34,7 @@ RANDOM_SEED = 0
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return cpu_session(model, "for auto_tune")
 
 
 class OutputComparer:

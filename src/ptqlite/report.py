@@ -32,8 +32,8 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from .config import QuantConfig
-from .errors import ConfigError, ConversionError
-from .model import GraphIndex, constants_to_initializers, graph_inputs
+from .errors import ConfigError
+from .model import GraphIndex, constants_to_initializers, cpu_session, graph_inputs
 from .result import ConversionResult
 
 log = logging.getLogger(__name__)
@@ -222,12 +222,7 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
 
 
 def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 -- onnxruntime raises several unrelated types
-        raise ConversionError(f"onnxruntime cannot load the model for the debug report ({exc})") from None
+    return cpu_session(model, "for the debug report")
 
 
 class _Probe:

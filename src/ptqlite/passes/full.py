@@ -30,8 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..config import QuantConfig
 from ..equalize import capped_tensors, equalize
-from ..errors import ConversionError, DataError
-from ..model import GraphIndex, attribute, ensure_opset
+from ..errors import DataError
+from ..model import GraphIndex, attribute, cpu_session, ensure_opset
 from ..plan import WeightSpec, plan_weights
 from ..prepare import drop_unused_initializers, is_float, prepare, tensor_types
 from ..qmath import (
@@ -354,14 +354,8 @@ def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession
     probe.CopyFrom(model)
     declared = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs if n not in declared)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     # Between runs the observers work in Python: spinning worker threads would only steal their CPU time.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 -- onnxruntime raises several unrelated types
-        raise ConversionError(f"onnxruntime cannot run the model for calibration ({exc})") from None
+    return cpu_session(probe, "for calibration", spinning=False)
 
 
 def _run(session: ort.InferenceSession, names: list[str], sample: dict[str, np.ndarray]) -> list[np.ndarray]:
