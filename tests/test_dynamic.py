@@ -426,3 +426,18 @@ def test_batched_weight_and_vector_activation(strategy):
     y, ref = run_model(convert(model, config(strategy)).model, feed), run_model(model, feed)
     assert y.shape == ref.shape == (8,)
     assert rel_error(y, ref) < 0.02
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_reported_bytes_count_everything_stored(strategy):
+    """bytes_after = the stored initializers of the weight: codes, scales and (ACWL) the per-input-channel
+    equalisation factors; it matches the bytes the conversion adds to the file."""
+    k, n = 12, 20
+    w = np.random.default_rng(3).standard_normal((k, n)).astype(np.float32)
+    result = convert(matmul_model(w), config(strategy))
+    (record,) = result.quantized
+    expected = {"ALWC": k * n + 4 * n, "ACWL": k * n + 4 + 4 * k}[strategy]
+    assert record.bytes_after == expected
+    stored = {t.name: numpy_helper.to_array(t).nbytes for t in result.model.graph.initializer}
+    weight_bytes = sum(v for name, v in stored.items() if name.startswith("W_") or name.endswith("w_scale"))
+    assert weight_bytes == expected

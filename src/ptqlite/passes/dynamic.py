@@ -253,11 +253,12 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
             kept_float.setdefault(weight, reason)
             new_nodes.append(node)
             continue
+        extra_bytes = 0  # stored besides codes and scales
         if node.op_type == "Gather":
             nodes, w_hat, params = rw.gather(node, spec)
             scheme, storage = "symmetric per-row axis 0", "Gather int8, rows dequantized after gathering"
         else:
-            nodes, w_hat, params = _matmul_nodes(rw, node, weight)
+            nodes, w_hat, params, extra_bytes = _matmul_nodes(rw, node, weight)
             scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
             scheme += f"; activations {_ACTIVATION_SCHEME[strategy]}"
             storage = (
@@ -278,7 +279,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
                 scheme,
                 storage,
                 bytes_before=w.nbytes,
-                bytes_after=w.size + 4 * params.scale.size,
+                bytes_after=w.size + 4 * params.scale.size + extra_bytes,
                 relative_error=relative_error(w_ref, w_hat),
                 scale=params.scale.ravel(),
                 zero_point=params.zero_point.ravel(),
@@ -360,4 +361,6 @@ def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str):
             add, _ = rw.node("Add", [product, bias], prefix, output=node.output[0])
             nodes.append(add)
     quantized = rw.matmul_weight(weight, transpose)  # memoised: the codes quantized_matmul used
-    return nodes, quantized.w_hat, quantized.params
+    # ACWL stores one float equalisation factor per input channel besides the codes and the scale.
+    extra = 4 * quantized.w_hat.shape[-2] if quantized.equalizer else 0
+    return nodes, quantized.w_hat, quantized.params, extra
