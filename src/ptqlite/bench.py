@@ -23,11 +23,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import DataError, ModelError, UsageError
 from .model import parse_input_shapes
+
+if TYPE_CHECKING:
+    from .op_profile import ProfileComparison
 
 _SEED = 20240601
 # Integer inputs whose name says they are masks get ones, token-type / segment inputs zeros, any other integer
@@ -66,6 +70,7 @@ class Report:
     threads: int = 1
     loops: int = 0
     cosine: dict[str, float] = field(default_factory=dict)
+    profile: ProfileComparison | None = None  # only with --profile
 
     def ratios(self) -> dict[str, float]:
         if self.baseline is None:
@@ -91,6 +96,8 @@ class Report:
         }
         if self.cosine:
             out["mean_cosine"] = float(np.mean(list(self.cosine.values())))
+        if self.profile is not None:
+            out["profile"] = self.profile.to_json()
         return out
 
 
@@ -126,6 +133,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--numThreads", type=_positive("--numThreads"), default=1, help="intra-op threads (default 1)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed runs, profile time per op type and node with onnxruntime's profiler",
+    )
+    parser.add_argument(
+        "--profileTop",
+        type=_positive("--profileTop", zero=True),
+        default=None,
+        help="with --profile: how many of the slowest nodes to list (default 10)",
+    )
 
 
 def _positive(flag: str, zero: bool = False):
@@ -142,6 +160,8 @@ def _positive(flag: str, zero: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.profileTop is not None and not args.profile:
+        raise UsageError(f"--profileTop={args.profileTop} needs --profile")
     report = benchmark(
         args.modelFile,
         args.baselineFile or None,
@@ -150,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         loops=args.loopCount,
         warmup=args.warmUpLoopCount,
         threads=args.numThreads,
+        profile=args.profile,
+        profile_top=10 if args.profileTop is None else args.profileTop,
     )
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return 0
@@ -173,8 +195,14 @@ def benchmark(
     warmup: int = 3,
     threads: int = 1,
     measure_memory: bool = True,
+    profile: bool = False,
+    profile_top: int = 10,
 ) -> Report:
-    """Measure `model` (and `baseline`) as the command does; `inputs` may be given directly as arrays."""
+    """Measure `model` (and `baseline`) as the command does; `inputs` may be given directly as arrays.
+
+    With `profile`, each model is then profiled op by op in a session of its own, interleaved like the timed
+    loops (see op_profile.py); it runs after them so that the profiler does not disturb the latency.
+    """
     paths = [Path(model)] + ([Path(baseline)] if baseline else [])
     for path in paths:
         if not path.is_file():
@@ -216,16 +244,24 @@ def benchmark(
             j = base_names.index(name) if name in base_names else i
             if j < len(outputs[1]):
                 report.cosine[name] = cosine(outputs[0][i], outputs[1][j])
+    if profile:
+        from .op_profile import ProfileComparison, profile_models  # only this option needs it
+
+        profiles = profile_models(paths, inputs, runs=loops, warmup=warmup, threads=threads)
+        report.profile = ProfileComparison(profiles[0], profiles[1] if baseline else None, profile_top, threads)
     return report
 
 
-def _session(path: Path, threads: int):
+def _session(path: Path, threads: int, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad model
@@ -452,4 +488,6 @@ def format_report(report: Report) -> str:
             f"RAM {ratios['ram_vs_baseline']:.3f}x, latency {ratios['latency_vs_baseline']:.3f}x "
             "of the baseline"
         )
+    if report.profile is not None:
+        lines += ["", report.profile.format()]
     return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""Where a model's run time goes, op type by op type and node by node, from onnxruntime's own profiler.
+
+ONNX Runtime rewrites the graph when it loads it (QDQ groups become QLinearConv / QLinearAdd, MatMul with
+DynamicQuantizeLinear becomes DynamicQuantizeMatMul, Conv+Relu fuse, float convs move to the NCHWc layout with
+ReorderInput / ReorderOutput around them), so the op types and node counts here are those of the graph it
+*executes*, not those of the .onnx file.
+
+Times are kernel times: the sum of the profiler's per-node "_kernel_time" events of the kept runs divided by the
+number of runs. Each model gets a profiling session of its own, set up like the benchmark's; the sessions take
+turns run by run as in the timed loops (bench.time_interleaved), and only the runs after the warm-up are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .bench import _session, time_interleaved
+from .errors import ModelError
+
+_KERNEL_SUFFIX = "_kernel_time"
+NOTE = "op types of the graph onnxruntime executes, after its fusions; times are kernel time per run"
+
+
+@dataclass
+class OpTypeTime:
+    op_type: str
+    ms_per_run: float
+    share: float  # of the model's summed kernel time, 0..1
+    nodes: int
+
+
+@dataclass
+class NodeTime:
+    name: str
+    op_type: str
+    ms_per_run: float
+    share: float
+
+
+@dataclass
+class OpProfile:
+    path: str
+    runs: int
+    warmup: int
+    kernel_ms: float  # summed kernel time per run
+    run_ms: float  # the profiler's model_run time per run: kernels plus the executor's work between them
+    op_types: list[OpTypeTime] = field(default_factory=list)  # slowest first
+    nodes: list[NodeTime] = field(default_factory=list)  # every executed node, slowest first
+
+
+def profile_models(
+    paths: list[str | Path], inputs: dict[str, np.ndarray], *, runs: int = 10, warmup: int = 3, threads: int = 1
+) -> list[OpProfile]:
+    """Profile each model on `inputs`, interleaved run by run; the trace files are deleted."""
+    with tempfile.TemporaryDirectory(prefix="ptqlite-profile-") as tmp:
+        sessions = [
+            _session(Path(path), threads, profile_prefix=str(Path(tmp) / f"trace{i}")) for i, path in enumerate(paths)
+        ]
+        try:
+            time_interleaved(sessions, inputs, runs, warmup)
+        finally:
+            traces = [Path(s.end_profiling()) for s in sessions]
+        events = [json.loads(trace.read_text()) for trace in traces]
+    return [summarize(e, str(path), runs, warmup) for e, path in zip(events, paths)]
+
+
+def summarize(events: list[dict], path: str, runs: int, warmup: int = 0) -> OpProfile:
+    """Per-run kernel times of the last `runs` model runs of a parsed onnxruntime trace."""
+    run_events = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
+    )
+    if len(run_events) < runs:
+        raise ModelError(f"{path}: the profile holds {len(run_events)} model run(s), expected at least {runs}")
+    kept = run_events[-runs:]
+    start = kept[0]["ts"]
+    node_us: dict[str, float] = {}
+    node_info: dict[str, tuple[str, str]] = {}  # node index -> (name, op type)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith(_KERNEL_SUFFIX) or e["ts"] < start:
+            continue
+        args = e.get("args", {})
+        name = e["name"][: -len(_KERNEL_SUFFIX)]
+        # The node index tells apart nodes that onnxruntime created without a name.
+        key = str(args.get("node_index", name))
+        node_us[key] = node_us.get(key, 0.0) + float(e["dur"])
+        node_info[key] = (name or f"(unnamed node {key})", args.get("op_name", "?"))
+    kernel_us = sum(node_us.values())
+
+    def share(us: float) -> float:
+        return us / kernel_us if kernel_us > 0 else 0.0
+
+    nodes = [
+        NodeTime(node_info[k][0], node_info[k][1], us / runs / 1000, share(us)) for k, us in node_us.items()
+    ]
+    nodes.sort(key=lambda n: (-n.ms_per_run, n.name))
+    type_us: dict[str, float] = {}
+    type_nodes: dict[str, int] = {}
+    for k, us in node_us.items():
+        op_type = node_info[k][1]
+        type_us[op_type] = type_us.get(op_type, 0.0) + us
+        type_nodes[op_type] = type_nodes.get(op_type, 0) + 1
+    op_types = [OpTypeTime(t, us / runs / 1000, share(us), type_nodes[t]) for t, us in type_us.items()]
+    op_types.sort(key=lambda o: (-o.ms_per_run, o.op_type))
+    run_ms = sum(float(e["dur"]) for e in kept) / runs / 1000
+    return OpProfile(path, runs, warmup, kernel_us / runs / 1000, run_ms, op_types, nodes)
+
+
+@dataclass
+class ProfileComparison:
+    """The model's profile, the baseline's if any, and how many of the slowest nodes to show."""
+
+    model: OpProfile
+    baseline: OpProfile | None = None
+    top: int = 10
+    threads: int = 1
+
+    def rows(self) -> list[dict]:
+        """One row per op type of either model: the model's types by time, then the baseline-only ones."""
+        base = {o.op_type: o for o in self.baseline.op_types} if self.baseline else {}
+        mine = {o.op_type: o for o in self.model.op_types}
+        order = [o.op_type for o in self.model.op_types]
+        order += [o.op_type for o in (self.baseline.op_types if self.baseline else []) if o.op_type not in mine]
+        rows = []
+        for op_type in order:
+            m, b = mine.get(op_type), base.get(op_type)
+            row: dict = {"op_type": op_type, "model": asdict(m) if m else None}
+            if self.baseline is not None:
+                row["baseline"] = asdict(b) if b else None
+                row["ratio"] = m.ms_per_run / b.ms_per_run if m and b and b.ms_per_run > 0 else None
+            for side in ("model", "baseline"):
+                if row.get(side):
+                    row[side].pop("op_type")
+            rows.append(row)
+        return rows
+
+    def to_json(self) -> dict:
+        def side(p: OpProfile | None) -> dict | None:
+            if p is None:
+                return None
+            return {"path": p.path, "kernel_ms": p.kernel_ms, "run_ms": p.run_ms,
+                    "nodes": sum(o.nodes for o in p.op_types)}
+
+        out = {
+            "note": NOTE,
+            "runs": self.model.runs,
+            "warmup": self.model.warmup,
+            "threads": self.threads,
+            "model": side(self.model),
+            "baseline": side(self.baseline),
+            "op_types": self.rows(),
+            "slowest_nodes": [asdict(n) for n in self.model.nodes[: self.top]],
+        }
+        if self.baseline is not None and self.baseline.kernel_ms > 0:
+            out["kernel_ratio"] = self.model.kernel_ms / self.baseline.kernel_ms
+        return out
+
+    def format(self) -> str:
+        p, b = self.model, self.baseline
+        head = ["op type", "model ms", "share", "nodes"]
+        if b is not None:
+            head += ["baseline ms", "share", "nodes", "ratio"]
+        table = [head]
+        for row in self.rows():
+            cells = [row["op_type"], *_cells(row["model"])]
+            if b is not None:
+                ratio = row["ratio"]
+                cells += [*_cells(row["baseline"]), f"{ratio:.2f}x" if ratio is not None else "-"]
+            table.append(cells)
+        total = ["all kernels", f"{p.kernel_ms:.3f}", "100.0%", str(sum(o.nodes for o in p.op_types))]
+        run = ["whole run", f"{p.run_ms:.3f}", "", ""]
+        if b is not None:
+            ratio = f"{p.kernel_ms / b.kernel_ms:.2f}x" if b.kernel_ms > 0 else "-"
+            total += [f"{b.kernel_ms:.3f}", "100.0%", str(sum(o.nodes for o in b.op_types)), ratio]
+            ratio = f"{p.run_ms / b.run_ms:.2f}x" if b.run_ms > 0 else "-"
+            run += [f"{b.run_ms:.3f}", "", "", ratio]
+        table += [total, run]
+        lines = [
+            f"op profile: {p.runs} profiled runs after {p.warmup} warm-up run(s), {self.threads} thread(s)"
+            + (", interleaved with the baseline" if b is not None else ""),
+            f"({NOTE})",
+            *_align(table, right_from=1),
+        ]
+        if self.top > 0:
+            lines.append(f"slowest {min(self.top, len(p.nodes))} nodes of the model:")
+            nodes = [["node", "op type", "ms", "share"]] + [
+                [n.name, n.op_type, f"{n.ms_per_run:.3f}", f"{100 * n.share:.1f}%"] for n in p.nodes[: self.top]
+            ]
+            lines += _align(nodes, right_from=2)
+        return "\n".join(lines)
+
+
+def _cells(side: dict | None) -> list[str]:
+    if side is None:
+        return ["-", "-", "-"]
+    return [f"{side['ms_per_run']:.3f}", f"{100 * side['share']:.1f}%", str(side["nodes"])]
+
+
+def _align(rows: list[list[str]], right_from: int) -> list[str]:
+    """Columns padded to their widest cell; text columns left-aligned, figures from `right_from` on right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.rjust(w) if i >= right_from else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    ]
