@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqlite.cli import main
 from ptqlite.config import parse_config
 from ptqlite.convert import convert
+from ptqlite.errors import ModelError
 from ptqlite.model import save_model
 from ptqlite.op_profile import ProfileComparison, profile_models, summarize
 
@@ -66,8 +67,9 @@ def check_profile(profile, expected: Counter) -> None:
     assert sum(o.share for o in profile.op_types) == pytest.approx(1.0, abs=1e-9)
     assert sum(n.share for n in profile.nodes) == pytest.approx(1.0, abs=1e-9)
     assert profile.kernel_ms == pytest.approx(sum(o.ms_per_run for o in profile.op_types))
+    assert profile.kernel_ms == pytest.approx(sum(n.ms_per_run for n in profile.nodes))
     assert all(o.ms_per_run > 0 for o in profile.op_types if o.op_type not in _VIEW_OPS)
-    assert profile.run_ms >= profile.kernel_ms > 0  # model_run encloses every kernel
+    assert profile.run_ms > 0 and profile.kernel_ms > 0
     times = [o.ms_per_run for o in profile.op_types]
     assert times == sorted(times, reverse=True)
 
@@ -111,20 +113,23 @@ def _event(cat: str, name: str, ts: int, dur: int, **args) -> dict:
     return {"cat": cat, "name": name, "ts": ts, "dur": dur, "ph": "X", "args": args}
 
 
-def test_warm_up_runs_are_left_out():
+def test_warm_up_runs_are_left_out_and_each_node_takes_its_median():
     events = [_event("Session", "session_initialization", 0, 50)]
-    for run, (ts, conv_us) in enumerate([(100, 900), (2000, 300), (3000, 100)]):
+    # one warm-up run (900 us conv) then three kept runs, one of them slowed down by another program
+    for ts, conv_us in [(100, 900), (2000, 300), (3000, 100), (4000, 5000)]:
         events.append(_event("Session", "model_run", ts, conv_us + 60))
         events.append(_event("Node", "c_kernel_time", ts + 5, conv_us, op_name="Conv", node_index="0"))
         events.append(_event("Node", "c_fence_before", ts + 5, 1, op_name="Conv", node_index="0"))
         events.append(_event("Node", "_kernel_time", ts + 5 + conv_us, 50, op_name="Relu", node_index="7"))
-    profile = summarize(events, "m.onnx", runs=2, warmup=1)
-    assert profile.kernel_ms == pytest.approx((300 + 100 + 2 * 50) / 2 / 1000)
-    assert profile.run_ms == pytest.approx((360 + 160) / 2 / 1000)
+    profile = summarize(events, "m.onnx", runs=3, warmup=1)
+    assert profile.kernel_ms == pytest.approx((300 + 50) / 1000)
+    assert profile.run_ms == pytest.approx(360 / 1000)
     conv, relu = profile.op_types
-    assert (conv.op_type, conv.ms_per_run, conv.nodes) == ("Conv", pytest.approx(0.2), 1)
-    assert conv.share == pytest.approx(0.8) and relu.share == pytest.approx(0.2)
+    assert (conv.op_type, conv.ms_per_run, conv.nodes) == ("Conv", pytest.approx(0.3), 1)
+    assert conv.share == pytest.approx(300 / 350) and relu.share == pytest.approx(50 / 350)
     assert [n.name for n in profile.nodes] == ["c", "(unnamed node 7)"]
+    with pytest.raises(ModelError, match="holds 4 model run"):
+        summarize(events, "m.onnx", runs=5)
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -5,8 +5,8 @@ DynamicQuantizeLinear becomes DynamicQuantizeMatMul, Conv+Relu fuse, float convs
 ReorderInput / ReorderOutput around them), so the op types and node counts here are those of the graph it
 *executes*, not those of the .onnx file.
 
-Times are kernel times: the sum of the profiler's per-node "_kernel_time" events of the kept runs divided by the
-number of runs. Each model gets a profiling session of its own, set up like the benchmark's; the sessions take
+Times are kernel times: for each node, the median over the kept runs of the profiler's "_kernel_time" events;
+an op type's time is the sum over its nodes. Each model gets a profiling session of its own, set up like the benchmark's; the sessions take
 turns run by run as in the timed loops (bench.time_interleaved), and only the runs after the warm-up are kept.
 """
 
@@ -23,7 +23,7 @@ from .bench import _session, time_interleaved
 from .errors import ModelError
 
 _KERNEL_SUFFIX = "_kernel_time"
-NOTE = "op types of the graph onnxruntime executes, after its fusions; times are kernel time per run"
+NOTE = "op types of the graph onnxruntime executes, after its fusions; times are median kernel time per run"
 
 
 @dataclass
@@ -47,8 +47,8 @@ class OpProfile:
     path: str
     runs: int
     warmup: int
-    kernel_ms: float  # summed kernel time per run
-    run_ms: float  # the profiler's model_run time per run: kernels plus the executor's work between them
+    kernel_ms: float  # sum of the nodes' median kernel times
+    run_ms: float  # median of the profiler's model_run times: kernels plus the executor's work between them
     op_types: list[OpTypeTime] = field(default_factory=list)  # slowest first
     nodes: list[NodeTime] = field(default_factory=list)  # every executed node, slowest first
 
@@ -70,44 +70,56 @@ def profile_models(
 
 
 def summarize(events: list[dict], path: str, runs: int, warmup: int = 0) -> OpProfile:
-    """Per-run kernel times of the last `runs` model runs of a parsed onnxruntime trace."""
+    """Kernel times of the last `runs` model runs of a parsed onnxruntime trace: per node, the median over runs."""
     run_events = sorted(
         (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
     )
     if len(run_events) < runs:
         raise ModelError(f"{path}: the profile holds {len(run_events)} model run(s), expected at least {runs}")
     kept = run_events[-runs:]
-    start = kept[0]["ts"]
-    node_us: dict[str, float] = {}
-    node_info: dict[str, tuple[str, str]] = {}  # node index -> (name, op type)
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith(_KERNEL_SUFFIX) or e["ts"] < start:
-            continue
+    starts = np.array([e["ts"] for e in kept])
+    kernels = [
+        e for e in events
+        if e.get("cat") == "Node" and e.get("name", "").endswith(_KERNEL_SUFFIX) and e["ts"] >= starts[0]
+    ]
+    info: dict[str, tuple[str, str]] = {}  # node key -> (name, op type)
+    keys = []
+    for e in kernels:
         args = e.get("args", {})
         name = e["name"][: -len(_KERNEL_SUFFIX)]
         # The node index tells apart nodes that onnxruntime created without a name.
         key = str(args.get("node_index", name))
-        node_us[key] = node_us.get(key, 0.0) + float(e["dur"])
-        node_info[key] = (name or f"(unnamed node {key})", args.get("op_name", "?"))
-    kernel_us = sum(node_us.values())
+        info.setdefault(key, (name or f"(unnamed node {key})", args.get("op_name", "?")))
+        keys.append(key)
+    order = list(info)
+    row = {k: i for i, k in enumerate(order)}
+    us = np.zeros((len(order), runs))  # node x run
+    np.add.at(
+        us,
+        (
+            np.array([row[k] for k in keys], dtype=np.int64),
+            np.searchsorted(starts, [e["ts"] for e in kernels], side="right") - 1,
+        ),
+        np.array([float(e["dur"]) for e in kernels]),
+    )
+    # The median, as for the benchmark's latency: other programs on the machine make some runs much slower.
+    node_ms = np.median(us, axis=1) / 1000
+    kernel_ms = float(node_ms.sum())
 
-    def share(us: float) -> float:
-        return us / kernel_us if kernel_us > 0 else 0.0
+    def share(ms: float) -> float:
+        return ms / kernel_ms if kernel_ms > 0 else 0.0
 
-    nodes = [
-        NodeTime(node_info[k][0], node_info[k][1], us / runs / 1000, share(us)) for k, us in node_us.items()
-    ]
+    nodes = [NodeTime(*info[k], float(ms), share(float(ms))) for k, ms in zip(order, node_ms)]
     nodes.sort(key=lambda n: (-n.ms_per_run, n.name))
-    type_us: dict[str, float] = {}
+    type_ms: dict[str, float] = {}
     type_nodes: dict[str, int] = {}
-    for k, us in node_us.items():
-        op_type = node_info[k][1]
-        type_us[op_type] = type_us.get(op_type, 0.0) + us
-        type_nodes[op_type] = type_nodes.get(op_type, 0) + 1
-    op_types = [OpTypeTime(t, us / runs / 1000, share(us), type_nodes[t]) for t, us in type_us.items()]
+    for node in nodes:
+        type_ms[node.op_type] = type_ms.get(node.op_type, 0.0) + node.ms_per_run
+        type_nodes[node.op_type] = type_nodes.get(node.op_type, 0) + 1
+    op_types = [OpTypeTime(t, ms, share(ms), type_nodes[t]) for t, ms in type_ms.items()]
     op_types.sort(key=lambda o: (-o.ms_per_run, o.op_type))
-    run_ms = sum(float(e["dur"]) for e in kept) / runs / 1000
-    return OpProfile(path, runs, warmup, kernel_us / runs / 1000, run_ms, op_types, nodes)
+    run_ms = float(np.median([float(e["dur"]) for e in kept])) / 1000
+    return OpProfile(path, runs, warmup, kernel_ms, run_ms, op_types, nodes)
 
 
 @dataclass
