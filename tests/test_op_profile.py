@@ -81,6 +81,7 @@ def test_resnet20_op_types_are_those_of_the_executed_graph(tmp_path):
     check_profile(profile, expected)
     assert profile.op_types[0].op_type == "Conv"  # convs are most of ResNet20's time
     assert "ReorderInput" in expected  # the NCHWc layout change: not an op of the file
+    assert all(n.shapes.startswith("float[1,") for n in profile.nodes if n.op_type == "Conv")
     assert profile.runs == 3 and profile.warmup == 1
 
 
@@ -118,7 +119,9 @@ def test_warm_up_runs_are_left_out_and_each_node_takes_its_median():
     # one warm-up run (900 us conv) then three kept runs, one of them slowed down by another program
     for ts, conv_us in [(100, 900), (2000, 300), (3000, 100), (4000, 5000)]:
         events.append(_event("Session", "model_run", ts, conv_us + 60))
-        events.append(_event("Node", "c_kernel_time", ts + 5, conv_us, op_name="Conv", node_index="0"))
+        events.append(_event("Node", "c_kernel_time", ts + 5, conv_us, op_name="Conv", node_index="0",
+                             input_type_shape=[{"float": [1, 3, 8, 8]}, {"float": [4, 3, 3, 3]}],
+                             output_type_shape=[{"float": [1, 4, 8, 8]}]))
         events.append(_event("Node", "c_fence_before", ts + 5, 1, op_name="Conv", node_index="0"))
         events.append(_event("Node", "_kernel_time", ts + 5 + conv_us, 50, op_name="Relu", node_index="7"))
     profile = summarize(events, "m.onnx", runs=3, warmup=1)
@@ -128,6 +131,7 @@ def test_warm_up_runs_are_left_out_and_each_node_takes_its_median():
     assert (conv.op_type, conv.ms_per_run, conv.nodes) == ("Conv", pytest.approx(0.3), 1)
     assert conv.share == pytest.approx(300 / 350) and relu.share == pytest.approx(50 / 350)
     assert [n.name for n in profile.nodes] == ["c", "(unnamed node 7)"]
+    assert [n.shapes for n in profile.nodes] == ["float[1,3,8,8] -> float[1,4,8,8]", "? -> ?"]
     with pytest.raises(ModelError, match="holds 4 model run"):
         summarize(events, "m.onnx", runs=5)
 
@@ -154,7 +158,7 @@ def test_cli_table_with_baseline(float_and_dynamic, capsys):
     assert any(line.startswith("MatMul ") for line in profile.splitlines())
     assert "slowest 2 nodes of the model:" in profile
     listed = profile[profile.index("slowest 2 nodes"):].splitlines()[2:]
-    assert len(listed) == 2
+    assert len(listed) == 2 and all("float[16,256] -> " in line for line in listed)
 
 
 def test_cli_json_and_output_unchanged_without_profile(capsys):

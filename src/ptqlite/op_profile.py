@@ -40,6 +40,7 @@ class NodeTime:
     op_type: str
     ms_per_run: float
     share: float
+    shapes: str = ""  # first input -> first output, e.g. "uint8[1,56,56,24] -> uint8[1,56,56,144]"
 
 
 @dataclass
@@ -82,14 +83,15 @@ def summarize(events: list[dict], path: str, runs: int, warmup: int = 0) -> OpPr
         e for e in events
         if e.get("cat") == "Node" and e.get("name", "").endswith(_KERNEL_SUFFIX) and e["ts"] >= starts[0]
     ]
-    info: dict[str, tuple[str, str]] = {}  # node key -> (name, op type)
+    info: dict[str, tuple[str, str, str]] = {}  # node key -> (name, op type, shapes)
     keys = []
     for e in kernels:
         args = e.get("args", {})
         name = e["name"][: -len(_KERNEL_SUFFIX)]
         # The node index tells apart nodes that onnxruntime created without a name.
         key = str(args.get("node_index", name))
-        info.setdefault(key, (name or f"(unnamed node {key})", args.get("op_name", "?")))
+        shapes = f"{_shape(args.get('input_type_shape'))} -> {_shape(args.get('output_type_shape'))}"
+        info.setdefault(key, (name or f"(unnamed node {key})", args.get("op_name", "?"), shapes))
         keys.append(key)
     order = list(info)
     row = {k: i for i, k in enumerate(order)}
@@ -109,7 +111,7 @@ def summarize(events: list[dict], path: str, runs: int, warmup: int = 0) -> OpPr
     def share(ms: float) -> float:
         return ms / kernel_ms if kernel_ms > 0 else 0.0
 
-    nodes = [NodeTime(*info[k], float(ms), share(float(ms))) for k, ms in zip(order, node_ms)]
+    nodes = [NodeTime(*info[k][:2], float(ms), share(float(ms)), info[k][2]) for k, ms in zip(order, node_ms)]
     nodes.sort(key=lambda n: (-n.ms_per_run, n.name))
     type_ms: dict[str, float] = {}
     type_nodes: dict[str, int] = {}
@@ -199,11 +201,20 @@ class ProfileComparison:
         ]
         if self.top > 0:
             lines.append(f"slowest {min(self.top, len(p.nodes))} nodes of the model:")
-            nodes = [["node", "op type", "ms", "share"]] + [
-                [n.name, n.op_type, f"{n.ms_per_run:.3f}", f"{100 * n.share:.1f}%"] for n in p.nodes[: self.top]
+            nodes = [["node", "op type", "ms", "share", "input -> output"]] + [
+                [n.name, n.op_type, f"{n.ms_per_run:.3f}", f"{100 * n.share:.1f}%", n.shapes]
+                for n in p.nodes[: self.top]
             ]
-            lines += _align(nodes, right_from=2)
+            lines += _align(nodes, right_from=2, left_from=4)
         return "\n".join(lines)
+
+
+def _shape(typed: list[dict] | None) -> str:
+    """The first tensor of a trace's input/output_type_shape list, as dtype[d0,d1,...]."""
+    if not typed:
+        return "?"
+    ((dtype, dims),) = typed[0].items()
+    return f"{dtype}[{','.join(str(d) for d in dims)}]"
 
 
 def _cells(side: dict | None) -> list[str]:
@@ -212,10 +223,12 @@ def _cells(side: dict | None) -> list[str]:
     return [f"{side['ms_per_run']:.3f}", f"{100 * side['share']:.1f}%", str(side["nodes"])]
 
 
-def _align(rows: list[list[str]], right_from: int) -> list[str]:
-    """Columns padded to their widest cell; text columns left-aligned, figures from `right_from` on right-aligned."""
+def _align(rows: list[list[str]], right_from: int, left_from: int | None = None) -> list[str]:
+    """Columns padded to their widest cell; figures (columns right_from..left_from-1) right-aligned, text left."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(c.rjust(w) if i >= right_from else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-        for r in rows
-    ]
+    stop = len(widths) if left_from is None else left_from
+
+    def cell(i: int, text: str, width: int) -> str:
+        return text.rjust(width) if right_from <= i < stop else text.ljust(width)
+
+    return ["  ".join(cell(i, c, w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
