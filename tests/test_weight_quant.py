@@ -68,19 +68,70 @@ def test_every_weighted_op_is_quantized_and_outputs_stay_close():
         assert cosine(want, got) > 0.9995
 
 
+def _probe(model, names):
+    """Run `model` with the given intermediate values exposed as outputs."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in names:
+        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return dict(zip([o.name for o in probe.graph.output], run(probe, FEEDS)))
+
+
 def test_decoded_weights_equal_the_numpy_reconstruction():
     model = tiny_model()
     result = convert(model, config())
-    # expose the decoded weights (they keep the original names) as outputs
-    probe = onnx.ModelProto()
-    probe.CopyFrom(result.model)
-    for name in ("conv_w", "fc_w", "mm_w", "emb_w"):
-        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    decoded = dict(zip([o.name for o in probe.graph.output], run(probe, FEEDS)))
     originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for name, axis in (("conv_w", 0), ("fc_w", 0), ("mm_w", 1), ("emb_w", 0)):
-        expected = quantize_weight(originals[name], 8, axis, axis, True).decoded()
-        np.testing.assert_array_equal(decoded[name], expected)
+    expected = {name: quantize_weight(originals[name], 8, axis, axis, True).decoded()
+                for name, axis in (("conv_w", 0), ("fc_w", 0), ("mm_w", 1), ("emb_w", 0))}
+    # Conv and Gemm weights are rebuilt in float at load and keep their names.
+    decoded = _probe(result.model, ["conv_w", "fc_w", "g", "e"])
+    for name in ("conv_w", "fc_w"):
+        np.testing.assert_array_equal(decoded[name], expected[name])
+    # Embedding rows are decoded after the Gather: exactly the rows of the decoded table.
+    np.testing.assert_array_equal(decoded["e"], expected["emb_w"][FEEDS["ids"]])
+    # MatMul: (g @ u) * a + sum(g) * b is g @ (u * a + b) up to float32 rounding of the sums.
+    y = run(result.model, FEEDS)[0]
+    np.testing.assert_allclose(y, decoded["g"] @ expected["mm_w"], rtol=1e-5, atol=1e-5 * np.abs(y).max())
+
+
+def test_matmul_and_gather_weights_fold_to_one_float_copy_or_none(tmp_path):
+    """Load-time memory: a MatMul weight is folded by a single Cast, an embedding table stays integer."""
+    result = convert(tiny_model(), config())
+    producers = {out: n for n in result.model.graph.node for out in n.output}
+    mm = next(n for n in result.model.graph.node if n.op_type == "MatMul")
+    assert producers[mm.input[1]].op_type == "Cast"
+    assert producers[mm.input[1]].input[0] in {t.name for t in result.model.graph.initializer}
+    gather = next(n for n in result.model.graph.node if n.op_type == "Gather" and n.input[1] == "ids")
+    table = next(t for t in result.model.graph.initializer if t.name == gather.input[0])
+    assert table.data_type == TensorProto.UINT8 and list(table.dims) == [50, 16]
+    optimized = tmp_path / "opt.onnx"
+    session(result.model, optimized_path=optimized)
+    graph = onnx.load(optimized).graph
+    kept = {t.name: t for t in graph.initializer}
+    assert kept[mm.input[1]].data_type == TensorProto.FLOAT  # the folded float codes
+    assert [n for n in graph.node if n.op_type == "Cast" and n.input[0] in kept] == []
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("encode", ["true", "false"])
+def test_mapped_outputs_match_the_decoded_float_model(bits, encode):
+    """Every storage form and width: the quantized model computes what the float model with the recorded
+    decoded weights computes."""
+    if encode == "false" and bits not in (8, 16):
+        pytest.skip("enable_encode=false stores only 8 and 16 bits")
+    model = tiny_model()
+    result = convert(model, config(bits=bits, enable_encode=encode))
+    originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    for tensor in reference.graph.initializer:
+        q = next((q for q in result.quantized if q.tensor == tensor.name), None)
+        if q is not None:
+            axis = None if q.scale.size == 1 else int(q.scheme.rsplit(" ", 1)[1])
+            decoded = quantize_weight(originals[tensor.name], bits, axis, axis, True).decoded()
+            tensor.CopyFrom(numpy_helper.from_array(decoded, tensor.name))
+    for want, got in zip(run(reference, FEEDS), run(result.model, FEEDS)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_per_channel_axes_follow_each_op():

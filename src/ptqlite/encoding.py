@@ -31,11 +31,15 @@ MIN_OPSET = 11
 
 @dataclass
 class Decoder:
-    """Nodes and initializers that rebuild one float weight under its original name."""
+    """Nodes and initializers that rebuild one weight (or its codes, see build_decoder's `result`)."""
 
     encoding: str
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
+    output: str = ""  # the value holding the result
+    # float32 map from the codes in `output` to the weight: weight = codes * scale + offset
+    scale: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -90,10 +94,18 @@ class _Builder:
 
     def unpack(self, codes: np.ndarray, bits: int) -> str:
         """Store unsigned codes packed; return the name of a graph value holding them as float, flat [n]."""
+        flat, is_float = self.unpack_codes(codes, bits)
+        return flat if is_float else self.node("Cast", [flat], to=TensorProto.FLOAT)
+
+    def unpack_codes(self, codes: np.ndarray, bits: int) -> tuple[str, bool]:
+        """Store unsigned codes packed; return a graph value holding them flat [n], and whether it is float.
+
+        Widths that divide 8 and 16 bits decode to uint8/uint16: integer intermediates cost 1-2 bytes a code
+        while ONNX Runtime folds the decoder, a float one 4. Other widths weigh bits with a float MatMul.
+        """
         count = codes.size
         if bits in (8, 16):
-            stored = self.const(codes.astype(np.uint8 if bits == 8 else np.uint16).ravel())
-            return self.node("Cast", [stored], to=TensorProto.FLOAT)
+            return self.const(codes.astype(np.uint8 if bits == 8 else np.uint16).ravel()), False
         stream = self.const(pack_bits(codes, bits))
         column = self.node("Reshape", [stream, self.shape_of([-1, 1])])
         if 8 % bits == 0:
@@ -103,14 +115,14 @@ class _Builder:
             fields = self.node("BitShift", [column, self.shared.get(shifts)], direction="RIGHT")
             low = self.node("Mod", [fields, self.shared.get(np.array([1 << bits], np.uint8))])
             total = -(-count * bits // 8) * per_byte
-            return self.node("Cast", [self._first(low, count, total)], to=TensorProto.FLOAT)
+            return self._first(low, count, total), False
         # Any other width: split bytes into bits, then weigh each code's bits with powers of two.
         bit = self.bits(column)
         rows = self.node("Reshape", [self._first(bit, count * bits, -(-count * bits // 8) * 8), self.shape_of([count, bits])])
         as_float = self.node("Cast", [rows], to=TensorProto.FLOAT)
         powers = (2.0 ** np.arange(bits - 1, -1, -1)).astype(np.float32).reshape(bits, 1)
         weighted = self.node("MatMul", [as_float, self.shared.get(powers)])
-        return self.node("Reshape", [weighted, self.shape_of([-1])])
+        return self.node("Reshape", [weighted, self.shape_of([-1])]), True
 
     def bits(self, column: str) -> str:
         """The bits of a uint8 column [n, 1], MSB first, as a uint8 table [n, 8]."""
@@ -125,31 +137,48 @@ class _Builder:
             return flat
         return self.node("Slice", [flat, self.shape_of([0]), self.shape_of([count])])
 
-    def affine(self, flat_codes: str, shape: tuple[int, ...], scale: np.ndarray, offset: np.ndarray,
-               target: str) -> None:
-        shaped = self.node("Reshape", [flat_codes, self.shape_of(shape)])
-        scaled = self.node("Mul", [shaped, self.const(scale.astype(np.float32))])
-        self.node("Add", [scaled, self.const(offset.astype(np.float32))], output=target)
+    def finish(self, codes: str, is_float: bool, shape: tuple[int, ...], scale: np.ndarray, offset: np.ndarray,
+               target: str, result: str) -> Decoder:
+        """Shape the flat codes (while still integer: a float Reshape would cost one more float copy at load),
+        then produce what `result` asks for (see build_decoder)."""
+        d = self.decoder
+        d.scale, d.offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
+        if codes in {t.name for t in d.initializers}:  # stored flat: give it the weight's shape instead
+            stored = next(t for t in d.initializers if t.name == codes)
+            stored.dims[:] = shape
+            shaped = codes
+        else:
+            shaped = self.node("Reshape", [codes, self.shape_of(shape)])
+        if result == "codes" or (result == "float codes" and is_float):
+            d.output = shaped
+        elif result == "float codes":
+            d.output = self.node("Cast", [shaped], to=TensorProto.FLOAT)
+        else:
+            as_float = shaped if is_float else self.node("Cast", [shaped], to=TensorProto.FLOAT)
+            scaled = self.node("Mul", [as_float, self.const(d.scale)])
+            d.output = self.node("Add", [scaled, self.const(d.offset)], output=target)
+        return d
 
 
-def _packed(b: _Builder, codes, bits, scale, offset, target) -> Decoder:
-    b.affine(b.unpack(codes, bits), codes.shape, scale, offset, target)
-    return b.decoder
+def _code_type(bits: int) -> type:
+    return np.uint16 if bits > 8 else np.uint8
 
 
-def _indexed(b: _Builder, codes, bits, scale, offset, target) -> Decoder | None:
+def _packed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder:
+    return b.finish(*b.unpack_codes(codes, bits), codes.shape, scale, offset, target, result)
+
+
+def _indexed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder | None:
     table, positions = np.unique(codes, return_inverse=True)
     index_bits = bits_for(table.size)
     if index_bits >= bits:
         return None
-    idx = b.node("Cast", [b.unpack(positions.ravel(), index_bits)], to=TensorProto.INT64)
-    table_float = b.node("Cast", [b.const(table.astype(np.uint16 if bits > 8 else np.uint8))], to=TensorProto.FLOAT)
-    flat = b.node("Gather", [table_float, idx], axis=0)
-    b.affine(flat, codes.shape, scale, offset, target)
-    return b.decoder
+    idx = b.node("Cast", [b.unpack_codes(positions.ravel(), index_bits)[0]], to=TensorProto.INT32)
+    flat = b.node("Gather", [b.const(table.astype(_code_type(bits))), idx], axis=0)
+    return b.finish(flat, False, codes.shape, scale, offset, target, result)
 
 
-def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes) -> Decoder | None:
+def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes, result) -> Decoder | None:
     shape = codes.shape
     flat_codes = codes.ravel()
     positions = np.flatnonzero(flat_codes != np.broadcast_to(zero_codes, shape).ravel())
@@ -157,36 +186,37 @@ def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes) -> Deco
     if positions.size == 0 or positions.size * 2 > flat_codes.size:
         return None
     gaps = np.diff(positions, prepend=0)
-    values = b.unpack(flat_codes[positions], bits)
-    where = b.node("CumSum", [b.node("Cast", [b.unpack(gaps, bits_for(int(gaps.max()) + 1))], to=TensorProto.INT64),
-                              b.shared.get(np.array(0, np.int64))])
-    zero_float = b.node("Cast", [b.const(zero_codes.astype(np.uint16 if bits > 8 else np.uint8))],
-                        to=TensorProto.FLOAT)
-    dense = b.node("Expand", [zero_float, b.shape_of(shape)])
+    code_type = _code_type(bits)
+    values, is_float = b.unpack_codes(flat_codes[positions], bits)
+    if is_float:
+        values = b.node("Cast", [values], to=helper.np_dtype_to_tensor_dtype(np.dtype(code_type)))
+    where = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, bits_for(int(gaps.max()) + 1))[0]],
+                                     to=TensorProto.INT64), b.shared.get(np.array(0, np.int64))])
+    dense = b.node("Expand", [b.const(zero_codes.astype(code_type)), b.shape_of(shape)])
     dense_flat = b.node("Reshape", [dense, b.shape_of([-1])])
     flat = b.node("ScatterElements", [dense_flat, where, values], axis=0)
-    b.affine(flat, shape, scale, offset, target)
-    return b.decoder
+    return b.finish(flat, False, shape, scale, offset, target, result)
 
 
-def _plain(b: _Builder, codes, bits, scale, offset, target) -> Decoder:
+def _plain(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder:
     """enable_encode=false: signed int8/int16 storage in the weight's shape."""
     shift = 1 << (bits - 1)
     stored = b.const((codes - shift).astype(np.int8 if bits == 8 else np.int16))
-    scaled = b.node("Mul", [b.node("Cast", [stored], to=TensorProto.FLOAT), b.const(scale.astype(np.float32))])
     # offset is defined for unsigned codes; signed codes need offset + shift * scale
-    b.node("Add", [scaled, b.const((offset + shift * scale).astype(np.float32))], output=target)
-    return b.decoder
+    return b.finish(stored, False, codes.shape, scale, offset + shift * scale, target, result)
 
 
 def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes: np.ndarray, bits: int,
                   scale: np.ndarray, offset: np.ndarray, zero_codes: np.ndarray, encode: bool = True,
-                  forms: tuple[str, ...] = ("packed", "indexed", "sparse")) -> Decoder:
-    """The smallest decoder that rebuilds `codes * scale + offset` (float32, shape codes.shape) as `target`.
+                  forms: tuple[str, ...] = ("packed", "indexed", "sparse"), result: str = "weight") -> Decoder:
+    """The smallest decoder of `codes * scale + offset` (float32, shape codes.shape).
 
     codes: unsigned integer codes < 2^bits; scale, offset, zero_codes: broadcastable to codes.shape (per channel
     or per tensor); zero_codes are the codes that decode to the channel's zero point (for the sparse form).
     forms: the encodings to consider (indexed and sparse are skipped where they cannot pay).
+    result: "weight": the float weight itself, as `target`; "float codes": the codes as float (one Cast after
+    the integer decoding), the caller applying decoder.scale and decoder.offset; "codes": the codes as stored
+    (integer, except widths decoded in float). For the last two the result is decoder.output.
     """
     codes = np.asarray(codes, dtype=np.int64)
     prefix = index.unique_name("ptq_w")
@@ -195,11 +225,12 @@ def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes
         return _Builder(index, shared, prefix, encoding)
 
     if not encode:
-        return _plain(builder(f"int{bits}"), codes, bits, scale, offset, target)
+        return _plain(builder(f"int{bits}"), codes, bits, scale, offset, target, result)
     makers = {
-        "packed": lambda: _packed(builder("packed"), codes, bits, scale, offset, target),
-        "indexed": lambda: _indexed(builder("indexed"), codes, bits, scale, offset, target),
-        "sparse": lambda: _sparse(builder("sparse"), codes, bits, scale, offset, target, np.asarray(zero_codes)),
+        "packed": lambda: _packed(builder("packed"), codes, bits, scale, offset, target, result),
+        "indexed": lambda: _indexed(builder("indexed"), codes, bits, scale, offset, target, result),
+        "sparse": lambda: _sparse(builder("sparse"), codes, bits, scale, offset, target, np.asarray(zero_codes),
+                                  result),
     }
     candidates = [d for d in (makers[form]() for form in forms) if d is not None]
     if not candidates:

@@ -1,7 +1,11 @@
 """WEIGHT_QUANT with a fixed bit width (1..16): quantize constant weights, store them compactly.
 
-Default strategy: the weight is rebuilt in float by a decoder subgraph that ONNX Runtime folds at load (see
-encoding.py): the file shrinks, inference runs the float graph. ON_THE_FLY: the weight stays integer in the graph
+Default strategy: the codes are decoded by a subgraph that ONNX Runtime folds at load (see encoding.py), so the
+file shrinks. Every float tensor that folding makes stays in memory until folding ends, so the decoder makes as
+few as it can (see _decode_on_consumers): a weight read only by MatMul is folded to float codes by one Cast and
+its per-column scale and offset are applied to the MatMul's output; an embedding table read only by Gather stays
+integer and the gathered rows are decoded; any other weight (Conv, Gemm, ...) is rebuilt in float at load, so
+those ops run the float graph. ON_THE_FLY: the weight stays integer in the graph
 with a DequantizeLinear before its consumers, so it also stays small in memory at run time.
 """
 
@@ -14,9 +18,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..config import QuantConfig
-from ..encoding import MIN_OPSET, SharedConstants, build_decoder
+from ..encoding import MIN_OPSET, Decoder, SharedConstants, build_decoder
 from ..errors import ConversionError
-from ..model import GraphIndex, ensure_opset, opset_version
+from ..model import GraphIndex, attribute, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
 from ..qmath import asymmetric_params, dequantize, qrange, quantize, reduce_axes
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
@@ -96,25 +100,125 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     removed: set[str] = set()
+    after: dict[str, list[onnx.NodeProto]] = {}
+    in_subgraphs = _subgraph_inputs(model.graph)
     for spec in plan.quantized:
         w = index.array(spec.tensor)
         qw = quantize_weight(w, spec.bits, spec.axis, spec.correction_axis, options.bias_correction)
         if on_the_fly:
             nodes, inits, storage, dequantized = _dequantize_linear(index, spec, qw, opset_version(model))
         else:
+            where = _decode_on_consumers(index, spec.tensor, qw, in_subgraphs)
             decoder = build_decoder(index, shared, spec.tensor, qw.codes, spec.bits, qw.scale, qw.offset, qw.zero_codes,
-                                    encode=common.enable_encode)
-            if decoder.stored_bytes >= w.nbytes:
+                                    encode=common.enable_encode, result=_RESULTS[where])
+            mapped_later = 0 if where == "load" else decoder.scale.nbytes + decoder.offset.nbytes
+            if decoder.stored_bytes + mapped_later >= w.nbytes:
                 result.skipped.append(SkippedTensor(spec.tensor, spec.op_type, spec.nodes,
                                                     "quantized storage would not be smaller than float"))
                 continue
             nodes, inits, storage, dequantized = decoder.nodes, decoder.initializers, decoder.encoding, qw.decoded()
+            if where != "load":
+                inits = inits + _decode_after(index, spec.tensor, decoder, where, opset_version(model), after)
         new_nodes += nodes
         new_inits += inits
         removed.add(spec.tensor)
         result.quantized.append(_record(spec, qw, storage, w, dequantized, sum(_nbytes(t) for t in inits)))
-    _replace(model, removed, new_nodes, shared.used_by(new_nodes) + new_inits)
+    _replace(model, removed, new_nodes, shared.used_by(new_nodes) + new_inits, after)
     return result
+
+
+# Where the affine map of the codes runs, and what the decoder folded at load then yields.
+_RESULTS = {"load": "weight", "MatMul": "float codes", "Gather": "codes"}
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Names read inside subgraphs (If/Loop/Scan bodies): such weights keep their name and float form."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names |= {name for n in sub.node for name in n.input} | _subgraph_inputs(sub)
+    return names
+
+
+def _decode_on_consumers(index: GraphIndex, tensor: str, qw: QuantizedWeight, in_subgraphs: set[str]) -> str:
+    """"MatMul", "Gather" or "load": where the per-channel map of `tensor`'s codes can run.
+
+    ONNX Runtime keeps every tensor that constant folding makes until folding ends, so a Cast-Mul-Add chain
+    holds three float copies of the weight at load. "MatMul" (every consumer reads it as B, scale and offset
+    per column): x @ (u * a + b) = (x @ u) * a + sum(x) * b, so one Cast is folded and two Mul, one ReduceSum and
+    one Add run on the output. "Gather" (every consumer gathers rows, scale and offset per row): the table stays
+    integer and only the gathered rows are cast and mapped, exactly like the folded decoder would. Conv weights
+    stay "load": ONNX Runtime optimizes Conv layouts around constant weights, and their offset has no cheap
+    form on the output.
+    """
+    consumers = index.consumers.get(tensor, [])
+    if not consumers or tensor in index.graph_output_names or tensor in in_subgraphs:
+        return "load"
+    rank = qw.codes.ndim
+    ops = {node.op_type for node, _ in consumers}
+    params = (np.shape(qw.scale), np.shape(qw.offset))
+    if (ops == {"MatMul"} and rank >= 2 and all(slot == 1 and node.input[0] != tensor for node, slot in consumers)
+            and all(all(d == 1 for d in shape[:-1]) for shape in params)):
+        return "MatMul"
+    if (ops == {"Gather"} and all(all(d == 1 for d in shape[1:]) for shape in params)
+            and all(slot == 0 and attribute(node, "axis", 0) % rank == 0 and node.input[1] != tensor
+                    for node, slot in consumers)):
+        return "Gather"
+    return "load"
+
+
+def _decode_after(index: GraphIndex, tensor: str, decoder: Decoder, where: str, opset: int,
+                  after: dict[str, list[onnx.NodeProto]]) -> list[onnx.TensorProto]:
+    """Point every consumer of `tensor` at the decoder's codes and map its output back (see _decode_on_consumers).
+
+    The nodes that follow a consumer go into `after`, keyed by the consumer's new output name; returns the
+    constants they read.
+    """
+    scale, offset = decoder.scale, decoder.offset
+    if where == "MatMul" and len(decoder.scale.shape) == 2:  # per column: a vector broadcasts for any x rank
+        scale, offset = scale.reshape(-1), offset.reshape(-1)
+    # A per-tensor map is a scalar (broadcasts with any output rank).
+    scale, offset = (v.reshape(()) if v.size == 1 else v for v in (scale, offset))
+    inits = [numpy_helper.from_array(v, index.unique_name(f"{tensor}_{what}"))
+             for v, what in ((scale, "scale"), (offset, "offset"))]
+    a, b = inits[0].name, inits[1].name
+    if where == "MatMul" and opset >= 13:
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), index.unique_name(f"{tensor}_axes")))
+    for node, _ in index.consumers[tensor]:
+        out = node.output[0]
+        raw = index.unique_name(f"{out}_codes")
+        node.output[0] = raw
+        new: list[onnx.NodeProto] = []
+        add = _NodeAdder(index, new, out, node.name or out)
+        if where == "MatMul":
+            node.input[1] = decoder.output
+            x = node.input[0]
+            total = (add("ReduceSum", [x, inits[2].name], keepdims=1) if opset >= 13
+                     else add("ReduceSum", [x], axes=[-1], keepdims=1))
+            add("Add", [add("Mul", [raw, a]), add("Mul", [total, b])], output=out)
+        else:  # Gather: rows of integer codes, cast and mapped with their row's scale and offset
+            node.input[0] = decoder.output
+            ids, axis = node.input[1], attribute(node, "axis", 0)
+            row_a = a if scale.size == 1 else add("Gather", [a, ids], axis=axis)
+            row_b = b if offset.size == 1 else add("Gather", [b, ids], axis=axis)
+            as_float = add("Cast", [raw], to=TensorProto.FLOAT)
+            add("Add", [add("Mul", [as_float, row_a]), row_b], output=out)
+        after[raw] = new
+    return inits
+
+
+class _NodeAdder:
+    """Appends named nodes that map one consumer's output; returns each node's output name."""
+
+    def __init__(self, index: GraphIndex, nodes: list[onnx.NodeProto], out: str, node_name: str):
+        self.index, self.nodes, self.out, self.node_name = index, nodes, out, node_name
+
+    def __call__(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        name = output or self.index.unique_name(f"{self.out}_map")
+        self.nodes.append(helper.make_node(op, inputs, [name], name=self.index.unique_name(f"{self.node_name}/{op}"),
+                                           **attrs))
+        return name
 
 
 def _raise_opset_for_storage(model: onnx.ModelProto, bits: int, result: ConversionResult) -> None:
@@ -188,11 +292,15 @@ def _dequantize_linear(index: GraphIndex, spec: WeightSpec, qw: QuantizedWeight,
 
 
 def _replace(model: onnx.ModelProto, removed: set[str], nodes: list[onnx.NodeProto],
-             inits: list[onnx.TensorProto]) -> None:
-    """Swap quantized initializers for their decoders; decoders go first since they read only constants."""
+             inits: list[onnx.TensorProto], after: dict[str, list[onnx.NodeProto]] | None = None) -> None:
+    """Swap quantized initializers for their decoders; decoders go first since they read only constants.
+
+    after: nodes to insert right after the node whose first output is the key.
+    """
     kept = [t for t in model.graph.initializer if t.name not in removed]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + inits)
     old_nodes = list(model.graph.node)
+    after = after or {}
     del model.graph.node[:]
-    model.graph.node.extend(nodes + old_nodes)
+    model.graph.node.extend(nodes + [n for node in old_nodes for n in [node, *after.get(node.output[0], [])]])
