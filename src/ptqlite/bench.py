@@ -7,7 +7,8 @@
   runs it; one child per model, so the two models never share a heap;
 - latency: median wall time of session.run, the model and its baseline timed in the same process, interleaved
   run by run so that machine load affects both alike;
-- cosine: per output, cosine similarity between the model's and the baseline's output on the same input.
+- cosine: per output, cosine similarity between the model's and the baseline's output on the same input;
+- with --profile: time per op type and slowest nodes of the graph onnxruntime executes (op_profile.py).
 
 Without --inDataFile the inputs are random with a fixed seed (see docs/benchmark.md for the value ranges).
 """
