@@ -97,17 +97,18 @@ class _Builder:
         flat, is_float = self.unpack_codes(codes, bits)
         return flat if is_float else self.node("Cast", [flat], to=TensorProto.FLOAT)
 
-    def unpack_codes(self, codes: np.ndarray, bits: int) -> tuple[str, bool]:
+    def unpack_codes(self, codes: np.ndarray, bits: int, flat: bool = True) -> tuple[str, bool]:
         """Store unsigned codes packed; return a graph value holding them flat [n], and whether it is float.
 
         Widths that divide 8 and 16 bits decode to uint8/uint16: integer intermediates cost 1-2 bytes a code
         while ONNX Runtime folds the decoder, a float one 4. Other widths weigh bits with a float MatMul.
+        flat=False: a caller that reshapes anyway may get the codes in another shape when that saves a copy.
         """
         count = codes.size
         if bits in (8, 16):
             return self.const(codes.astype(np.uint8 if bits == 8 else np.uint16).ravel()), False
-        stream = self.const(pack_bits(codes, bits))
-        column = self.node("Reshape", [stream, self.shape_of([-1, 1])])
+        # Stored as a column [bytes, 1]: no Reshape (each folded op's output is one more copy at load).
+        column = self.const(pack_bits(codes, bits).reshape(-1, 1))
         if 8 % bits == 0:
             # Whole codes per byte: shift each field down, keep its low bits.
             per_byte = 8 // bits
@@ -115,7 +116,7 @@ class _Builder:
             fields = self.node("BitShift", [column, self.shared.get(shifts)], direction="RIGHT")
             low = self.node("Mod", [fields, self.shared.get(np.array([1 << bits], np.uint8))])
             total = -(-count * bits // 8) * per_byte
-            return self._first(low, count, total), False
+            return (low, False) if total == count and not flat else (self._first(low, count, total), False)
         # Any other width: split bytes into bits, then weigh each code's bits with powers of two.
         bit = self.bits(column)
         rows = self.node("Reshape", [self._first(bit, count * bits, -(-count * bits // 8) * 8), self.shape_of([count, bits])])
@@ -165,7 +166,7 @@ def _code_type(bits: int) -> type:
 
 
 def _packed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder:
-    return b.finish(*b.unpack_codes(codes, bits), codes.shape, scale, offset, target, result)
+    return b.finish(*b.unpack_codes(codes, bits, flat=False), codes.shape, scale, offset, target, result)
 
 
 def _indexed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder | None:
@@ -173,7 +174,7 @@ def _indexed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder
     index_bits = bits_for(table.size)
     if index_bits >= bits:
         return None
-    idx = b.node("Cast", [b.unpack_codes(positions.ravel(), index_bits)[0]], to=TensorProto.INT32)
+    idx = b.node("Cast", [b.unpack_codes(positions.ravel(), index_bits, flat=False)[0]], to=TensorProto.INT32)
     flat = b.node("Gather", [b.const(table.astype(_code_type(bits))), idx], axis=0)
     return b.finish(flat, False, codes.shape, scale, offset, target, result)
 
