@@ -390,3 +390,49 @@ def test_per_tensor_relu6_model_has_no_float_min():
     ops = {n.op_type for n in result.model.graph.node}
     assert "Min" not in ops and "Relu" not in ops
     assert cosine(outputs(model, evaluate), outputs(result.model, evaluate, fused=False)) > 0.99
+
+
+def masked_attention_model(seed: int = 12, d: int = 16) -> onnx.ModelProto:
+    """q/k/v projections, scores * 1/sqrt(d) + additive mask (0 or -3.4e38, BERT's export) -> Softmax -> @ v."""
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "wq"], ["q"], name="q"), n("MatMul", ["x", "wk"], ["k"], name="k"),
+             n("MatMul", ["x", "wv"], ["v"], name="v"),
+             n("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             n("MatMul", ["q", "kt"], ["s"], name="scores"),
+             n("Mul", ["s", "scale"], ["ss"], name="scale_mul"),
+             n("Sub", ["one", "mask"], ["inv"], name="invert"),
+             n("Mul", ["inv", "big"], ["bias"], name="mask_bias"),
+             n("Add", ["ss", "bias"], ["masked"], name="mask_add"),
+             n("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+             n("MatMul", ["p", "v"], ["c"], name="context"),
+             n("MatMul", ["c", "wo"], ["y"], name="out")]
+    rng = np.random.default_rng(seed)
+    inits = [_init(w, rng.normal(0, 0.3, (d, d))) for w in ("wq", "wk", "wv", "wo")]
+    inits += [_init("scale", np.array(1 / np.sqrt(d))), _init("one", np.array(1.0)),
+              _init("big", np.array(np.finfo(np.float32).min))]
+    graph = helper.make_graph(nodes, "attention",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, d]),
+                               helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_attention_mask_and_softmax_stay_float():
+    """The masked scores feed a float Softmax, so nothing int8 reads them: no quantizer may take the mask's
+    -3.4e38 into its range (that made every score 0 and the output garbage)."""
+    model = masked_attention_model()
+    rng = np.random.default_rng(5)
+
+    def sample():
+        mask = np.ones((1, 1, 8), np.float32)
+        mask[..., rng.integers(4, 8):] = 0  # padded positions
+        return {"x": rng.normal(0, 1, (1, 8, 16)).astype(np.float32), "mask": mask}
+
+    calib = [sample() for _ in range(8)]
+    quant = convert(model, _config(), samples=calib, progress=False).model
+    quantized = {node.input[0] for node in quant.graph.node if node.op_type == "QuantizeLinear"}
+    assert not quantized & {"masked", "bias", "ss", "s", "inv"}
+    assert {"x", "p"} <= quantized  # the projections' input and the probabilities stay int8
+    float_s, quant_s = session(model), session(quant)
+    for feed in [sample() for _ in range(4)]:
+        assert cosine(quant_s.run(None, feed)[0], float_s.run(None, feed)[0]) > 0.99

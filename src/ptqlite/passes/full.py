@@ -178,6 +178,8 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
     tails = _float_tails(graph, index, roles) if preset.float_weighted_outputs else []
     for pos in tails:
         roles[pos] = "float"
+    positions = {id(n): i for i, n in enumerate(graph.node)}
+    _demote_unread(graph, index, roles, positions)
     plan = GraphPlan(roles, weights=weight_specs)
     for pos, node in enumerate(graph.node):
         if roles[pos] == "compute" and node.op_type in FUSABLE_ACTIVATIONS:
@@ -188,7 +190,6 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
                 plan.fused[node.output[0]] = pos
 
     pre_activation = {graph.node[pos].input[0] for pos in plan.fused.values()}
-    positions = {id(n): i for i, n in enumerate(graph.node)}
     wanted: list[str] = []
     for value in graph.input:
         if is_activation(value.name) and _read_as_data(value.name, index, roles, positions):
@@ -197,8 +198,11 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
         for out in node.output:
             if not is_activation(out) or out in pre_activation:
                 continue
+            # A MatMul/Gemm that no int8 op reads keeps a float output (int8 kernel with float output).
             if roles[pos] == "compute" and node.op_type in _FLOAT_OUTPUT_OPS and preset.float_weighted_outputs \
-                    and _output_only(out, index, roles, positions):
+                    and (_output_only(out, index, roles, positions)
+                         or (out not in index.graph_output_names
+                             and not _read_as_data(out, index, roles, positions))):
                 continue
             if roles[pos] != "float" or _read_as_data(out, index, roles, positions):
                 wanted.append(out)
@@ -209,6 +213,20 @@ def plan_graph(model: onnx.ModelProto, types: dict[str, int], weights: list[Weig
         else:
             plan.tensors[name] = name
     return plan
+
+
+def _demote_unread(graph: onnx.GraphProto, index: GraphIndex, roles: list[str], positions: dict[int, int]) -> None:
+    """An unweighted op computes in int8 only when an int8 op reads its output: otherwise its quantized output
+    would be dequantized at once, losing precision for nothing. Consumers come later in graph.node, so one
+    backward sweep settles chains (e.g. attention's scale Mul -> mask Add -> float Softmax: quantizing that Add's
+    output would spend all 256 codes on the mask's -3.4e38)."""
+    for pos in reversed(range(len(graph.node))):
+        node = graph.node[pos]
+        if roles[pos] == "float" or node.op_type in WEIGHTED_OPS:
+            continue
+        if any(o in index.graph_output_names or _read_as_data(o, index, roles, positions) for o in node.output):
+            continue
+        roles[pos] = "float"
 
 
 def _output_only(name: str, index: GraphIndex, roles: list[str], positions: dict[int, int]) -> bool:
