@@ -118,12 +118,13 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
                 continue
             nodes, inits, storage, dequantized = decoder.nodes, decoder.initializers, decoder.encoding, qw.decoded()
             if where != "load":
-                inits = inits + _decode_after(index, spec.tensor, decoder, where, opset_version(model), after)
+                inits = inits + _decode_after(index, shared, spec.tensor, decoder, where, opset_version(model), after)
         new_nodes += nodes
         new_inits += inits
         removed.add(spec.tensor)
         result.quantized.append(_record(spec, qw, storage, w, dequantized, sum(_nbytes(t) for t in inits)))
-    _replace(model, removed, new_nodes, shared.used_by(new_nodes) + new_inits, after)
+    mapping = [n for nodes in after.values() for n in nodes]
+    _replace(model, removed, new_nodes, shared.used_by(new_nodes + mapping) + new_inits, after)
     return result
 
 
@@ -168,7 +169,7 @@ def _decode_on_consumers(index: GraphIndex, tensor: str, qw: QuantizedWeight, in
     return "load"
 
 
-def _decode_after(index: GraphIndex, tensor: str, decoder: Decoder, where: str, opset: int,
+def _decode_after(index: GraphIndex, shared: SharedConstants, tensor: str, decoder: Decoder, where: str, opset: int,
                   after: dict[str, list[onnx.NodeProto]]) -> list[onnx.TensorProto]:
     """Point every consumer of `tensor` at the decoder's codes and map its output back (see _decode_on_consumers).
 
@@ -180,21 +181,18 @@ def _decode_after(index: GraphIndex, tensor: str, decoder: Decoder, where: str, 
         scale, offset = scale.reshape(-1), offset.reshape(-1)
     # A per-tensor map is a scalar (broadcasts with any output rank).
     scale, offset = (v.reshape(()) if v.size == 1 else v for v in (scale, offset))
-    inits = [numpy_helper.from_array(v, index.unique_name(f"{tensor}_{what}"))
-             for v, what in ((scale, "scale"), (offset, "offset"))]
+    inits = [numpy_helper.from_array(v, index.unique_name("ptq_w")) for v in (scale, offset)]
     a, b = inits[0].name, inits[1].name
-    if where == "MatMul" and opset >= 13:
-        inits.append(numpy_helper.from_array(np.array([-1], np.int64), index.unique_name(f"{tensor}_axes")))
     for node, _ in index.consumers[tensor]:
         out = node.output[0]
-        raw = index.unique_name(f"{out}_codes")
+        raw = index.unique_name("ptq_m")
         node.output[0] = raw
         new: list[onnx.NodeProto] = []
-        add = _NodeAdder(index, new, out, node.name or out)
+        add = _NodeAdder(index, new)
         if where == "MatMul":
             node.input[1] = decoder.output
             x = node.input[0]
-            total = (add("ReduceSum", [x, inits[2].name], keepdims=1) if opset >= 13
+            total = (add("ReduceSum", [x, shared.get(np.array([-1], np.int64))], keepdims=1) if opset >= 13
                      else add("ReduceSum", [x], axes=[-1], keepdims=1))
             add("Add", [add("Mul", [raw, a]), add("Mul", [total, b])], output=out)
         else:  # Gather: rows of integer codes, cast and mapped with their row's scale and offset
@@ -209,15 +207,15 @@ def _decode_after(index: GraphIndex, tensor: str, decoder: Decoder, where: str, 
 
 
 class _NodeAdder:
-    """Appends named nodes that map one consumer's output; returns each node's output name."""
+    """Appends the nodes that map one consumer's output; returns each node's output name. Like decoder nodes
+    they carry no names and short value names: they are many (a few per weight), and names cost file bytes."""
 
-    def __init__(self, index: GraphIndex, nodes: list[onnx.NodeProto], out: str, node_name: str):
-        self.index, self.nodes, self.out, self.node_name = index, nodes, out, node_name
+    def __init__(self, index: GraphIndex, nodes: list[onnx.NodeProto]):
+        self.index, self.nodes = index, nodes
 
     def __call__(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
-        name = output or self.index.unique_name(f"{self.out}_map")
-        self.nodes.append(helper.make_node(op, inputs, [name], name=self.index.unique_name(f"{self.node_name}/{op}"),
-                                           **attrs))
+        name = output or self.index.unique_name("ptq_m")
+        self.nodes.append(helper.make_node(op, inputs, [name], **attrs))
         return name
 
 
