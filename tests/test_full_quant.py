@@ -436,3 +436,28 @@ def test_attention_mask_and_softmax_stay_float():
     float_s, quant_s = session(model), session(quant)
     for feed in [sample() for _ in range(4)]:
         assert cosine(quant_s.run(None, feed)[0], float_s.run(None, feed)[0]) > 0.99
+
+
+@pytest.mark.parametrize("target", ["CPU", "NVGPU"])
+def test_embedding_table(target):
+    """The CPU preset stores a Gather table as int8 rows (only gathered rows dequantized), as DYNAMIC_QUANT does;
+    the other presets keep it float."""
+    rng = np.random.default_rng(8)
+    table = rng.normal(0, 1, (50, 16)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed", axis=0),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "embed", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])],
+                              [_init("table", table), _init("w", rng.normal(0, 0.3, (16, 8)))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"ids": rng.integers(0, 50, (1, 6))} for _ in range(6)]
+    result = convert(model, _config(target=target), samples=calib, progress=False)
+    stored = {t.name: t.data_type for t in result.model.graph.initializer}
+    records = {q.tensor: q for q in result.quantized}
+    if target == "CPU":
+        assert "table" not in stored and stored["table_quantized"] == TensorProto.INT8
+        assert records["table"].bytes_after == 50 * 16 + 4 * 50
+    else:
+        assert stored["table"] == TensorProto.FLOAT and "table" not in records
+    feed = {"ids": np.array([[0, 3, 49, 7, 7, 12]])}
+    assert cosine(session(result.model).run(None, feed)[0], session(model).run(None, feed)[0]) > 0.98

@@ -45,6 +45,9 @@ class Target:
     # weight scale of a channel grows where two neighbouring codes could sum past 128. Depthwise kernels widen to
     # 16 bits before multiplying and keep full int8 weights.
     int16_pair_sums: bool = False
+    # Store Gather embedding tables as int8 rows with a scale each and dequantize only the gathered rows (Gather on
+    # int8, Cast, Mul): onnxruntime's CPU provider runs that; the other runtimes' int8 Gather support varies.
+    int8_gather_tables: bool = False
 
     @property
     def activation_signed(self) -> bool:
@@ -57,7 +60,7 @@ PRESETS: dict[str, Target] = {
     # The AVX2 kernels (CPUs without VNNI) add u8*s8 products pairwise in int16 and saturate with full-range
     # weights (MobileNet V2: 80.5 top-1 instead of 86.75): weights keep 8 bits but no pair may overflow.
     "CPU": Target("CPU", "CPUExecutionProvider", TensorProto.UINT8, False, TensorProto.INT8, True, _COMPUTE_CPU,
-                  int16_pair_sums=True),
+                  int16_pair_sums=True, int8_gather_tables=True),
     # TensorRT: int8 symmetric everywhere (zero point 0 is the only one it accepts), per-channel weights; it fuses
     # Conv+ReLU itself, so activations are never dropped (the symmetric zero point keeps them anyway).
     "NVGPU": Target("NVGPU", "TensorrtExecutionProvider", TensorProto.INT8, True, TensorProto.INT8, True,

@@ -225,14 +225,16 @@ def _pair_safe(w: np.ndarray, params: QParams) -> QParams:
     return QParams(np.maximum(params.scale, limit), params.zero_point, params.qmin, params.qmax)
 
 
-def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8", **_) -> ConversionResult:
+def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8", ops: tuple[str, ...] = _OPS,
+        **_) -> ConversionResult:
     """Dynamic quantization of `model` in place (quant_strategy ALWC or ACWL).
 
     `alwc_weights`: "int8" (default; pair-safe scales, uint8 x int8 kernel) or "uint8" (q + 128, exact
-    uint8 x uint8 kernel at any scale, slower on CPUs without VNNI)."""
+    uint8 x uint8 kernel at any scale, slower on CPUs without VNNI). `ops` limits the rewrite to these op
+    types (FULL_QUANT uses it for the embedding tables of Gather)."""
     strategy = config.dynamic.quant_strategy
     ensure_opset(model, 11)
-    plan = plan_weights(model, config, apply_size_filters=False, ops=_OPS)
+    plan = plan_weights(model, config, apply_size_filters=False, ops=ops)
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     specs = {s.tensor: s for s in plan.quantized}
@@ -301,9 +303,10 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
     model.graph.initializer.extend(kept + rw.initializers)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    result.notes.append(
-        f"quant_strategy={strategy}: activations {_ACTIVATION_SCHEME[strategy]}, quantized at run time"
-    )
+    if set(ops) - {"Gather"}:
+        result.notes.append(
+            f"quant_strategy={strategy}: activations {_ACTIVATION_SCHEME[strategy]}, quantized at run time"
+        )
     return result
 
 

@@ -48,6 +48,7 @@ from ..qmath import (
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 from ..targets import FUSABLE_ACTIVATIONS, WEIGHTED_OPS, Target, target
+from . import dynamic
 from .weight import relative_error
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,12 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     model.graph.value_info.extend(original_info)
 
     result.quantized += rewriter.records
+    # Embedding tables: int8 rows with one scale each, dequantized after the Gather, as DYNAMIC_QUANT stores them
+    # (the table stays int8 in memory; only the gathered rows become float).
+    if preset.int8_gather_tables:
+        tables = dynamic.run(model, config, ops=("Gather",))
+        result.quantized += tables.quantized
+        result.skipped += tables.skipped
     kind = TensorProto.DataType.Name(preset.activation_type).lower()
     scheme = "symmetric" if preset.activation_symmetric else "asymmetric"
     result.notes.append(f"target {preset.name}: {len(plan.tensors)} activations {kind} {scheme} "
