@@ -1,11 +1,14 @@
 """Peak memory of loading weights that a decoder chain rebuilds at load, against plain float weights.
 
-    .venv/bin/python bench/load_peak.py
+    .venv/bin/python bench/load_peak.py [--latency]
 
-Builds an 8-layer 2048x2048 MatMul stack three ways (float weights; uint8 weights behind one Cast; uint8 weights
-behind Cast, Mul by a per-column scale and Add of a per-column offset, the 8-bit decoder of WEIGHT_QUANT) and prints
-the peak resident memory of a child process that loads each and runs it once. A fourth build does the same affine
-map with one BatchNormalization (scale a, bias b, mean 0, variance 1, epsilon 0: exactly x * a + b).
+Builds an 8-layer 2048x2048 MatMul stack several ways and prints the peak resident memory of a child process that
+loads each and runs it once: float weights; uint8 weights behind one Cast; behind Cast, Mul by a per-column scale
+and Add of a per-column offset (the former 8-bit decoder); the same map as one BatchNormalization (scale a, bias
+b, mean 0, variance 1, epsilon 0: exactly x * a + b); one Cast with the map on the MatMul output
+((x @ u) * a + sum(x) * b, what the WEIGHT_QUANT pass now emits for MatMul weights). Then the float stack
+converted by the WEIGHT_QUANT pass at a few widths. --latency adds latency ratios against float (1 thread,
+batch 1, interleaved in one process).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from measure import latency_ratios, run_child
 
 WIDTH, LAYERS = 2048, 8
 KINDS = ("float", "cast", "cast+mul+add", "cast+batchnorm", "cast, affine on output")
+# The float stack converted by the WEIGHT_QUANT pass (default strategy): bit_num, enable_encode
+PASS_KINDS = {"WEIGHT_QUANT 8 bit": (8, "true"), "WEIGHT_QUANT 8 bit, enable_encode=false": (8, "false"),
+              "WEIGHT_QUANT 4 bit": (4, "true"), "WEIGHT_QUANT 3 bit": (3, "true")}
 RUN = f"""import sys, numpy as np, onnxruntime as ort
 o = ort.SessionOptions(); o.log_severity_level = 3
 s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
@@ -73,6 +79,15 @@ def build(kind: str, path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
 
 
+def convert_stack(float_path: Path, bits: int, encode: str, path: Path) -> None:
+    from ptqlite import convert, parse_config
+    from ptqlite.model import save_model
+
+    text = (f"[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num={bits}\nmin_quant_weight_channel=0\n"
+            f"enable_encode={encode}\n")
+    save_model(convert(onnx.load(float_path), parse_config(text, "load_peak.cfg")).model, path)
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
@@ -80,10 +95,14 @@ def main() -> int:
             paths[kind] = Path(tmp) / f"model{n}.onnx"
             build(kind, paths[kind])
             print(f"{kind}: peak RSS {run_child([sys.executable, '-c', RUN, str(paths[kind])]).peak_mb:.0f} MB")
+        for n, (kind, (bits, encode)) in enumerate(PASS_KINDS.items()):
+            paths[kind] = Path(tmp) / f"pass{n}.onnx"
+            convert_stack(paths["float"], bits, encode, paths[kind])
+            print(f"{kind}: peak RSS {run_child([sys.executable, '-c', RUN, str(paths[kind])]).peak_mb:.0f} MB")
         if "--latency" in sys.argv:
             # Only the runtime graphs differ: float's plain MatMul against MatMul plus the per-column map.
             feed = np.random.default_rng(1).standard_normal((1, WIDTH)).astype(np.float32)
-            models = {k: paths[k] for k in ("float", "cast+mul+add", "cast, affine on output")}
+            models = {k: paths[k] for k in ("float", "cast+mul+add", "cast, affine on output", "WEIGHT_QUANT 8 bit")}
             for kind, ratio in latency_ratios(models, "float", feed, threads=1).items():
                 print(f"{kind}: latency vs float (1 thread, batch 1) {ratio:.3f}")
     return 0
