@@ -139,3 +139,38 @@ def test_shortest_prefix_finds_the_smallest_count(needed):
     else:
         assert (count, cos) == (12, 0.9)
     assert len(set(calls)) <= 2 * 4 + 2  # galloping then bisecting, not one conversion per layer
+
+
+def test_full_quant_op_type_sweep_finds_an_int8_softmax(tmp_path):
+    """DSP keeps Softmax int8; with an additive attention mask its input range is all mask, which no layer skip
+    fixes. The op-type sweep ranks Softmax (or the mask Add feeding it) first and the skip line uses it."""
+    from test_full_quant import masked_attention_model
+
+    model = masked_attention_model()
+    rng = np.random.default_rng(5)
+    for name in ("x", "mask"):
+        (tmp_path / name).mkdir()
+    for i in range(4):
+        mask = np.ones((1, 1, 8), np.float32)
+        mask[..., 4 + i:] = 0
+        rng.normal(0, 1, (1, 8, 16)).astype(np.float32).tofile(tmp_path / "x" / f"{i}.bin")
+        mask.tofile(tmp_path / "mask" / f"{i}.bin")
+    config_path = tmp_path / "full.cfg"
+    config_path.write_text(f"""[common_quant_param]
+quant_type=FULL_QUANT
+bit_num=8
+[data_preprocess_param]
+calibrate_path=x:{tmp_path / 'x'},mask:{tmp_path / 'mask'}
+calibrate_size=4
+input_type=BIN
+[full_quant_param]
+target_device=DSP
+""")
+    config = load_config(config_path)
+    analysis = analyze(model, config, target=0.97, samples=4)
+    assert analysis.base_cosine < 0.9
+    best = analysis.op_types[0]
+    assert best.op_type in ("Softmax", "Add") and best.cosine > 0.97
+    assert {e.op_type for e in analysis.op_types} >= {"Softmax", "Add", "Mul"}
+    assert analysis.reached and set(best.nodes) <= set(analysis.skip)
+    assert analysis.skip_cosine >= 0.97

@@ -26,6 +26,8 @@ from .convert import convert
 from .errors import UsageError
 from .model import graph_inputs, name_unnamed_nodes, save_model
 from .report import cosine_similarity, make_session, report_inputs, session_feeds
+from .targets import WEIGHTED_OPS
+from .targets import target as target_preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +59,13 @@ class LayerEffect:
 
 
 @dataclass
+class OpTypeEffect:
+    op_type: str
+    nodes: tuple[str, ...]
+    cosine: float  # output cosine with every node of this type skipped (and nothing else beyond the config's own)
+
+
+@dataclass
 class Analysis:
     base_cosine: float
     all_skipped_cosine: float  # every candidate layer skipped
@@ -67,6 +76,7 @@ class Analysis:
     conversions: int
     notes: list[str]
     model: onnx.ModelProto  # the model the node names refer to (unnamed nodes named)
+    op_types: list[OpTypeEffect] = dataclasses.field(default_factory=list)  # FULL_QUANT's unweighted int8 ops
 
 
 def _with_skip(config: QuantConfig, skip: Sequence[str]) -> QuantConfig:
@@ -142,13 +152,44 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
             node, node_types[node],
             evaluator.cosine([*own, *others]) if sweep in ("both", "only") else None,
             evaluator.cosine([*own, node]) if sweep in ("both", "allbut") else None))
-    # the best skip_quant_node can do: when this is far from 1, the loss is elsewhere
+    # the best skipping weighted layers can do: when this is far from 1, the loss is elsewhere
     floor = evaluator.cosine([*own, *candidates])
     ranking.sort(key=lambda e: (-e.score(base_cos), e.node))
-    count, cos = _shortest_prefix(lambda k: evaluator.cosine([*own, *(e.node for e in ranking[:k])]),
-                                  len(ranking), target)
-    skip = (*own, *(e.node for e in ranking[:count]))
-    return Analysis(base_cos, floor, ranking, skip, cos, cos >= target, evaluator.conversions, notes, model)
+    op_types = _op_type_sweep(model, config, own, candidates, evaluator, progress)
+
+    def search(lead: tuple[str, ...]) -> tuple[int, float]:
+        return _shortest_prefix(lambda k: evaluator.cosine([*own, *lead, *(e.node for e in ranking[:k])]),
+                                len(ranking), target)
+
+    lead: tuple[str, ...] = ()
+    count, cos = search(lead)
+    # Layers alone fall short: try again with every node of the op type whose skipping helps most in front.
+    if cos < target and op_types and op_types[0].cosine > base_cos:
+        with_type = search(op_types[0].nodes)
+        if with_type[1] > cos:
+            lead, (count, cos) = op_types[0].nodes, with_type
+    skip = tuple(dict.fromkeys((*own, *lead, *(e.node for e in ranking[:count]))))
+    return Analysis(base_cos, floor, ranking, skip, cos, cos >= target, evaluator.conversions, notes, model,
+                    op_types)
+
+
+def _op_type_sweep(model: onnx.ModelProto, config: QuantConfig, own: tuple[str, ...], candidates: list[str],
+                   evaluator: _Evaluator, progress: Callable[[str], None] | None) -> list[OpTypeEffect]:
+    """FULL_QUANT also runs unweighted ops in int8 (Add, Mul, Concat, pooling...), whose activations no layer
+    skip controls: one conversion per op type, with every node of that type skipped, ranks them (best first)."""
+    if config.quant_type != "FULL_QUANT":
+        return []
+    unweighted = target_preset(config.full.target_device).compute_ops - WEIGHTED_OPS
+    groups: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in unweighted and node.name and node.name not in own and node.name not in candidates:
+            groups.setdefault(node.op_type, []).append(node.name)
+    effects = []
+    for op_type, nodes in sorted(groups.items()):
+        if progress:
+            progress(f"op type {op_type}: {len(nodes)} node(s) skipped")
+        effects.append(OpTypeEffect(op_type, tuple(nodes), evaluator.cosine([*own, *nodes])))
+    return sorted(effects, key=lambda e: (-e.cosine, e.op_type))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -185,12 +226,15 @@ def format_analysis(analysis: Analysis, top: int, target: float) -> str:
         only = f"{effect.cos_only:.6f}" if effect.cos_only is not None else "-"
         without = f"{effect.cos_without:.6f}" if effect.cos_without is not None else "-"
         lines.append(f"  {rank:>4}  {only:>13}  {without:>11}  {effect.node} ({effect.op_type})")
+    if analysis.op_types:
+        lines.append("unweighted ops that run in int8, by output cosine with all their nodes skipped:")
+        lines += [f"  {e.op_type} ({len(e.nodes)} node(s)): {e.cosine:.6f}" for e in analysis.op_types]
     if analysis.reached:
         lines.append(f"skipping {len(analysis.skip)} node(s) gives output cosine {analysis.skip_cosine:.6f} "
                      f">= {target} (verified by converting with it):")
     else:
-        lines.append(f"target {target} not reached: skipping every ranked layer gives {analysis.skip_cosine:.6f} "
-                     "(the loss comes from tensors that skip_quant_node does not control)")
+        lines.append(f"target {target} not reached: the skip line below gives {analysis.skip_cosine:.6f} "
+                     "(the rest of the loss comes from tensors no skipped node controls)")
     lines.append("skip_quant_node=" + ",".join(analysis.skip))
     lines += [f"note: {n}" for n in analysis.notes]
     lines.append(f"({analysis.conversions} conversions)")
