@@ -47,6 +47,7 @@ from ..qmath import (
     symmetric_params,
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
+from ..smooth import MIN_SPREAD, smooth, smoothing_groups
 from ..targets import FUSABLE_ACTIVATIONS, WEIGHTED_OPS, Target, target
 from . import dynamic
 from .weight import relative_error
@@ -98,8 +99,18 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
         types = tensor_types(model)  # equalisation adds tensors
     weight_plan = plan_weights(model, config, apply_size_filters=False, per_channel=options.per_channel,
                                ops=tuple(sorted(WEIGHTED_OPS)))
+    skip = set(config.common.skip_quant_node)
+    groups = smoothing_groups(model, {s.tensor for s in weight_plan.quantized}, skip)
+    if groups:
+        amax = _channel_max(model, [g.tensor for g in groups], samples, progress, axis=-1, magnitude=True)
+        smoothed = smooth(model, groups, amax)
+        if smoothed:
+            skip |= set(smoothed)  # the dividing Muls read the activation at full precision
+            types = tensor_types(model)
+            result.notes.append(f"activation smoothing in front of {len(smoothed)} MatMul/Gemm input(s) whose "
+                                f"channel ranges differ by {MIN_SPREAD:g}x or more")
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in weight_plan.skipped]
-    plan = plan_graph(model, types, weight_plan.quantized, preset, set(config.common.skip_quant_node))
+    plan = plan_graph(model, types, weight_plan.quantized, preset, skip)
 
     planned = _corrected_nodes(model, plan) if options.bias_correction else []
     float_outputs = [model.graph.node[pos].output[0] for pos in planned]
@@ -422,16 +433,17 @@ def _collect(model: onnx.ModelProto, plan: GraphPlan, samples, method: str, floa
     return {n: observers[n].range() for n in sources}, sums, count
 
 
-def _channel_max(model: onnx.ModelProto, names: list[str], samples, progress: bool | None
-                 ) -> dict[str, np.ndarray]:
-    """Per-channel maximum (axis 1) of the named float tensors over the samples."""
+def _channel_max(model: onnx.ModelProto, names: list[str], samples, progress: bool | None, axis: int = 1,
+                 magnitude: bool = False) -> dict[str, np.ndarray]:
+    """Per-channel maximum (of |x| with `magnitude`) along `axis` of the named float tensors over the samples."""
     if not names:
         return {}
     session = _session(model, names)
     peaks: dict[str, np.ndarray] = {}
     for sample in _samples(samples, progress, "channel ranges"):
         for name, value in zip(names, _run(session, names, sample)):
-            peak = value.max(axis=reduce_axes(value.ndim, 1))
+            value = np.abs(value) if magnitude else value
+            peak = value.max(axis=reduce_axes(value.ndim, axis % value.ndim))
             peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
     return peaks
 
