@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import onnx
 import pytest
@@ -92,7 +94,8 @@ def test_smoothing_keeps_the_float_function(seed, trans_b, spike):
     smoothed = onnx.ModelProto()
     smoothed.CopyFrom(model)
     amax = {"h": np.abs(gamma) * 3.0, "a": np.ones(K)}  # "a" is uniform: left alone
-    assert len(smooth(smoothed, smoothing_groups(smoothed, {"w1t" if trans_b else "w1", "w2"}, set()), amax)) == 1
+    names, rescale = smooth(smoothed, smoothing_groups(smoothed, {"w1t" if trans_b else "w1", "w2"}, set()), amax)
+    assert len(names) == 1 and set(rescale) == {("fc1", 0), ("fc1", 1)}
     feed = _samples(1, shape, seed)[0]
     expected = session(model).run(None, feed)[0]
     np.testing.assert_allclose(session(smoothed).run(None, feed)[0], expected, rtol=1e-4,
@@ -135,3 +138,25 @@ def test_shared_weights_are_not_smoothed():
     model.graph.node.append(helper.make_node("MatMul", ["a", "w1"], ["z"], name="other"))
     groups = smoothing_groups(model, {"w1", "w2"}, set())
     assert [(g.tensor, [n.name for n in g.nodes]) for g in groups] == [("a", ["fc2"])]
+
+
+def test_debug_report_compares_smoothed_tensors_in_float_units(tmp_path):
+    """The report maps what a smoothed MatMul reads (x / s, rows * s) back with the recorded factors, so the
+    LayerNorm output and the weight are not reported as broken."""
+    config = parse_config(f"""[common_quant_param]
+quant_type=FULL_QUANT
+bit_num=8
+debug_info_save_path={tmp_path}
+[data_preprocess_param]
+calibrate_path=x:/nonexistent
+calibrate_size=1
+input_type=BIN
+[full_quant_param]
+bias_correction=false
+""", "test.cfg")
+    convert(_model(_outlier_gamma()), config, samples=_samples(8, [1, 4, K]), progress=False)
+    rows = list(csv.DictReader((tmp_path / "round_0.csv").read_text().splitlines()))
+    cosines = {(r["TensorName"], r["InOutFlag"]): float(r["CosineSimilarity"])
+               for r in rows if r["DataTypeFlag"] == "Dequant"}
+    assert cosines[("h", "Output")] > 0.999  # 0.65 when compared with x / s unscaled
+    assert cosines[("w1", "Input")] > 0.999

@@ -144,6 +144,7 @@ class _Entry:
     inout: str  # "Input" / "Output"
     kind: str  # "Weight" / "Activation"
     counterpart: str  # name of the value to compare with in the quantized graph
+    rescale: np.ndarray | None = None  # factor that maps the counterpart back to the float value (smoothing)
     # accumulated over rounds for the HTML table
     cos_sum: float = 0.0
     cos_min: float = 1.0
@@ -187,12 +188,12 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     quant_values |= {o for n in quant_model.graph.node for o in n.output}
     types = _float_types(float_model)
 
-    def counterpart(tensor: str) -> str | None:
+    def counterpart(tensor: str) -> tuple[str | None, np.ndarray | None]:
         for node, slot in index.consumers.get(tensor, []):
             twin = quant_nodes.get(node.name) if node.name else None
             if twin is not None and slot < len(twin.input) and twin.input[slot]:
-                return twin.input[slot]
-        return tensor if tensor in quant_values else None
+                return twin.input[slot], result.input_rescale.get((node.name, slot))
+        return (tensor if tensor in quant_values else None), None
 
     def is_float(tensor: str) -> bool:
         return types.get(tensor, TensorProto.FLOAT) in _FLOAT_TYPES
@@ -201,20 +202,21 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     weights = {q.tensor for q in result.quantized if q.tensor in index.initializers}
     for value in graph_inputs(float_model):
         users = index.consumers.get(value.name)
-        twin = counterpart(value.name)
+        twin, rescale = counterpart(value.name)
         if users and twin and is_float(value.name):
-            entries.append(_Entry(users[0][0].name, users[0][0].op_type, value.name, "Input", "Activation", twin))
+            entries.append(_Entry(users[0][0].name, users[0][0].op_type, value.name, "Input", "Activation", twin,
+                                  rescale))
     for node in graph.node:
         for name in node.input:
             if name in weights:
-                twin = counterpart(name)
+                twin, rescale = counterpart(name)
                 weights.discard(name)
                 if twin:
-                    entries.append(_Entry(node.name, node.op_type, name, "Input", "Weight", twin))
+                    entries.append(_Entry(node.name, node.op_type, name, "Input", "Weight", twin, rescale))
         for name in node.output:
-            twin = counterpart(name) if name else None
+            twin, rescale = counterpart(name) if name else (None, None)
             if twin and is_float(name):
-                entries.append(_Entry(node.name, node.op_type, name, "Output", "Activation", twin))
+                entries.append(_Entry(node.name, node.op_type, name, "Output", "Activation", twin, rescale))
     return entries
 
 
@@ -349,6 +351,8 @@ def _write_round(path: Path, entries: list[_Entry], float_probe: _Probe, quant_p
                 dequant = quant_values.get(entry.counterpart)
                 if dequant is None:
                     dequant = quant_probe.constant(entry.counterpart)
+                if dequant is not None and entry.rescale is not None:
+                    dequant = dequant * entry.rescale
                 if origin is None or dequant is None or not _comparable(origin, dequant):
                     continue
                 cos, clip = cosine_similarity(origin, dequant), clip_rate(origin, dequant)

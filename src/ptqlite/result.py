@@ -43,3 +43,6 @@ class ConversionResult:
     skipped: list[SkippedTensor] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # (node name, input slot) -> factor that turns what that node reads in the quantized model back into the float
+    # model's value there (activation smoothing divides an input by s and multiplies the weight rows by s)
+    input_rescale: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)

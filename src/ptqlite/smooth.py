@@ -74,11 +74,13 @@ def smoothing_factors(amax: np.ndarray, weights: list[np.ndarray], alpha: float 
 
 
 def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], amax: dict[str, np.ndarray],
-           alpha: float = ALPHA) -> list[str]:
-    """Apply smoothing in place; returns the names of the inserted Mul nodes (they must stay float)."""
+           alpha: float = ALPHA) -> tuple[list[str], dict[tuple[str, int], np.ndarray]]:
+    """Apply smoothing in place. Returns the names of the inserted Mul nodes (they must stay float) and, per
+    (node, input slot) of each smoothed MatMul/Gemm, the factor that maps what it reads back to the float value."""
     graph = model.graph
     index = GraphIndex(graph)
     inserted: dict[str, onnx.NodeProto] = {}  # smoothed tensor -> its Mul
+    rescale: dict[tuple[str, int], np.ndarray] = {}
     for group in groups:
         if group.tensor not in amax:
             continue
@@ -93,7 +95,10 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], amax: dict[str, np
         mul = helper.make_node("Mul", [group.tensor, divisor], [smoothed], name=index.unique_name(f"{base}_smooth"))
         for node in group.nodes:
             w = index.array(node.input[1]).astype(np.float64)
-            scaled = w * s[None, :] if node.op_type == "Gemm" and attribute(node, "transB", 0) else w * s[:, None]
+            by_row = s[None, :] if node.op_type == "Gemm" and attribute(node, "transB", 0) else s[:, None]
+            scaled = w * by_row
+            rescale[(node.name, 0)] = s.astype(np.float32)
+            rescale[(node.name, 1)] = (1.0 / by_row).astype(np.float32)
             tensor = index.initializers[node.input[1]]
             tensor.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), node.input[1]))
             node.input[0] = smoothed
@@ -106,4 +111,4 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], amax: dict[str, np
         ordered.append(node)
     del graph.node[:]
     graph.node.extend(ordered)
-    return [mul.name for mul in inserted.values()]
+    return [mul.name for mul in inserted.values()], rescale

@@ -103,7 +103,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     groups = smoothing_groups(model, {s.tensor for s in weight_plan.quantized}, skip)
     if groups:
         amax = _channel_max(model, [g.tensor for g in groups], samples, progress, axis=-1, magnitude=True)
-        smoothed = smooth(model, groups, amax)
+        smoothed, result.input_rescale = smooth(model, groups, amax)
         if smoothed:
             skip |= set(smoothed)  # the dividing Muls read the activation at full precision
             types = tensor_types(model)
