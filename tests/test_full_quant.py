@@ -461,3 +461,28 @@ def test_embedding_table(target):
         assert stored["table"] == TensorProto.FLOAT and "table" not in records
     feed = {"ids": np.array([[0, 3, 49, 7, 7, 12]])}
     assert cosine(session(result.model).run(None, feed)[0], session(model).run(None, feed)[0]) > 0.98
+
+
+def test_static_3d_matmul_with_bias_keeps_its_int8_kernel(tmp_path):
+    """With static shapes onnxruntime would fuse MatMul + Add(1-D bias) into Reshape -> float Gemm -> Reshape
+    before its QDQ fusions, dequantizing the weight at every run; the bias gets the output's rank instead."""
+    rng = np.random.default_rng(13)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["a"], name="bias"),
+             helper.make_node("Tanh", ["a"], ["y"], name="tanh")]
+    graph = helper.make_graph(nodes, "mm_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
+                              [_init("w", rng.normal(0, 0.2, (32, 16))), _init("b", rng.normal(0, 0.1, 16))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"x": rng.normal(0, 1, (1, 8, 32)).astype(np.float32)} for _ in range(4)]
+    quant = convert(model, _config(), samples=calib, progress=False).model
+    (add,) = [n for n in quant.graph.node if n.op_type == "Add"]
+    bias = {t.name: t for t in quant.graph.initializer}[add.input[1]]
+    assert list(bias.dims) == [1, 1, 16]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(quant.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    executed = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "MatMulIntegerToFloat" in executed and "Gemm" not in executed
+    feed = calib[0]
+    assert cosine(session(quant).run(None, feed)[0], session(model).run(None, feed)[0]) > 0.999
