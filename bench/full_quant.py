@@ -141,6 +141,10 @@ def rows() -> list[Row]:
         Row("maxmin_pt", "ptqlite FULL_QUANT MAX_MIN per-tensor", "ptqlite", "full_max_min_per_tensor.cfg"),
         Row("kl_pc", "ptqlite FULL_QUANT KL per-channel", "ptqlite", "full_kl_per_channel.cfg"),
         Row("kl_pt", "ptqlite FULL_QUANT KL per-tensor", "ptqlite", "full_kl_per_tensor.cfg"),
+        # Presets for other runtimes, run here under the CPU provider (their models must be correct there too).
+        Row("nvgpu", "ptqlite FULL_QUANT MAX_MIN NVGPU preset", "ptqlite", "full_max_min_nvgpu.cfg"),
+        Row("dsp", "ptqlite FULL_QUANT MAX_MIN DSP preset", "ptqlite", "full_max_min_dsp.cfg"),
+        Row("ascend", "ptqlite FULL_QUANT MAX_MIN ASCEND preset", "ptqlite", "full_max_min_ascend.cfg"),
         Row("ort_minmax", "quantize_static MinMax per-channel", "ort", "MinMax"),
         Row("ort_entropy", "quantize_static Entropy per-channel", "ort", "Entropy"),
         # ONNX Runtime's advice for CPUs without VNNI, where u8 x s8 products saturate in int16 (see docs).

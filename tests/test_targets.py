@@ -31,9 +31,9 @@ def test_every_preset_loads_and_stays_close_to_float(name, per_channel):
                      samples=samples((1, 3, 16, 16)), progress=False)
     reference = outputs(model, evaluate)
     assert cosine(reference, outputs(result.model, evaluate, fused=False)) > 0.995
-    # With this CPU's int8 kernels: the CPU preset is built for them; the others target other runtimes and only
-    # need to load and run here.
-    assert cosine(reference, outputs(result.model, evaluate)) > (0.98 if name == "CPU" else 0.9)
+    # With this CPU's int8 kernels too: every preset keeps the int16 pair sums exact, so a model made for another
+    # runtime also runs correctly under onnxruntime's CPU provider (MobileNet V2 NVGPU: 26.0 top-1 before, 86.5).
+    assert cosine(reference, outputs(result.model, evaluate)) > 0.98
 
 
 def test_nvgpu_is_symmetric_with_zero_points_at_zero():
@@ -95,8 +95,9 @@ def test_cpu_weight_pairs_never_overflow_int16(channels, cin, kernel, spread, se
     # No pair can overflow at the plain scale: the plain scale stays.
     safe = int16_pair_limit(rows) <= np.abs(rows).max(axis=1)
     np.testing.assert_allclose(params.scale.ravel()[safe], plain[safe])
-    # Other presets keep full-range int8 weights.
-    assert np.allclose(weight_params(w, spec, target("NVGPU"), rows=rows).scale.ravel(), plain)
+    # Every preset applies the rule (their models are checked on this CPU too).
+    for name in PRESETS:
+        assert np.allclose(weight_params(w, spec, target(name), rows=rows).scale, params.scale)
 
 
 @settings(max_examples=100, deadline=None)
