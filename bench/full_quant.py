@@ -137,6 +137,7 @@ def rows() -> list[Row]:
     return [
         Row("float", "float", "float"),
         Row("weight8", "ptqlite WEIGHT_QUANT 8 bit", "ptqlite", "weight_8bit.cfg"),
+        Row("mixed", "ptqlite WEIGHT_QUANT mixed bit, init_scale 0.02", "ptqlite", "weight_mixed_0.02.cfg"),
         Row("maxmin_pc", "ptqlite FULL_QUANT MAX_MIN per-channel", "ptqlite", "full_max_min_per_channel.cfg"),
         Row("maxmin_pt", "ptqlite FULL_QUANT MAX_MIN per-tensor", "ptqlite", "full_max_min_per_tensor.cfg"),
         Row("kl_pc", "ptqlite FULL_QUANT KL per-channel", "ptqlite", "full_kl_per_channel.cfg"),

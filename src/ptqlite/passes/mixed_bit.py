@@ -62,8 +62,12 @@ def channel_errors(w: np.ndarray, step: np.ndarray, axis: int | None) -> np.ndar
     return np.where(energy > 0, ratio, (err > 0).astype(np.float64))
 
 
-def search_step(w: np.ndarray, target: float, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+def search_step(w: np.ndarray, target: float, axis: int | None,
+                error_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Largest step (per slice along `axis`, or one for the tensor) whose relative error is <= target.
+
+    With `error_axis` (one step for the tensor only) the error is that of the worst slice along it, so that one
+    common step cannot meet the target by wiping out the channels whose weights are small.
 
     Starts at (max - min) * target, doubles or halves until the target is bracketed, then bisects (geometric
     mean) until the error is within SEARCH_TOLERANCE below the target. Steps are float32 values, so the error
@@ -83,7 +87,10 @@ def search_step(w: np.ndarray, target: float, axis: int | None) -> tuple[np.ndar
     high = np.full(shape, np.inf)  # smallest step known to miss it
     done = np.zeros(shape, dtype=bool)
     for _ in range(SEARCH_ITERATIONS):
-        err = channel_errors(w64, step, axis)
+        if axis is None and error_axis is not None:
+            err = channel_errors(w64, step, error_axis).max().reshape(shape)
+        else:
+            err = channel_errors(w64, step, axis)
         ok = err <= target
         low = np.where(~done & ok & (step > low), step, low)
         high = np.where(~done & ~ok & (step < high), step, high)
@@ -241,6 +248,8 @@ class MixedLayer:
             return f"fallback {FALLBACK_BITS}-bit asymmetric {where} (init_scale not reachable)"
         if self.measure == "per-channel":
             return f"symmetric step per channel axis {self.spec.axis}, error measured per channel"
+        if self.spec.axis is not None and self.q.ndim > 1:
+            return f"symmetric step per tensor, error measured per channel axis {self.spec.axis}"
         return "symmetric step per tensor, error measured per tensor"
 
 
@@ -252,7 +261,8 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
     if per_channel and spec.axis is not None and w.shape[spec.axis] > 1:
         measures.append(("per-channel", spec.axis))
     for measure, axis in measures:
-        step, met = search_step(w, target, axis)
+        # Every output channel is held to the target, also under one common step (see search_step).
+        step, met = search_step(w, target, axis, spec.axis if w.ndim > 1 else None)
         if not met.all():
             continue
         step32 = step.astype(np.float32)
