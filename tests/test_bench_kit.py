@@ -96,10 +96,13 @@ def test_rendered_configs_parse(tmp_path: Path, bench: str) -> None:
             assert config.data.input_type == "IMAGE" and config.data.image_to_format == "RGB"
             if b.dataset == "imagenet":
                 assert config.data.normalize_mean == (127.5,) * 3 and config.data.center_crop_width == 224
-            assert config.full.per_channel == ("per_channel" in row.arg)
+            assert config.full.per_channel == ("per_tensor" not in row.arg)
             assert config.full.activation_quant_method == ("KL" if "_kl_" in row.arg else "MAX_MIN")
+            preset = next((t for t in ("NVGPU", "DSP", "ASCEND") if t.lower() in row.arg), "CPU")
+            assert config.full.target_device == preset
         else:
-            assert config.quant_type == "WEIGHT_QUANT" and config.common.bit_num == 8
+            assert config.quant_type == "WEIGHT_QUANT"
+            assert config.common.bit_num == (0 if "mixed" in row.arg else 8)
 
 
 def test_run_child_reports_exit_code_and_own_peak_memory() -> None:
