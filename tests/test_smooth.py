@@ -160,3 +160,20 @@ bias_correction=false
                for r in rows if r["DataTypeFlag"] == "Dequant"}
     assert cosines[("h", "Output")] > 0.999  # 0.65 when compared with x / s unscaled
     assert cosines[("w1", "Input")] > 0.999
+
+
+def test_per_tensor_weights_are_not_smoothed():
+    config = parse_config("""[common_quant_param]
+quant_type=FULL_QUANT
+bit_num=8
+[data_preprocess_param]
+calibrate_path=x:/nonexistent
+calibrate_size=1
+input_type=BIN
+[full_quant_param]
+bias_correction=false
+per_channel=false
+""", "test.cfg")
+    result = convert(_model(_outlier_gamma()), config, samples=_samples(8, [1, 4, K]), progress=False)
+    assert not any("smoothing" in note for note in result.notes)
+    assert not [n for n in result.model.graph.node if n.name.endswith("_smooth")]

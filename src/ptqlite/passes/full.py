@@ -100,7 +100,9 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     weight_plan = plan_weights(model, config, apply_size_filters=False, per_channel=options.per_channel,
                                ops=tuple(sorted(WEIGHTED_OPS)))
     skip = set(config.common.skip_quant_node)
-    groups = smoothing_groups(model, {s.tensor for s in weight_plan.quantized}, skip)
+    # Smoothing moves activation spread into weight rows, which only per-channel weight scales absorb (MiniLM with
+    # per_channel=false: sentence cosine 0.940 without smoothing, 0.855 with it).
+    groups = smoothing_groups(model, {s.tensor for s in weight_plan.quantized}, skip) if options.per_channel else []
     if groups:
         amax = _channel_max(model, [g.tensor for g in groups], samples, progress, axis=-1, magnitude=True)
         smoothed, result.input_rescale = smooth(model, groups, amax)
