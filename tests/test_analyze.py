@@ -142,11 +142,12 @@ def test_shortest_prefix_finds_the_smallest_count(needed):
 
 
 def test_full_quant_op_type_sweep_finds_an_int8_softmax(tmp_path):
-    """DSP keeps Softmax int8; with an additive attention mask its input range is all mask, which no layer skip
-    fixes. The op-type sweep ranks Softmax (or the mask Add feeding it) first and the skip line uses it."""
+    """DSP keeps Softmax int8; with an additive mask of -1000 (above the -1e4 that marks a mask for the pass) its
+    input range is mostly mask, which no layer skip fixes. The op-type sweep ranks Softmax (or the mask Add
+    feeding it) first and the skip line uses it."""
     from test_full_quant import masked_attention_model
 
-    model = masked_attention_model()
+    model = masked_attention_model(big=-1000.0)
     rng = np.random.default_rng(5)
     for name in ("x", "mask"):
         (tmp_path / name).mkdir()

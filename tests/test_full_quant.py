@@ -392,8 +392,10 @@ def test_per_tensor_relu6_model_has_no_float_min():
     assert cosine(outputs(model, evaluate), outputs(result.model, evaluate, fused=False)) > 0.99
 
 
-def masked_attention_model(seed: int = 12, d: int = 16) -> onnx.ModelProto:
-    """q/k/v projections, scores * 1/sqrt(d) + additive mask (0 or -3.4e38, BERT's export) -> Softmax -> @ v."""
+def masked_attention_model(seed: int = 12, d: int = 16, big: float = float(np.finfo(np.float32).min)
+                           ) -> onnx.ModelProto:
+    """q/k/v projections, scores * 1/sqrt(d) + additive mask (0 or `big`; -3.4e38 in BERT's export) -> Softmax
+    -> @ v."""
     n = helper.make_node
     nodes = [n("MatMul", ["x", "wq"], ["q"], name="q"), n("MatMul", ["x", "wk"], ["k"], name="k"),
              n("MatMul", ["x", "wv"], ["v"], name="v"),
@@ -409,7 +411,7 @@ def masked_attention_model(seed: int = 12, d: int = 16) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     inits = [_init(w, rng.normal(0, 0.3, (d, d))) for w in ("wq", "wk", "wv", "wo")]
     inits += [_init("scale", np.array(1 / np.sqrt(d))), _init("one", np.array(1.0)),
-              _init("big", np.array(np.finfo(np.float32).min))]
+              _init("big", np.array(big))]
     graph = helper.make_graph(nodes, "attention",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, d]),
                                helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 8])],
@@ -486,3 +488,21 @@ def test_static_3d_matmul_with_bias_keeps_its_int8_kernel(tmp_path):
     assert "MatMulIntegerToFloat" in executed and "Gemm" not in executed
     feed = calib[0]
     assert cosine(session(quant).run(None, feed)[0], session(model).run(None, feed)[0]) > 0.999
+
+
+def test_dsp_keeps_a_masked_softmax_float():
+    """DSP quantizes Softmax, but an input reaching -1e4 or below carries a mask: that Softmax stays float."""
+    model = masked_attention_model()
+    rng = np.random.default_rng(5)
+
+    def sample():
+        mask = np.ones((1, 1, 8), np.float32)
+        mask[..., rng.integers(4, 8):] = 0
+        return {"x": rng.normal(0, 1, (1, 8, 16)).astype(np.float32), "mask": mask}
+
+    result = convert(model, _config(target="DSP"), samples=[sample() for _ in range(8)], progress=False)
+    assert any("1 Softmax node(s) kept float" in note for note in result.notes)
+    quantized = {node.input[0] for node in result.model.graph.node if node.op_type == "QuantizeLinear"}
+    assert "masked" not in quantized
+    for feed in [sample() for _ in range(4)]:
+        assert cosine(session(result.model).run(None, feed)[0], session(model).run(None, feed)[0]) > 0.98
