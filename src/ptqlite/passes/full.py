@@ -186,7 +186,12 @@ def _keep_bias_adds_apart(model: onnx.ModelProto) -> None:
     graph = model.graph
     index = GraphIndex(graph)
     ranks = {}
-    for info in shape_inference.infer_shapes(model, strict_mode=False).graph.value_info:
+    try:
+        infos = shape_inference.infer_shapes(model, strict_mode=False).graph.value_info
+    except Exception as exc:  # noqa: BLE001 - custom ops or a model past protobuf's 2 GB: ranks stay unknown
+        log.debug("shape inference failed: %s", exc)
+        infos = []
+    for info in infos:
         if info.type.tensor_type.HasField("shape"):
             ranks[info.name] = len(info.type.tensor_type.shape.dim)
     for node in graph.node:
