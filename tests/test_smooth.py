@@ -177,3 +177,10 @@ per_channel=false
     result = convert(_model(_outlier_gamma()), config, samples=_samples(8, [1, 4, K]), progress=False)
     assert not any("smoothing" in note for note in result.notes)
     assert not [n for n in result.model.graph.node if n.name.endswith("_smooth")]
+
+
+def test_smoothed_conversion_is_deterministic():
+    calib = _samples(8, [1, 4, K])
+    first = convert(_model(_outlier_gamma()), CONFIG, samples=calib, progress=False).model
+    second = convert(_model(_outlier_gamma()), CONFIG, samples=calib, progress=False).model
+    assert first.SerializeToString() == second.SerializeToString()
