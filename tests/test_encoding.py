@@ -7,18 +7,18 @@ import pytest
 from conftest import run, session
 from onnx import TensorProto, helper
 
-from ptqlite.encoding import SharedConstants, build_decoder
+from ptqlite.encoding import INTEGER_OPSET, SharedConstants, build_decoder
 from ptqlite.model import GraphIndex
 
 
-def _model_with_decoder(codes, bits, scale, offset, zero, **kwargs):
+def _model_with_decoder(codes, bits, scale, offset, zero, opset=13, **kwargs):
     graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(np.shape(codes)))])
     index = GraphIndex(graph)
-    shared = SharedConstants(index)
+    shared = SharedConstants(index, opset)
     decoder = build_decoder(index, shared, "w", codes, bits, scale, offset, zero, **kwargs)
     graph.node.extend(decoder.nodes)
     graph.initializer.extend(shared.used_by(decoder.nodes) + decoder.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.checker.check_model(model)
     return model, decoder
 
@@ -28,9 +28,10 @@ def _expected(codes, scale, offset):
     return codes.astype(np.float32) * scale.astype(np.float32) + offset.astype(np.float32)
 
 
+@pytest.mark.parametrize("opset", [13, INTEGER_OPSET])
 @pytest.mark.parametrize("bits", list(range(1, 17)))
 @pytest.mark.parametrize("form", ["packed", "indexed", "sparse"])
-def test_each_form_decodes_exactly(bits, form):
+def test_each_form_decodes_exactly(bits, form, opset):
     rng = np.random.default_rng(bits)
     shape = (6, 5, 3)
     zero = rng.integers(0, 1 << bits, size=(6, 1, 1))
@@ -44,7 +45,7 @@ def test_each_form_decodes_exactly(bits, form):
         codes = np.where(rng.random(shape) < 0.8, zero, codes)
     scale = rng.uniform(0.01, 0.1, size=(6, 1, 1))
     offset = rng.uniform(-1, 1, size=(6, 1, 1))
-    model, decoder = _model_with_decoder(codes, bits, scale, offset, zero, forms=(form,))
+    model, decoder = _model_with_decoder(codes, bits, scale, offset, zero, opset, forms=(form,))
     assert decoder.encoding == form
     np.testing.assert_array_equal(run(model, {})[0], _expected(codes, scale, offset))
 
@@ -95,3 +96,19 @@ def test_decoder_is_folded_at_load(tmp_path):
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ (codes * 0.1 - 0.4).astype(np.float32), rtol=1e-5,
                                atol=1e-5)
     assert [n.op_type for n in onnx.load(optimized).graph.node] == ["MatMul"]
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7, 9, 11, 15])
+def test_odd_widths_stay_integer_until_the_final_cast_on_opset_14(bits):
+    """ONNX Runtime keeps every folded tensor until folding ends: odd widths must not weigh bits in float."""
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, size=(13, 11))  # 143 codes: not a multiple of 8, the padding is cut
+    scale, offset = rng.uniform(0.01, 0.1, size=(13, 1)), rng.uniform(-1, 1, size=(13, 1))
+    model, decoder = _model_with_decoder(codes, bits, scale, offset, np.zeros((13, 1), np.int64), INTEGER_OPSET,
+                                         forms=("packed",))
+    ops = [n.op_type for n in decoder.nodes]
+    float_casts = [n for n in decoder.nodes if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT]
+    assert "MatMul" not in ops and len(float_casts) == 1 and ops[-3:] == ["Cast", "Mul", "Add"]
+    np.testing.assert_array_equal(run(model, {})[0], _expected(codes, scale, offset))
+    # Same bytes as the bit-packed stream, up to the padding of the last row of 8 codes.
+    assert decoder.stored_bytes <= -(-codes.size * bits // 8) + bits + 2 * 13 * 4 + 8

@@ -108,7 +108,7 @@ def test_unreachable_target_falls_back_to_8_bits():
     assert layer.relative_error < 0.01
 
 
-def _matmul_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _matmul_model(weights: dict[str, np.ndarray], opset: int = 13) -> onnx.ModelProto:
     """y_i = x @ W_i for each weight: with x the identity, the outputs are the weights the runtime decoded."""
     rows = next(iter(weights.values())).shape[0]
     nodes = [helper.make_node("MatMul", ["x", name], [f"y_{name}"], name=f"mm_{name}") for name in weights]
@@ -117,7 +117,7 @@ def _matmul_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
         [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [rows, w.shape[1]])
          for name, w in weights.items()],
         [numpy_helper.from_array(w, name) for name, w in weights.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_decoded_weights_in_onnxruntime_equal_the_numpy_reconstruction(tmp_path):
@@ -249,3 +249,52 @@ def test_auto_tune_on_resnet20_calibration_images_reaches_the_target_cosine():
     quantized = run(result.model, {"input": x})[0]
     mean_cosine = np.mean([cosine_similarity(r, q) for r, q in zip(reference, quantized)])
     assert abs(mean_cosine - TARGET_COSINE) <= 0.003
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 1000])
+def test_integer_rice_decoder_on_opset_14_is_bit_exact_and_folded(tmp_path, monkeypatch, chunk):
+    """Opset >= 14: the Rice decoder stays integer (uint8 bits and quotients, int32 indices) up to one Gather per
+    layer; weights with per-tensor and per-channel steps, several k (odd ones too), one layer cut over several
+    streams (chunk=1000), all bit-identical to the recorded reconstruction and folded away at load."""
+    from ptqlite.passes import mixed_bit
+
+    monkeypatch.setattr(mixed_bit, "RICE_CHUNK", chunk)
+    rng = np.random.default_rng(11)
+    weights = {"a": _weights(7, 24, 64, 1.0).T.copy(), "b": _weights(8, 24, 64, 0.0).T.copy() * 3,
+               "d": _weights(9, 48, 64, 0.3).T.copy(),
+               "e": (rng.laplace(size=(64, 32)) * 0.01).astype(np.float32)}
+    model = _matmul_model(weights, opset=17)
+    for target in (0.004, 0.03, 0.3):
+        config = mixed_config(target)
+        layers, _ = mixed_bit.quantize_weights(model, config, target)
+        converted = convert(model, config).model
+        assert {layer.encoding.split()[0] for layer in layers} == {"rice"}
+        assert {layer.measure for layer in layers} == {"per-tensor", "per-channel"} or target != 0.03
+        optimized = tmp_path / f"optimized_{target}.onnx"
+        outputs = session(converted, optimized).run(None, {"x": np.eye(64, dtype=np.float32)})
+        for layer, out in zip(layers, outputs):
+            assert np.array_equal(layer.decoded, out)
+        assert sorted(n.op_type for n in onnx.load(str(optimized)).graph.node) == ["MatMul"] * 4
+        # No float tensor as large as the bit stream or the values: TopK reads uint8 bits, and the only float
+        # ops are the small unzigzag table (Range and four ops on it, one Mul per per-tensor step) and each
+        # layer's Gather (and Mul for per-channel steps).
+        nodes = [n for n in converted.graph.node if n.op_type != "MatMul"]
+        topk = [n for n in nodes if n.op_type == "TopK"]
+        producers = {o: n for n in nodes for o in n.output}
+        assert topk and all(producers[t.input[0]].op_type == "Reshape" for t in topk)
+        assert not [n for n in nodes if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT]
+        ks = {layer.rice_k for layer in layers}
+        assert len([n for n in nodes if n.op_type == "Range"]) == len(ks)
+        # one Gather per layer from its table (the others unpack odd-width remainders from stored bytes)
+        assert len([n for n in nodes if n.op_type == "Gather" and n.input[0] in producers]) == len(layers)
+        # Same inputs, same bytes.
+        assert converted.SerializeToString() == convert(model, config).model.SerializeToString()
+
+
+def test_rice_parameter_keeps_quotients_within_the_integer_decoder():
+    from ptqlite.passes.mixed_bit import MAX_QUOTIENT
+
+    z = np.concatenate([np.zeros(5000, np.int64), [40000]])  # one outlier: the shortest k would be 0
+    k = rice_parameter(z)
+    assert int(z.max()) >> k <= MAX_QUOTIENT and int(z.max()) >> (k - 1) > MAX_QUOTIENT
+    assert rice_parameter(np.arange(64)) == rice_parameter(np.arange(64))  # unconstrained case unchanged

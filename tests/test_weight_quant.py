@@ -226,14 +226,19 @@ def test_same_inputs_give_identical_bytes_and_input_is_untouched():
     assert first == second and model.SerializeToString() == before
 
 
-def test_bundled_resnet20_default_strategy_runs_the_float_graph(tmp_path):
+@pytest.mark.parametrize("bits", [4, 3])
+def test_bundled_resnet20_default_strategy_runs_the_float_graph(tmp_path, bits):
+    """Also 3 bit: on this opset-17 model odd widths are decoded in integers, and still folded away."""
     model = onnx.load(RESNET20)
-    result = convert(model, config(bits=4))
+    result = convert(model, config(bits=bits))
     float_ops, quant_ops = tmp_path / "f.onnx", tmp_path / "q.onnx"
     session(model, optimized_path=float_ops)
     session(result.model, optimized_path=quant_ops)
     ops = [collections.Counter(n.op_type for n in onnx.load(p).graph.node) for p in (float_ops, quant_ops)]
     assert ops[0] == ops[1]  # after load, nothing of the decoder is left
+    if bits == 3:
+        decoder_ops = {n.op_type for n in result.model.graph.node} - set(ops[0])
+        assert "MatMul" not in decoder_ops and "Gather" in decoder_ops  # not the float bit weighing
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ weight when the session loads and no decode work remains per inference:
 - "int8"/"int16": bits 8 and 16 without encoding (enable_encode=false), one signed integer per element.
 
 Only ops from opset 11 or older are used (Reshape, BitShift, Mod, Slice, Cast, MatMul, Gather, CumSum, Expand,
-ScatterElements, Mul, Add), so the decoder runs on any model with opset >= 11. Small constants that every decoder
-needs (shift tables, shapes) are stored once per model and shared.
+ScatterElements, Mul, Add), so the decoder runs on any model with opset >= 11. On models with opset >= 14 (INTEGER_OPSET)
+Add also takes uint8/uint16, and widths that do not divide 8 are decoded in integers too (see _Builder.unpack_codes).
+Small constants that every decoder needs (shift tables, shapes) are stored once per model and shared.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .model import GraphIndex
 from .qmath import bits_for, pack_bits
 
 MIN_OPSET = 11
+INTEGER_OPSET = 14  # Add/Sub/Mul on uint8 and uint16: the decoders of odd widths and Rice codes stay integer
 
 
 @dataclass
@@ -50,13 +52,14 @@ class Decoder:
 class SharedConstants:
     """Constants reused by many decoders of one model, created on first use."""
 
-    def __init__(self, index: GraphIndex):
+    def __init__(self, index: GraphIndex, opset: int = MIN_OPSET):
         self.index = index
+        self.opset = opset  # the model's: decides which integer ops the decoders may use
         self.by_key: dict[tuple, str] = {}
         self.initializers: list[onnx.TensorProto] = []
 
     def get(self, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d scalars 0-d
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self.by_key:
             name = self.index.unique_name("ptq_c")
@@ -80,7 +83,8 @@ class _Builder:
     def const(self, array: np.ndarray) -> str:
         """A constant owned by this decoder (weight data, per-channel parameters)."""
         name = self.index.unique_name(self.prefix)
-        self.decoder.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d scalars 0-d
+        self.decoder.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
@@ -107,6 +111,8 @@ class _Builder:
         count = codes.size
         if bits in (8, 16):
             return self.const(codes.astype(np.uint8 if bits == 8 else np.uint16).ravel()), False
+        if 8 % bits and self.shared.opset >= INTEGER_OPSET:
+            return self._odd_width(np.asarray(codes), bits, flat), False
         # Stored as a column [bytes, 1]: no Reshape (each folded op's output is one more copy at load).
         column = self.const(pack_bits(codes, bits).reshape(-1, 1))
         if 8 % bits == 0:
@@ -124,6 +130,41 @@ class _Builder:
         powers = (2.0 ** np.arange(bits - 1, -1, -1)).astype(np.float32).reshape(bits, 1)
         weighted = self.node("MatMul", [as_float, self.shared.get(powers)])
         return self.node("Reshape", [weighted, self.shape_of([-1])]), True
+
+    def _odd_width(self, codes: np.ndarray, bits: int, flat: bool) -> str:
+        """Codes of a width that does not divide 8, decoded in integers (uint8, or uint16 above 8 bits).
+
+        Up to 8 bits: 8 codes take `bits` whole bytes, so the stream is stored as rows of `bits` bytes. Code j of
+        a row starts in byte j*bits // 8 and may run into the next one: each part is gathered into a [rows, 8]
+        table, shifted into place (uint8 shifts drop the bits that belong to neighbours) and the two are added.
+        About 6 bytes per code at load, where weighing bits in float took about 30. Wider codes: the low byte is
+        stored plain, the high bits this way, joined in uint16.
+        """
+        count = codes.size
+        if bits > 8:
+            high = self.unpack_codes(codes >> 8, bits - 8)[0]
+            low = self.const((codes & 0xFF).astype(np.uint8).ravel())
+            high16 = self.node("Cast", [high], to=TensorProto.UINT16)
+            shifted = self.node("BitShift", [high16, self.shared.get(np.array([8], np.uint16))], direction="LEFT")
+            return self.node("Add", [shifted, self.node("Cast", [low], to=TensorProto.UINT16)])
+        rows = -(-count // 8)
+        padded = np.zeros(rows * 8, np.int64)
+        padded[:count] = np.asarray(codes).ravel()
+        stream = self.const(pack_bits(padded, bits).reshape(rows, bits))
+        start = np.arange(8) * bits
+        first, offset = start // 8, start % 8
+        spill = offset + bits > 8  # codes that run into the next byte
+        high = self.node("Gather", [stream, self.shared.get(first.astype(np.int32))], axis=1)
+        high = self.node("BitShift", [high, self.shared.get(offset.astype(np.uint8)[None])], direction="LEFT")
+        high = self.node("BitShift", [high, self.shared.get(np.array([8 - bits], np.uint8))], direction="RIGHT")
+        # The next byte's leading bits; shifting a uint8 by 8 gives 0 for the codes that do not spill.
+        nxt = np.minimum(first + 1, bits - 1).astype(np.int32)
+        low = self.node("Gather", [stream, self.shared.get(nxt)], axis=1)
+        low_shift = np.where(spill, 16 - offset - bits, 8).astype(np.uint8)[None]
+        low = self.node("BitShift", [low, self.shared.get(low_shift)], direction="RIGHT")
+        fields = self.node("Add", [high, low])
+        total = rows * 8
+        return fields if total == count and not flat else self._first(fields, count, total)
 
     def bits(self, column: str) -> str:
         """The bits of a uint8 column [n, 1], MSB first, as a uint8 table [n, 8]."""

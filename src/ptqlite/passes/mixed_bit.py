@@ -25,8 +25,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..config import QuantConfig
-from ..encoding import MIN_OPSET, Decoder, SharedConstants, _Builder, build_decoder
-from ..model import GraphIndex, ensure_opset
+from ..encoding import INTEGER_OPSET, MIN_OPSET, Decoder, SharedConstants, _Builder, build_decoder
+from ..model import GraphIndex, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
 from ..qmath import bits_for, channel_shape, reduce_axes, round_half_away
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
@@ -38,7 +38,8 @@ SEARCH_ITERATIONS = 100  # the reference's bound on the step search
 SEARCH_TOLERANCE = 0.01  # stop once the error is within 1% below the target
 MAX_CODE_BITS = 16  # a step needing wider codes counts as "cannot meet the target"
 FALLBACK_BITS = 8
-RICE_CHUNK = 1 << 22  # values per shared Rice stream: bounds the memory the decoder takes at load
+RICE_CHUNK = 1 << 20  # values per Rice stream: bounds the scratch memory of each TopK at load
+MAX_QUOTIENT = 254  # the integer decoder takes quotients (+1) as uint8 differences of bit positions
 
 
 # ---------------------------------------------------------------- step search
@@ -117,11 +118,16 @@ def zigzag(q: np.ndarray) -> np.ndarray:
 
 
 def rice_parameter(z: np.ndarray) -> int:
-    """The k that makes the Rice code of `z` shortest: each value costs k + 1 + (z >> k) bits."""
+    """The k that makes the Rice code of `z` shortest: each value costs k + 1 + (z >> k) bits.
+
+    Only k whose largest quotient z >> k is at most MAX_QUOTIENT are considered (the decoder's uint8 limit;
+    the shortest k almost always meets it)."""
     z = np.asarray(z, dtype=np.int64).ravel()
-    top = max(1, int(z.max()).bit_length()) if z.size else 1
-    costs = [z.size * (k + 1) + int(np.sum(z >> k)) for k in range(top + 1)]
-    return int(np.argmin(costs))
+    zmax = int(z.max()) if z.size else 0
+    top = max(1, zmax.bit_length())
+    lowest = next(k for k in range(top + 1) if zmax >> k <= MAX_QUOTIENT)
+    costs = [z.size * (k + 1) + int(np.sum(z >> k)) for k in range(lowest, top + 1)]
+    return lowest + int(np.argmin(costs))
 
 
 def rice_encode(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,11 +191,17 @@ def _rice_values(b: _Builder, z: np.ndarray, k: int) -> str:
 
 
 def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer]) -> list[Decoder]:
-    """Decoders for the Rice-coded layers: one stream per Rice parameter k (cut at RICE_CHUNK values), so the
-    decoding graph is paid for once and each layer only adds Slice, Reshape and Mul by its step(s)."""
+    """Decoders for the Rice-coded layers: one decoding graph per Rice parameter k, shared by its layers.
+
+    On models with opset >= INTEGER_OPSET the decoding stays integer (_rice_integer); older models get the float
+    decoder (_rice_values), one stream per k cut between layers every RICE_CHUNK values.
+    """
     decoders = []
     for k in sorted({layer.rice_k for layer in layers}):
         group = [layer for layer in layers if layer.rice_k == k]
+        if shared.opset >= INTEGER_OPSET:
+            decoders.append(_rice_integer(index, shared, group, k))
+            continue
         chunks: list[list[MixedLayer]] = [[]]
         for layer in group:
             if chunks[-1] and sum(x.q.size for x in chunks[-1]) + layer.q.size > RICE_CHUNK:
@@ -208,6 +220,72 @@ def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
                 start += size
             decoders.append(b.decoder)
     return decoders
+
+
+def _rice_quotients(b: _Builder, z: np.ndarray, k: int) -> str:
+    """uint8 [len(z)]: each value's quotient plus one, from its Rice stream (integer ops only).
+
+    The positions of the stream's 0 bits come from TopK (smallest first over the uint8 bits; ties come out lowest
+    index first), cast to uint8: neighbouring positions then differ by quotient + 1 modulo 256, exact because
+    quotients are at most MAX_QUOTIENT. Folded outputs: 3 bytes a stream bit, 12 a value (TopK's int64 indices).
+    """
+    stream, _ = rice_encode(z, k)
+    bits = b.node("Reshape", [b.bits(b.const(stream.reshape(-1, 1))), b.shape_of([-1])])
+    b.node("TopK", [bits, b.shape_of([z.size])], axis=0, largest=0, sorted=1)
+    stops = b.index.unique_name(b.prefix)
+    b.decoder.nodes[-1].output.append(stops)  # TopK's second output: the indices
+    stops = b.node("Cast", [stops], to=TensorProto.UINT8)
+    previous = b.node("Concat", [b.shared.get(np.array([255], np.uint8)),
+                                 b.node("Slice", [stops, b.shape_of([0]), b.shape_of([z.size - 1])])], axis=0)
+    return b.node("Sub", [stops, previous])
+
+
+def _layer_slice(b: _Builder, flat: str, start: int, layer: MixedLayer, whole: bool) -> str:
+    """The layer's values of a uint8 vector of its group, in the layer's shape, as int32 (Gather's index type)."""
+    piece = flat if whole else b.node("Slice", [flat, b.shape_of([start]), b.shape_of([start + layer.q.size])])
+    return b.node("Cast", [b.node("Reshape", [piece, b.shape_of(layer.q.shape)])], to=TensorProto.INT32)
+
+
+def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer], k: int) -> Decoder:
+    """One decoder for the Rice-coded `layers` that share k, kept in integers up to each layer's final Gather.
+
+    The values are cut into streams of RICE_CHUNK values (each TopK's scratch stays small) whose quotients (uint8)
+    and remainders (uint8, the k-bit packed forms of encoding.py) are joined; each layer takes its slice, builds
+    the index (quotient + 1) * 2^k + remainder = z + 2^k in int32 and gathers its weight from a table of
+    unzigzag(z) * step (per-channel steps: gathers unzigzag(z), then Mul). So the only float tensors made at
+    load are the weights themselves (and the product for per-channel steps), bit-identical to _reconstruct.
+    """
+    b = _Builder(index, shared, index.unique_name("ptq_rice"), f"rice k={k}")
+    z = np.concatenate([zigzag(layer.q).ravel() for layer in layers])
+    cuts = range(0, z.size, RICE_CHUNK)
+    parts = [_rice_quotients(b, z[at:at + RICE_CHUNK], k) for at in cuts]
+    quotients = parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=0)
+    remainders = None
+    if k:
+        low = z & ((1 << k) - 1)
+        parts = [b.unpack_codes(low[at:at + RICE_CHUNK], k)[0] for at in cuts]
+        remainders = parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=0)
+    # unzigzag(z) over z = -2^k .. max z, computed at load (a few ops on a small vector, no file bytes): the
+    # table the layers gather from, indexed by z + 2^k (its first 2^k entries are never read).
+    z_range = b.node("Range", [shared.get(np.array(-(1 << k), np.float32)),
+                               b.const(np.array(int(z.max()) + 1, np.float32)),
+                               shared.get(np.array(1, np.float32))])
+    odd = b.node("Mod", [z_range, shared.get(np.array([2.0], np.float32))], fmod=1)
+    sign = b.node("Sub", [shared.get(np.array([0.5], np.float32)), odd])
+    table = b.node("Mul", [b.node("Add", [z_range, odd]), sign])
+    start = 0
+    for layer in layers:
+        position = _layer_slice(b, quotients, start, layer, len(layers) == 1)
+        if k:
+            position = b.node("Add", [b.node("Mul", [position, shared.get(np.array(1 << k, np.int32))]),
+                                      _layer_slice(b, remainders, start, layer, len(layers) == 1)])
+        step = b.const(layer.step.astype(np.float32).reshape(()) if layer.step.size == 1 else layer.step)
+        if layer.step.size == 1:  # scale the small table, not the weight: the only float copy is the weight
+            b.node("Gather", [b.node("Mul", [table, step]), position], axis=0, output=layer.spec.tensor)
+        else:
+            b.node("Mul", [b.node("Gather", [table, position], axis=0), step], output=layer.spec.tensor)
+        start += layer.q.size
+    return b.decoder
 
 
 # ---------------------------------------------------------------- one layer
@@ -315,7 +393,7 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
     """Every planned weight of `model` at target error `init_scale` (the model is not changed)."""
     plan = plan_weights(model, config, per_channel=True)
     index = index or GraphIndex(model.graph)
-    shared = shared or SharedConstants(index)
+    shared = shared or SharedConstants(index, opset_version(model))
     skipped = [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     layers = []
     for spec in plan.quantized:
@@ -346,7 +424,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
         result.notes.append(f"mixed bit: init_scale={init_scale:g} (target relative error per layer)")
     ensure_opset(model, MIN_OPSET)
     index = GraphIndex(model.graph)
-    shared = SharedConstants(index)
+    shared = SharedConstants(index, opset_version(model))
     layers, result.skipped = quantize_weights(model, config, init_scale, index, shared)
     decoders = [layer.decoder for layer in layers if layer.decoder is not None]
     decoders += rice_decoders(index, shared, [layer for layer in layers if layer.decoder is None])

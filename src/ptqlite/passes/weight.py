@@ -96,7 +96,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     else:
         ensure_opset(model, MIN_OPSET)
     index = GraphIndex(model.graph)
-    shared = SharedConstants(index)
+    shared = SharedConstants(index, opset_version(model))
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     removed: set[str] = set()
