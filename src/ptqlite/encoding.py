@@ -105,7 +105,8 @@ class _Builder:
         """Store unsigned codes packed; return a graph value holding them flat [n], and whether it is float.
 
         Widths that divide 8 and 16 bits decode to uint8/uint16: integer intermediates cost 1-2 bytes a code
-        while ONNX Runtime folds the decoder, a float one 4. Other widths weigh bits with a float MatMul.
+        while ONNX Runtime folds the decoder, a float one 4. Other widths: integer on opset >= INTEGER_OPSET
+        (_odd_width), else their bits are weighed with a float MatMul.
         flat=False: a caller that reshapes anyway may get the codes in another shape when that saves a copy.
         """
         count = codes.size
