@@ -18,16 +18,22 @@ from ptqlite.convert import convert
 from ptqlite.smooth import smooth, smoothing_factors, smoothing_groups
 
 K, N = 32, 24
-CONFIG = parse_config("""[common_quant_param]
+def _config(common: str = "", full: str = "") -> object:
+    return parse_config(f"""[common_quant_param]
 quant_type=FULL_QUANT
 bit_num=8
+{common}
 [data_preprocess_param]
 calibrate_path=x:/nonexistent
 calibrate_size=1
 input_type=BIN
 [full_quant_param]
 bias_correction=false
+{full}
 """, "test.cfg")
+
+
+CONFIG = _config()
 
 
 def _model(gamma: np.ndarray, seed: int = 0, gemm_trans_b: bool = False) -> onnx.ModelProto:
@@ -143,17 +149,7 @@ def test_shared_weights_are_not_smoothed():
 def test_debug_report_compares_smoothed_tensors_in_float_units(tmp_path):
     """The report maps what a smoothed MatMul reads (x / s, rows * s) back with the recorded factors, so the
     LayerNorm output and the weight are not reported as broken."""
-    config = parse_config(f"""[common_quant_param]
-quant_type=FULL_QUANT
-bit_num=8
-debug_info_save_path={tmp_path}
-[data_preprocess_param]
-calibrate_path=x:/nonexistent
-calibrate_size=1
-input_type=BIN
-[full_quant_param]
-bias_correction=false
-""", "test.cfg")
+    config = _config(common=f"debug_info_save_path={tmp_path}")
     convert(_model(_outlier_gamma()), config, samples=_samples(8, [1, 4, K]), progress=False)
     rows = list(csv.DictReader((tmp_path / "round_0.csv").read_text().splitlines()))
     cosines = {(r["TensorName"], r["InOutFlag"]): float(r["CosineSimilarity"])
@@ -163,17 +159,7 @@ bias_correction=false
 
 
 def test_per_tensor_weights_are_not_smoothed():
-    config = parse_config("""[common_quant_param]
-quant_type=FULL_QUANT
-bit_num=8
-[data_preprocess_param]
-calibrate_path=x:/nonexistent
-calibrate_size=1
-input_type=BIN
-[full_quant_param]
-bias_correction=false
-per_channel=false
-""", "test.cfg")
+    config = _config(full="per_channel=false")
     result = convert(_model(_outlier_gamma()), config, samples=_samples(8, [1, 4, K]), progress=False)
     assert not any("smoothing" in note for note in result.notes)
     assert not [n for n in result.model.graph.node if n.name.endswith("_smooth")]
