@@ -5,10 +5,26 @@ import numpy as np
 import onnx
 import pytest
 from conftest import run, session
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from ptqlite.encoding import INTEGER_OPSET, SharedConstants, build_decoder
+from ptqlite.encoding import (
+    INTEGER_OPSET,
+    SPLIT_OPSET,
+    SharedConstants,
+    SplitPlan,
+    _Builder,
+    build_decoder,
+    packed_bytes,
+    plan_split,
+    split_codes,
+    split_entries,
+    split_join,
+    split_type,
+)
 from ptqlite.model import GraphIndex
+from ptqlite.passes.mixed_bit import zigzag
 
 
 def _model_with_decoder(codes, bits, scale, offset, zero, opset=13, **kwargs):
@@ -112,3 +128,68 @@ def test_odd_widths_stay_integer_until_the_final_cast_on_opset_14(bits):
     np.testing.assert_array_equal(run(model, {})[0], _expected(codes, scale, offset))
     # Same bytes as the bit-packed stream, up to the padding of the last row of 8 codes.
     assert decoder.stored_bytes <= -(-codes.size * bits // 8) + bits + 2 * 13 * 4 + 8
+
+
+# ---------------------------------------------------------------- split codes
+
+_split_values = st.lists(st.integers(0, 40), min_size=1, max_size=300).flatmap(
+    lambda base: st.lists(st.sampled_from([0, 0, 0, 300, 70000]), min_size=len(base), max_size=len(base)).map(
+        lambda bump: np.array(base, np.int64) + np.array(bump, np.int64)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(z=_split_values, k=st.integers(0, 17), gap_bits=st.integers(1, 9), value_bits=st.integers(1, 9))
+def test_split_entries_round_trip_at_any_widths(z, k, gap_bits, value_bits):
+    """Fillers and extra entries make every gap and value fit its width, and the entries add back to z."""
+    gaps, values = split_entries(z >> k, gap_bits, value_bits)
+    assert gaps.min(initial=0) >= 0 and gaps.max(initial=0) < 1 << gap_bits
+    assert values.min(initial=0) >= 0 and values.max(initial=0) < 1 << value_bits
+    np.testing.assert_array_equal(split_join(z & ((1 << k) - 1), gaps, values, k), z)
+
+
+@settings(max_examples=60, deadline=None)
+@given(z=_split_values)
+def test_split_plan_is_the_smallest_and_its_size_is_exact(z):
+    plan = plan_split(z)
+    gaps, values = split_entries(z >> plan.k, plan.gap_bits, plan.value_bits)
+    low = packed_bytes(z.size, plan.k) if plan.k else 0
+    entries = packed_bytes(gaps.size, plan.gap_bits) + packed_bytes(values.size, plan.value_bits) if gaps.size else 0
+    assert plan.stored_bytes == low + entries
+    # never larger than the plain packed zigzag values (k = their width, no entries)
+    assert plan.stored_bytes <= packed_bytes(z.size, int(z.max()).bit_length() or 1)
+
+
+def _split_model(z, plan):
+    graph = helper.make_graph([], "g", [], [])
+    index = GraphIndex(graph)
+    shared = SharedConstants(index, SPLIT_OPSET + 1)
+    b = _Builder(index, shared, "s", "split")
+    out = split_codes(b, z, plan)
+    stored = sum(len(t.raw_data) for t in b.decoder.initializers)
+    graph.node.extend(b.decoder.nodes)
+    graph.initializer.extend(shared.used_by(b.decoder.nodes) + b.decoder.initializers)
+    dtype = helper.np_dtype_to_tensor_dtype(np.dtype(split_type(int(z.max()))[0]))
+    graph.output.append(helper.make_tensor_value_info(out, dtype, [z.size]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SPLIT_OPSET + 1)])
+    onnx.checker.check_model(model)
+    return model, stored
+
+
+@pytest.mark.parametrize("k, gap_bits, value_bits", [(0, 3, 2), (3, 2, 1), (5, 4, 3), (8, 8, 8), (9, 1, 5),
+                                                     (None, 0, 0)])
+@pytest.mark.parametrize("top", [200, 3000, 100000])
+def test_split_codes_decode_exactly_in_onnxruntime(tmp_path, k, gap_bits, value_bits, top):
+    """Every k (odd, 8, above 8), narrow widths that need fillers and extra entries, uint8/uint16/int32 values;
+    the stored bytes are the plan's, and the decoder folds to a constant."""
+    rng = np.random.default_rng(top)
+    z = zigzag(np.round(rng.laplace(0, 6, size=1003)).astype(np.int64))
+    z[rng.integers(0, z.size, 5)] = rng.integers(0, top, 5)
+    plan = plan_split(z) if k is None else SplitPlan(k, gap_bits, value_bits, 0)
+    model, stored = _split_model(z, plan)
+    out = session(model, tmp_path / "o.onnx").run(None, {})[0]
+    assert out.dtype == split_type(int(z.max()))[0]
+    np.testing.assert_array_equal(out.astype(np.int64), z)
+    if k is None:
+        assert stored == plan.stored_bytes
+        assert stored < 0.8 * packed_bytes(z.size, int(z.max()).bit_length())
+    assert not onnx.load(str(tmp_path / "o.onnx")).graph.node  # folded: only the constant output is left

@@ -122,7 +122,7 @@ def _matmul_model(weights: dict[str, np.ndarray], opset: int = 13) -> onnx.Model
 
 def test_decoded_weights_in_onnxruntime_equal_the_numpy_reconstruction(tmp_path):
     rng = np.random.default_rng(3)
-    sparse = (rng.standard_normal((64, 40)) * (rng.random((64, 40)) < 0.04)).astype(np.float32)
+    sparse = (rng.standard_normal((64, 400)) * (rng.random((64, 400)) < 0.04)).astype(np.float32)
     weights = {"a": _weights(4, 48, 64, 0.5).T.copy(), "b": _weights(5, 32, 64, 0.0).T.copy(),
                "c": sparse}
     model = _matmul_model(weights)
@@ -259,6 +259,7 @@ def test_integer_rice_decoder_on_opset_14_is_bit_exact_and_folded(tmp_path, monk
     from ptqlite.passes import mixed_bit
 
     monkeypatch.setattr(mixed_bit, "RICE_CHUNK", chunk)
+    monkeypatch.setattr(mixed_bit, "RICE_MARGIN", -1e9)  # Rice always wins here (opset 17 also offers split)
     rng = np.random.default_rng(11)
     weights = {"a": _weights(7, 24, 64, 1.0).T.copy(), "b": _weights(8, 24, 64, 0.0).T.copy() * 3,
                "d": _weights(9, 48, 64, 0.3).T.copy(),
@@ -298,3 +299,49 @@ def test_rice_parameter_keeps_quotients_within_the_integer_decoder():
     k = rice_parameter(z)
     assert int(z.max()) >> k <= MAX_QUOTIENT and int(z.max()) >> (k - 1) > MAX_QUOTIENT
     assert rice_parameter(np.arange(64)) == rice_parameter(np.arange(64))  # unconstrained case unchanged
+
+
+def test_split_form_is_bit_exact_folded_and_without_topk(tmp_path, monkeypatch):
+    """With Rice ruled out, opset >= 16 stores layers in the split form: per-tensor and per-channel steps, weights
+    bit-identical to the recorded reconstruction, folded away at load, no TopK, byte-identical reruns."""
+    from ptqlite.passes import mixed_bit
+
+    monkeypatch.setattr(mixed_bit, "RICE_MARGIN", 0.999)
+    rng = np.random.default_rng(12)
+    weights = {"a": _weights(7, 24, 256, 1.0).T.copy(), "b": _weights(8, 24, 256, 0.0).T.copy() * 3,
+               "e": (rng.laplace(size=(256, 64)) * 0.01).astype(np.float32)}
+    model = _matmul_model(weights, opset=17)
+    for target in (0.004, 0.03):
+        config = mixed_config(target)
+        layers, _ = mixed_bit.quantize_weights(model, config, target)
+        forms = {layer.encoding.split()[0] for layer in layers}
+        assert "split" in forms and "rice" not in forms
+        converted = convert(model, config).model
+        optimized = tmp_path / f"optimized_{target}.onnx"
+        outputs = session(converted, optimized).run(None, {"x": np.eye(256, dtype=np.float32)})
+        for layer, out in zip(layers, outputs):
+            assert np.array_equal(layer.decoded, out)
+            if layer.encoding.startswith("split"):  # the same product as the step search measured
+                assert np.array_equal(layer.decoded, layer.q.astype(np.float32) * layer.step)
+        assert sorted(n.op_type for n in onnx.load(str(optimized)).graph.node) == ["MatMul"] * 3
+        assert not [n for n in converted.graph.node if n.op_type == "TopK"]
+        assert converted.SerializeToString() == convert(model, config).model.SerializeToString()
+
+
+def test_rice_needs_a_clear_margin_over_the_lean_forms():
+    """Default rule: a layer whose Rice code is within RICE_MARGIN of the split form is stored split."""
+    from ptqlite.passes import mixed_bit
+
+    rng = np.random.default_rng(5)
+    w = (rng.laplace(size=(256, 1024)) * 0.01).astype(np.float32)
+    spec = WeightSpec("w", "MatMul", ("mm",), w.shape, axis=1)
+    graph = helper.make_graph([], "g", [], [], [numpy_helper.from_array(w, "w")])
+    index = GraphIndex(graph)
+    layer = quantize_layer(index, SharedConstants(index, 17), spec, w, 0.02)
+    z = zigzag(layer.q)
+    rice = -(-mixed_bit.rice_bits(z, rice_parameter(z)) // 8) + layer.step.nbytes
+    assert layer.encoding.startswith("split")
+    assert rice > (1 - mixed_bit.RICE_MARGIN) * layer.stored_bytes  # Rice is smaller, but not by the margin
+    assert rice < layer.stored_bytes
+    old = quantize_layer(index, SharedConstants(index, 14), spec, w, 0.02)  # no split below opset 16
+    assert old.encoding.startswith("rice")

@@ -279,3 +279,132 @@ def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes
     if not candidates:
         raise ValueError(f"none of the forms {forms} can store these codes")
     return min(candidates, key=lambda d: (d.stored_bytes, len(d.nodes)))
+
+
+# ---------------------------------------------------------------- split codes
+
+SPLIT_OPSET = 16  # ScatterElements with reduction="add": entries at one position add up
+
+
+def packed_bytes(count: int, bits: int, opset: int = SPLIT_OPSET) -> int:
+    """Bytes that _Builder.unpack_codes stores for `count` codes of `bits` bits (odd widths pad rows of 8 codes)."""
+    if bits in (8, 16):
+        return count * bits // 8
+    if 8 % bits and opset >= INTEGER_OPSET:
+        # above 8 bits: the low byte plain, the high bits packed (see _Builder._odd_width)
+        return count + packed_bytes(count, bits - 8, opset) if bits > 8 else -(-count // 8) * bits
+    return -(-count * bits // 8)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Unsigned values z stored as low k bits (packed) plus sparse entries for the high part z >> k.
+
+    Each entry is a (gap, value) pair of gap_bits and value_bits: positions are the running sum of the gaps, and
+    entries at one position add up. So a gap too long for gap_bits becomes filler entries of value 0, and a high
+    part too large for value_bits becomes several entries at one position (gap 0): the widths fit the common
+    entries, not the outliers."""
+
+    k: int
+    gap_bits: int
+    value_bits: int
+    stored_bytes: int  # data bytes of the three packed streams
+
+
+def _entry_counts(values: np.ndarray, limit: int) -> int:
+    """Extra entries needed when each of `values` (>= 0) is cut into pieces of at most `limit`."""
+    return int(np.sum(np.maximum(values - 1, 0) // limit))
+
+
+def plan_split(z: np.ndarray, opset: int = SPLIT_OPSET) -> SplitPlan:
+    """The k, gap and value widths that store unsigned values `z` in the fewest bytes (every k from 0 up)."""
+    z = np.asarray(z, dtype=np.int64).ravel()
+    top = int(z.max()).bit_length() if z.size else 0
+    best: SplitPlan | None = None
+    for k in range(top + 1):
+        low_bytes = packed_bytes(z.size, k, opset) if k else 0
+        if best is not None and low_bytes >= best.stored_bytes:
+            continue  # the low bits alone cost more (widths above 8 can be cheaper again: 9 = 8 + 1)
+        high = z >> k
+        positions = np.flatnonzero(high)
+        if positions.size == 0:
+            plan = SplitPlan(k, 1, 1, low_bytes)
+        else:
+            # Distinct gaps and values with their counts: each width is then priced on a few numbers.
+            gaps, gap_counts = np.unique(np.diff(positions, prepend=0), return_counts=True)
+            values, value_counts = np.unique(high[positions], return_counts=True)
+            plan = None
+            for gap_bits in range(1, bits_for(int(gaps[-1]) + 1) + 1):
+                fillers = int(np.sum(gap_counts * (np.maximum(gaps - 1, 0) // ((1 << gap_bits) - 1))))
+                for value_bits in range(1, bits_for(int(values[-1]) + 1) + 1):
+                    extra = int(np.sum(value_counts * ((values - 1) // ((1 << value_bits) - 1))))
+                    entries = positions.size + fillers + extra
+                    size = low_bytes + packed_bytes(entries, gap_bits, opset) + packed_bytes(entries, value_bits, opset)
+                    if plan is None or size < plan.stored_bytes:
+                        plan = SplitPlan(k, gap_bits, value_bits, size)
+        if best is None or plan.stored_bytes < best.stored_bytes:
+            best = plan
+    assert best is not None
+    return best
+
+
+def split_entries(high: np.ndarray, gap_bits: int, value_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gaps, values) of the nonzero `high` values, with filler and extra entries so each fits its width."""
+    high = np.asarray(high, dtype=np.int64).ravel()
+    positions = np.flatnonzero(high)
+    gaps = np.diff(positions, prepend=0)
+    values = high[positions]
+    gap_limit, value_limit = (1 << gap_bits) - 1, (1 << value_bits) - 1
+    fill = np.maximum(gaps - 1, 0) // gap_limit  # filler entries (value 0) before each entry
+    extra = (values - 1) // value_limit  # entries after it at the same position (gap 0)
+    counts = fill + 1 + extra
+    owner = np.repeat(np.arange(positions.size), counts)
+    j = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)  # rank within the owner's run
+    f, e = fill[owner], extra[owner]
+    out_gaps = np.where(j < f, gap_limit, np.where(j == f, gaps[owner] - f * gap_limit, 0))
+    out_values = np.where(j < f, 0, np.where(j == f, values[owner] - e * value_limit, value_limit))
+    return out_gaps, out_values
+
+
+def split_join(low: np.ndarray, gaps: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """Reference decoder (numpy) of the split form: what the graph of split_codes computes."""
+    z = np.asarray(low, dtype=np.int64).copy()
+    np.add.at(z, np.cumsum(gaps), np.asarray(values, dtype=np.int64) << k)
+    return z
+
+
+def split_type(zmax: int) -> tuple[type, int]:
+    """The narrowest integer type (numpy, ONNX) that holds values up to zmax."""
+    if zmax < 1 << 8:
+        return np.uint8, TensorProto.UINT8
+    if zmax < 1 << 16:
+        return np.uint16, TensorProto.UINT16
+    return np.int32, TensorProto.INT32
+
+
+def split_codes(b: _Builder, z: np.ndarray, plan: SplitPlan) -> str:
+    """Store unsigned values `z` in the split form of `plan`; return a graph value holding them, flat [n].
+
+    Integer all the way, in the narrowest type that holds max(z): the low bits unpacked by unpack_codes, the
+    high parts added in by one ScatterElements (reduction add) at the running sums of the gaps. No TopK and
+    no float copy: about 8 bytes a value at load besides the weight."""
+    z = np.asarray(z, dtype=np.int64).ravel()
+    k = plan.k
+    np_type, onnx_type = split_type(int(z.max()) if z.size else 0)
+    if k:
+        low = b.unpack_codes(z & ((1 << k) - 1), k)[0]
+        if k > 8 or np_type is not np.uint8:
+            low = b.node("Cast", [low], to=onnx_type)
+    else:
+        low = b.node("Expand", [b.shared.get(np.array([0], np_type)), b.shape_of([z.size])])
+    if not np.any(z >> k):
+        return low
+    gaps, values = split_entries(z >> k, plan.gap_bits, plan.value_bits)
+    where = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, plan.gap_bits)[0]], to=TensorProto.INT64),
+                              b.shared.get(np.array(0, np.int64))])
+    high = b.unpack_codes(values, plan.value_bits)[0]
+    if plan.value_bits > 8 or np_type is not np.uint8:
+        high = b.node("Cast", [high], to=onnx_type)
+    if k:
+        high = b.node("Mul", [high, b.shared.get(np.array([1 << k], np_type))])
+    return b.node("ScatterElements", [low, where, high], axis=0, reduction="add")

@@ -25,7 +25,18 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..config import QuantConfig
-from ..encoding import INTEGER_OPSET, MIN_OPSET, Decoder, SharedConstants, _Builder, build_decoder
+from ..encoding import (
+    INTEGER_OPSET,
+    MIN_OPSET,
+    SPLIT_OPSET,
+    Decoder,
+    SharedConstants,
+    SplitPlan,
+    _Builder,
+    build_decoder,
+    plan_split,
+    split_codes,
+)
 from ..model import GraphIndex, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
 from ..qmath import bits_for, channel_shape, reduce_axes, round_half_away
@@ -40,6 +51,10 @@ MAX_CODE_BITS = 16  # a step needing wider codes counts as "cannot meet the targ
 FALLBACK_BITS = 8
 RICE_CHUNK = 1 << 20  # values per Rice stream: bounds the scratch memory of each TopK at load
 MAX_QUOTIENT = 254  # the integer decoder takes quotients (+1) as uint8 differences of bit positions
+# Rice is kept only where its file is this much smaller than the best lean form (split or fixed-width): its
+# decoder needs TopK positions at load (docs/mixed_bit.md "Choosing the form" has the measurements).
+RICE_MARGIN = 0.10
+RICE_LAYER_BYTES = 250  # a Rice layer's own nodes in the file (its slice, index and Gather; docs/mixed_bit.md)
 
 
 # ---------------------------------------------------------------- step search
@@ -246,6 +261,39 @@ def _layer_slice(b: _Builder, flat: str, start: int, layer: MixedLayer, whole: b
     return b.node("Cast", [b.node("Reshape", [piece, b.shape_of(layer.q.shape)])], to=TensorProto.INT32)
 
 
+def _unzigzag_table(b: _Builder, first: int, last: int) -> str:
+    """unzigzag(z) for z = first .. last as a float vector, computed at load by Range and four float ops on
+    that small vector (no file bytes but its end): the table that the integer decoders gather weights from."""
+    shared = b.shared
+    z_range = b.node("Range", [shared.get(np.array(first, np.float32)), b.const(np.array(last + 1, np.float32)),
+                               shared.get(np.array(1, np.float32))])
+    odd = b.node("Mod", [z_range, shared.get(np.array([2.0], np.float32))], fmod=1)
+    sign = b.node("Sub", [shared.get(np.array([0.5], np.float32)), odd])
+    return b.node("Mul", [b.node("Add", [z_range, odd]), sign])
+
+
+def _gather_weight(b: _Builder, table: str, index: str, step: np.ndarray, target: str) -> str:
+    """The weight table[index] * step as `target`; bit-identical to _reconstruct (float32 code times step)."""
+    if step.size == 1:  # scale the small table, not the weight: the only float copy is the weight
+        return b.node("Gather", [b.node("Mul", [table, b.const(step.astype(np.float32).reshape(()))]), index],
+                      axis=0, output=target)
+    return b.node("Mul", [b.node("Gather", [table, index], axis=0), b.const(step.astype(np.float32))],
+                  output=target)
+
+
+def split_decoder(index: GraphIndex, shared: SharedConstants, target: str, q: np.ndarray, step: np.ndarray,
+                  plan: SplitPlan) -> Decoder:
+    """The weight q * step from the split form of zigzag(q) (encoding.split_codes): integer values, reshaped
+    and cast to int32, gather the weight from the unzigzag table. No TopK, so the load-time cost is about that
+    of the fixed-width forms (the weight, its int32 indices and a few bytes a value)."""
+    b = _Builder(index, shared, index.unique_name("ptq_w"), f"split k={plan.k}")
+    z = zigzag(q)
+    flat = split_codes(b, z, plan)
+    position = b.node("Cast", [b.node("Reshape", [flat, b.shape_of(q.shape)])], to=TensorProto.INT32)
+    b.decoder.output = _gather_weight(b, _unzigzag_table(b, 0, int(z.max())), position, step, target)
+    return b.decoder
+
+
 def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer], k: int) -> Decoder:
     """One decoder for the Rice-coded `layers` that share k, kept in integers up to each layer's final Gather.
 
@@ -267,23 +315,14 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
         remainders = parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=0)
     # unzigzag(z) over z = -2^k .. max z, computed at load (a few ops on a small vector, no file bytes): the
     # table the layers gather from, indexed by z + 2^k (its first 2^k entries are never read).
-    z_range = b.node("Range", [shared.get(np.array(-(1 << k), np.float32)),
-                               b.const(np.array(int(z.max()) + 1, np.float32)),
-                               shared.get(np.array(1, np.float32))])
-    odd = b.node("Mod", [z_range, shared.get(np.array([2.0], np.float32))], fmod=1)
-    sign = b.node("Sub", [shared.get(np.array([0.5], np.float32)), odd])
-    table = b.node("Mul", [b.node("Add", [z_range, odd]), sign])
+    table = _unzigzag_table(b, -(1 << k), int(z.max()))
     start = 0
     for layer in layers:
         position = _layer_slice(b, quotients, start, layer, len(layers) == 1)
         if k:
             position = b.node("Add", [b.node("Mul", [position, shared.get(np.array(1 << k, np.int32))]),
                                       _layer_slice(b, remainders, start, layer, len(layers) == 1)])
-        step = b.const(layer.step.astype(np.float32).reshape(()) if layer.step.size == 1 else layer.step)
-        if layer.step.size == 1:  # scale the small table, not the weight: the only float copy is the weight
-            b.node("Gather", [b.node("Mul", [table, step]), position], axis=0, output=layer.spec.tensor)
-        else:
-            b.node("Mul", [b.node("Gather", [table, position], axis=0), step], output=layer.spec.tensor)
+        _gather_weight(b, table, position, layer.step, layer.spec.tensor)
         start += layer.q.size
     return b.decoder
 
@@ -333,8 +372,22 @@ class MixedLayer:
 
 def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec, w: np.ndarray, target: float,
                    per_channel: bool = True, bias_correction: bool = True) -> MixedLayer:
-    """Search the step(s) for one weight and keep the smallest stored form that meets `target`."""
+    """Search the step(s) for one weight and keep the smallest stored form that meets `target`.
+
+    Forms are compared by file bytes (data and decoder nodes), except that a Rice code must be RICE_MARGIN
+    smaller than the lean forms (split, fixed-width) to be chosen, for its load-time memory."""
     best: MixedLayer | None = None
+    best_key = np.inf
+
+    def weigh(layer: MixedLayer) -> None:
+        nonlocal best, best_key
+        if layer.decoder is None:
+            key = (layer.stored_bytes + RICE_LAYER_BYTES) / (1 - RICE_MARGIN)
+        else:
+            key = layer.stored_bytes + sum(node.ByteSize() for node in layer.decoder.nodes)
+        if key < best_key:
+            best, best_key = layer, key
+
     measures = [("per-tensor", None)]
     if per_channel and spec.axis is not None and w.shape[spec.axis] > 1:
         measures.append(("per-channel", spec.axis))
@@ -346,19 +399,25 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
         step32 = step.astype(np.float32)
         q = round_half_away(w.astype(np.float64) / step).astype(np.int64)
         bits = bits_for(int(q.max() - q.min()) + 1)
+        reconstructed = _reconstruct(q, step32)
         # Rice: the model shares one decoding graph per k, so a layer costs its bits and its steps.
         z = zigzag(q)
         k = rice_parameter(z)
         rice_bytes = -(-rice_bits(z, k) // 8) + step32.nbytes
-        if best is None or rice_bytes < best.stored_bytes:
-            decoded = _reconstruct(q, step32)
-            best = MixedLayer(spec, measure, bits, step32, q, decoded, relative_error(w, decoded), rice_bytes,
-                              rice_k=k, zero_point=np.zeros(step.size, np.int64))
+        if (rice_bytes + RICE_LAYER_BYTES) / (1 - RICE_MARGIN) < best_key:
+            weigh(MixedLayer(spec, measure, bits, step32, q, reconstructed, relative_error(w, reconstructed),
+                             rice_bytes, rice_k=k, zero_point=np.zeros(step.size, np.int64)))
+        if shared.opset >= SPLIT_OPSET:
+            plan = plan_split(z, shared.opset)
+            if plan.stored_bytes + step32.nbytes < best_key:
+                decoder = split_decoder(index, shared, spec.tensor, q, step32, plan)
+                weigh(MixedLayer(spec, measure, bits, step32, q, reconstructed, relative_error(w, reconstructed),
+                                 decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64)))
         # Skip the fixed-width forms when even their lower bound (indices into the distinct codes, or only the
-        # nonzero codes) cannot beat the Rice code: building them costs time, auto_tune quantizes many times.
+        # nonzero codes) cannot beat the best so far: building them costs time, auto_tune quantizes many times.
         distinct = np.unique(q).size
         bound = min(q.size * bits_for(distinct), int(np.count_nonzero(q)) * bits) // 8
-        if bits > MAX_CODE_BITS or bound >= best.stored_bytes:
+        if bits > MAX_CODE_BITS or bound >= best_key:
             continue
         # The fixed-width forms of encoding.py, codes shifted to start at 0 per step.
         low = q.min(axis=reduce_axes(q.ndim, axis), keepdims=True)
@@ -366,10 +425,10 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
         codes = q - low
         decoder = build_decoder(index, shared, spec.tensor, codes, bits_for(int(codes.max()) + 1), step32,
                                 offset, -low)
-        if decoder.stored_bytes < best.stored_bytes:
+        if decoder.stored_bytes < best_key:
             decoded = ((q - low).astype(np.float32) * step32 + offset).astype(np.float32)
-            best = MixedLayer(spec, measure, bits, step32, q, decoded, relative_error(w, decoded),
-                              decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64))
+            weigh(MixedLayer(spec, measure, bits, step32, q, decoded, relative_error(w, decoded),
+                             decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64)))
     if best is not None:
         return best
     # No step with codes of at most 16 bits meets the target: 8-bit fixed quantization, like the reference.
