@@ -163,7 +163,7 @@ def _split_model(z, plan):
     graph = helper.make_graph([], "g", [], [])
     index = GraphIndex(graph)
     shared = SharedConstants(index, SPLIT_OPSET + 1)
-    b = _Builder(index, shared, "s", "split")
+    b = _Builder(index, shared, "split")
     out = split_codes(b, z, plan)
     stored = sum(len(t.raw_data) for t in b.decoder.initializers)
     graph.node.extend(b.decoder.nodes)
@@ -193,3 +193,35 @@ def test_split_codes_decode_exactly_in_onnxruntime(tmp_path, k, gap_bits, value_
         assert stored == plan.stored_bytes
         assert stored < 0.8 * packed_bytes(z.size, int(z.max()).bit_length())
     assert not onnx.load(str(tmp_path / "o.onnx")).graph.node  # folded: only the constant output is left
+
+
+def test_shared_values_are_built_once_and_names_compacted_around_the_models_own():
+    """A shared value's nodes exist once and come with the shared nodes they read; compact() renames only
+    the generated names, shortest first, skipping names the model already uses."""
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3])])
+    index = GraphIndex(graph)
+    shared = SharedConstants(index, SPLIT_OPSET)
+    for _ in range(50):  # names spent by candidates that are never emitted
+        shared.name()
+
+    def ramp(b: _Builder) -> str:
+        return b.node("Range", [b.shared.get(np.array(0, np.float32)), b.shared.get(np.array(3, np.float32)),
+                                b.shared.get(np.array(1, np.float32))])
+
+    def doubled(b: _Builder) -> str:
+        return b.node("Add", [b.shared.value(("ramp",), ramp), b.shared.value(("ramp",), ramp)])
+
+    assert shared.value(("doubled",), doubled) == shared.value(("doubled",), doubled)
+    assert [n.op_type for n in shared.nodes] == ["Range", "Add"]
+    nodes = [helper.make_node("Mul", [shared.value(("doubled",), doubled), shared.get(np.array(2, np.float32))],
+                              ["a"])]
+    nodes = shared.nodes_used_by(nodes) + nodes
+    inits = shared.used_by(nodes)
+    assert len(nodes) == 3 and len(inits) == 4
+    shared.compact(nodes, inits)
+    names = {n for node in nodes for n in [*node.input, *node.output]} | {t.name for t in inits}
+    assert names == {"a", "b", "c", "d", "e", "f", "g"}  # "a" stays the model's output
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    out = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", SPLIT_OPSET)]), {})[0]
+    np.testing.assert_array_equal(out, [0, 4, 8])

@@ -326,6 +326,14 @@ def test_split_form_is_bit_exact_folded_and_without_topk(tmp_path, monkeypatch):
         assert sorted(n.op_type for n in onnx.load(str(optimized)).graph.node) == ["MatMul"] * 3
         assert not [n for n in converted.graph.node if n.op_type == "TopK"]
         assert converted.SerializeToString() == convert(model, config).model.SerializeToString()
+        # Decoder values get the shortest free names (never the model's own "a", "b", "x"), and layers whose
+        # code ranges round to the same 2^n - 1 share one unzigzag table.
+        names = {n for node in converted.graph.node for n in [*node.input, *node.output]}
+        names |= {t.name for t in converted.graph.initializer}
+        added = names - {"x", *weights, *(f"y_{name}" for name in weights)}
+        assert {"a", "b", "e"} < names and max(len(n) for n in added) <= 2
+        tables = {(1 << int(zigzag(layer.q).max()).bit_length()) - 1 for layer in layers}
+        assert sum(n.op_type == "Range" for n in converted.graph.node) == len(tables)
 
 
 def test_rice_needs_a_clear_margin_over_the_lean_forms():

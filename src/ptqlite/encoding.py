@@ -18,6 +18,9 @@ Small constants that every decoder needs (shift tables, shapes) are stored once 
 
 from __future__ import annotations
 
+import itertools
+import string
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,46 +53,124 @@ class Decoder:
 
 
 class SharedConstants:
-    """Constants reused by many decoders of one model, created on first use."""
+    """Constants (and small computed values, see `value`) reused by many decoders of one model, created on first
+    use. It also names every value the decoders add: short names from one model-wide counter, since each name is
+    written in the file once per node that reads it."""
 
     def __init__(self, index: GraphIndex, opset: int = MIN_OPSET):
         self.index = index
         self.opset = opset  # the model's: decides which integer ops the decoders may use
         self.by_key: dict[tuple, str] = {}
         self.initializers: list[onnx.TensorProto] = []
+        self.nodes: list[onnx.NodeProto] = []  # of the shared values, in creation (topological) order
+        self.count = 0
+        self.generated: set[str] = set()
+
+    def name(self) -> str:
+        """A new value name: "q" and a base-36 counter ("q0", "q1" ... "qzz"), unique in the model."""
+        self.count += 1
+        number, digits = self.count - 1, ""
+        while True:
+            number, digit = divmod(number, 36)
+            digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
+            if not number:
+                name = self.index.unique_name("q" + digits)
+                self.generated.add(name)
+                return name
 
     def get(self, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d scalars 0-d
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self.by_key:
-            name = self.index.unique_name("ptq_c")
+            name = self.name()
             self.initializers.append(numpy_helper.from_array(array, name))
             self.by_key[key] = name
         return self.by_key[key]
 
-    def used_by(self, nodes: list[onnx.NodeProto]) -> list[onnx.TensorProto]:
-        """The shared constants that `nodes` read (candidates that lost also created some)."""
+    def value(self, key: tuple, build: Callable[[_Builder], str]) -> str:
+        """A value computed from shared constants only, built once per model by `build` (its nodes go to
+        self.nodes; whichever decoders read it share them)."""
+        key = ("value", *key)
+        if key not in self.by_key:
+            b = _Builder(self.index, self, "shared")
+            self.by_key[key] = build(b)
+            assert not b.decoder.initializers, "a shared value may read shared constants only"
+            self.nodes += b.decoder.nodes
+        return self.by_key[key]
+
+    def nodes_used_by(self, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """The shared nodes that `nodes` need, directly or through other shared nodes, in creation order."""
         read = {name for node in nodes for name in node.input}
+        needed = []
+        for node in reversed(self.nodes):
+            if read.intersection(node.output):
+                needed.append(node)
+                read.update(node.input)
+        return needed[::-1]
+
+    def compact(self, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]) -> None:
+        """Rename the generated values of the final decoders to the shortest free names (a .. Z, then a0 ...), in
+        order of first use: the candidates that lost took counter values too, so the kept names have gaps."""
+        taken = (self.index._used - self.generated) | _names_in(self.index.graph)  # the model's own names
+        fresh = (name for name in _short_names() if name not in taken)
+        renamed: dict[str, str] = {}
+
+        def new(name: str) -> str:
+            if name in self.generated and name not in renamed:
+                renamed[name] = next(fresh)
+            return renamed.get(name, name)
+
+        for node in nodes:
+            node.input[:] = [new(name) for name in node.input]
+            node.output[:] = [new(name) for name in node.output]
+        for tensor in initializers:
+            tensor.name = new(tensor.name)
+
+    def used_by(self, nodes: list[onnx.NodeProto]) -> list[onnx.TensorProto]:
+        """The shared constants that `nodes` read, also through shared nodes (candidates that lost created
+        some too)."""
+        read = {name for node in nodes + self.nodes_used_by(nodes) for name in node.input}
         return [t for t in self.initializers if t.name in read]
 
 
+def _names_in(graph: onnx.GraphProto) -> set[str]:
+    """Every value name of `graph` and its subgraphs (a short name must not shadow one in a subgraph either)."""
+    names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
+    names |= {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.input, node.output)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                names |= _names_in(sub)
+    return names
+
+
+def _short_names() -> Iterator[str]:
+    """a .. z, A .. Z, then a0, a1 ... ZZ, a00 ...: identifiers, shortest first."""
+    letters = string.ascii_letters
+    yield from letters
+    for size in itertools.count(1):
+        for tail in itertools.product(letters + string.digits, repeat=size):
+            yield from (head + "".join(tail) for head in letters)
+
+
 class _Builder:
-    def __init__(self, index: GraphIndex, shared: SharedConstants, prefix: str, encoding: str):
+    def __init__(self, index: GraphIndex, shared: SharedConstants, encoding: str):
         self.index = index
         self.shared = shared
-        self.prefix = prefix
+        self.name = shared.name
         self.decoder = Decoder(encoding)
 
     def const(self, array: np.ndarray) -> str:
         """A constant owned by this decoder (weight data, per-channel parameters)."""
-        name = self.index.unique_name(self.prefix)
+        name = self.name()
         array = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d scalars 0-d
         self.decoder.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
         # Decoder nodes are folded away at load, so they carry no node name (it would only cost file bytes).
-        out = output or self.index.unique_name(self.prefix)
+        out = output or self.name()
         self.decoder.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
@@ -217,7 +298,7 @@ def _indexed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder
     if index_bits >= bits:
         return None
     idx = b.node("Cast", [b.unpack_codes(positions.ravel(), index_bits, flat=False)[0]], to=TensorProto.INT32)
-    flat = b.node("Gather", [b.const(table.astype(_code_type(bits))), idx], axis=0)
+    flat = b.node("Gather", [b.const(table.astype(_code_type(bits))), idx])
     return b.finish(flat, False, codes.shape, scale, offset, target, result)
 
 
@@ -237,7 +318,7 @@ def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes, result)
                                      to=TensorProto.INT64), b.shared.get(np.array(0, np.int64))])
     dense = b.node("Expand", [b.const(zero_codes.astype(code_type)), b.shape_of(shape)])
     dense_flat = b.node("Reshape", [dense, b.shape_of([-1])])
-    flat = b.node("ScatterElements", [dense_flat, where, values], axis=0)
+    flat = b.node("ScatterElements", [dense_flat, where, values])
     return b.finish(flat, False, shape, scale, offset, target, result)
 
 
@@ -262,10 +343,8 @@ def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes
     (integer, except widths decoded in float). For the last two the result is decoder.output.
     """
     codes = np.asarray(codes, dtype=np.int64)
-    prefix = index.unique_name("ptq_w")
-
     def builder(encoding: str) -> _Builder:
-        return _Builder(index, shared, prefix, encoding)
+        return _Builder(index, shared, encoding)
 
     if not encode:
         return _plain(builder(f"int{bits}"), codes, bits, scale, offset, target, result)
@@ -407,4 +486,4 @@ def split_codes(b: _Builder, z: np.ndarray, plan: SplitPlan) -> str:
         high = b.node("Cast", [high], to=onnx_type)
     if k:
         high = b.node("Mul", [high, b.shared.get(np.array([1 << k], np_type))])
-    return b.node("ScatterElements", [low, where, high], axis=0, reduction="add")
+    return b.node("ScatterElements", [low, where, high], reduction="add")

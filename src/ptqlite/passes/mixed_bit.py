@@ -189,8 +189,8 @@ def _rice_values(b: _Builder, z: np.ndarray, k: int) -> str:
     shared = b.shared
     bits = b.bits(b.const(stream.reshape(-1, 1)))
     keys = b.node("Cast", [b.node("Reshape", [bits, b.shape_of([-1])])], to=TensorProto.FLOAT)
-    b.node("TopK", [keys, b.shape_of([z.size])], axis=0, largest=0, sorted=1)
-    stops = b.index.unique_name(b.prefix)
+    b.node("TopK", [keys, b.shape_of([z.size])], largest=0)  # 1-D: the default axis
+    stops = b.name()
     b.decoder.nodes[-1].output.append(stops)  # TopK's second output: the indices
     previous = b.node("Concat", [shared.get(np.array([-1], np.int64)),
                                  b.node("Slice", [stops, b.shape_of([0]), b.shape_of([z.size - 1])])], axis=0)
@@ -223,7 +223,7 @@ def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
                 chunks.append([])
             chunks[-1].append(layer)
         for chunk in chunks:
-            b = _Builder(index, shared, index.unique_name("ptq_rice"), f"rice k={k}")
+            b = _Builder(index, shared, f"rice k={k}")
             flat = _rice_values(b, np.concatenate([zigzag(x.q).ravel() for x in chunk]), k)
             start = 0
             for layer in chunk:
@@ -246,8 +246,8 @@ def _rice_quotients(b: _Builder, z: np.ndarray, k: int) -> str:
     """
     stream, _ = rice_encode(z, k)
     bits = b.node("Reshape", [b.bits(b.const(stream.reshape(-1, 1))), b.shape_of([-1])])
-    b.node("TopK", [bits, b.shape_of([z.size])], axis=0, largest=0, sorted=1)
-    stops = b.index.unique_name(b.prefix)
+    b.node("TopK", [bits, b.shape_of([z.size])], largest=0)  # 1-D: the default axis
+    stops = b.name()
     b.decoder.nodes[-1].output.append(stops)  # TopK's second output: the indices
     stops = b.node("Cast", [stops], to=TensorProto.UINT8)
     previous = b.node("Concat", [b.shared.get(np.array([255], np.uint8)),
@@ -262,22 +262,29 @@ def _layer_slice(b: _Builder, flat: str, start: int, layer: MixedLayer, whole: b
 
 
 def _unzigzag_table(b: _Builder, first: int, last: int) -> str:
-    """unzigzag(z) for z = first .. last as a float vector, computed at load by Range and four float ops on
-    that small vector (no file bytes but its end): the table that the integer decoders gather weights from."""
-    shared = b.shared
-    z_range = b.node("Range", [shared.get(np.array(first, np.float32)), b.const(np.array(last + 1, np.float32)),
-                               shared.get(np.array(1, np.float32))])
-    odd = b.node("Mod", [z_range, shared.get(np.array([2.0], np.float32))], fmod=1)
-    sign = b.node("Sub", [shared.get(np.array([0.5], np.float32)), odd])
-    return b.node("Mul", [b.node("Add", [z_range, odd]), sign])
+    """unzigzag(z) for z = first .. at least `last` as a float vector, computed at load by Range and four float
+    ops on that small vector: the table that the integer decoders gather weights from. One per model and range;
+    `last` is rounded up to 2^n - 1 so that layers with similar ranges share it (entries past it are never read).
+    """
+    last = (1 << max(last, 0).bit_length()) - 1
+
+    def build(t: _Builder) -> str:
+        get = t.shared.get
+        z_range = t.node("Range", [get(np.array(first, np.float32)), get(np.array(last + 1, np.float32)),
+                                   get(np.array(1, np.float32))])
+        odd = t.node("Mod", [z_range, get(np.array([2.0], np.float32))], fmod=1)
+        sign = t.node("Sub", [get(np.array([0.5], np.float32)), odd])
+        return t.node("Mul", [t.node("Add", [z_range, odd]), sign])
+
+    return b.shared.value(("unzigzag", first, last), build)
 
 
 def _gather_weight(b: _Builder, table: str, index: str, step: np.ndarray, target: str) -> str:
     """The weight table[index] * step as `target`; bit-identical to _reconstruct (float32 code times step)."""
     if step.size == 1:  # scale the small table, not the weight: the only float copy is the weight
         return b.node("Gather", [b.node("Mul", [table, b.const(step.astype(np.float32).reshape(()))]), index],
-                      axis=0, output=target)
-    return b.node("Mul", [b.node("Gather", [table, index], axis=0), b.const(step.astype(np.float32))],
+                      output=target)
+    return b.node("Mul", [b.node("Gather", [table, index]), b.const(step.astype(np.float32))],
                   output=target)
 
 
@@ -286,7 +293,7 @@ def split_decoder(index: GraphIndex, shared: SharedConstants, target: str, q: np
     """The weight q * step from the split form of zigzag(q) (encoding.split_codes): integer values, reshaped
     and cast to int32, gather the weight from the unzigzag table. No TopK, so the load-time cost is about that
     of the fixed-width forms (the weight, its int32 indices and a few bytes a value)."""
-    b = _Builder(index, shared, index.unique_name("ptq_w"), f"split k={plan.k}")
+    b = _Builder(index, shared, f"split k={plan.k}")
     z = zigzag(q)
     flat = split_codes(b, z, plan)
     position = b.node("Cast", [b.node("Reshape", [flat, b.shape_of(q.shape)])], to=TensorProto.INT32)
@@ -303,7 +310,7 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
     unzigzag(z) * step (per-channel steps: gathers unzigzag(z), then Mul). So the only float tensors made at
     load are the weights themselves (and the product for per-channel steps), bit-identical to _reconstruct.
     """
-    b = _Builder(index, shared, index.unique_name("ptq_rice"), f"rice k={k}")
+    b = _Builder(index, shared, f"rice k={k}")
     z = np.concatenate([zigzag(layer.q).ravel() for layer in layers])
     cuts = range(0, z.size, RICE_CHUNK)
     parts = [_rice_quotients(b, z[at:at + RICE_CHUNK], k) for at in cuts]
@@ -488,8 +495,11 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     decoders = [layer.decoder for layer in layers if layer.decoder is not None]
     decoders += rice_decoders(index, shared, [layer for layer in layers if layer.decoder is None])
     nodes = [n for d in decoders for n in d.nodes]
+    nodes = shared.nodes_used_by(nodes) + nodes  # shared values first: they read constants only
     inits = [t for d in decoders for t in d.initializers]
-    _replace(model, {layer.spec.tensor for layer in layers}, nodes, shared.used_by(nodes) + inits)
+    inits = shared.used_by(nodes) + inits
+    shared.compact(nodes, inits)
+    _replace(model, {layer.spec.tensor for layer in layers}, nodes, inits)
     result.quantized = [_record(layer) for layer in layers]
     return result
 
