@@ -356,3 +356,25 @@ def test_every_quant_mode_writes_the_reports(tmp_path, no_histograms, common):
         assert {"x", "a0", "y"} <= {r[2] for r in rows[1:]}  # h0 may be fused away (Relu folded)
     params = _rows(folder / "quant_param.csv")
     assert tuple(params[0]) == PARAM_HEADER and {r[2] for r in params[1:]} == {q.tensor for q in result.quantized}
+
+
+def test_weight_quant_matmul_and_gather_weights_compare_in_float_units(tmp_path):
+    """The default WEIGHT_QUANT strategy feeds MatMul the float codes and Gather the integer table, mapping their
+    outputs instead; the reports map the codes back with the recorded scale and offset (a MatMul weight read
+    0.725 against its codes before)."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed", axis=0),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 32])],
+                              [numpy_helper.from_array(rng.normal(0, 1, (40, 64)).astype(np.float32), "table"),
+                               numpy_helper.from_array(rng.normal(0, 0.2, (64, 32)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    config = tmp_path / "w.cfg"
+    config.write_text("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=8\nmin_quant_weight_size=0\n"
+                      f"min_quant_weight_channel=0\ndebug_info_save_path={tmp_path / 'debug'}\n")
+    result = convert(model, load_config(config))
+    assert {(node, slot) for node, slot in result.input_maps} == {("embed", 0), ("proj", 1)}
+    rows = [r for r in _rows(tmp_path / "debug" / "round_0.csv")[1:] if r[5] == "Weight" and r[4] == "Dequant"]
+    cosines = {r[2]: float(r[-1]) for r in rows}
+    assert set(cosines) == {"table", "w"} and min(cosines.values()) > 0.9999

@@ -144,7 +144,8 @@ class _Entry:
     inout: str  # "Input" / "Output"
     kind: str  # "Weight" / "Activation"
     counterpart: str  # name of the value to compare with in the quantized graph
-    rescale: np.ndarray | None = None  # factor that maps the counterpart back to the float value (smoothing)
+    # (scale, offset) that map the counterpart back to the float value (smoothing, MatMul/Gather weight codes)
+    value_map: tuple[np.ndarray, np.ndarray | None] | None = None
     # accumulated over rounds for the HTML table
     cos_sum: float = 0.0
     cos_min: float = 1.0
@@ -192,7 +193,7 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
         for node, slot in index.consumers.get(tensor, []):
             twin = quant_nodes.get(node.name) if node.name else None
             if twin is not None and slot < len(twin.input) and twin.input[slot]:
-                return twin.input[slot], result.input_rescale.get((node.name, slot))
+                return twin.input[slot], result.input_maps.get((node.name, slot))
         return (tensor if tensor in quant_values else None), None
 
     def is_float(tensor: str) -> bool:
@@ -202,21 +203,21 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     weights = {q.tensor for q in result.quantized if q.tensor in index.initializers}
     for value in graph_inputs(float_model):
         users = index.consumers.get(value.name)
-        twin, rescale = counterpart(value.name)
+        twin, value_map = counterpart(value.name)
         if users and twin and is_float(value.name):
             entries.append(_Entry(users[0][0].name, users[0][0].op_type, value.name, "Input", "Activation", twin,
-                                  rescale))
+                                  value_map))
     for node in graph.node:
         for name in node.input:
             if name in weights:
-                twin, rescale = counterpart(name)
+                twin, value_map = counterpart(name)
                 weights.discard(name)
                 if twin:
-                    entries.append(_Entry(node.name, node.op_type, name, "Input", "Weight", twin, rescale))
+                    entries.append(_Entry(node.name, node.op_type, name, "Input", "Weight", twin, value_map))
         for name in node.output:
-            twin, rescale = counterpart(name) if name else (None, None)
+            twin, value_map = counterpart(name) if name else (None, None)
             if twin and is_float(name):
-                entries.append(_Entry(node.name, node.op_type, name, "Output", "Activation", twin, rescale))
+                entries.append(_Entry(node.name, node.op_type, name, "Output", "Activation", twin, value_map))
     return entries
 
 
@@ -351,8 +352,9 @@ def _write_round(path: Path, entries: list[_Entry], float_probe: _Probe, quant_p
                 dequant = quant_values.get(entry.counterpart)
                 if dequant is None:
                     dequant = quant_probe.constant(entry.counterpart)
-                if dequant is not None and entry.rescale is not None:
-                    dequant = dequant * entry.rescale
+                if dequant is not None and entry.value_map is not None:
+                    scale, offset = entry.value_map
+                    dequant = np.asarray(dequant, np.float32) * scale + (0 if offset is None else offset)
                 if origin is None or dequant is None or not _comparable(origin, dequant):
                     continue
                 cos, clip = cosine_similarity(origin, dequant), clip_rate(origin, dequant)

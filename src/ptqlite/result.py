@@ -43,6 +43,7 @@ class ConversionResult:
     skipped: list[SkippedTensor] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    # (node name, input slot) -> factor that turns what that node reads in the quantized model back into the float
-    # model's value there (activation smoothing divides an input by s and multiplies the weight rows by s)
-    input_rescale: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    # (node name, input slot) -> (scale, offset): what that node reads in the quantized model, times scale plus
+    # offset (None: 0), is the float model's value there. Activation smoothing divides an input by s and multiplies
+    # the weight rows by s; WEIGHT_QUANT feeds MatMul/Gather the codes and maps their outputs instead.
+    input_maps: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)

@@ -107,7 +107,8 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     groups = smoothing_groups(model, {s.tensor for s in weight_plan.quantized}, skip) if options.per_channel else []
     if groups:
         amax = _channel_max(model, [g.tensor for g in groups], samples, progress, axis=-1, magnitude=True)
-        smoothed, result.input_rescale = smooth(model, groups, amax)
+        smoothed, rescale = smooth(model, groups, amax)
+        result.input_maps.update({key: (factor, None) for key, factor in rescale.items()})
         if smoothed:
             skip |= set(smoothed)  # the dividing Muls read the activation at full precision
             types = tensor_types(model)

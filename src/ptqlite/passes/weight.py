@@ -118,6 +118,9 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
                 continue
             nodes, inits, storage, dequantized = decoder.nodes, decoder.initializers, decoder.encoding, qw.decoded()
             if where != "load":
+                for node, slot in index.consumers[spec.tensor]:  # for the debug reports: codes -> float weight
+                    result.input_maps[(node.name, slot)] = (decoder.scale.astype(np.float32),
+                                                            decoder.offset.astype(np.float32))
                 inits = inits + _decode_after(index, shared, spec.tensor, decoder, where, opset_version(model), after)
         new_nodes += nodes
         new_inits += inits
