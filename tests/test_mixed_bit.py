@@ -353,3 +353,30 @@ def test_rice_needs_a_clear_margin_over_the_lean_forms():
     assert rice < layer.stored_bytes
     old = quantize_layer(index, SharedConstants(index, 14), spec, w, 0.02)  # no split below opset 16
     assert old.encoding.startswith("rice")
+
+
+def test_split_layers_with_the_same_plan_share_one_decoding_graph(tmp_path, monkeypatch):
+    """Layers with the same split widths (here one weight times powers of two) are decoded once and cut by a
+    Split; the weights stay bit-identical to the recorded reconstruction and everything folds at load."""
+    from ptqlite.passes import mixed_bit
+
+    monkeypatch.setattr(mixed_bit, "RICE_MARGIN", 0.999)
+    rng = np.random.default_rng(3)
+    w = (rng.laplace(size=(128, 96)) * 0.01).astype(np.float32)
+    weights = {"a": w, "b": w * 2, "c": w * 4}
+    model = _matmul_model(weights, opset=17)
+    config = mixed_config(0.02)
+    layers, _ = mixed_bit.quantize_weights(model, config, 0.02)
+    assert len({(layer.split.k, layer.split.gap_bits, layer.split.value_bits) for layer in layers}) == 1
+    converted = convert(model, config).model
+    ops = [n.op_type for n in converted.graph.node]
+    assert ops.count("Split") == 1 and ops.count("ScatterElements") == 1
+    optimized = tmp_path / "optimized.onnx"
+    outputs = session(converted, optimized).run(None, {"x": np.eye(128, dtype=np.float32)})
+    for layer, out in zip(layers, outputs):
+        assert np.array_equal(layer.decoded, out)
+    assert sorted(n.op_type for n in onnx.load(str(optimized)).graph.node) == ["MatMul"] * 3
+    # one layer's own decoder (as the search built it), the shared table's 5 nodes, the Split, then Reshape,
+    # Cast, Gather, Mul per further layer
+    assert len(ops) - 3 <= len(layers[0].decoder.nodes) + 5 + 1 + 4 * (len(layers) - 1)
+    assert converted.SerializeToString() == convert(model, config).model.SerializeToString()
