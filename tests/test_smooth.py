@@ -150,7 +150,8 @@ def test_debug_report_compares_smoothed_tensors_in_float_units(tmp_path):
     """The report maps what a smoothed MatMul reads (x / s, rows * s) back with the recorded factors, so the
     LayerNorm output and the weight are not reported as broken."""
     config = _config(common=f"debug_info_save_path={tmp_path}")
-    convert(_model(_outlier_gamma()), config, samples=_samples(8, [1, 4, K]), progress=False)
+    result = convert(_model(_outlier_gamma()), config, samples=_samples(16, [1, 4, K]), progress=False)
+    assert result.input_maps  # smoothing happened
     rows = list(csv.DictReader((tmp_path / "round_0.csv").read_text().splitlines()))
     cosines = {(r["TensorName"], r["InOutFlag"]): float(r["CosineSimilarity"])
                for r in rows if r["DataTypeFlag"] == "Dequant"}
@@ -160,13 +161,20 @@ def test_debug_report_compares_smoothed_tensors_in_float_units(tmp_path):
 
 def test_per_tensor_weights_are_not_smoothed():
     config = _config(full="per_channel=false")
-    result = convert(_model(_outlier_gamma()), config, samples=_samples(8, [1, 4, K]), progress=False)
+    result = convert(_model(_outlier_gamma()), config, samples=_samples(16, [1, 4, K]), progress=False)
     assert not any("smoothing" in note for note in result.notes)
     assert not [n for n in result.model.graph.node if n.name.endswith("_smooth")]
 
 
 def test_smoothed_conversion_is_deterministic():
-    calib = _samples(8, [1, 4, K])
+    calib = _samples(16, [1, 4, K])
     first = convert(_model(_outlier_gamma()), CONFIG, samples=calib, progress=False).model
     second = convert(_model(_outlier_gamma()), CONFIG, samples=calib, progress=False).model
+    assert any(n.name.endswith("_smooth") for n in first.graph.node)
     assert first.SerializeToString() == second.SerializeToString()
+
+
+def test_too_few_rows_to_judge_spread_are_not_smoothed():
+    """8 samples of 4 rows: each channel's maximum over 32 values is noise, not an outlier channel."""
+    result = convert(_model(_outlier_gamma()), CONFIG, samples=_samples(8, [1, 4, K]), progress=False)
+    assert not any("smoothing" in note for note in result.notes)

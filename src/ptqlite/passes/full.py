@@ -2,16 +2,21 @@
 
 Steps (docs/full_quant.md explains each choice):
 1. prepare: fold constants and BatchNormalization; with per_channel=false, cross-layer equalisation (after a
-   pass over the calibration samples for the per-channel maxima that turn each ReLU6 into one Clip).
+   pass over the calibration samples for the per-channel maxima that turn each ReLU6 into one Clip); with
+   per_channel=true, activation smoothing of MatMul/Gemm inputs whose channels spread widely (ptqlite.smooth,
+   after a pass for their per-channel maxima).
 2. plan: which nodes compute in int8 ("compute": own output parameters; "shared": output reuses the input's
-   parameters, e.g. Reshape or MaxPool), which stay float (skip_quant_node, ops without int8 kernels), and which
-   activation tensors get a QuantizeLinear/DequantizeLinear pair.
+   parameters, e.g. Reshape or MaxPool), which stay float (skip_quant_node, ops without int8 kernels, Softmax on
+   most presets, ops that no int8 op reads), and which activation tensors get a QuantizeLinear/DequantizeLinear
+   pair.
 3. statistics: one streaming pass of the calibration samples through onnxruntime with the planned tensors exposed
-   as outputs; one observer per tensor, updated per sample.
-4. rewrite: QDQ pairs on activations, int8 weights (symmetric, per output channel or per tensor; the CPU preset
-   keeps pairs of u8*s8 products inside int16) behind a
-   DequantizeLinear, int32 biases with scale act_scale * weight_scale; a Relu/Clip right after an int8 op is
-   dropped when the output quantizer clamps exactly as it would.
+   as outputs; one observer per tensor, updated per sample. A Softmax whose input reaches -1e4 (an attention
+   mask) is then kept float and the plan redone.
+4. rewrite: QDQ pairs on activations, int8 weights (symmetric, per output channel or per tensor; every preset
+   keeps pairs of u8*s8 products inside int16) behind a DequantizeLinear, int32 biases with scale
+   act_scale * weight_scale; a Relu/Clip right after an int8 op is dropped when the output quantizer clamps
+   exactly as it would; a float-output int8 MatMul's 1-D bias gets the output's rank (onnxruntime would make a
+   float Gemm of it on static shapes); Gather tables become int8 rows on the CPU preset.
 5. bias_correction: a second streaming pass through the float model with, beside each weighted layer, a copy
    that reads its input through the quantizer and uses the quantized weight; the mean per-channel difference
    is added to each bias.
@@ -64,6 +69,8 @@ _SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 # it would dequantize its weight at every run (MobileNet V2's 1x1 logits conv: 1.10x instead of 1.0x the
 # latency of quantize_static's model), so its output is quantized like any other.
 _FLOAT_OUTPUT_OPS = {"MatMul", "Gemm"}
+# Smoothing needs each channel's maximum over at least this many values (rows of the MatMul input).
+MIN_SMOOTHING_ROWS = 64
 # A Softmax input at or below -MASK_VALUE is an additive attention mask (exp(-1e4) is 0 in float32).
 MASK_VALUE = 1e4
 # Channel axis of the weighted-op outputs that bias correction averages per channel (NCHW, or [M, N] for Gemm).
@@ -106,7 +113,12 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     # per_channel=false: sentence cosine 0.940 without smoothing, 0.855 with it).
     groups = smoothing_groups(model, {s.tensor for s in weight_plan.quantized}, skip) if options.per_channel else []
     if groups:
-        amax = _channel_max(model, [g.tensor for g in groups], samples, progress, axis=-1, magnitude=True)
+        counts: dict[str, int] = {}
+        amax = _channel_max(model, [g.tensor for g in groups], samples, progress, axis=-1, magnitude=True,
+                            counts=counts)
+        # A maximum over a few values cannot tell an outlier channel from noise (ResNet20's classifier input, one
+        # row per image: spread above 4 with 4 images, 2.7 with 100).
+        amax = {name: peak for name, peak in amax.items() if counts[name] >= MIN_SMOOTHING_ROWS}
         smoothed, rescale = smooth(model, groups, amax)
         result.input_maps.update({key: (factor, None) for key, factor in rescale.items()})
         if smoothed:
@@ -498,8 +510,9 @@ def _collect(model: onnx.ModelProto, plan: GraphPlan, samples, method: str, floa
 
 
 def _channel_max(model: onnx.ModelProto, names: list[str], samples, progress: bool | None, axis: int = 1,
-                 magnitude: bool = False) -> dict[str, np.ndarray]:
-    """Per-channel maximum (of |x| with `magnitude`) along `axis` of the named float tensors over the samples."""
+                 magnitude: bool = False, counts: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Per-channel maximum (of |x| with `magnitude`) along `axis` of the named float tensors over the samples;
+    `counts`, when given, receives how many values each channel's maximum was taken over."""
     if not names:
         return {}
     session = _session(model, names)
@@ -509,6 +522,8 @@ def _channel_max(model: onnx.ModelProto, names: list[str], samples, progress: bo
             value = np.abs(value) if magnitude else value
             peak = value.max(axis=reduce_axes(value.ndim, axis % value.ndim))
             peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
+            if counts is not None:
+                counts[name] = counts.get(name, 0) + value.size // max(1, value.shape[axis % value.ndim])
     return peaks
 
 
