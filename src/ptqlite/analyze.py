@@ -155,7 +155,7 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
     # the best skipping weighted layers can do: when this is far from 1, the loss is elsewhere
     floor = evaluator.cosine([*own, *candidates])
     ranking.sort(key=lambda e: (-e.score(base_cos), e.node))
-    op_types = _op_type_sweep(model, config, own, candidates, evaluator, progress)
+    op_types = _op_type_sweep(base.model, config, own, candidates, evaluator, progress)
 
     def search(lead: tuple[str, ...]) -> tuple[int, float]:
         return _shortest_prefix(lambda k: evaluator.cosine([*own, *lead, *(e.node for e in ranking[:k])]),
@@ -173,16 +173,19 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
                     op_types)
 
 
-def _op_type_sweep(model: onnx.ModelProto, config: QuantConfig, own: tuple[str, ...], candidates: list[str],
+def _op_type_sweep(quantized: onnx.ModelProto, config: QuantConfig, own: tuple[str, ...], candidates: list[str],
                    evaluator: _Evaluator, progress: Callable[[str], None] | None) -> list[OpTypeEffect]:
     """FULL_QUANT also runs unweighted ops in int8 (Add, Mul, Concat, pooling...), whose activations no layer
-    skip controls: one conversion per op type, with every node of that type skipped, ranks them (best first)."""
+    skip controls: one conversion per op type, with every node of that type skipped, ranks them (best first).
+    A node counts when, in the conversion with the config's own skip list, it reads a dequantized tensor."""
     if config.quant_type != "FULL_QUANT":
         return []
     unweighted = target_preset(config.full.target_device).compute_ops - WEIGHTED_OPS
+    dequantized = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     groups: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        if node.op_type in unweighted and node.name and node.name not in own and node.name not in candidates:
+    for node in quantized.graph.node:
+        if (node.op_type in unweighted and node.name and node.name not in own and node.name not in candidates
+                and any(name in dequantized for name in node.input)):
             groups.setdefault(node.op_type, []).append(node.name)
     effects = []
     for op_type, nodes in sorted(groups.items()):
