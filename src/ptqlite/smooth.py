@@ -37,7 +37,8 @@ class SmoothGroup:
 
 
 def smoothing_groups(model: onnx.ModelProto, weights: set[str], skip: set[str]) -> list[SmoothGroup]:
-    """Activations whose every MatMul/Gemm reader multiplies them by a planned 2-D weight read by no one else."""
+    """Activations read as input A by MatMul/Gemm nodes whose weight is planned, 2-D and read by no other node.
+    Readers that do not qualify (skipped, shared weight) keep reading the activation as it is."""
     index = GraphIndex(model.graph)
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
