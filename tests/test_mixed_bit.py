@@ -120,6 +120,14 @@ def _matmul_model(weights: dict[str, np.ndarray], opset: int = 13) -> onnx.Model
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def _assert_folded_to_matmuls(optimized, count: int) -> None:
+    """After load only the model's MatMuls remain, each followed by the Mul of its step (a scalar step is fused
+    into FusedMatMul's alpha): every decoder node was folded."""
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert set(ops) <= {"MatMul", "FusedMatMul", "Mul"}
+    assert ops.count("MatMul") + ops.count("FusedMatMul") == count and ops.count("Mul") <= count
+
+
 def test_decoded_weights_in_onnxruntime_equal_the_numpy_reconstruction(tmp_path):
     rng = np.random.default_rng(3)
     sparse = (rng.standard_normal((64, 400)) * (rng.random((64, 400)) < 0.04)).astype(np.float32)
@@ -275,7 +283,7 @@ def test_integer_rice_decoder_on_opset_14_is_bit_exact_and_folded(tmp_path, monk
         outputs = session(converted, optimized).run(None, {"x": np.eye(64, dtype=np.float32)})
         for layer, out in zip(layers, outputs):
             assert np.array_equal(layer.decoded, out)
-        assert sorted(n.op_type for n in onnx.load(str(optimized)).graph.node) == ["MatMul"] * 4
+        _assert_folded_to_matmuls(optimized, 4)
         # No float tensor as large as the bit stream or the values: TopK reads uint8 bits, and the only float
         # ops are the small unzigzag table (Range and four ops on it, one Mul per per-tensor step) and each
         # layer's Gather (and Mul for per-channel steps).
@@ -323,15 +331,16 @@ def test_split_form_is_bit_exact_folded_and_without_topk(tmp_path, monkeypatch):
             assert np.array_equal(layer.decoded, out)
             if layer.encoding.startswith("split"):  # the same product as the step search measured
                 assert np.array_equal(layer.decoded, layer.q.astype(np.float32) * layer.step)
-        assert sorted(n.op_type for n in onnx.load(str(optimized)).graph.node) == ["MatMul"] * 3
+        _assert_folded_to_matmuls(optimized, 3)
         assert not [n for n in converted.graph.node if n.op_type == "TopK"]
         assert converted.SerializeToString() == convert(model, config).model.SerializeToString()
-        # Decoder values get the shortest free names (never the model's own "a", "b", "x"), and layers whose
+        # Decoder values get the shortest free names (never the model's own "a", "b", "x": the MatMuls now read
+        # the codes, so the weights' names are gone from the model), and layers whose
         # code ranges round to the same 2^n - 1 share one unzigzag table.
         names = {n for node in converted.graph.node for n in [*node.input, *node.output]}
         names |= {t.name for t in converted.graph.initializer}
         added = names - {"x", *weights, *(f"y_{name}" for name in weights)}
-        assert {"a", "b", "e"} < names and max(len(n) for n in added) <= 2
+        assert names.isdisjoint(weights) and max(len(n) for n in added) <= 2
         tables = {(1 << int(zigzag(layer.q).max()).bit_length()) - 1 for layer in layers}
         assert sum(n.op_type == "Range" for n in converted.graph.node) == len(tables)
 
@@ -375,8 +384,74 @@ def test_split_layers_with_the_same_plan_share_one_decoding_graph(tmp_path, monk
     outputs = session(converted, optimized).run(None, {"x": np.eye(128, dtype=np.float32)})
     for layer, out in zip(layers, outputs):
         assert np.array_equal(layer.decoded, out)
-    assert sorted(n.op_type for n in onnx.load(str(optimized)).graph.node) == ["MatMul"] * 3
+    _assert_folded_to_matmuls(optimized, 3)
     # one layer's own decoder (as the search built it), the shared table's 5 nodes, the Split, then Reshape,
     # Cast, Gather, Mul per further layer
     assert len(ops) - 3 <= len(layers[0].decoder.nodes) + 5 + 1 + 4 * (len(layers) - 1)
     assert converted.SerializeToString() == convert(model, config).model.SerializeToString()
+
+
+def test_matmul_weights_fold_only_the_codes_and_scale_the_output(tmp_path, monkeypatch):
+    """Split and integer Rice layers read only as MatMul B: the float codes are folded (no folded Mul of the
+    weight's size) and the step multiplies the output, equal to x @ decoded up to float rounding; the reports
+    get the map codes -> weight."""
+    from ptqlite.passes import mixed_bit
+
+    rng = np.random.default_rng(21)
+    weights = {"a": (rng.laplace(size=(128, 96)) * 0.01).astype(np.float32),
+               "b": (rng.laplace(size=(128, 48)) * rng.uniform(0.01, 0.1, 48)).astype(np.float32)}
+    model = _matmul_model(weights, opset=17)
+    x = rng.standard_normal((128, 128)).astype(np.float32)
+    for margin in (0.999, -1e9):  # split, then Rice
+        monkeypatch.setattr(mixed_bit, "RICE_MARGIN", margin)
+        config = mixed_config(0.02)
+        layers, _ = mixed_bit.quantize_weights(model, config, 0.02)
+        assert {layer.encoding.split()[0] for layer in layers} == {"split" if margin > 0 else "rice"}
+        result = convert(model, config)
+        converted = result.model
+        assert converted.SerializeToString() == convert(model, config).model.SerializeToString()
+        optimized = tmp_path / f"optimized_{margin}.onnx"
+        outputs = session(converted, optimized).run(None, {"x": x})
+        _assert_folded_to_matmuls(optimized, 2)
+        folded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(optimized)).graph.initializer}
+        for layer, out in zip(layers, outputs):
+            np.testing.assert_allclose(out, x @ layer.decoded, rtol=1e-5, atol=1e-6 * np.abs(out).max())
+            mm = next(n for n in converted.graph.node if n.name == f"mm_{layer.spec.tensor}")
+            scale, offset = result.input_maps[(mm.name, 1)]
+            assert offset is None and np.array_equal(scale, layer.step)
+            # The MatMul's folded B holds the codes themselves: codes times the map is the recorded weight.
+            codes = next(v for v in folded.values() if v.shape == layer.q.shape)
+            assert np.array_equal(codes, layer.q.astype(np.float32))
+        # Only the small unzigzag tables are multiplied in the decoders, never a weight-sized value.
+        muls = [n for n in converted.graph.node if n.op_type == "Mul" and n.output[0].startswith("y_")]
+        assert len(muls) == 2
+
+
+def test_gather_tables_stay_integer_and_decode_the_gathered_rows(tmp_path, monkeypatch):
+    """An embedding table read only by Gather keeps int16 codes after load; the gathered rows are cast and
+    multiplied by their row's step, bit-identical to the recorded reconstruction."""
+    from ptqlite.passes import mixed_bit
+
+    monkeypatch.setattr(mixed_bit, "RICE_MARGIN", 0.999)
+    rng = np.random.default_rng(22)
+    table = (rng.laplace(size=(500, 64)) * rng.uniform(0.01, 0.1, (500, 1))).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 7])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [2, 7, 64])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    config = mixed_config(0.02)
+    layers, _ = mixed_bit.quantize_weights(model, config, 0.02)
+    assert layers[0].encoding.startswith("split")
+    result = convert(model, config)
+    ids = rng.integers(0, 500, (2, 7))
+    optimized = tmp_path / "optimized.onnx"
+    (rows,) = session(result.model, optimized).run(None, {"ids": ids})
+    assert np.array_equal(rows, layers[0].decoded[ids])
+    folded = [numpy_helper.to_array(t) for t in onnx.load(str(optimized)).graph.initializer]
+    codes = next(v for v in folded if v.shape == table.shape)
+    assert codes.dtype == np.int16 and np.array_equal(codes, layers[0].q)
+    scale, offset = result.input_maps[("embed", 0)]
+    assert offset is None and np.array_equal(codes * scale, layers[0].decoded)
+    assert result.model.SerializeToString() == convert(model, config).model.SerializeToString()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -38,11 +39,11 @@ from ..encoding import (
     split_codes,
     split_type,
 )
-from ..model import GraphIndex, ensure_opset, opset_version
+from ..model import GraphIndex, attribute, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
 from ..qmath import bits_for, channel_shape, reduce_axes, round_half_away
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
-from .weight import _replace, quantize_weight, relative_error
+from .weight import _decode_on_consumers, _replace, _subgraph_inputs, quantize_weight, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +207,21 @@ def _rice_values(b: _Builder, z: np.ndarray, k: int) -> str:
     return b.node("Mul", [b.node("Add", [value, odd]), sign])
 
 
-def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer]) -> list[Decoder]:
+def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer],
+                  sites: dict[str, str] | None = None, outputs: dict[str, str] | None = None) -> list[Decoder]:
     """Decoders for the Rice-coded layers: one decoding graph per Rice parameter k, shared by its layers.
 
     On models with opset >= INTEGER_OPSET the decoding stays integer (_rice_integer); older models get the float
-    decoder (_rice_values), one stream per k cut between layers every RICE_CHUNK values.
+    decoder (_rice_values), one stream per k cut between layers every RICE_CHUNK values, and always rebuilds the
+    weight at load. sites and outputs: as for split_group_decoders.
     """
+    sites = sites or {}
+    outputs = {} if outputs is None else outputs
     decoders = []
     for k in sorted({layer.rice_k for layer in layers}):
         group = [layer for layer in layers if layer.rice_k == k]
         if shared.opset >= INTEGER_OPSET:
-            decoders.append(_rice_integer(index, shared, group, k))
+            decoders.append(_rice_integer(index, shared, group, k, sites, outputs))
             continue
         chunks: list[list[MixedLayer]] = [[]]
         for layer in group:
@@ -280,8 +285,15 @@ def _unzigzag_table(b: _Builder, first: int, last: int) -> str:
     return b.shared.value(("unzigzag", first, last), build)
 
 
-def _gather_weight(b: _Builder, table: str, index: str, step: np.ndarray, target: str) -> str:
-    """The weight table[index] * step as `target`; bit-identical to _reconstruct (float32 code times step)."""
+def _gather_weight(b: _Builder, table: str, index: str, step: np.ndarray, target: str, site: str = "load") -> str:
+    """The weight table[index] * step as `target`; bit-identical to _reconstruct (float32 code times step).
+
+    site (see _decode_sites): "MatMul": only the codes as float, table[index] (the step is applied to the MatMul
+    output); "Gather": the signed integer codes (int8 or int16), the gathered rows are decoded at run time."""
+    if site == "MatMul":
+        return b.node("Gather", [table, index])
+    if site == "Gather":
+        return b.node("Gather", [_integer_table(b, table), index])
     if step.size == 1:  # scale the small table, not the weight: the only float copy is the weight
         return b.node("Gather", [b.node("Mul", [table, b.const(step.astype(np.float32).reshape(()))]), index],
                       output=target)
@@ -289,8 +301,13 @@ def _gather_weight(b: _Builder, table: str, index: str, step: np.ndarray, target
                   output=target)
 
 
+def _integer_table(b: _Builder, table: str) -> str:
+    """The unzigzag `table` cast to int16, once per table: the codes of every layer fit (MAX_CODE_BITS)."""
+    return b.shared.value(("integer", table), lambda t: t.node("Cast", [table], to=TensorProto.INT16))
+
+
 def split_decoder(index: GraphIndex, shared: SharedConstants, target: str, q: np.ndarray, step: np.ndarray,
-                  plan: SplitPlan) -> Decoder:
+                  plan: SplitPlan, site: str = "load") -> Decoder:
     """The weight q * step from the split form of zigzag(q) (encoding.split_codes): integer values, reshaped
     and cast to int32, gather the weight from the unzigzag table. No TopK, so the load-time cost is about that
     of the fixed-width forms (the weight, its int32 indices and a few bytes a value)."""
@@ -298,14 +315,22 @@ def split_decoder(index: GraphIndex, shared: SharedConstants, target: str, q: np
     z = zigzag(q)
     flat = split_codes(b, z, plan)
     position = b.node("Cast", [b.node("Reshape", [flat, b.shape_of(q.shape)])], to=TensorProto.INT32)
-    b.decoder.output = _gather_weight(b, _unzigzag_table(b, 0, int(z.max())), position, step, target)
+    b.decoder.output = _gather_weight(b, _unzigzag_table(b, 0, int(z.max())), position, step, target, site)
     return b.decoder
 
 
-def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer]) -> list[Decoder]:
+def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer],
+                         sites: dict[str, str] | None = None,
+                         outputs: dict[str, str] | None = None) -> list[Decoder]:
     """Decoders of the split layers: layers with the same plan widths (k, gap and value bits) and value type
     share one decoding graph over their joined values, cut by one Split; a layer then adds only its Reshape,
-    Cast, Gather and Mul (about 5 nodes instead of about 27). A layer alone keeps its own decoder."""
+    Cast, Gather and Mul (about 5 nodes instead of about 27). A layer alone keeps its own decoder (rebuilt when
+    its site is not "load").
+
+    sites: tensor -> where its step is applied (_decode_sites; default "load"); outputs receives, for each layer
+    whose site is not "load", the value its consumers read instead of the weight."""
+    sites = sites or {}
+    outputs = {} if outputs is None else outputs
     groups: dict[tuple, list[MixedLayer]] = {}
     for layer in layers:
         plan = layer.split
@@ -314,7 +339,13 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
     decoders = []
     for (k, gap_bits, value_bits, _), group in groups.items():
         if len(group) == 1:
-            decoders.append(group[0].decoder)
+            layer = group[0]
+            site = sites.get(layer.spec.tensor, "load")
+            if site == "load":
+                decoders.append(layer.decoder)
+                continue
+            decoders.append(split_decoder(index, shared, layer.spec.tensor, layer.q, layer.step, layer.split, site))
+            outputs[layer.spec.tensor] = decoders[-1].output
             continue
         b = _Builder(index, shared, f"split k={k}")
         values = [zigzag(layer.q) for layer in group]
@@ -324,12 +355,17 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
         b.decoder.nodes.append(helper.make_node("Split", [flat, sizes], parts))
         for layer, z, part in zip(group, values, parts):
             position = b.node("Cast", [b.node("Reshape", [part, b.shape_of(layer.q.shape)])], to=TensorProto.INT32)
-            _gather_weight(b, _unzigzag_table(b, 0, int(z.max())), position, layer.step, layer.spec.tensor)
+            site = sites.get(layer.spec.tensor, "load")
+            out = _gather_weight(b, _unzigzag_table(b, 0, int(z.max())), position, layer.step, layer.spec.tensor,
+                                 site)
+            if site != "load":
+                outputs[layer.spec.tensor] = out
         decoders.append(b.decoder)
     return decoders
 
 
-def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer], k: int) -> Decoder:
+def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer], k: int,
+                  sites: dict[str, str], outputs: dict[str, str]) -> Decoder:
     """One decoder for the Rice-coded `layers` that share k, kept in integers up to each layer's final Gather.
 
     The values are cut into streams of RICE_CHUNK values (each TopK's scratch stays small) whose quotients (uint8)
@@ -357,7 +393,10 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
         if k:
             position = b.node("Add", [b.node("Mul", [position, shared.get(np.array(1 << k, np.int32))]),
                                       _layer_slice(b, remainders, start, layer, len(layers) == 1)])
-        _gather_weight(b, table, position, layer.step, layer.spec.tensor)
+        site = sites.get(layer.spec.tensor, "load")
+        out = _gather_weight(b, table, position, layer.step, layer.spec.tensor, site)
+        if site != "load":
+            outputs[layer.spec.tensor] = out
         start += layer.q.size
     return b.decoder
 
@@ -523,17 +562,74 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     shared = SharedConstants(index, opset_version(model))
     layers, result.skipped = quantize_weights(model, config, init_scale, index, shared)
     split_layers = [layer for layer in layers if layer.split is not None]
+    sites = _decode_sites(index, layers, shared.opset, _subgraph_inputs(model.graph))
+    outputs: dict[str, str] = {}
     decoders = [layer.decoder for layer in layers if layer.decoder is not None and layer.split is None]
-    decoders += split_group_decoders(index, shared, split_layers)
-    decoders += rice_decoders(index, shared, [layer for layer in layers if layer.decoder is None])
+    decoders += split_group_decoders(index, shared, split_layers, sites, outputs)
+    decoders += rice_decoders(index, shared, [layer for layer in layers if layer.decoder is None], sites, outputs)
     nodes = [n for d in decoders for n in d.nodes]
+    after: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
+    mapping = _Builder(index, shared, "map")
+    for layer in layers:
+        if layer.spec.tensor in outputs:
+            _decode_after(index, mapping, layer, outputs[layer.spec.tensor], sites[layer.spec.tensor], after, result)
     nodes = shared.nodes_used_by(nodes) + nodes  # shared values first: they read constants only
-    inits = [t for d in decoders for t in d.initializers]
+    inits = [t for d in decoders for t in d.initializers] + mapping.decoder.initializers
     inits = shared.used_by(nodes) + inits
-    shared.compact(nodes, inits)
-    _replace(model, {layer.spec.tensor for layer in layers}, nodes, inits)
+    shared.compact(nodes + [reader for reader, _ in after] + mapping.decoder.nodes, inits)
+    # keyed by the readers' output names once they are final
+    _replace(model, {layer.spec.tensor for layer in layers}, nodes, inits,
+             {reader.output[0]: following for reader, following in after})
     result.quantized = [_record(layer) for layer in layers]
     return result
+
+
+def _decode_sites(index: GraphIndex, layers: list[MixedLayer], opset: int, in_subgraphs: set[str]) -> dict[str, str]:
+    """Where each layer's step is applied, by fixed-bit WEIGHT_QUANT's rule (weight._decode_on_consumers):
+    "MatMul" (every consumer reads it as B: the codes as float are folded, the step multiplies the output),
+    "Gather" (every consumer gathers rows: the table stays int16, the rows are decoded) or "load".
+
+    Only the decoders that end in a Gather from the unzigzag table (split, integer Rice) move the step; the
+    fixed-width forms and the 8-bit fallback (an offset besides the step) are rebuilt at load as before."""
+    sites = {}
+    for layer in layers:
+        if layer.split is None and not (layer.decoder is None and opset >= INTEGER_OPSET):
+            continue
+        params = SimpleNamespace(codes=layer.q, scale=layer.step, offset=np.zeros(()))
+        site = _decode_on_consumers(index, layer.spec.tensor, params, in_subgraphs)
+        if site != "load":
+            sites[layer.spec.tensor] = site
+    return sites
+
+
+def _decode_after(index: GraphIndex, b: _Builder, layer: MixedLayer, codes: str, site: str,
+                  after: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]], result: ConversionResult) -> None:
+    """Point every consumer of the layer's weight at `codes` and multiply its output by the step.
+
+    MatMul: x @ (c * s) = (x @ c) * s per column, one Mul on the output (equal to the folded weight up to the
+    float rounding of the moved Mul). Gather: the rows of int16 codes are cast and multiplied by their row's step
+    (or the tensor's), bit-identical to the folded weight. Each consumer and the nodes that follow it go into
+    `after`; the reports get the map codes -> float weight."""
+    step = layer.step.astype(np.float32)
+    if site == "MatMul":  # a step per column is a vector (broadcasts for any x rank), per tensor a scalar
+        step = step.reshape(-1) if step.size > 1 else step.reshape(())
+    elif step.size == 1:
+        step = step.reshape(())
+    scale = b.const(step)
+    for node, slot in index.consumers[layer.spec.tensor]:
+        result.input_maps[(node.name, slot)] = (layer.step.astype(np.float32), None)
+        out, raw = node.output[0], b.name()
+        node.output[0] = raw
+        first = len(b.decoder.nodes)
+        if site == "MatMul":
+            node.input[1] = codes
+            b.node("Mul", [raw, scale], output=out)
+        else:
+            node.input[0] = codes
+            row_step = scale if step.size == 1 else b.node("Gather", [scale, node.input[1]],
+                                                            axis=attribute(node, "axis", 0))
+            b.node("Mul", [b.node("Cast", [raw], to=TensorProto.FLOAT), row_step], output=out)
+        after.append((node, b.decoder.nodes[first:]))
 
 
 def _record(layer: MixedLayer) -> QuantizedTensor:
