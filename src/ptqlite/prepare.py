@@ -19,11 +19,12 @@ log = logging.getLogger(__name__)
 _NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
-def prepare(model: onnx.ModelProto) -> dict[str, int]:
-    """Rewrite `model` in place; returns the element type of every tensor whose type is known."""
+def prepare(model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> dict[str, int]:
+    """Rewrite `model` in place; returns the element type of every tensor whose type is known (see tensor_types
+    for `ranks`)."""
     fold_constants(model)
     fold_batch_norm(model)
-    return tensor_types(model)
+    return tensor_types(model, ranks)
 
 
 def fold_constants(model: onnx.ModelProto) -> int:
@@ -102,8 +103,9 @@ def fold_batch_norm(model: onnx.ModelProto) -> int:
     return folded
 
 
-def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of each tensor: from the graph's declarations and onnx shape inference."""
+def tensor_types(model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> dict[str, int]:
+    """Element type of each tensor: from the graph's declarations and onnx shape inference. `ranks`, when given,
+    is refilled with the rank of every tensor whose shape is known, from the same inference."""
     try:
         inferred = shape_inference.infer_shapes(model, strict_mode=False)
         infos = list(inferred.graph.value_info)
@@ -111,9 +113,13 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
         log.debug("shape inference failed: %s", exc)
         infos = list(model.graph.value_info)
     types = {}
+    if ranks is not None:
+        ranks.clear()
     for info in [*model.graph.input, *model.graph.output, *infos]:
         if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
             types[info.name] = info.type.tensor_type.elem_type
+        if ranks is not None and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            ranks[info.name] = len(info.type.tensor_type.shape.dim)
     for tensor in model.graph.initializer:
         types[tensor.name] = tensor.data_type
     return types

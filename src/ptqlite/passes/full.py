@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import TensorProto, helper, numpy_helper
 
 from ..config import QuantConfig
 from ..equalize import capped_tensors, equalize
@@ -96,7 +96,8 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     result = ConversionResult(model, config.quant_type)
     ensure_opset(model, 13)  # per-axis DequantizeLinear
     original_info = [vi for vi in model.graph.value_info]
-    types = prepare(model)
+    ranks: dict[str, int] = {}  # of every tensor whose shape is known, refilled with types
+    types = prepare(model, ranks)
     if samples is None:
         from ..data import calibration_set
 
@@ -105,7 +106,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
         # The ReLU6 caps between equalised convs become one Clip each when calibration says which channels
         # reach the cap (per-channel Min caps ran in float and made the int8 model slower than float).
         result.notes += equalize(model, channel_max=_channel_max(model, capped_tensors(model), samples, progress))
-        types = tensor_types(model)  # equalisation adds tensors
+        types = tensor_types(model, ranks)  # equalisation adds tensors
     weight_plan = plan_weights(model, config, apply_size_filters=False, per_channel=options.per_channel,
                                ops=tuple(sorted(WEIGHTED_OPS)))
     skip = set(config.common.skip_quant_node)
@@ -123,7 +124,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
         result.input_maps.update({key: (factor, None) for key, factor in rescale.items()})
         if smoothed:
             skip |= set(smoothed)  # the dividing Muls read the activation at full precision
-            types = tensor_types(model)
+            types = tensor_types(model, ranks)
             result.notes.append(f"activation smoothing in front of {len(smoothed)} MatMul/Gemm input(s) whose "
                                 f"channel ranges differ by {MIN_SPREAD:g}x or more")
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in weight_plan.skipped]
@@ -160,7 +161,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     model.graph.value_info.extend(original_info)
 
     result.quantized += rewriter.records
-    _keep_bias_adds_apart(model)
+    _keep_bias_adds_apart(model, ranks)
     # Embedding tables: int8 rows with one scale each, dequantized after the Gather, as DYNAMIC_QUANT stores them
     # (the table stays int8 in memory; only the gathered rows become float).
     if preset.int8_gather_tables:
@@ -190,23 +191,15 @@ def _masked_softmax(model: onnx.ModelProto, plan: GraphPlan, ranges: dict[str, t
     return masked
 
 
-def _keep_bias_adds_apart(model: onnx.ModelProto) -> None:
+def _keep_bias_adds_apart(model: onnx.ModelProto, ranks: dict[str, int]) -> None:
     """A MatMul with int8 inputs and float output, on a static 3-D (or higher) input, followed by an Add of a 1-D
     bias: onnxruntime's MatMulAddFusion (it runs before its QDQ fusions) turns that pair into Reshape -> float Gemm
     -> Reshape, which dequantizes the weight at every run (static-shape MiniLM FULL_QUANT: 1.63x float instead of
     0.74x). That fusion only takes a 1-D bias for inputs it must reshape, so the bias is given the output's rank
-    ([1, .., 1, N], same broadcast, same values) and the int8 MatMul kernel with float output is kept."""
+    ([1, .., 1, N], same broadcast, same values) and the int8 MatMul kernel with float output is kept.
+    `ranks` come from the shape inference before the rewrite, which keeps such a MatMul's output name."""
     graph = model.graph
     index = GraphIndex(graph)
-    ranks = {}
-    try:
-        infos = shape_inference.infer_shapes(model, strict_mode=False).graph.value_info
-    except Exception as exc:  # noqa: BLE001 - custom ops or a model past protobuf's 2 GB: ranks stay unknown
-        log.debug("shape inference failed: %s", exc)
-        infos = []
-    for info in infos:
-        if info.type.tensor_type.HasField("shape"):
-            ranks[info.name] = len(info.type.tensor_type.shape.dim)
     for node in graph.node:
         if node.op_type != "MatMul" or any(
                 (p := index.producer.get(name)) is None or p.op_type != "DequantizeLinear" for name in node.input[:2]):
