@@ -43,10 +43,10 @@ class Target:
     float_weighted_outputs: bool = True
     # Keep every pair of u8*s8 products inside int16 (x86 kernels without VNNI add them with saturation): the
     # weight scale of a channel grows where two neighbouring codes could sum past 128. Depthwise kernels widen to
-    # 16 bits before multiplying and keep full int8 weights. Every preset sets it: their models are also run and
+    # 16 bits before multiplying and keep full int8 weights. On for every preset: their models are also run and
     # checked under onnxruntime's CPU provider, and the rule costs no measurable accuracy on the exact kernels of
     # the other runtimes (MobileNet V2 with QDQ arithmetic: 86.0-87.0 top-1 with or without it).
-    int16_pair_sums: bool = False
+    int16_pair_sums: bool = True
     # Store Gather embedding tables as int8 rows with a scale each and dequantize only the gathered rows (Gather on
     # int8, Cast, Mul): onnxruntime's CPU provider runs that; the other runtimes' int8 Gather support varies.
     int8_gather_tables: bool = False
@@ -62,21 +62,20 @@ PRESETS: dict[str, Target] = {
     # The AVX2 kernels (CPUs without VNNI) add u8*s8 products pairwise in int16 and saturate with full-range
     # weights (MobileNet V2: 80.5 top-1 instead of 86.75): weights keep 8 bits but no pair may overflow.
     "CPU": Target("CPU", "CPUExecutionProvider", TensorProto.UINT8, False, TensorProto.INT8, True, _COMPUTE_CPU,
-                  int16_pair_sums=True, int8_gather_tables=True),
+                  int8_gather_tables=True),
     # TensorRT: int8 symmetric everywhere (zero point 0 is the only one it accepts), per-channel weights; it fuses
     # Conv+ReLU itself, so activations are never dropped (the symmetric zero point keeps them anyway).
     "NVGPU": Target("NVGPU", "TensorrtExecutionProvider", TensorProto.INT8, True, TensorProto.INT8, True,
-                    _COMPUTE_CPU, int16_pair_sums=True),
+                    _COMPUTE_CPU),
     # Qualcomm QNN HTP: uint8 asymmetric activations; per-channel weights must be int8 symmetric, per-tensor
     # weights are uint8 asymmetric like the activations. HTP wants every tensor quantized, so the
     # elementwise activations and normalisations are quantized too.
     "DSP": Target("DSP", "QNNExecutionProvider", TensorProto.UINT8, False, TensorProto.UINT8, False,
                   _COMPUTE_CPU | {"Tanh", "HardSigmoid", "HardSwish", "Sub", "Div", "ReduceMean", "Softmax",
-                                  "PRelu", "Sigmoid", "LayerNormalization", "InstanceNormalization"},
-                  int16_pair_sums=True),
+                                  "PRelu", "Sigmoid", "LayerNormalization", "InstanceNormalization"}),
     # Ascend (CANN): int8 asymmetric activations, symmetric int8 weights.
     "ASCEND": Target("ASCEND", "CANNExecutionProvider", TensorProto.INT8, False, TensorProto.INT8, True,
-                     _COMPUTE_CPU, int16_pair_sums=True),
+                     _COMPUTE_CPU),
 }
 
 
