@@ -419,24 +419,28 @@ def masked_attention_model(seed: int = 12, d: int = 16, big: float = float(np.fi
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def masked_attention_samples(rng: np.random.Generator, count: int) -> list[dict[str, np.ndarray]]:
+    """Inputs of masked_attention_model: random tokens, the last 1-4 of 8 positions padded (mask 0)."""
+    feeds = []
+    for _ in range(count):
+        mask = np.ones((1, 1, 8), np.float32)
+        mask[..., rng.integers(4, 8):] = 0
+        feeds.append({"x": rng.normal(0, 1, (1, 8, 16)).astype(np.float32), "mask": mask})
+    return feeds
+
+
 def test_attention_mask_and_softmax_stay_float():
     """The masked scores feed a float Softmax, so nothing int8 reads them: no quantizer may take the mask's
     -3.4e38 into its range (that made every score 0 and the output garbage)."""
     model = masked_attention_model()
     rng = np.random.default_rng(5)
-
-    def sample():
-        mask = np.ones((1, 1, 8), np.float32)
-        mask[..., rng.integers(4, 8):] = 0  # padded positions
-        return {"x": rng.normal(0, 1, (1, 8, 16)).astype(np.float32), "mask": mask}
-
-    calib = [sample() for _ in range(8)]
+    calib = masked_attention_samples(rng, 8)
     quant = convert(model, _config(), samples=calib, progress=False).model
     quantized = {node.input[0] for node in quant.graph.node if node.op_type == "QuantizeLinear"}
     assert not quantized & {"masked", "bias", "ss", "s", "inv"}
     assert {"x", "p"} <= quantized  # the projections' input and the probabilities stay int8
     float_s, quant_s = session(model), session(quant)
-    for feed in [sample() for _ in range(4)]:
+    for feed in masked_attention_samples(rng, 4):
         assert cosine(quant_s.run(None, feed)[0], float_s.run(None, feed)[0]) > 0.99
 
 
@@ -494,15 +498,9 @@ def test_dsp_keeps_a_masked_softmax_float():
     """DSP quantizes Softmax, but an input reaching -1e4 or below carries a mask: that Softmax stays float."""
     model = masked_attention_model()
     rng = np.random.default_rng(5)
-
-    def sample():
-        mask = np.ones((1, 1, 8), np.float32)
-        mask[..., rng.integers(4, 8):] = 0
-        return {"x": rng.normal(0, 1, (1, 8, 16)).astype(np.float32), "mask": mask}
-
-    result = convert(model, _config(target="DSP"), samples=[sample() for _ in range(8)], progress=False)
+    result = convert(model, _config(target="DSP"), samples=masked_attention_samples(rng, 8), progress=False)
     assert any("1 Softmax node(s) kept float" in note for note in result.notes)
     quantized = {node.input[0] for node in result.model.graph.node if node.op_type == "QuantizeLinear"}
     assert "masked" not in quantized
-    for feed in [sample() for _ in range(4)]:
+    for feed in masked_attention_samples(rng, 4):
         assert cosine(session(result.model).run(None, feed)[0], session(model).run(None, feed)[0]) > 0.98
