@@ -27,10 +27,10 @@ EXAMPLES = ROOT / "examples"
 def convert(model: Path, config: Path, out: Path) -> str:
     command = [sys.executable, "-m", "ptqlite.cli", "convert", "--fmk=ONNX", f"--modelFile={model}",
                f"--outputFile={out}", f"--configFile={config}", "--quiet"]
-    done = subprocess.run(command, cwd=EXAMPLES, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         return f"failed (exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]})"
-    return hashlib.sha256(out.with_suffix(".onnx").read_bytes()).hexdigest()
+    return hashlib.sha256(Path(f"{out}.onnx").read_bytes()).hexdigest()
 
 
 def main() -> int:
