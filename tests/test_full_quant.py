@@ -362,7 +362,7 @@ def test_relu_after_a_skipped_conv_stays_float():
 def test_equalize_with_channel_maxima_keeps_one_clip():
     """With calibration maxima the ReLU6 stays one Clip (no float Min): exact on the calibration data, since the
     channels reaching 6 share one scale and the others stay under the new bound."""
-    from ptqlite.passes.full import _channel_max
+    from ptqlite.passes.full import channel_max
 
     model = depthwise_model()
     feeds = [{"x": f["x"] * 10} for f in samples((1, 4, 8, 8), 4, low=0.0)]
@@ -371,7 +371,7 @@ def test_equalize_with_channel_maxima_keeps_one_clip():
     equalized.CopyFrom(model)
     names = capped_tensors(equalized)
     assert names == ["c1"]
-    peaks = _channel_max(equalized, names, feeds, False)
+    peaks, _ = channel_max(equalized, names, feeds, False)
     assert 0 < (peaks["c1"] >= 6).sum() < 16  # some channels reach the cap, some do not
     notes = equalize(equalized, channel_max=peaks)
     assert "1 ReLU6" in notes[-1] and "one Clip" in notes[-1]
@@ -504,3 +504,23 @@ def test_dsp_keeps_a_masked_softmax_float():
     assert "masked" not in quantized
     for feed in masked_attention_samples(rng, 4):
         assert cosine(session(result.model).run(None, feed)[0], session(model).run(None, feed)[0]) > 0.98
+
+
+# sha256 of the bundled FULL_QUANT config's output on the bundled ResNet20 (examples/configs/full_quant.cfg, 100
+# calibration PNGs), recorded before passes/full.py became the passes/full/ package. A refactoring keeps it; a
+# change that means to alter FULL_QUANT's output updates it and says why in docs/results.md.
+GOLDEN_RESNET20_FULL_QUANT = "8fb58eba0a18aacdeae008515105f7ad31d6fbd1a80ba5f8ed0993cc1e9d1735"
+
+
+def test_bundled_resnet20_full_quant_output_is_byte_identical(tmp_path, monkeypatch):
+    import hashlib
+
+    from conftest import EXAMPLES, RESNET20
+
+    from ptqlite.model import save_model
+
+    monkeypatch.chdir(ROOT)  # the config's calibrate_path is relative to the repository root
+    result = convert(onnx.load(str(RESNET20)), load_config(EXAMPLES / "configs" / "full_quant.cfg"), progress=False)
+    out = tmp_path / "resnet20_full.onnx"
+    save_model(result.model, out)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == GOLDEN_RESNET20_FULL_QUANT

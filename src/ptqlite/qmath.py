@@ -147,3 +147,10 @@ def int16_pair_limit(rows: np.ndarray) -> np.ndarray:
     top = np.sort(np.maximum(rows, 0), axis=1)[:, -2:].sum(axis=1)
     bottom = np.sort(np.maximum(-rows, 0), axis=1)[:, -2:].sum(axis=1)
     return np.maximum(top, bottom)
+
+
+def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
+    """||w - w_hat|| / ||w|| in float64 (1.0 for an all-zero w that w_hat does not match, else 0.0)."""
+    denom = float(np.sum(w.astype(np.float64) ** 2))
+    err = float(np.sum((w.astype(np.float64) - w_hat) ** 2))
+    return float(np.sqrt(err / denom)) if denom > 0 else float(err > 0)

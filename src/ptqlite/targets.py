@@ -1,6 +1,6 @@
 """target_device presets: what the FULL_QUANT planner quantizes, and how, for each runtime.
 
-They are data only; passes/full.py reads them and has no per-device branches. docs/full_quant.md gives the reason
+They are data only; the FULL_QUANT package (passes/full/) reads them and has no per-device branches. docs/full_quant.md gives the reason
 for every choice (and the measurements behind the CPU one).
 """
 
@@ -38,9 +38,15 @@ class Target:
     weight_per_tensor_symmetric: bool
     compute_ops: frozenset[str]  # ops run in int8 with their own output parameters
     shared_ops: frozenset[str] = _SHARED  # ops whose output shares the input's parameters
-    # Leave the output of a graph-output MatMul/Gemm in float: onnxruntime then fuses to an int8 kernel with float
-    # output, and the logits keep full precision.
-    float_weighted_outputs: bool = True
+    # Weighted ops whose output stays float where no int8 op reads it (a graph output, a float consumer):
+    # onnxruntime runs them as int8 kernels with float output, and the logits keep full precision. A Conv has no
+    # such kernel: left float it would dequantize its weight at every run (MobileNet V2's 1x1 logits conv: 1.10x
+    # instead of 1.0x the latency of quantize_static's model), so its output is quantized like any other.
+    float_output_ops: frozenset[str] = frozenset({"MatMul", "Gemm"})
+    # Give the 1-D bias Add after an int8 MatMul with float output the output's rank on static 3-D+ shapes:
+    # onnxruntime's MatMulAddFusion (it runs before its QDQ fusions) would otherwise make a float Gemm of the pair,
+    # which dequantizes the weight at every run (static-shape MiniLM: 1.63x float instead of 0.74x).
+    bias_with_output_rank: bool = True
     # Keep every pair of u8*s8 products inside int16 (x86 kernels without VNNI add them with saturation): the
     # weight scale of a channel grows where two neighbouring codes could sum past 128. Depthwise kernels widen to
     # 16 bits before multiplying and keep full int8 weights. On for every preset: their models are also run and

@@ -25,14 +25,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from .. import embedding
 from ..config import QuantConfig
+from ..embedding import GraphBuilder, TableWriter
 from ..model import GraphIndex, attribute, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
-from ..qmath import QParams, dequantize, gemm_rows, int16_pair_limit, quantize, symmetric_params
+from ..qmath import (
+    QParams,
+    dequantize,
+    gemm_rows,
+    int16_pair_limit,
+    quantize,
+    relative_error,
+    symmetric_params,
+)
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
-from .weight import relative_error
 
 _OPS = ("MatMul", "Gemm", "Gather")
 # Stored codes are q + 128, q in [-127, 127]; MatMulInteger subtracts the zero point.
@@ -63,23 +72,17 @@ def _row_equalizer(w: np.ndarray) -> np.ndarray:
     return d / np.exp(np.log(d).mean())
 
 
-class _Rewriter:
+class _Rewriter(GraphBuilder):
     """Builds the replacement nodes and constants for one model."""
 
     def __init__(self, model: onnx.ModelProto, strategy: str, int8_weights: bool):
+        super().__init__(model.graph)
         self.strategy = strategy
         self.int8_weights = int8_weights
-        self.index = GraphIndex(model.graph)
         self.opset = opset_version(model)
-        self.initializers: list[onnx.TensorProto] = []
         self.constants: dict[tuple, str] = {}
         self.weights: dict[tuple[str, bool], _IntWeight] = {}
-        self.tables: dict[str, tuple[str, str, QParams, np.ndarray]] = {}
-
-    def const(self, array: np.ndarray, base: str) -> str:
-        name = self.index.unique_name(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
+        self.tables = TableWriter(self)
 
     def shared(self, array: np.ndarray) -> str:
         """A small constant (zero points, 1/127) stored once per model."""
@@ -124,12 +127,6 @@ class _Rewriter:
                 w_hat = w_hat * equalizer[:, None].astype(np.float32)
             self.weights[key] = _IntWeight(q_name, zero_name, params, w_hat, eq_name)
         return self.weights[key]
-
-    def node(self, op: str, inputs: list[str], prefix: str, output: str | None = None, **attrs) -> tuple:
-        out = output or self.index.unique_name(f"{prefix}/{op}_output")
-        return helper.make_node(
-            op, inputs, [out], name=self.index.unique_name(f"{prefix}/{op}"), **attrs
-        ), out
 
     def quantized_matmul(
         self, x: str, tensor: str, transpose: bool, output: str, prefix: str, alpha: float = 1.0
@@ -188,31 +185,6 @@ class _Rewriter:
         nodes.append(node)
         return out
 
-    def gather(
-        self, node: onnx.NodeProto, spec: WeightSpec
-    ) -> tuple[list[onnx.NodeProto], np.ndarray, QParams]:
-        """int8 table, one symmetric scale per row: Gather codes and scales, then scale the gathered rows."""
-        key = spec.tensor
-        if key not in self.tables:
-            table = self.index.array(spec.tensor)
-            params = symmetric_params(table, 8, 0, narrow=True)
-            codes = quantize(table, params)
-            base = spec.tensor.replace("::", "_").strip("/")
-            q_name = self.const(codes.astype(np.int8), f"{base}_quantized")
-            s_name = self.const(params.scale.astype(np.float32), f"{base}_scale")
-            self.tables[key] = (q_name, s_name, params, dequantize(codes, params))
-        q_name, s_name, params, table_hat = self.tables[key]
-        prefix = node.name or self.index.unique_name("Gather")
-        nodes = []
-        ids = node.input[1]
-        g_codes, codes_out = self.node("Gather", [q_name, ids], prefix, axis=0)
-        g_scale, scale_out = self.node("Gather", [s_name, ids], prefix, axis=0)
-        cast, cast_out = self.node("Cast", [codes_out], prefix, to=TensorProto.FLOAT)
-        # scale rows are [V, 1, ...]: gathered they broadcast over each row's elements
-        mul, _ = self.node("Mul", [cast_out, scale_out], prefix, output=node.output[0])
-        nodes += [g_codes, g_scale, cast, mul]
-        return nodes, table_hat, params
-
 
 def _pair_safe(w: np.ndarray, params: QParams) -> QParams:
     """Per-column scales widened so that two same-sign codes at K positions 2i, 2i+1 sum to at most 128.
@@ -257,8 +229,8 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
             continue
         extra_bytes = 0  # stored besides codes and scales
         if node.op_type == "Gather":
-            nodes, w_hat, params = rw.gather(node, spec)
-            scheme, storage = "symmetric per-row axis 0", "Gather int8, rows dequantized after gathering"
+            nodes, w_hat, params = rw.tables.gather(node, weight)
+            scheme, storage = embedding.SCHEME, embedding.STORAGE
         else:
             nodes, w_hat, params, extra_bytes = _matmul_nodes(rw, node, weight)
             scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
@@ -330,9 +302,7 @@ def _unsupported(node: onnx.NodeProto, weight: str, index: GraphIndex) -> str:
     """Why this user of a planned weight keeps the float weight ('' when it can be rewritten)."""
     op = node.op_type
     if op == "Gather":
-        if attribute(node, "axis", 0) != 0:
-            return f"Gather '{node.name}' gathers along axis {attribute(node, 'axis', 0)}, not rows (axis 0)"
-        return ""
+        return embedding.unsupported_gather(node)
     if node.input[1] != weight:
         return f"the constant is the first input of {op} '{node.name}'; only a constant second input is done"
     if node.input[0] in index.initializers:

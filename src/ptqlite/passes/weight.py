@@ -22,7 +22,7 @@ from ..encoding import MIN_OPSET, Decoder, SharedConstants, build_decoder
 from ..errors import ConversionError
 from ..model import GraphIndex, attribute, ensure_opset, opset_version
 from ..plan import WeightSpec, plan_weights
-from ..qmath import asymmetric_params, dequantize, qrange, quantize, reduce_axes
+from ..qmath import asymmetric_params, dequantize, qrange, quantize, reduce_axes, relative_error
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 
 # Variance corrections outside this open interval are treated as degenerate and dropped (as the reference does).
@@ -76,12 +76,6 @@ def _distribution_correction(w: np.ndarray, w_hat: np.ndarray, axis: int | None)
     var_corr = np.where(np.isfinite(var_corr) & (var_corr > lo) & (var_corr < hi), var_corr, 1.0)
     mean_corr = w64.mean(axis=axes, keepdims=True) - h64.mean(axis=axes, keepdims=True) * var_corr
     return var_corr, mean_corr
-
-
-def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
-    denom = float(np.sum(w.astype(np.float64) ** 2))
-    err = float(np.sum((w.astype(np.float64) - w_hat) ** 2))
-    return float(np.sqrt(err / denom)) if denom > 0 else float(err > 0)
 
 
 def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:

@@ -1,0 +1,119 @@
+"""int8 embedding tables: a Gather table stored as int8 codes with one symmetric scale per row, and only the
+gathered rows dequantized after the Gather (Gather codes, Gather scales, Cast, Mul), so the table stays int8 in
+memory as well as on disk. DYNAMIC_QUANT writes every table this way; FULL_QUANT does on presets whose runtime
+runs it (targets.Target.int8_gather_tables).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .config import QuantConfig
+from .model import GraphIndex, attribute
+from .plan import plan_weights
+from .qmath import QParams, dequantize, quantize, relative_error, symmetric_params
+from .result import QuantizedTensor, SkippedTensor
+
+SCHEME = "symmetric per-row axis 0"
+STORAGE = "Gather int8, rows dequantized after gathering"
+
+
+class GraphBuilder:
+    """New constants and nodes for one graph, named uniquely against it."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.index = GraphIndex(graph)
+        self.initializers: list[onnx.TensorProto] = []
+
+    def const(self, array: np.ndarray, base: str) -> str:
+        name = self.index.unique_name(base)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], prefix: str, output: str | None = None, **attrs) -> tuple:
+        out = output or self.index.unique_name(f"{prefix}/{op}_output")
+        return helper.make_node(op, inputs, [out], name=self.index.unique_name(f"{prefix}/{op}"), **attrs), out
+
+
+class TableWriter:
+    """Quantizes each table once and rewrites each Gather that reads it."""
+
+    def __init__(self, builder: GraphBuilder):
+        self.builder = builder
+        self.tables: dict[str, tuple[str, str, QParams, np.ndarray]] = {}
+
+    def gather(self, node: onnx.NodeProto, tensor: str) -> tuple[list[onnx.NodeProto], np.ndarray, QParams]:
+        """Nodes replacing `node` (a Gather of rows of `tensor`), the dequantized table and its parameters."""
+        b = self.builder
+        if tensor not in self.tables:
+            table = b.index.array(tensor)
+            params = symmetric_params(table, 8, 0, narrow=True)
+            codes = quantize(table, params)
+            base = tensor.replace("::", "_").strip("/")
+            q_name = b.const(codes.astype(np.int8), f"{base}_quantized")
+            s_name = b.const(params.scale.astype(np.float32), f"{base}_scale")
+            self.tables[tensor] = (q_name, s_name, params, dequantize(codes, params))
+        q_name, s_name, params, table_hat = self.tables[tensor]
+        prefix = node.name or b.index.unique_name("Gather")
+        ids = node.input[1]
+        g_codes, codes_out = b.node("Gather", [q_name, ids], prefix, axis=0)
+        g_scale, scale_out = b.node("Gather", [s_name, ids], prefix, axis=0)
+        cast, cast_out = b.node("Cast", [codes_out], prefix, to=TensorProto.FLOAT)
+        # scale rows are [V, 1, ...]: gathered they broadcast over each row's elements
+        mul, _ = b.node("Mul", [cast_out, scale_out], prefix, output=node.output[0])
+        return [g_codes, g_scale, cast, mul], table_hat, params
+
+
+def unsupported_gather(node: onnx.NodeProto) -> str:
+    """Why a Gather of a table cannot read int8 rows ('' when it can)."""
+    if attribute(node, "axis", 0) != 0:
+        return f"Gather '{node.name}' gathers along axis {attribute(node, 'axis', 0)}, not rows (axis 0)"
+    return ""
+
+
+def table_record(tensor: str, spec, table: np.ndarray, table_hat: np.ndarray, params: QParams) -> QuantizedTensor:
+    return QuantizedTensor(tensor, "Gather", spec.nodes, spec.shape, 8, SCHEME, STORAGE, bytes_before=table.nbytes,
+                           bytes_after=table.size + 4 * params.scale.size,
+                           relative_error=relative_error(table, table_hat), scale=params.scale.ravel(),
+                           zero_point=params.zero_point.ravel())
+
+
+def int8_gather_tables(model: onnx.ModelProto, config: QuantConfig
+                       ) -> tuple[list[QuantizedTensor], list[SkippedTensor]]:
+    """Rewrite every planned Gather table of `model` in place; what was quantized and what was skipped."""
+    plan = plan_weights(model, config, apply_size_filters=False, ops=("Gather",))
+    skipped = [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
+    specs = {s.tensor: s for s in plan.quantized}
+    writer = TableWriter(GraphBuilder(model.graph))
+    index = writer.builder.index
+    nodes: list[onnx.NodeProto] = []
+    kept_float: dict[str, str] = {}
+    done: dict[str, QuantizedTensor] = {}
+    for node in model.graph.node:
+        tensor = next((n for n in node.input[:2] if n in specs), None) if node.op_type == "Gather" else None
+        reason = unsupported_gather(node) if tensor else ""
+        if tensor is None or reason:
+            if reason:
+                kept_float.setdefault(tensor, reason)
+            nodes.append(node)
+            continue
+        new_nodes, table_hat, params = writer.gather(node, tensor)
+        nodes += new_nodes
+        if tensor not in done:
+            done[tensor] = table_record(tensor, specs[tensor], index.array(tensor), table_hat, params)
+    quantized = []
+    for tensor, record in done.items():
+        if tensor in kept_float:
+            record.storage += f" (a float copy stays for a user that cannot be rewritten: {kept_float[tensor]})"
+        quantized.append(record)
+    skipped += [SkippedTensor(t, specs[t].op_type, specs[t].nodes, why) for t, why in kept_float.items()
+                if t not in done]
+    removed = {t for t in done if t not in kept_float}
+    kept = [t for t in model.graph.initializer if t.name not in removed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + writer.builder.initializers)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return quantized, skipped

@@ -1,0 +1,167 @@
+"""FULL_QUANT: int8 weights and activations, as a QDQ graph that onnxruntime runs with integer kernels.
+
+`run` is the whole flow, one step after the other; each step reads what the previous ones returned and nothing
+else (docs/full_quant.md explains every choice):
+
+1. prepare: fold constants and BatchNormalization, infer shapes.
+2. equalise (per_channel=false: cross-layer equalisation, each ReLU6 kept one Clip from calibrated channel
+   maxima) or smooth (per_channel=true: MatMul/Gemm inputs whose channels spread widely, from calibrated
+   per-channel |x| maxima).
+3. plan: which nodes run in int8 and which activations get a QDQ pair (graph_plan.py).
+4. statistics: one streaming pass for the ranges of the planned activations and, for bias correction, the
+   float output means of the layers to correct (statistics.py).
+5. refine: a Softmax whose input carries an additive mask stays float; plan again.
+6. parameters: scales, zero points and codes of activations, weights, biases, constants (params.py).
+7. bias correction: corrected int32 biases, measured on the float graph before it is rewritten
+   (bias_correction.py).
+8. rewrite: one QDQ rewrite of the graph (rewrite.py); biases take the output's rank where onnxruntime would
+   otherwise make a float Gemm.
+9. embedding tables: int8 Gather tables on presets that run them (ptqlite.embedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ...config import QuantConfig
+from ...embedding import int8_gather_tables
+from ...equalize import capped_tensors, equalize
+from ...model import ensure_opset
+from ...plan import WeightPlan, plan_weights
+from ...prepare import prepare, tensor_types
+from ...result import ConversionResult, SkippedTensor
+from ...smooth import MIN_SPREAD, smooth, smoothing_groups
+from ...targets import WEIGHTED_OPS, target
+from .bias_correction import correct_biases, mean_requests
+from .graph_plan import MASK_VALUE, GraphPlan, correctable_nodes, masked_softmax, plan_graph
+from .params import activation_params, quant_params, weight_params
+from .rewrite import keep_bias_adds_apart, rewrite
+from .statistics import CHANNEL_MAX, RANGE, Statistics, StatRequest, collect
+
+__all__ = ["activation_params", "channel_max", "plan_graph", "run", "weight_params"]
+
+# Smoothing needs each channel's maximum over at least this many values (rows of the MatMul input).
+MIN_SMOOTHING_ROWS = 64
+
+
+def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None, progress: bool | None = None,
+        samples: Iterable[dict[str, np.ndarray]] | None = None, **_) -> ConversionResult:
+    """Full quantization of `model` in place. `samples` (re-iterable, one dict of batch-1 inputs per sample)
+    replaces the calibration files of [data_preprocess_param] when given."""
+    options = config.full
+    preset = target(options.target_device)
+    method = options.activation_quant_method
+    result = ConversionResult(model, config.quant_type)
+    ensure_opset(model, 13)  # per-axis DequantizeLinear
+    original_info = list(model.graph.value_info)
+    ranks: dict[str, int] = {}  # of every tensor whose shape is known, refilled with types
+    types = prepare(model, ranks)
+    if samples is None:
+        from ...data import calibration_set
+
+        samples = calibration_set(config, model, input_format)
+    skip = set(config.common.skip_quant_node)
+
+    if not options.per_channel:
+        result.notes += _equalize(model, samples, progress)
+        types = tensor_types(model, ranks)  # equalisation adds tensors
+    weight_plan = plan_weights(model, config, apply_size_filters=False, per_channel=options.per_channel,
+                               ops=tuple(sorted(WEIGHTED_OPS)))
+    if options.per_channel:
+        smoothed = _smooth(model, weight_plan, skip, samples, progress, result)
+        if smoothed:
+            skip |= smoothed  # the dividing Muls read the activation at full precision
+            types = tensor_types(model, ranks)
+    result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in weight_plan.skipped]
+
+    plan = plan_graph(model, types, weight_plan.quantized, preset, skip)
+    to_correct = correctable_nodes(model, plan) if options.bias_correction else []
+    stats = collect(model, _range_requests(plan, method) + mean_requests(model, to_correct), samples, progress)
+    plan, ranges = _keep_masked_softmax_float(model, plan, stats, types, weight_plan, preset, skip, method,
+                                              samples, progress, result)
+
+    params = quant_params(model, plan, ranges, preset, zero_bias_positions=to_correct)
+    params, corrected = correct_biases(model, params, stats, to_correct, preset, samples, progress)
+    if corrected:
+        result.notes.append(f"bias correction of {len(corrected)} layers over {stats.samples} samples")
+
+    summary = rewrite(model, plan, params, preset)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(original_info)
+    result.quantized += [weight.record for weight in params.weights.values()]
+    if preset.bias_with_output_rank:
+        keep_bias_adds_apart(model, ranks)
+    if preset.int8_gather_tables:
+        tables, kept = int8_gather_tables(model, config)
+        result.quantized += tables
+        result.skipped += kept
+
+    kind = TensorProto.DataType.Name(preset.activation_type).lower()
+    scheme = "symmetric" if preset.activation_symmetric else "asymmetric"
+    result.notes.append(f"target {preset.name}: {len(plan.tensors)} activations {kind} {scheme} "
+                        f"({method}), {summary.dropped} Relu/Clip folded into the op before them")
+    if summary.float_ops:
+        result.notes.append("ops left in float: " + ", ".join(sorted(summary.float_ops)))
+    return result
+
+
+def channel_max(model: onnx.ModelProto, names: list[str], samples, progress: bool | None, axis: int = 1,
+                magnitude: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Per-channel maxima (of |x| with `magnitude`) of the named tensors over the samples, and how many values
+    each maximum was taken over; no pass when there is nothing to measure."""
+    if not names:
+        return {}, {}
+    requests = [StatRequest(n, CHANNEL_MAX, axis=axis, magnitude=magnitude) for n in names]
+    stats = collect(model, requests, samples, progress, "channel ranges")
+    return stats.channel_max, stats.channel_counts
+
+
+def _equalize(model: onnx.ModelProto, samples, progress: bool | None) -> list[str]:
+    """Cross-layer equalisation. The ReLU6 caps between equalised convs become one Clip each when calibration
+    says which channels reach the cap (per-channel Min caps ran in float and made the int8 model slower)."""
+    peaks, _ = channel_max(model, capped_tensors(model), samples, progress)
+    return equalize(model, channel_max=peaks)
+
+
+def _smooth(model: onnx.ModelProto, weight_plan: WeightPlan, skip: set[str], samples, progress: bool | None,
+            result: ConversionResult) -> set[str]:
+    """Activation smoothing; the names of the dividing Mul nodes it added. It moves activation spread into
+    weight rows, which only per-channel weight scales absorb (MiniLM with per_channel=false: sentence cosine
+    0.940 without smoothing, 0.855 with it)."""
+    groups = smoothing_groups(model, {s.tensor for s in weight_plan.quantized}, skip)
+    if not groups:
+        return set()
+    amax, counts = channel_max(model, [g.tensor for g in groups], samples, progress, axis=-1, magnitude=True)
+    # A maximum over a few values cannot tell an outlier channel from noise (ResNet20's classifier input, one
+    # row per image: spread above 4 with 4 images, 2.7 with 100).
+    amax = {name: peak for name, peak in amax.items() if counts[name] >= MIN_SMOOTHING_ROWS}
+    smoothed, rescale = smooth(model, groups, amax)
+    result.input_maps.update({key: (factor, None) for key, factor in rescale.items()})
+    if smoothed:
+        result.notes.append(f"activation smoothing in front of {len(smoothed)} MatMul/Gemm input(s) whose "
+                            f"channel ranges differ by {MIN_SPREAD:g}x or more")
+    return set(smoothed)
+
+
+def _range_requests(plan: GraphPlan, method: str) -> list[StatRequest]:
+    return [StatRequest(source, RANGE, method) for source in sorted(set(plan.tensors.values()))]
+
+
+def _keep_masked_softmax_float(model, plan, stats: Statistics, types, weight_plan, preset, skip, method, samples,
+                               progress, result) -> tuple[GraphPlan, dict[str, tuple[float, float]]]:
+    """The plan without int8 Softmax nodes whose input carries an additive mask, and the ranges it needs."""
+    masked = masked_softmax(model, plan, stats.ranges)
+    if not masked:
+        return plan, stats.ranges
+    # Only quantized tensors drop out of the plan (the Softmax nodes, and what then has no int8 reader).
+    plan = plan_graph(model, types, weight_plan.quantized, preset, skip | masked)
+    ranges = stats.ranges
+    if not set(plan.tensors.values()) <= set(ranges):  # not expected; measured again rather than guessed
+        ranges = collect(model, _range_requests(plan, method), samples, progress).ranges
+    result.notes.append(f"{len(masked)} Softmax node(s) kept float: their input carries an additive mask "
+                        f"(values <= {-MASK_VALUE:g}), which would take the whole int8 range")
+    return plan, ranges

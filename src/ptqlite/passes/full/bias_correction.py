@@ -1,0 +1,82 @@
+"""FULL_QUANT bias correction, measured on the float reference before the graph is rewritten.
+
+Beside each corrected layer of the float graph goes a copy that reads the same float input through its quantizer
+and uses the quantized weight and bias: its output differs from the layer's only by this layer's quantization, so
+every correction is measured on its own, in one pass, without counting upstream errors twice. The mean
+per-channel difference between the layer and its copy is added to the int32 bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...model import GraphIndex
+from ...targets import Target
+from .params import BiasParams, QuantParams, bias_codes
+from .statistics import CHANNEL_MEAN, Statistics, StatRequest, collect
+
+
+def mean_requests(model: onnx.ModelProto, positions: list[int]) -> list[StatRequest]:
+    """What the calibration pass measures for bias correction: the float output means of the nodes to correct."""
+    return [StatRequest(model.graph.node[pos].output[0], CHANNEL_MEAN) for pos in positions]
+
+
+def correct_biases(model: onnx.ModelProto, params: QuantParams, float_stats: Statistics, positions: list[int],
+                   preset: Target, samples, progress: bool | None) -> tuple[QuantParams, list[int]]:
+    """Parameters with the biases at `positions` (those that have int32 biases) corrected, and those positions.
+    `model` is the float graph the plan was made on; it is not changed. `float_stats` holds the channel mean sums
+    of mean_requests(model, positions)."""
+    corrected = [pos for pos in positions if pos in params.biases]
+    if not corrected:
+        return params, []
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    names = _add_layer_copies(reference, corrected, params, preset)
+    quantized = collect(reference, [StatRequest(n, CHANNEL_MEAN) for n in names], samples, progress,
+                        "bias correction")
+    biases = dict(params.biases)
+    for pos, name in zip(corrected, names):
+        float_sum = float_stats.channel_mean_sums[model.graph.node[pos].output[0]]
+        diff = (float_sum - quantized.channel_mean_sums[name]) / float_stats.samples
+        bias = biases[pos]
+        biases[pos] = BiasParams(bias_codes(bias.codes.astype(np.float64) * bias.scale + diff, bias.scale),
+                                 bias.scale)
+    return dataclasses.replace(params, biases=biases), corrected
+
+
+def _add_layer_copies(reference: onnx.ModelProto, positions: list[int], params: QuantParams,
+                      preset: Target) -> list[str]:
+    graph = reference.graph
+    index = GraphIndex(graph)
+    names = []
+    dtype = helper.tensor_dtype_to_np_dtype(preset.activation_type)
+    for pos in positions:
+        node = graph.node[pos]
+        act = params.activations[node.input[0]]
+        tag = index.unique_name(f"{node.output[0]}_layer_quantized")
+        constants = {
+            "scale": act.scale.reshape(()).astype(np.float32),
+            "zero": act.zero_point.reshape(()).astype(dtype),
+            "weight": params.weights[node.input[1]].dequantized,
+            "bias": params.biases[pos].dequantized,
+        }
+        for key, value in constants.items():
+            graph.initializer.append(numpy_helper.from_array(value, f"{tag}_{key}"))
+        graph.node.append(helper.make_node("QuantizeLinear", [node.input[0], f"{tag}_scale", f"{tag}_zero"],
+                                           [f"{tag}_q"]))
+        graph.node.append(helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zero"],
+                                           [f"{tag}_x"]))
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = tag
+        del copy.input[:]
+        copy.input.extend([f"{tag}_x", f"{tag}_weight", f"{tag}_bias"])
+        del copy.output[:]
+        copy.output.append(tag)
+        graph.node.append(copy)
+        names.append(tag)
+    return names
