@@ -34,10 +34,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ptqlite.bench import benchmark, time_interleaved
+from ptqlite.bench import benchmark
 from ptqlite.config import parse_config
 from ptqlite.convert import convert
 from ptqlite.model import save_model
+from ptqlite.runtime import time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "bench"

@@ -11,7 +11,7 @@ from ptqlite import cli
 from ptqlite.analyze import _shortest_prefix, _with_skip, analyze
 from ptqlite.config import load_config
 from ptqlite.convert import convert
-from ptqlite.report import cosine_similarity, make_session, synthetic_input
+from ptqlite.runtime import cosine_similarity, cpu_session, model_input_specs, synthetic_inputs
 
 FRAGILE = "layer2"
 
@@ -56,8 +56,8 @@ def setup(tmp_path_factory):
 
 
 def _output_cosine(model: onnx.ModelProto, quantized: onnx.ModelProto) -> float:
-    feeds = synthetic_input(model)
-    return cosine_similarity(make_session(model).run(None, feeds)[0], make_session(quantized).run(None, feeds)[0])
+    (feeds,) = synthetic_inputs(model_input_specs(model))
+    return cosine_similarity(cpu_session(model, "").run(None, feeds)[0], cpu_session(quantized, "").run(None, feeds)[0])
 
 
 def test_fragile_layer_ranks_first_and_skip_reaches_target(setup):

@@ -10,11 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqlite.bench import _random_inputs, benchmark, cosine
+from ptqlite.bench import benchmark, cosine
 from ptqlite.cli import main
 from ptqlite.config import parse_config
 from ptqlite.convert import convert
 from ptqlite.model import save_model
+from ptqlite.runtime import BENCHMARK_VALUES, InputSpec, synthetic_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "examples" / "models" / "resnet20_cifar10.onnx"
@@ -135,16 +136,16 @@ def test_dynamic_sequence_needs_input_shape(tmp_path, capsys):
 
 def test_random_token_inputs():
     specs = [
-        ("input_ids", (2, 8), np.int64),
-        ("attention_mask", (2, 8), np.int64),
-        ("token_type_ids", (2, 8), np.int64),
-        ("pixels", (2, 3), np.float32),
+        InputSpec("input_ids", (2, 8), np.dtype(np.int64)),
+        InputSpec("attention_mask", (2, 8), np.dtype(np.int64)),
+        InputSpec("token_type_ids", (2, 8), np.dtype(np.int64)),
+        InputSpec("pixels", (2, 3), np.dtype(np.float32)),
     ]
-    inputs = _random_inputs(specs)
+    (inputs,) = synthetic_inputs(specs, BENCHMARK_VALUES)
     assert np.all(inputs["attention_mask"] == 1) and np.all(inputs["token_type_ids"] == 0)
     assert inputs["input_ids"].min() >= 1 and inputs["input_ids"].max() < 1000
     assert inputs["pixels"].dtype == np.float32
-    again = _random_inputs(specs)
+    (again,) = synthetic_inputs(specs, BENCHMARK_VALUES)
     assert all(np.array_equal(inputs[k], again[k]) for k in inputs)
 
 

@@ -28,7 +28,7 @@ from ptqlite.passes.mixed_bit import (
     zigzag,
 )
 from ptqlite.plan import WeightSpec
-from ptqlite.report import cosine_similarity
+from ptqlite.runtime import cosine_similarity
 
 CALIB = EXAMPLES / "calib" / "input"
 

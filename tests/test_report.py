@@ -17,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqlite import report
-from ptqlite.config import load_config
+from ptqlite.config import load_config, parse_config
 from ptqlite.convert import convert
 from ptqlite.errors import ConfigError
 from ptqlite.report import (
@@ -25,11 +25,11 @@ from ptqlite.report import (
     ROUND_HEADER,
     SUMMARY_HEADER,
     clip_rate,
-    cosine_similarity,
     tensor_stats,
     write_reports,
 )
 from ptqlite.result import ConversionResult, QuantizedTensor
+from ptqlite.runtime import cosine_similarity
 
 W = np.array([[0, 0], [1, 2], [3, 4], [-1, 5]], dtype=np.float32)
 W_HAT = np.array([[0, 0], [1, 2], [3, 4], [0, 4]], dtype=np.float32)  # -1 and 5 clipped to the range [0, 4]
@@ -309,7 +309,10 @@ def test_samples_given_to_convert_are_the_rounds(tmp_path, no_histograms):
 
 def test_synthetic_input_is_seeded_uniform():
     model = _tiny(W)
-    first, second = report.synthetic_input(model), report.synthetic_input(model)
+    config = parse_config("[common_quant_param]\nquant_type=WEIGHT_QUANT\n")
+    notes: list[str] = []
+    (first,), (second,) = report.report_inputs(model, config, notes=notes), report.report_inputs(model, config)
+    assert notes == [report.SYNTHETIC_NOTE] and "uniform in [0.1, 1.0], seed 0" in notes[0]
     assert np.array_equal(first["x"], second["x"])
     assert first["x"].shape == (1, 4) and first["x"].dtype == np.float32
     assert (first["x"] >= 0.1).all() and (first["x"] <= 1.0).all()

@@ -25,7 +25,8 @@ from .config import QuantConfig
 from .convert import convert
 from .errors import UsageError
 from .model import graph_inputs, name_unnamed_nodes, save_model
-from .report import cosine_similarity, make_session, report_inputs, session_feeds
+from .report import report_inputs
+from .runtime import cosine_similarity, cpu_session, session_feeds
 from .targets import WEIGHTED_OPS
 from .targets import target as target_preset
 
@@ -113,7 +114,7 @@ class _Evaluator:
 
 def _run(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """The graph outputs of `model` on each sample."""
-    session = make_session(model)
+    session = cpu_session(model, "for analyze")
     return [session.run(None, session_feeds(session, sample)) for sample in samples]
 
 

@@ -4,7 +4,7 @@ The whole model's output is compared with the float model's on the user's calibr
 [data_preprocess_param] is given; otherwise on seeded uniform [0.1, 1] inputs (the reference's choice, which
 is not representative, so a note says so). The search is coarse then fine: starting at the configured
 init_scale it doubles or halves until the target is bracketed, then bisects the bracket on a log scale. Each
-evaluation quantizes every layer at one init_scale and runs the substituted model in ONNX Runtime, so the
+evaluation (passes/mixed_bit.py, tune_init_scale) quantizes every layer at one init_scale and runs the substituted model in ONNX Runtime, so the
 number of model evaluations is bounded by MAX_COARSE + MAX_FINE.
 """
 
@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import helper
 
 from .config import QuantConfig
 from .errors import DataError
-from .model import cpu_session, graph_inputs
-from .report import cosine_similarity
+from .runtime import REFERENCE_VALUES, cosine_similarity, cpu_session, model_input_specs, synthetic_inputs
 
 TARGET_COSINE = 0.995
 TOLERANCE = 0.001  # the fine search stops once the cosine lies in [target, target + TOLERANCE]
@@ -30,11 +27,9 @@ MAX_COARSE = 8
 MAX_FINE = 8
 SCALE_LIMITS = (1e-4, 0.9)  # init_scale must stay in (0, 1)
 RANDOM_SAMPLES = 4
-RANDOM_SEED = 0
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return cpu_session(model, "for auto_tune")
+_PURPOSE = "for auto_tune"
 
 
 class OutputComparer:
@@ -42,32 +37,26 @@ class OutputComparer:
 
     def __init__(self, model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]]):
         self.inputs = inputs
-        session = _session(model)
+        session = cpu_session(model, _PURPOSE)
         self.reference = [session.run(None, feed) for feed in inputs]
 
     def __call__(self, candidate: onnx.ModelProto) -> float:
         """Mean over samples and outputs of the cosine similarity to the float outputs."""
-        session = _session(candidate)
+        session = cpu_session(candidate, _PURPOSE)
         scores = [cosine_similarity(ref, out)
                   for feed, refs in zip(self.inputs, self.reference)
                   for ref, out in zip(refs, session.run(None, feed))]
         return float(np.mean(scores))
 
 
-def random_inputs(model: onnx.ModelProto, samples: int = RANDOM_SAMPLES,
-                  seed: int = RANDOM_SEED) -> list[dict[str, np.ndarray]]:
-    """Seeded uniform [0.1, 1] inputs shaped like the model's inputs (unknown dims taken as 1)."""
-    rng = np.random.default_rng(seed)
-    specs = []
-    for value in graph_inputs(model):
-        tensor = value.type.tensor_type
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-        if not np.issubdtype(dtype, np.floating):
-            raise DataError(f"auto_tune: input '{value.name}' is {dtype}, so random inputs cannot stand in "
+def random_inputs(model: onnx.ModelProto, samples: int = RANDOM_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """Seeded uniform [0.1, 1] inputs shaped like the model's inputs (the reference's, unknown dims taken as 1)."""
+    specs = model_input_specs(model)
+    for spec in specs:
+        if not np.issubdtype(spec.dtype, np.floating):
+            raise DataError(f"auto_tune: input '{spec.name}' is {spec.dtype}, so random inputs cannot stand in "
                             "for data; give calibration data in [data_preprocess_param]")
-        specs.append((value.name, [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim], dtype))
-    return [{name: rng.uniform(0.1, 1.0, shape).astype(dtype) for name, shape, dtype in specs}
-            for _ in range(samples)]
+    return synthetic_inputs(specs, REFERENCE_VALUES, samples)
 
 
 def evaluation_inputs(model: onnx.ModelProto, config: QuantConfig,
@@ -138,23 +127,3 @@ def search_scale(evaluate: Callable[[float], float], start: float, target: float
         return TuneResult(good, dict(history)[good], history)
     smallest = min(s for s, _ in history)
     return TuneResult(smallest, dict(history)[smallest], history)
-
-
-def tune_init_scale(model: onnx.ModelProto, config: QuantConfig,
-                    input_format: str | None = None) -> tuple[float, list[str]]:
-    """Search init_scale for `model` (not changed); returns it and notes for the conversion result."""
-    from .passes.mixed_bit import quantize_weights, substitute
-
-    inputs, described = evaluation_inputs(model, config, input_format)
-    compare = OutputComparer(model, inputs)
-
-    def evaluate(scale: float) -> float:
-        layers, _ = quantize_weights(model, config, scale)
-        return compare(substitute(model, layers))
-
-    found = search_scale(evaluate, config.mixed_bit.init_scale)
-    tried = ", ".join(f"{s:.4g}->{c:.5f}" for s, c in found.history)
-    notes = [(f"auto_tune: init_scale={found.init_scale:.4g} gives mean output cosine {found.cosine:.5f} "
-              f"(target {TARGET_COSINE}) on {described}"),
-             f"auto_tune: {len(found.history)} evaluations (init_scale->cosine): {tried}"]
-    return found.init_scale, notes

@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,16 +29,17 @@ import numpy as np
 
 from .errors import DataError, ModelError, UsageError
 from .model import parse_input_shapes
+from .runtime import (
+    BENCHMARK_VALUES,
+    InputSpec,
+    cosine_similarity,
+    file_session,
+    synthetic_inputs,
+    time_interleaved,
+)
 
 if TYPE_CHECKING:
     from .op_profile import ProfileComparison
-
-_SEED = 20240601
-# Integer inputs whose name says they are masks get ones, token-type / segment inputs zeros, any other integer
-# input small ids (the vocabulary size is unknown; every text model has at least this many tokens).
-_MASK_WORDS = ("mask",)
-_ZERO_WORDS = ("token_type", "segment", "type_ids")
-_ID_RANGE = (1, 1000)
 
 _NUMPY_TYPES = {
     "tensor(float)": np.float32,
@@ -208,14 +208,14 @@ def benchmark(
     for path in paths:
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
-    sessions = [_session(path, threads) for path in paths]
+    sessions = [file_session(path, threads) for path in paths]
     source = "given arrays" if inputs is not None else "random"
     if inputs is None:
         specs = _input_specs(sessions[0], shapes, paths[0])
         if data_files:
             inputs, source = _read_data(data_files, specs), "files " + ", ".join(data_files)
         else:
-            inputs = _random_inputs(specs)
+            inputs = synthetic_inputs(specs, BENCHMARK_VALUES)[0]
     if baseline:
         _check_same_inputs(sessions, paths)
 
@@ -246,30 +246,15 @@ def benchmark(
             if j < len(outputs[1]):
                 report.cosine[name] = cosine(outputs[0][i], outputs[1][j])
     if profile:
-        from .op_profile import ProfileComparison, profile_models  # only this option needs it
+        # imported here: the memory-measuring child imports this module and should load no more than it needs
+        from .op_profile import ProfileComparison, profile_models
 
         profiles = profile_models(paths, inputs, runs=loops, warmup=warmup, threads=threads)
         report.profile = ProfileComparison(profiles[0], profiles[1] if baseline else None, profile_top, threads)
     return report
 
 
-def _session(path: Path, threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad model
-        raise ModelError(f"{path}: onnxruntime cannot load the model ({str(exc).splitlines()[0]})") from None
-
-
-def _input_specs(session, shapes: dict[str, list[int]] | None, path: Path) -> list[tuple[str, tuple, type]]:
+def _input_specs(session, shapes: dict[str, list[int]] | None, path: Path) -> list[InputSpec]:
     """(name, concrete shape, numpy dtype) of each input; dynamic dimensions come from --inputShape."""
     shapes = dict(shapes or {})
     specs = []
@@ -309,7 +294,7 @@ def _input_specs(session, shapes: dict[str, list[int]] | None, path: Path) -> li
                         )
                     dims[axis] = 1
             shape = tuple(dims)
-        specs.append((info.name, shape, dtype))
+        specs.append(InputSpec(info.name, shape, np.dtype(dtype)))
     return specs
 
 
@@ -317,31 +302,15 @@ def _shape_text(shape) -> str:
     return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
 
 
-def _random_inputs(specs) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(_SEED)
-    inputs = {}
-    for name, shape, dtype in specs:
-        lowered = name.lower()
-        if dtype == np.bool_ or any(w in lowered for w in _MASK_WORDS):
-            inputs[name] = np.ones(shape, dtype)
-        elif np.issubdtype(dtype, np.integer):
-            if any(w in lowered for w in _ZERO_WORDS):
-                inputs[name] = np.zeros(shape, dtype)
-            else:
-                inputs[name] = rng.integers(*_ID_RANGE, size=shape).astype(dtype)
-        else:
-            inputs[name] = rng.standard_normal(shape).astype(dtype)
-    return inputs
-
-
-def _read_data(files: list[str], specs) -> dict[str, np.ndarray]:
+def _read_data(files: list[str], specs: list[InputSpec]) -> dict[str, np.ndarray]:
     if len(files) != len(specs):
         raise DataError(
             f"--inDataFile: got {len(files)} file(s) for {len(specs)} model input(s) "
-            f"({', '.join(s[0] for s in specs)}); give one file per input, in that order"
+            f"({', '.join(s.name for s in specs)}); give one file per input, in that order"
         )
     inputs = {}
-    for file, (name, shape, dtype) in zip(files, specs):
+    for file, spec in zip(files, specs):
+        name, shape, dtype = spec.name, spec.shape, spec.dtype
         path = Path(file)
         if not path.is_file():
             raise DataError(f"--inDataFile: {path} not found")
@@ -363,27 +332,6 @@ def _check_same_inputs(sessions, paths) -> None:
             f"{paths[0]} and {paths[1]} have different inputs ({', '.join(names[0])} vs "
             f"{', '.join(names[1])})"
         )
-
-
-def time_interleaved(sessions, inputs, loops: int, warmup: int) -> tuple[list, list[list[float]]]:
-    """Outputs of each session and its per-run latencies in ms, the sessions taking turns run by run."""
-    outputs = [None] * len(sessions)
-    try:
-        for i, session in enumerate(sessions):
-            for _ in range(warmup):
-                session.run(None, inputs)
-            outputs[i] = session.run(None, inputs)
-        latencies: list[list[float]] = [[] for _ in sessions]
-        for loop in range(loops):
-            # Alternate which model goes first, so neither always runs on a warmer cache.
-            order = range(len(sessions)) if loop % 2 == 0 else reversed(range(len(sessions)))
-            for i in order:
-                start = time.perf_counter()
-                sessions[i].run(None, inputs)
-                latencies[i].append((time.perf_counter() - start) * 1000)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors for wrong input shapes or types
-        raise DataError(f"the model cannot run on the given inputs ({str(exc).splitlines()[0]})") from None
-    return outputs, latencies
 
 
 def _child_peak_rss(path: Path, feed_file: Path, threads: int, runs: int) -> int:
@@ -411,7 +359,7 @@ def _child_peak_rss(path: Path, feed_file: Path, threads: int, runs: int) -> int
 def _child_main(path: str, feed_file: str, threads: int, runs: int) -> None:
     data = np.load(feed_file)
     inputs = {k: data[k] for k in data.files}
-    session = _session(Path(path), threads)
+    session = file_session(Path(path), threads)
     for _ in range(runs):
         session.run(None, inputs)
     print(_peak_rss())
@@ -452,9 +400,7 @@ def _file_bytes(path: Path) -> int:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """report.cosine_similarity of two outputs, but exactly 1 (not 1 - 1e-16) when they are equal."""
-    from .report import cosine_similarity  # imported here: the memory-measuring child only needs _child_main
-
+    """cosine_similarity of two outputs, but exactly 1 (not 1 - 1e-16) when they are equal."""
     cos = cosine_similarity(a, b)
     return 1.0 if cos != 0.0 and np.array_equal(a, b) else cos  # non-finite values stay 0
 

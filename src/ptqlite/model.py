@@ -185,6 +185,16 @@ class GraphIndex:
         return name
 
 
+def subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Names read inside subgraphs (If/Loop/Scan bodies, nested ones too)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names |= {name for n in sub.node for name in n.input} | subgraph_inputs(sub)
+    return names
+
+
 def constants_to_initializers(model: onnx.ModelProto) -> None:
     """Turn Constant nodes that hold a tensor into initializers, so weights exported as Constant nodes are
     quantized like any other weight."""
@@ -244,19 +254,3 @@ def ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
     except Exception as exc:  # noqa: BLE001  (the converter raises many types)
         raise ConversionError(f"cannot raise the model's opset to {minimum} ({exc})") from None
     model.CopyFrom(converted)
-
-
-def cpu_session(model: onnx.ModelProto, purpose: str, spinning: bool = True):
-    """An onnxruntime CPU session on an in-memory model; a model it cannot load is a ConversionError naming
-    `purpose` (e.g. "for calibration"). spinning=False keeps idle worker threads from taking the CPU that Python
-    work between runs needs."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001  (onnxruntime raises several unrelated types)
-        raise ConversionError(f"onnxruntime cannot load the model {purpose} ({exc})") from None

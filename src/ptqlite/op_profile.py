@@ -7,7 +7,7 @@ ReorderInput / ReorderOutput around them), so the op types and node counts here 
 
 Times are kernel times: for each node, the median over the kept runs of the profiler's "_kernel_time" events;
 an op type's time is the sum over its nodes. Each model gets a profiling session of its own, set up like the benchmark's; the sessions take
-turns run by run as in the timed loops (bench.time_interleaved), and only the runs after the warm-up are kept.
+turns run by run as in the timed loops (runtime.time_interleaved), and only the runs after the warm-up are kept.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import _session, time_interleaved
 from .errors import ModelError
+from .runtime import file_session, time_interleaved
 
 _KERNEL_SUFFIX = "_kernel_time"
 NOTE = "op types of the graph onnxruntime executes, after its fusions; times are median kernel time per run"
@@ -60,7 +60,7 @@ def profile_models(
     """Profile each model on `inputs`, interleaved run by run; the trace files are deleted."""
     with tempfile.TemporaryDirectory(prefix="ptqlite-profile-") as tmp:
         sessions = [
-            _session(Path(path), threads, profile_prefix=str(Path(tmp) / f"trace{i}")) for i, path in enumerate(paths)
+            file_session(Path(path), threads, profile_prefix=str(Path(tmp) / f"trace{i}")) for i, path in enumerate(paths)
         ]
         try:
             time_interleaved(sessions, inputs, runs, warmup)

@@ -28,13 +28,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from .config import QuantConfig
 from .errors import ConfigError
-from .model import GraphIndex, constants_to_initializers, cpu_session, graph_inputs
+from .model import GraphIndex, constants_to_initializers, graph_inputs
 from .result import ConversionResult
+from .runtime import (
+    REFERENCE_VALUES,
+    Probe,
+    cosine_similarity,
+    cpu_session,
+    model_input_specs,
+    session_feeds,
+    synthetic_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +51,13 @@ ROUND_HEADER = ("NodeName", "NodeType", "TensorName", "InOutFlag", "DataTypeFlag
                 "Median", "Q3", "Max", "Mean", "Var", "Sparsity", "Clip", "CosineSimilarity")
 PARAM_HEADER = ("NodeName", "NodeType", "TensorName", "ElementsNum", "Dims", "Scale", "ZeroPoint", "Bits",
                 "CorrectionVar", "CorrectionMean")
-SYNTHETIC_SEED = 0
-SYNTHETIC_RANGE = (0.1, 1.0)
 HISTOGRAM_LAYERS = 6
 _HIST_BINS = 64
+_PURPOSE = "for the debug report"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
 # ---------------------------------------------------------------- numerics
-
-
-def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine in float64. Both all-zero -> 1, exactly one all-zero -> 0, any NaN/Inf -> 0."""
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    if a.size != b.size or not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return 0.0
-    # plain sums, not BLAS dot: BLAS threads only add overhead at these sizes on a busy machine
-    na, nb = float(np.sqrt(np.sum(a * a))), float(np.sqrt(np.sum(b * b)))
-    if na == 0.0 or nb == 0.0:
-        return 1.0 if na == nb else 0.0
-    return float(np.clip(np.sum(a * b) / (na * nb), -1.0, 1.0))
 
 
 def tensor_stats(x: np.ndarray) -> tuple[float, ...]:
@@ -96,26 +90,9 @@ def _fmt(value: float) -> str:
 # ---------------------------------------------------------------- inputs
 
 
-def synthetic_input(model: onnx.ModelProto, seed: int = SYNTHETIC_SEED) -> dict[str, np.ndarray]:
-    """One batch-1 sample: floats uniform in [0.1, 1] (seeded, as the reference does), integers and bools 1.
-
-    Unknown dimensions become 1.
-    """
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for value in graph_inputs(model):
-        tensor_type = value.type.tensor_type
-        dims = [d.dim_value if d.dim_value > 0 else 1 for d in tensor_type.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type or TensorProto.FLOAT)
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.uniform(*SYNTHETIC_RANGE, size=dims).astype(dtype)
-        else:
-            feeds[value.name] = np.ones(dims, dtype=dtype)
-    return feeds
-
-
+_LOW, _HIGH = REFERENCE_VALUES.float_range
 SYNTHETIC_NOTE = ("the config has no calibration data, so the comparison runs on one synthetic "
-                  f"input (floats uniform in [{SYNTHETIC_RANGE[0]}, {SYNTHETIC_RANGE[1]}], seed {SYNTHETIC_SEED}; "
+                  f"input (floats uniform in [{_LOW}, {_HIGH}], seed {REFERENCE_VALUES.seed}; "
                   "integer inputs 1); it may not represent real data")
 
 
@@ -130,7 +107,7 @@ def report_inputs(model: onnx.ModelProto, config: QuantConfig, input_format: str
         return calibration_set(config, model, input_format)
     if notes is not None:
         notes.append(SYNTHETIC_NOTE)
-    return [synthetic_input(model)]
+    return synthetic_inputs(model_input_specs(model), REFERENCE_VALUES)
 
 
 # ---------------------------------------------------------------- which tensors are compared
@@ -221,45 +198,6 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     return entries
 
 
-# ---------------------------------------------------------------- running the models
-
-
-def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return cpu_session(model, "for the debug report")
-
-
-class _Probe:
-    """A session that returns the requested values of a model (initializers and graph inputs read directly)."""
-
-    def __init__(self, model: onnx.ModelProto, names: Iterable[str]):
-        self.constants = {t.name: t for t in model.graph.initializer}
-        self.inputs = {i.name for i in model.graph.input} - set(self.constants)
-        wanted = list(dict.fromkeys(n for n in names if n not in self.constants and n not in self.inputs))
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        have = {o.name for o in probe.graph.output}
-        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in have)
-        self.session = make_session(probe)
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = dict(zip(self.outputs, self.session.run(None, session_feeds(self.session, feeds)), strict=True))
-        for name in self.inputs:
-            if name in feeds:
-                values[name] = feeds[name]
-        return values
-
-    def constant(self, name: str) -> np.ndarray | None:
-        tensor = self.constants.get(name)
-        return numpy_helper.to_array(tensor) if tensor is not None else None
-
-
-def session_feeds(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The entries of `feeds` that `session` takes as inputs."""
-    names = {i.name for i in session.get_inputs()}
-    return {k: v for k, v in feeds.items() if k in names}
-
-
 # ---------------------------------------------------------------- writing
 
 
@@ -291,12 +229,12 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     constants_to_initializers(reference)  # weights exported as Constant nodes compare like initializers
     entries = _plan_entries(reference, quant_model, result)
     report = DebugReport(folder, entries=entries)
-    float_probe = _Probe(reference, [e.tensor for e in entries if e.kind == "Activation"]
-                         + [o.name for o in reference.graph.output])
-    quant_probe = _Probe(quant_model, [e.counterpart for e in entries])
+    float_probe = Probe(reference, [e.tensor for e in entries if e.kind == "Activation"]
+                         + [o.name for o in reference.graph.output], _PURPOSE)
+    quant_probe = Probe(quant_model, [e.counterpart for e in entries], _PURPOSE)
     # Exposing intermediate tensors can stop the runtime from fusing quantized kernels, so a graph with
     # quantized ops also runs as is for output_summary.csv: the outputs as users will see them.
-    quant_session = make_session(quant_model) if _has_quantized_ops(quant_model) else None
+    quant_session = cpu_session(quant_model, _PURPOSE) if _has_quantized_ops(quant_model) else None
     output_names = [o.name for o in reference.graph.output]
     want_histograms = HISTOGRAM_LAYERS > 0 and _have_matplotlib()
     weight_rows: dict[int, tuple[list[str], list[str], float, float]] = {}
@@ -338,7 +276,7 @@ def _has_quantized_ops(model: onnx.ModelProto) -> bool:
                or n.domain not in ("", "ai.onnx") for n in model.graph.node)
 
 
-def _write_round(path: Path, entries: list[_Entry], float_probe: _Probe, quant_probe: _Probe,
+def _write_round(path: Path, entries: list[_Entry], float_probe: Probe, quant_probe: Probe,
                  float_values: dict, quant_values: dict, weight_rows: dict, histograms: bool) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")

@@ -12,7 +12,7 @@ or a Rice code (an entropy code close to the codes' entropy, see _rice_values) d
 Every form is folded back into the float weight by ONNX Runtime when the session loads. A layer whose target
 cannot be met with codes of at most 16 bits falls back to 8-bit fixed quantization.
 
-auto_tune=true searches init_scale itself (see ptqlite.autotune). docs/mixed_bit.md has details and figures.
+auto_tune=true searches init_scale itself (tune_init_scale, with the search of ptqlite.autotune). docs/mixed_bit.md has details and figures.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..autotune import TARGET_COSINE, OutputComparer, evaluation_inputs, search_scale
 from ..config import QuantConfig
 from ..encoding import (
     INTEGER_OPSET,
@@ -39,11 +40,11 @@ from ..encoding import (
     split_codes,
     split_type,
 )
-from ..model import GraphIndex, attribute, ensure_opset, opset_version
+from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph_inputs
 from ..plan import WeightSpec, plan_weights
 from ..qmath import bits_for, channel_shape, reduce_axes, round_half_away
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
-from .weight import _decode_on_consumers, _replace, _subgraph_inputs, quantize_weight, relative_error
+from .weight import decode_on_consumers, quantize_weight, relative_error, replace_weights
 
 log = logging.getLogger(__name__)
 
@@ -545,14 +546,30 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
     return layers, skipped
 
 
+def tune_init_scale(model: onnx.ModelProto, config: QuantConfig,
+                    input_format: str | None = None) -> tuple[float, list[str]]:
+    """auto_tune: search init_scale for `model` (not changed); returns it and notes for the conversion result."""
+    inputs, described = evaluation_inputs(model, config, input_format)
+    compare = OutputComparer(model, inputs)
+
+    def evaluate(scale: float) -> float:
+        layers, _ = quantize_weights(model, config, scale)
+        return compare(substitute(model, layers))
+
+    found = search_scale(evaluate, config.mixed_bit.init_scale)
+    tried = ", ".join(f"{s:.4g}->{c:.5f}" for s, c in found.history)
+    notes = [(f"auto_tune: init_scale={found.init_scale:.4g} gives mean output cosine {found.cosine:.5f} "
+              f"(target {TARGET_COSINE}) on {described}"),
+             f"auto_tune: {len(found.history)} evaluations (init_scale->cosine): {tried}"]
+    return found.init_scale, notes
+
+
 def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None,
         **_: object) -> ConversionResult:
     """Mixed-bit weight quantization of `model` in place."""
     result = ConversionResult(model, config.quant_type)
     init_scale = config.mixed_bit.init_scale
     if config.mixed_bit.auto_tune:
-        from ..autotune import tune_init_scale
-
         init_scale, notes = tune_init_scale(model, config, input_format)
         result.notes += notes
     else:
@@ -562,7 +579,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     shared = SharedConstants(index, opset_version(model))
     layers, result.skipped = quantize_weights(model, config, init_scale, index, shared)
     split_layers = [layer for layer in layers if layer.split is not None]
-    sites = _decode_sites(index, layers, shared.opset, _subgraph_inputs(model.graph))
+    sites = _decode_sites(index, layers, shared.opset, subgraph_inputs(model.graph))
     outputs: dict[str, str] = {}
     decoders = [layer.decoder for layer in layers if layer.decoder is not None and layer.split is None]
     decoders += split_group_decoders(index, shared, split_layers, sites, outputs)
@@ -578,14 +595,14 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     inits = shared.used_by(nodes) + inits
     shared.compact(nodes + [reader for reader, _ in after] + mapping.decoder.nodes, inits)
     # keyed by the readers' output names once they are final
-    _replace(model, {layer.spec.tensor for layer in layers}, nodes, inits,
+    replace_weights(model, {layer.spec.tensor for layer in layers}, nodes, inits,
              {reader.output[0]: following for reader, following in after})
     result.quantized = [_record(layer) for layer in layers]
     return result
 
 
 def _decode_sites(index: GraphIndex, layers: list[MixedLayer], opset: int, in_subgraphs: set[str]) -> dict[str, str]:
-    """Where each layer's step is applied, by fixed-bit WEIGHT_QUANT's rule (weight._decode_on_consumers):
+    """Where each layer's step is applied, by fixed-bit WEIGHT_QUANT's rule (weight.decode_on_consumers):
     "MatMul" (every consumer reads it as B: the codes as float are folded, the step multiplies the output),
     "Gather" (every consumer gathers rows: the table stays int16, the rows are decoded) or "load".
 
@@ -596,7 +613,7 @@ def _decode_sites(index: GraphIndex, layers: list[MixedLayer], opset: int, in_su
         if layer.split is None and not (layer.decoder is None and opset >= INTEGER_OPSET):
             continue
         params = SimpleNamespace(codes=layer.q, scale=layer.step, offset=np.zeros(()))
-        site = _decode_on_consumers(index, layer.spec.tensor, params, in_subgraphs)
+        site = decode_on_consumers(index, layer.spec.tensor, params, in_subgraphs)
         if site != "load":
             sites[layer.spec.tensor] = site
     return sites

@@ -2,7 +2,7 @@
 
 Default strategy: the codes are decoded by a subgraph that ONNX Runtime folds at load (see encoding.py), so the
 file shrinks. Every float tensor that folding makes stays in memory until folding ends, so the decoder makes as
-few as it can (see _decode_on_consumers): a weight read only by MatMul is folded to float codes by one Cast and
+few as it can (see decode_on_consumers): a weight read only by MatMul is folded to float codes by one Cast and
 its per-column scale and offset are applied to the MatMul's output; an embedding table read only by Gather stays
 integer and the gathered rows are decoded; any other weight (Conv, Gemm, ...) is rebuilt in float at load, so
 those ops run the float graph. ON_THE_FLY: the weight stays integer in the graph
@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..config import QuantConfig
 from ..encoding import MIN_OPSET, Decoder, SharedConstants, build_decoder
 from ..errors import ConversionError
-from ..model import GraphIndex, attribute, ensure_opset, opset_version
+from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph_inputs
 from ..plan import WeightSpec, plan_weights
 from ..qmath import asymmetric_params, dequantize, qrange, quantize, reduce_axes, relative_error
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
@@ -95,14 +95,14 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     new_inits: list[onnx.TensorProto] = []
     removed: set[str] = set()
     after: dict[str, list[onnx.NodeProto]] = {}
-    in_subgraphs = _subgraph_inputs(model.graph)
+    in_subgraphs = subgraph_inputs(model.graph)  # weights read there keep their name and float form
     for spec in plan.quantized:
         w = index.array(spec.tensor)
         qw = quantize_weight(w, spec.bits, spec.axis, spec.correction_axis, options.bias_correction)
         if on_the_fly:
             nodes, inits, storage, dequantized = _dequantize_linear(index, spec, qw, opset_version(model))
         else:
-            where = _decode_on_consumers(index, spec.tensor, qw, in_subgraphs)
+            where = decode_on_consumers(index, spec.tensor, qw, in_subgraphs)
             decoder = build_decoder(index, shared, spec.tensor, qw.codes, spec.bits, qw.scale, qw.offset, qw.zero_codes,
                                     encode=common.enable_encode, result=_RESULTS[where])
             mapped_later = 0 if where == "load" else decoder.scale.nbytes + decoder.offset.nbytes
@@ -121,7 +121,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
         removed.add(spec.tensor)
         result.quantized.append(_record(spec, qw, storage, w, dequantized, sum(_nbytes(t) for t in inits)))
     mapping = [n for nodes in after.values() for n in nodes]
-    _replace(model, removed, new_nodes, shared.used_by(new_nodes + mapping) + new_inits, after)
+    replace_weights(model, removed, new_nodes, shared.used_by(new_nodes + mapping) + new_inits, after)
     return result
 
 
@@ -129,17 +129,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
 _RESULTS = {"load": "weight", "MatMul": "float codes", "Gather": "codes"}
 
 
-def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
-    """Names read inside subgraphs (If/Loop/Scan bodies): such weights keep their name and float form."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names |= {name for n in sub.node for name in n.input} | _subgraph_inputs(sub)
-    return names
-
-
-def _decode_on_consumers(index: GraphIndex, tensor: str, qw: QuantizedWeight, in_subgraphs: set[str]) -> str:
+def decode_on_consumers(index: GraphIndex, tensor: str, qw: QuantizedWeight, in_subgraphs: set[str]) -> str:
     """"MatMul", "Gather" or "load": where the per-channel map of `tensor`'s codes can run.
 
     ONNX Runtime keeps every tensor that constant folding makes until folding ends, so a Cast-Mul-Add chain
@@ -168,7 +158,7 @@ def _decode_on_consumers(index: GraphIndex, tensor: str, qw: QuantizedWeight, in
 
 def _decode_after(index: GraphIndex, shared: SharedConstants, tensor: str, decoder: Decoder, where: str, opset: int,
                   after: dict[str, list[onnx.NodeProto]]) -> list[onnx.TensorProto]:
-    """Point every consumer of `tensor` at the decoder's codes and map its output back (see _decode_on_consumers).
+    """Point every consumer of `tensor` at the decoder's codes and map its output back (see decode_on_consumers).
 
     The nodes that follow a consumer go into `after`, keyed by the consumer's new output name; returns the
     constants they read.
@@ -286,7 +276,7 @@ def _dequantize_linear(index: GraphIndex, spec: WeightSpec, qw: QuantizedWeight,
     return [node], [q_tensor, s_tensor, z_tensor], storage, dequantized
 
 
-def _replace(model: onnx.ModelProto, removed: set[str], nodes: list[onnx.NodeProto],
+def replace_weights(model: onnx.ModelProto, removed: set[str], nodes: list[onnx.NodeProto],
              inits: list[onnx.TensorProto], after: dict[str, list[onnx.NodeProto]] | None = None) -> None:
     """Swap quantized initializers for their decoders; decoders go first since they read only constants.
 

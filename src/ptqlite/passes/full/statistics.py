@@ -18,9 +18,9 @@ import onnxruntime as ort
 from onnx import helper
 
 from ...errors import DataError
-from ...model import cpu_session
 from ...observers import make_observer
 from ...qmath import reduce_axes
+from ...runtime import cpu_session
 
 RANGE, CHANNEL_MAX, CHANNEL_MEAN = "range", "channel_max", "channel_mean"
 
