@@ -192,8 +192,6 @@ def quantize(bench: Bench, row: Row, work: Path, model: Path, calibrate: int) ->
     done = measure.run_child(command, env=env, cwd=ROOT)
     if done.returncode == 0 and out.exists():
         row.path, row.seconds, row.peak_mb = out, done.seconds, done.peak_mb
-    elif done.returncode == 2 and "not supported yet" in done.stderr:
-        row.status = "n/a (not supported yet)"
     else:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         row.status = f"n/a (failed: {last[:120]})"

@@ -59,9 +59,6 @@ def main() -> int:
         if config.stem in ABOUT:
             print(f"  ({ABOUT[config.stem]})")
         done = subprocess.run(command, check=False, capture_output=True, text=True)
-        if done.returncode == 2 and "not supported yet" in done.stderr:
-            print("  " + done.stderr.strip())
-            continue
         if done.returncode != 0:
             print(done.stdout + done.stderr)
             return 1

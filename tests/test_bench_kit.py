@@ -145,12 +145,12 @@ def test_table_marks_missing_rows_and_compares_with_quantize_static(tmp_path: Pa
     small.write_bytes(b"x" * 1_000_000)
     rows = {r.key: r for r in full_quant.rows()}
     rows["float"].path, rows["float"].top1, rows["float"].latency = model, 80.0, {1: 1.0, 2: 1.0}
-    rows["kl_pc"].status = "n/a (not supported yet)"
+    rows["kl_pc"].status = "n/a (failed: out of memory)"
     for key, top1, seconds, peak in (("maxmin_pc", 79.75, 10.0, 100.0), ("ort_entropy", 79.0, 40.0, 800.0)):
         r = rows[key]
         r.path, r.top1, r.latency, r.seconds, r.peak_mb = small, top1, {1: 0.4, 2: 0.5}, seconds, peak
     text = full_quant.table(full_quant.BENCHES["mobilenet_v2"], list(rows.values()), 400, 100)
-    assert "| ptqlite FULL_QUANT KL per-channel | n/a (not supported yet) |" in text
+    assert "| ptqlite FULL_QUANT KL per-channel | n/a (failed: out of memory) |" in text
     assert ("| ptqlite FULL_QUANT MAX_MIN per-channel | 79.75 | +0.25 | - | 1.00 | 0.250 | 0.400 | 0.500 | 10.0 "
             "| 100 |") in text
     assert ("- ptqlite FULL_QUANT MAX_MIN per-channel: drop +0.25, top-1 vs best quantize_static +0.75, "

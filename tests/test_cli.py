@@ -14,7 +14,9 @@ import pytest
 from test_config import INVALID
 
 from ptqlite import cli
-from ptqlite.convert import _PASSES as PASSES  # quant mode -> pass module
+from ptqlite.config import parse_config
+from ptqlite.convert import pass_for
+from ptqlite.passes import dynamic, full, mixed_bit, weight
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "resnet20_cifar10.onnx"
@@ -212,24 +214,6 @@ def test_write_failure_exits_1_and_leaves_no_temp_file(work, capsys):
     assert [p.name for p in out.iterdir()] == ["m.onnx"] and (out / "m.onnx").is_dir()
 
 
-def test_mode_not_supported_yet_exits_2(work, capsys, monkeypatch):
-    model, config, out = work
-    monkeypatch.setitem(PASSES, ("WEIGHT_QUANT", "fixed"), "no_such_pass")
-    code, stdout, err = run(flags(model, config, out / "m"), capsys)
-    assert code == 2 and stdout == ""
-    assert one_error_line(err) == f"{config}: quant_type WEIGHT_QUANT is not supported yet"
-    assert list(out.iterdir()) == []
-
-
-def test_mixed_bit_not_supported_message_names_mixed_bit(work, capsys, monkeypatch):
-    model, config, out = work
-    monkeypatch.setitem(PASSES, ("WEIGHT_QUANT", "mixed"), "no_such_pass")
-    config.write_text("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=0\n")
-    code, _, err = run(flags(model, config, out / "m"), capsys)
-    assert code == 2
-    assert one_error_line(err) == f"{config}: quant_type WEIGHT_QUANT mixed bit (bit_num=0) is not supported yet"
-
-
 # ---------------------------------------------------------------- as a real process
 
 
@@ -280,22 +264,11 @@ def test_no_arguments_prints_the_subcommands(capsys):
     assert "convert" in err and "benchmark" in err and "analyze" in err
 
 
-def test_a_pass_whose_own_import_fails_is_not_reported_as_unsupported(monkeypatch):
-    import importlib
-    import sys
-
-    from ptqlite.config import parse_config
-
-    convert_module = sys.modules["ptqlite.convert"]  # the package attribute of that name is the function
-    original = importlib.import_module
-
-    def fail(name, *args, **kwargs):
-        if name == "ptqlite.passes.broken":
-            raise ModuleNotFoundError("No module named 'missing_dependency'", name="missing_dependency")
-        return original(name, *args, **kwargs)
-
-    monkeypatch.setitem(PASSES, ("WEIGHT_QUANT", "fixed"), "broken")
-    monkeypatch.setattr(convert_module.importlib, "import_module", fail)
-    config = parse_config("[common_quant_param]\nquant_type=WEIGHT_QUANT\n")
-    with pytest.raises(ModuleNotFoundError, match="missing_dependency"):
-        convert_module._pass_for(config)
+@pytest.mark.parametrize("text, module", [
+    ("quant_type=WEIGHT_QUANT\nbit_num=4", weight),
+    ("quant_type=WEIGHT_QUANT\nbit_num=0", mixed_bit),
+    ("quant_type=FULL_QUANT\n[data_preprocess_param]\ncalibrate_path=x:calib\ncalibrate_size=1\ninput_type=BIN", full),
+    ("quant_type=DYNAMIC_QUANT", dynamic),
+])
+def test_each_quant_mode_runs_its_pass(text, module):
+    assert pass_for(parse_config(f"[common_quant_param]\n{text}\n")) is module.run

@@ -7,19 +7,30 @@ exit 2; a failure while converting exits 1.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from typing import Protocol
 
+from . import analyze, bench, cli_convert
 from .errors import PtqError, UsageError
 
 log = logging.getLogger("ptqlite")
 
-# subcommand -> module with add_arguments(parser) and run(args) -> int
-COMMANDS = {
-    "convert": "ptqlite.cli_convert",
-    "benchmark": "ptqlite.bench",
-    "analyze": "ptqlite.analyze",
+
+class Command(Protocol):
+    """A subcommand module: its docstring's first line is the help line."""
+
+    __doc__: str | None
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+COMMANDS: dict[str, Command] = {
+    "convert": cli_convert,
+    "benchmark": bench,
+    "analyze": analyze,
 }
 
 
@@ -32,14 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ptqlite", description="Post-training quantization of ONNX models.")
     parser.add_argument("--verbose", "-v", action="store_true", help="log details of every step")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        command = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+    for name, module in COMMANDS.items():
+        command = sub.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
         module.add_arguments(command)
         command.set_defaults(handler=module.run)
     return parser

@@ -2,36 +2,41 @@
 
 from __future__ import annotations
 
-import importlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import onnx
 
 from .config import QuantConfig
-from .errors import UnsupportedError
 from .model import constants_to_initializers, name_unnamed_nodes
 from .result import ConversionResult
 
-# quant mode -> module in ptqlite.passes whose run() does it
-_PASSES = {
-    ("WEIGHT_QUANT", "fixed"): "weight",
-    ("WEIGHT_QUANT", "mixed"): "mixed_bit",
-    ("FULL_QUANT", "fixed"): "full",
-    ("DYNAMIC_QUANT", "fixed"): "dynamic",
-}
+# A pass: run(model, config, **options) -> ConversionResult, on the copy that convert() made.
+QuantPass = Callable[..., ConversionResult]
 
 
-def _pass_for(config: QuantConfig):
-    key = (config.quant_type, "mixed" if config.is_mixed_bit else "fixed")
-    label = "WEIGHT_QUANT mixed bit (bit_num=0)" if config.is_mixed_bit else config.quant_type
-    name = f"ptqlite.passes.{_PASSES.get(key)}"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:  # the pass exists but something it imports is missing: a real error
-            raise
-        raise UnsupportedError(f"{config.source}: quant_type {label} is not supported yet") from None
+def pass_for(config: QuantConfig) -> QuantPass:
+    """The run() of the pass for the config's quant mode (config.py admits no other quant_type).
+
+    Each pass is imported here, when it is chosen: `import ptqlite` then loads no pass, so the benchmark's
+    memory-measuring child process (which imports ptqlite) does not count the passes' imports (all four
+    together, with the onnxruntime and onnx.reference they import, add about 15 MB to its peak)."""
+    if config.quant_type == "WEIGHT_QUANT" and config.is_mixed_bit:
+        from .passes import mixed_bit
+
+        return mixed_bit.run
+    if config.quant_type == "WEIGHT_QUANT":
+        from .passes import weight
+
+        return weight.run
+    if config.quant_type == "FULL_QUANT":
+        from .passes import full
+
+        return full.run
+    from .passes import dynamic  # DYNAMIC_QUANT
+
+    return dynamic.run
 
 
 def convert(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> ConversionResult:
@@ -40,13 +45,13 @@ def convert(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> Conv
     options are passed to the pass (e.g. input_format="NHWC" for calibration images, progress=False).
     """
     started = time.perf_counter()
-    quant_pass = _pass_for(config)
+    quant_pass = pass_for(config)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     constants_to_initializers(work)
     # Unnamed nodes (common in converted models) get their first output's name, so skip_quant_node can list them.
     name_unnamed_nodes(work)
-    result = quant_pass.run(work, config, **options)
+    result = quant_pass(work, config, **options)
     if config.common.debug_info_save_path:
         from .report import debug_report
 

@@ -23,10 +23,6 @@ class DataError(PtqError):
     """Calibration or benchmark input data is missing or does not fit the model."""
 
 
-class UnsupportedError(PtqError):
-    """The configuration asks for something this version does not do yet."""
-
-
 class ConversionError(PtqError):
     """Quantization failed part way; nothing was written."""
 

@@ -82,7 +82,6 @@ class WeightSpec:
 @dataclass
 class WeightPlan:
     specs: list[WeightSpec] = field(default_factory=list)
-    unknown_skip_nodes: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> list[WeightSpec]:
@@ -100,8 +99,7 @@ def plan_weights(model: onnx.ModelProto, config: QuantConfig, *, apply_size_filt
     common = config.common
     skip_nodes = set(common.skip_quant_node)
     node_names = {n.name for n in model.graph.node}
-    unknown = tuple(sorted(skip_nodes - node_names))
-    for name in unknown:
+    for name in sorted(skip_nodes - node_names):
         near = difflib.get_close_matches(name, sorted(node_names), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         log.warning("skip_quant_node: no node is named '%s'%s", name, hint)
@@ -116,7 +114,7 @@ def plan_weights(model: onnx.ModelProto, config: QuantConfig, *, apply_size_filt
             if slot < len(node.input) and node.input[slot] in index.initializers:
                 uses.setdefault(node.input[slot], []).append((node, slot))
 
-    plan = WeightPlan(unknown_skip_nodes=unknown)
+    plan = WeightPlan()
     for tensor_name, tensor_uses in uses.items():
         tensor = index.initializers[tensor_name]
         shape = tuple(int(d) for d in tensor.dims)

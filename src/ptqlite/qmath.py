@@ -83,11 +83,6 @@ def dequantize(q: np.ndarray, params: QParams) -> np.ndarray:
     return ((q - params.zero_point) * params.scale).astype(np.float32)
 
 
-def storage_dtype(bits: int) -> type:
-    """Integer type the reference stores b-bit codes in before encoding."""
-    return np.int8 if bits <= 8 else np.int16
-
-
 # ---------------------------------------------------------------- bit packing
 # Codes are unsigned integers < 2^bits written MSB first into one contiguous bit stream, ceil(n*bits/8) bytes.
 # The ONNX decoder in encoding.py reads exactly this layout.
