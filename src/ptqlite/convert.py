@@ -9,8 +9,9 @@ from typing import Any
 import onnx
 
 from .config import QuantConfig
-from .model import constants_to_initializers, name_unnamed_nodes
-from .result import ConversionResult
+from .model import constants_to_initializers, lift_subgraph_constants, name_unnamed_nodes
+from .plan import weight_tensors
+from .result import ConversionResult, SkippedTensor
 
 # A pass: run(model, config, **options) -> ConversionResult, on the copy that convert() made.
 QuantPass = Callable[..., ConversionResult]
@@ -49,15 +50,31 @@ def convert(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> Conv
     work = onnx.ModelProto()
     work.CopyFrom(model)
     constants_to_initializers(work)
+    # Weights of If/Loop/Scan bodies move to the main graph (the bodies read them from the outer scope), so every
+    # pass plans them like any other.
+    lift_subgraph_constants(work)
     # Unnamed nodes (common in converted models) get their first output's name, so skip_quant_node can list them.
     name_unnamed_nodes(work)
+    weights = weight_tensors(work)
     result = quant_pass(work, config, **options)
+    _account_for_every_weight(result, weights, config)
     if config.common.debug_info_save_path:
         from .report import debug_report
 
         debug_report(model, result, config, options.get("input_format"), options.get("samples"))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _account_for_every_weight(result: ConversionResult, weights: dict[str, tuple[str, tuple[str, ...]]],
+                              config: QuantConfig) -> None:
+    """List as skipped, with the reason, every float weight that the pass neither quantized nor skipped (an op
+    type the mode does not quantize), so that "quantized N, skipped M" covers every weight of the model."""
+    seen = {t.tensor for t in result.quantized} | {t.tensor for t in result.skipped}
+    for name, (op, nodes) in weights.items():
+        if name not in seen:
+            result.skipped.append(SkippedTensor(name, op, nodes, f"{config.quant_type} does not quantize {op} "
+                                                "weights"))
 
 
 def quantize(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> onnx.ModelProto:

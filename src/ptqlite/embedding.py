@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .config import QuantConfig
-from .model import GraphIndex, attribute
+from .model import GraphIndex, attribute, subgraphs
 from .plan import plan_weights
 from .qmath import QParams, dequantize, quantize, relative_error, symmetric_params
 from .result import QuantizedTensor, SkippedTensor
@@ -88,21 +88,30 @@ def int8_gather_tables(model: onnx.ModelProto, config: QuantConfig
     specs = {s.tensor: s for s in plan.quantized}
     writer = TableWriter(GraphBuilder(model.graph))
     index = writer.builder.index
-    nodes: list[onnx.NodeProto] = []
     kept_float: dict[str, str] = {}
     done: dict[str, QuantizedTensor] = {}
-    for node in model.graph.node:
-        tensor = next((n for n in node.input[:2] if n in specs), None) if node.op_type == "Gather" else None
-        reason = unsupported_gather(node) if tensor else ""
-        if tensor is None or reason:
-            if reason:
-                kept_float.setdefault(tensor, reason)
-            nodes.append(node)
-            continue
-        new_nodes, table_hat, params = writer.gather(node, tensor)
-        nodes += new_nodes
-        if tensor not in done:
-            done[tensor] = table_record(tensor, specs[tensor], index.array(tensor), table_hat, params)
+
+    def rewrite(graph_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        nodes: list[onnx.NodeProto] = []
+        for node in graph_nodes:
+            for sub in subgraphs(node):  # bodies read the int8 tables from the outer scope
+                rewritten = rewrite(list(sub.node))
+                del sub.node[:]
+                sub.node.extend(rewritten)
+            tensor = next((n for n in node.input[:2] if n in specs), None) if node.op_type == "Gather" else None
+            reason = unsupported_gather(node) if tensor else ""
+            if tensor is None or reason:
+                if reason:
+                    kept_float.setdefault(tensor, reason)
+                nodes.append(node)
+                continue
+            new_nodes, table_hat, params = writer.gather(node, tensor)
+            nodes += new_nodes
+            if tensor not in done:
+                done[tensor] = table_record(tensor, specs[tensor], index.array(tensor), table_hat, params)
+        return nodes
+
+    nodes = rewrite(list(model.graph.node))
     quantized = []
     for tensor, record in done.items():
         if tensor in kept_float:

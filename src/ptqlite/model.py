@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +154,53 @@ def _all_tensors(model: onnx.ModelProto):
 # ---------------------------------------------------------------- graph helpers
 
 
+# A node that holds subgraphs (If, Loop, Scan) reads the outer names its bodies use: consumers list it with this slot.
+IMPLICIT_INPUT = -1
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of an If/Loop/Scan (or any node with graph attributes)."""
+    graphs = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of `graph` and of its subgraphs, depth first, each with the graph it belongs to."""
+    for node in graph.node:
+        yield node, graph
+        for sub in subgraphs(node):
+            yield from all_nodes(sub)
+
+
+def outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """The names `graph`'s nodes read that `graph` does not define: from an outer scope when it is a subgraph."""
+    defined = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    defined |= {o for node in graph.node for o in node.output}
+    read = {n for node in graph.node for n in node.input if n}
+    for node in graph.node:
+        for sub in subgraphs(node):
+            read |= outer_reads(sub)
+    return read - defined
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        names |= {*node.input, *node.output, node.name}
+        for sub in subgraphs(node):
+            names |= _all_names(sub)
+    return names
+
+
 class GraphIndex:
-    """Lookups over one graph: initializers by name, consumers and producer of each tensor."""
+    """Lookups over one graph: initializers by name, consumers and producer of each tensor. A node with
+    subgraphs is listed as a consumer (slot IMPLICIT_INPUT) of every outer name its bodies read, and unique names
+    avoid the names of every subgraph too."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
@@ -166,12 +211,14 @@ class GraphIndex:
             for slot, name in enumerate(node.input):
                 if name:
                     self.consumers[name].append((node, slot))
+            for sub in subgraphs(node):
+                for name in sorted(outer_reads(sub)):
+                    self.consumers[name].append((node, IMPLICIT_INPUT))
             for name in node.output:
                 self.producer[name] = node
         self.graph_input_names = {i.name for i in graph.input}
         self.graph_output_names = {o.name for o in graph.output}
-        self._used = {n for node in graph.node for n in (*node.input, *node.output, node.name)}
-        self._used |= set(self.initializers) | self.graph_input_names
+        self._used = _all_names(graph)
 
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[name])
@@ -189,10 +236,56 @@ def subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
     """Names read inside subgraphs (If/Loop/Scan bodies, nested ones too)."""
     names: set[str] = set()
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names |= {name for n in sub.node for name in n.input} | subgraph_inputs(sub)
+        for sub in subgraphs(node):
+            names |= {name for n in sub.node for name in n.input} | subgraph_inputs(sub)
     return names
+
+
+def lift_subgraph_constants(model: onnx.ModelProto) -> int:
+    """Move the initializers and Constant tensors of If/Loop/Scan bodies into the main graph, whose names the
+    bodies read from the outer scope, so that their weights are planned and quantized like any other. Only names
+    defined once in the whole model move (elsewhere moving would shadow or be shadowed), and never a body's
+    formal input. Returns how many tensors moved."""
+    graph = model.graph
+    definitions: Counter[str] = Counter()
+
+    def count(g: onnx.GraphProto) -> None:
+        definitions.update(t.name for t in g.initializer)
+        definitions.update(i.name for i in g.input)
+        for node in g.node:
+            definitions.update(o for o in node.output if o)
+            for sub in subgraphs(node):
+                count(sub)
+
+    count(graph)
+    lifted: list[onnx.TensorProto] = []
+
+    def lift(sub: onnx.GraphProto) -> None:
+        formal = {i.name for i in sub.input}
+        keep = [t for t in sub.initializer if definitions[t.name] > 1 or t.name in formal]
+        lifted.extend(t for t in sub.initializer if definitions[t.name] == 1 and t.name not in formal)
+        del sub.initializer[:]
+        sub.initializer.extend(keep)
+        nodes = []
+        for node in sub.node:
+            for inner in subgraphs(node):
+                lift(inner)
+            if (node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"
+                    and definitions[node.output[0]] == 1):
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(node.attribute[0].t)
+                tensor.name = node.output[0]
+                lifted.append(tensor)
+            else:
+                nodes.append(node)
+        del sub.node[:]
+        sub.node.extend(nodes)
+
+    for node in graph.node:
+        for sub in subgraphs(node):
+            lift(sub)
+    graph.initializer.extend(lifted)
+    return len(lifted)
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> None:
@@ -212,11 +305,12 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
 
 
 def name_unnamed_nodes(model: onnx.ModelProto) -> int:
-    """Give every unnamed node the name of its first output (made unique), so skip_quant_node can name it and
-    reports can show it. Returns how many nodes were named."""
-    used = {n.name for n in model.graph.node if n.name}
+    """Give every unnamed node (subgraphs included) the name of its first output (made unique), so
+    skip_quant_node can name it and reports can show it. Returns how many nodes were named."""
+    nodes = [node for node, _ in all_nodes(model.graph)]
+    used = {n.name for n in nodes if n.name}
     named = 0
-    for node in model.graph.node:
+    for node in nodes:
         if node.name:
             continue
         base = next((o for o in node.output if o), node.op_type)

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto
 
 from .config import QuantConfig
-from .model import GraphIndex, attribute
+from .model import GraphIndex, all_nodes, attribute
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def plan_weights(model: onnx.ModelProto, config: QuantConfig, *, apply_size_filt
     index = GraphIndex(model.graph)
     common = config.common
     skip_nodes = set(common.skip_quant_node)
-    node_names = {n.name for n in model.graph.node}
+    nodes = [node for node, _ in all_nodes(model.graph)]  # weights inside If/Loop/Scan bodies too
+    node_names = {n.name for n in nodes}
     for name in sorted(skip_nodes - node_names):
         near = difflib.get_close_matches(name, sorted(node_names), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
@@ -107,7 +108,11 @@ def plan_weights(model: onnx.ModelProto, config: QuantConfig, *, apply_size_filt
 
     # weight tensor -> [(node, slot)] for weight slots of weighted ops
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in model.graph.node:
+    reads: dict[str, list[tuple[onnx.NodeProto, int]]] = {}  # every read, in any graph
+    for node in nodes:
+        for slot, name in enumerate(node.input):
+            if name in index.initializers:
+                reads.setdefault(name, []).append((node, slot))
         if node.op_type not in allowed_ops:
             continue
         for slot in WEIGHT_SLOTS[node.op_type]:
@@ -122,7 +127,8 @@ def plan_weights(model: onnx.ModelProto, config: QuantConfig, *, apply_size_filt
         spec = WeightSpec(tensor_name, first_node.op_type, tuple(n.name for n, _ in tensor_uses), shape,
                           bits=common.bit_num)
         plan.specs.append(spec)
-        spec.skip_reason = _skip_reason(spec, tensor, tensor_uses, index, skip_nodes, config, apply_size_filters)
+        spec.skip_reason = _skip_reason(spec, tensor, tensor_uses, reads[tensor_name], index, skip_nodes, config,
+                                        apply_size_filters)
         if spec.skip_reason:
             continue
         axes = {channel_axis(n, s, len(shape)) for n, s in tensor_uses}
@@ -133,8 +139,8 @@ def plan_weights(model: onnx.ModelProto, config: QuantConfig, *, apply_size_filt
     return plan
 
 
-def _skip_reason(spec: WeightSpec, tensor: onnx.TensorProto, tensor_uses, index: GraphIndex, skip_nodes: set[str],
-                 config: QuantConfig, apply_size_filters: bool) -> str:
+def _skip_reason(spec: WeightSpec, tensor: onnx.TensorProto, tensor_uses, tensor_reads, index: GraphIndex,
+                 skip_nodes: set[str], config: QuantConfig, apply_size_filters: bool) -> str:
     common = config.common
     if tensor.data_type != TensorProto.FLOAT:
         return f"dtype {TensorProto.DataType.Name(tensor.data_type).lower()} is not float32"
@@ -143,7 +149,7 @@ def _skip_reason(spec: WeightSpec, tensor: onnx.TensorProto, tensor_uses, index:
     if spec.tensor in index.graph_input_names:
         return "also a graph input (its value can be overridden at run time)"
     weight_uses = {(n.name, s) for n, s in tensor_uses}
-    other = [n for n, s in index.consumers[spec.tensor] if (n.name, s) not in weight_uses]
+    other = [n for n, s in tensor_reads if (n.name, s) not in weight_uses]
     if other:
         return f"also read by {other[0].op_type} node '{other[0].name}' as a non-weight input"
     if spec.tensor in index.graph_output_names:
@@ -160,3 +166,19 @@ def _skip_reason(spec: WeightSpec, tensor: onnx.TensorProto, tensor_uses, index:
                 if channels <= common.min_quant_weight_channel:
                     return f"{channels} output channels <= min_quant_weight_channel={common.min_quant_weight_channel}"
     return ""
+
+
+def weight_tensors(model: onnx.ModelProto) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every float constant of rank >= 2 that some op reads in a weight slot (subgraphs included): name ->
+    (op type of its first reader, the reading nodes). What a conversion's summary accounts for."""
+    index = GraphIndex(model.graph)
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for node, _ in all_nodes(model.graph):
+        for slot in WEIGHT_SLOTS.get(node.op_type, ()):
+            name = node.input[slot] if slot < len(node.input) else ""
+            tensor = index.initializers.get(name)
+            if tensor is None or tensor.data_type != TensorProto.FLOAT or len(tensor.dims) < 2:
+                continue
+            op, nodes = found.get(name, (node.op_type, ()))
+            found[name] = (op, (*nodes, node.name))
+    return found

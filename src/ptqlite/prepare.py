@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
-from .model import GraphIndex, attribute
+from .model import GraphIndex, attribute, outer_reads, subgraphs
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,10 @@ def _set_initializer(index: GraphIndex, name: str, value: np.ndarray) -> None:
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    """Remove the initializers that no node reads and no graph output names."""
+    """Remove the initializers that no node reads (in this graph or, from the outer scope, in its subgraphs) and
+    no graph output names."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    used |= {name for node in graph.node for sub in subgraphs(node) for name in outer_reads(sub)}
     removed = {t.name for t in graph.initializer if t.name not in used}
     keep = [t for t in graph.initializer if t.name not in removed]
     del graph.initializer[:]

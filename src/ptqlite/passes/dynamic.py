@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from .. import embedding
 from ..config import QuantConfig
 from ..embedding import GraphBuilder, TableWriter
-from ..model import GraphIndex, attribute, ensure_opset, opset_version
+from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraphs
 from ..plan import WeightSpec, plan_weights
 from ..qmath import (
     QParams,
@@ -213,51 +213,60 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
     int8_weights = strategy == "ALWC" and alwc_weights == "int8"
     rw = _Rewriter(model, strategy, int8_weights)
 
-    new_nodes: list[onnx.NodeProto] = []
     kept_float: dict[str, str] = {}  # weight -> why one of its users stays float
     done: dict[str, QuantizedTensor] = {}
-    for node in model.graph.node:
-        weight = _weight_input(node, specs)
-        if weight is None:
-            new_nodes.append(node)
-            continue
-        spec = specs[weight]
-        reason = _unsupported(node, weight, rw.index)
-        if reason:
-            kept_float.setdefault(weight, reason)
-            new_nodes.append(node)
-            continue
-        extra_bytes = 0  # stored besides codes and scales
-        if node.op_type == "Gather":
-            nodes, w_hat, params = rw.tables.gather(node, weight)
-            scheme, storage = embedding.SCHEME, embedding.STORAGE
-        else:
-            nodes, w_hat, params, extra_bytes = _matmul_nodes(rw, node, weight)
-            scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
-            scheme += f"; activations {_ACTIVATION_SCHEME[strategy]}"
-            storage = (
-                "MatMulInteger int8 (pair sums kept within int16)"
-                if int8_weights
-                else "MatMulInteger uint8 (zero point 128)"
-            )
-        new_nodes += nodes
-        if weight not in done:
-            w = rw.index.array(weight)
-            w_ref = w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
-            done[weight] = QuantizedTensor(
-                weight,
-                node.op_type,
-                spec.nodes,
-                spec.shape,
-                8,
-                scheme,
-                storage,
-                bytes_before=w.nbytes,
-                bytes_after=w.size + 4 * params.scale.size + extra_bytes,
-                relative_error=relative_error(w_ref, w_hat),
-                scale=params.scale.ravel(),
-                zero_point=params.zero_point.ravel(),
-            )
+
+    def rewrite(graph_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        new_nodes: list[onnx.NodeProto] = []
+        for node in graph_nodes:
+            for sub in subgraphs(node):  # If/Loop/Scan bodies read the new constants from the outer scope
+                rewritten = rewrite(list(sub.node))
+                del sub.node[:]
+                sub.node.extend(rewritten)
+            weight = _weight_input(node, specs)
+            if weight is None:
+                new_nodes.append(node)
+                continue
+            spec = specs[weight]
+            reason = _unsupported(node, weight, rw.index)
+            if reason:
+                kept_float.setdefault(weight, reason)
+                new_nodes.append(node)
+                continue
+            extra_bytes = 0  # stored besides codes and scales
+            if node.op_type == "Gather":
+                nodes, w_hat, params = rw.tables.gather(node, weight)
+                scheme, storage = embedding.SCHEME, embedding.STORAGE
+            else:
+                nodes, w_hat, params, extra_bytes = _matmul_nodes(rw, node, weight)
+                scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
+                scheme += f"; activations {_ACTIVATION_SCHEME[strategy]}"
+                storage = (
+                    "MatMulInteger int8 (pair sums kept within int16)"
+                    if int8_weights
+                    else "MatMulInteger uint8 (zero point 128)"
+                )
+            new_nodes += nodes
+            if weight not in done:
+                w = rw.index.array(weight)
+                w_ref = w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
+                done[weight] = QuantizedTensor(
+                    weight,
+                    node.op_type,
+                    spec.nodes,
+                    spec.shape,
+                    8,
+                    scheme,
+                    storage,
+                    bytes_before=w.nbytes,
+                    bytes_after=w.size + 4 * params.scale.size + extra_bytes,
+                    relative_error=relative_error(w_ref, w_hat),
+                    scale=params.scale.ravel(),
+                    zero_point=params.zero_point.ravel(),
+                )
+        return new_nodes
+
+    new_nodes = rewrite(list(model.graph.node))
 
     for weight, record in done.items():
         if weight in kept_float:

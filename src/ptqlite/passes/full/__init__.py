@@ -92,7 +92,8 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     summary = rewrite(model, plan, params, preset)
     del model.graph.value_info[:]
     model.graph.value_info.extend(original_info)
-    result.quantized += [weight.record for weight in params.weights.values()]
+    result.quantized += [weight.record for weight in (*params.weights.values(), *params.weight_only.values())]
+    result.skipped += _unused_weights(weight_plan, params, plan)
     if preset.bias_with_output_rank:
         keep_bias_adds_apart(model, ranks)
     if preset.int8_gather_tables:
@@ -145,6 +146,14 @@ def _smooth(model: onnx.ModelProto, weight_plan: WeightPlan, skip: set[str], sam
         result.notes.append(f"activation smoothing in front of {len(smoothed)} MatMul/Gemm input(s) whose "
                             f"channel ranges differ by {MIN_SPREAD:g}x or more")
     return set(smoothed)
+
+
+def _unused_weights(weight_plan: WeightPlan, params, plan: GraphPlan) -> list[SkippedTensor]:
+    """Planned weights that stay float because a node that reads them stays float."""
+    done = set(params.weights) | set(params.weight_only)
+    return [SkippedTensor(s.tensor, s.op_type, s.nodes, "read by a node that stays float (skip_quant_node, a "
+                          "float input, or an op without an int8 kernel on this preset)")
+            for s in weight_plan.quantized if s.tensor not in done]
 
 
 def _range_requests(plan: GraphPlan, method: str) -> list[StatRequest]:

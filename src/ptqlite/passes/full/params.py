@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ...model import GraphIndex, attribute
+from ...model import GraphIndex, all_nodes, attribute, outer_reads, subgraphs
 from ...plan import WeightSpec
 from ...qmath import (
     QParams,
@@ -68,6 +68,9 @@ class QuantParams:
 
     activations: dict[str, QParams]  # quantized activation tensor -> its parameters
     weights: dict[str, WeightParams]  # weight initializer -> int8 codes
+    # Weights read inside If/Loop/Scan bodies, whose activations stay float: int8 behind a DequantizeLinear that
+    # writes the weight's own name, which the bodies read from the outer scope.
+    weight_only: dict[str, WeightParams]
     biases: dict[int, BiasParams]  # node position -> int32 bias
     constants: dict[str, ConstantParams]  # float initializer read as data by an int8 op
 
@@ -87,6 +90,14 @@ def quant_params(model: onnx.ModelProto, plan: GraphPlan, ranges: dict[str, tupl
         if not users or any(plan.roles[positions[id(n)]] != "compute" for n, _ in users):
             continue
         weights[name] = _weight(index.array(name), spec, preset, [n for n, _ in users])
+    in_bodies = {name for node in graph.node for sub in subgraphs(node) for name in outer_reads(sub)}
+    weight_only: dict[str, WeightParams] = {}
+    for name, spec in plan.weights.items():
+        if name not in weights and name in in_bodies:
+            uses = [node for node, _ in all_nodes(graph) if node.name in spec.nodes]
+            weight = _weight(index.array(name), spec, preset, uses)
+            weight.record.storage += " (weight only: read inside an If/Loop/Scan body, whose activations stay float)"
+            weight_only[name] = weight
 
     biases: dict[int, BiasParams] = {}
     constants: dict[str, ConstantParams] = {}
@@ -106,7 +117,7 @@ def quant_params(model: onnx.ModelProto, plan: GraphPlan, ranges: dict[str, tupl
                 value = index.array(name)
                 params = activation_params(float(value.min()), float(value.max()), preset)
                 constants[name] = ConstantParams(params, quantize(value, params))
-    return QuantParams(activations, weights, biases, constants)
+    return QuantParams(activations, weights, weight_only, biases, constants)
 
 
 def _weight(w: np.ndarray, spec: WeightSpec, preset: Target, users: list[onnx.NodeProto]) -> WeightParams:

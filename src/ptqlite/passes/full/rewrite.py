@@ -115,7 +115,9 @@ class _Writer:
                     add_qdq(out, body)
         del graph.node[:]
         graph.node.extend(head + body)
-        graph.initializer.extend(self.new_inits)
+        kept = [t for t in graph.initializer if t.name not in self.params.weight_only]  # now DequantizeLinear outputs
+        del graph.initializer[:]
+        graph.initializer.extend(kept + self.new_inits)
         drop_unused_initializers(self.graph)
 
     def _fold_activations(self) -> None:
@@ -145,6 +147,11 @@ class _Writer:
             dq = self._name(f"{name}_dequantized")
             head.append(self._dequantize_node(q_name, scale, zero, dq, weight.axis))
             reads[name] = dq
+        for name, weight in self.params.weight_only.items():
+            q_name = self._init(weight.codes.astype(helper.tensor_dtype_to_np_dtype(weight.dtype)),
+                                f"{name}_quantized")
+            scale, zero = self._qdq_constants(name, weight.params, weight.dtype, weight.axis)
+            head.append(self._dequantize_node(q_name, scale, zero, name, weight.axis))
         return reads
 
     def _write_bias(self, pos: int, node: onnx.NodeProto, original: list[str]) -> list[onnx.NodeProto]:
