@@ -1,6 +1,6 @@
 """Activation statistics gathered one sample at a time ([full_quant_param] activation_quant_method).
 
-Every observer keeps a fixed-size summary (a few floats, or one 2048-bin histogram) and never the activations, so
+Every observer keeps a fixed-size summary (a few floats, or two 2048-bin histograms) and never the activations, so
 memory does not grow with the number of samples. range() gives the float range to quantize; making it contain 0
 and turning it into a scale and zero point is the caller's job. docs/calibration.md explains the methods.
 """
@@ -8,6 +8,7 @@ and turning it into a scale and zero point is the caller's job. docs/calibration
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -17,6 +18,11 @@ from .config import ACTIVATION_METHODS
 HISTOGRAM_BINS = 2048
 QUANTIZED_BINS = 128
 OUTLIER_QUANTILES = (0.0001, 0.9999)
+# A clipped range (KL, REMOVAL_OUTLIER) is kept only when its mean squared error on the tensor's own histogram is
+# at most FALLBACK_FACTOR times MAX_MIN's (4: one bit of signal-to-noise ratio); the error is measured on a grid of
+# ERROR_LEVELS codes (8 bits).
+FALLBACK_FACTOR = 4.0
+ERROR_LEVELS = 256
 
 
 @runtime_checkable
@@ -119,56 +125,37 @@ class MinMaxObserver:
         return self.lo, self.hi
 
 
-class OutlierRemovalObserver:
-    """REMOVAL_OUTLIER: each sample's 0.01% and 99.99% quantiles, averaged over samples."""
+class Histogram:
+    """A streaming histogram of |x| (exact zeros counted apart) and, beside it, of the negative values alone.
 
-    def __init__(self) -> None:
-        self.lo_sum = 0.0
-        self.hi_sum = 0.0
-        self.count = 0
-
-    def update(self, x: np.ndarray) -> None:
-        x, _, _ = _finite(x)
-        if x.size:
-            lo, hi = quantiles(x, OUTLIER_QUANTILES)
-            self.lo_sum += lo
-            self.hi_sum += hi
-            self.count += 1
-
-    def range(self) -> tuple[float, float]:
-        if not self.count:
-            return 0.0, 0.0
-        return self.lo_sum / self.count, self.hi_sum / self.count
-
-
-class KLObserver:
-    """KL: entropy calibration on a histogram of |x|, symmetric threshold T, range [-T, T] clipped to what was
-    seen.
-
-    The histogram has 2048 bins of width 2**k, k the smallest integer with 2048 * 2**k > max|x| seen so far.
-    When a larger |x| arrives, k grows and neighbouring bins merge exactly (old bin i -> new bin i >> shift):
-    no first pass over the data, no approximation, and the final histogram depends only on the data, not on
-    the order of the samples. The data then always fills more than half the bins (1024..2048 of them).
-    Exact zeros are not counted (ReLU outputs would swamp bin 0).
+    2048 bins of width 2**k, k the smallest integer with 2048 * 2**k > max|x| seen so far. When a larger |x|
+    arrives, k grows and neighbouring bins merge exactly (old bin i -> new bin i >> shift): no first pass over the
+    data, no approximation, and the result depends only on the values, not on the order of the samples. The data
+    then always fills more than half the bins (1024..2048 of them). The negative part lets the error of a range
+    that is not symmetric be measured on each side (positive counts = hist - negative).
     """
 
-    def __init__(self, bins: int = HISTOGRAM_BINS, quantized_bins: int = QUANTIZED_BINS) -> None:
+    def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
         self.bins = bins
-        self.quantized_bins = quantized_bins
-        self.hist = np.zeros(bins, np.int64)
+        self.hist = np.zeros(bins, np.int64)  # of |x|, zeros left out
+        self.negative = np.zeros(bins, np.int64)  # of |x| for x < 0
+        self.zeros = 0
         self.exponent: int | None = None  # bin width is 2**exponent
-        self.lo = math.inf  # what was seen, to clip [-T, T] to
+        self.lo = math.inf  # the extremes seen
         self.hi = -math.inf
 
     @property
     def bin_width(self) -> float:
         return 0.0 if self.exponent is None else math.ldexp(1.0, self.exponent)
 
-    def update(self, x: np.ndarray) -> None:
-        x, lo, hi = _finite(x)
+    def update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        """Count x (flat, finite, as given by _finite with its min and max)."""
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         top = max(-lo, hi)
-        if not x.size or top == 0.0:
+        if not x.size:
+            return
+        if top == 0.0:
+            self.zeros += x.size
             return
         self._grow_to(top)
         scale = math.ldexp(1.0, -self.exponent)
@@ -181,6 +168,9 @@ class KLObserver:
         counts = np.bincount(index, minlength=self.bins)
         counts[0] -= zeros  # zeros fell in bin 0; drop them
         self.hist += counts
+        self.zeros += zeros
+        if lo < 0:  # outputs of a ReLU (most activations) skip this
+            self.negative += np.bincount(index[x < 0], minlength=self.bins)
 
     def _grow_to(self, top: float) -> None:
         # top / bins = mantissa * 2**needed with mantissa in [0.5, 1): 2**needed is the smallest power of two
@@ -190,10 +180,149 @@ class KLObserver:
             self.exponent = needed
         elif needed > self.exponent:
             shift = needed - self.exponent
-            merged = np.zeros(self.bins, np.int64)
-            np.add.at(merged, np.arange(self.bins) >> shift, self.hist)
-            self.hist = merged
+            for name in ("hist", "negative"):
+                merged = np.zeros(self.bins, np.int64)
+                np.add.at(merged, np.arange(self.bins) >> shift, getattr(self, name))
+                setattr(self, name, merged)
             self.exponent = needed
+
+    def error(self, lo: float, hi: float, power: int = 2) -> float:
+        """Mean |x - dequantize(quantize(x))|**power per value (zeros included) for the range [lo, hi]: rounding
+        inside, clipping outside; see range_error."""
+        if self.lo > self.hi:
+            return 0.0
+        return range_error(self.hist - self.negative, self.negative, self.bin_width, lo, hi, (self.lo, self.hi),
+                           self.zeros, power=power)
+
+
+def range_error(positive: np.ndarray, negative: np.ndarray, width: float, lo: float, hi: float,
+                seen: tuple[float, float] | None = None, zeros: int = 0, levels: int = ERROR_LEVELS,
+                power: int = 2) -> float:
+    """Mean quantization error (|error|**power; 2: squared) of the values counted in two magnitude histograms
+    (bin i holds |x| in [i * width, (i + 1) * width), values spread evenly inside a bin) on a grid of `levels`
+    codes over [lo, hi] widened to hold 0, 0 exactly representable: a value inside the range is off by its
+    distance to the nearest multiple of the step, a value outside by its distance to the end it is clipped to.
+    `seen` (the smallest and largest value) trims the last bin of each side so that MAX_MIN's own range clips
+    nothing. Zeros are exact."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    step = (hi - lo) / (levels - 1)
+    total = zeros + float(positive.sum()) + float(negative.sum())
+    if total == 0:
+        return 0.0
+    seen_lo, seen_hi = seen if seen is not None else (-math.inf, math.inf)
+    error = 0.0
+    for counts, limit, extreme in ((positive, hi, seen_hi), (negative, -lo, -seen_lo)):
+        used = np.flatnonzero(counts)
+        if not used.size:
+            continue
+        counts = counts[: used[-1] + 1].astype(np.float64)
+        lower = np.arange(counts.size, dtype=np.float64) * width
+        upper = np.minimum(lower + width, max(extreme, lower[-1]))  # the last bin ends at the extreme seen
+        span = upper - lower
+        inner = np.clip(upper, lower, limit)  # [lower, inner] is inside the range, [inner, upper] is clipped
+        rounding = (_rounding_integral(inner, step, power)
+                    - _rounding_integral(np.minimum(lower, inner), step, power))
+        clipping = (np.maximum(upper - limit, 0.0) ** (power + 1)
+                    - np.maximum(lower - limit, 0.0) ** (power + 1)) / (power + 1)
+        # A last bin that ends where it starts holds only the extreme itself: its error is that value's.
+        point = np.where(lower > limit, lower - limit,
+                         np.abs(lower - step * np.round(lower / step)) if step else lower) ** power
+        error += float(np.dot(counts, np.where(span > 0, (rounding + clipping) / np.where(span > 0, span, 1.0),
+                                               point)))
+    return error / total
+
+
+def _rounding_integral(x: np.ndarray, step: float, power: int = 1) -> np.ndarray:
+    """The integral from 0 to x of d(t)**power, d(t) the distance from t to the nearest multiple of step (a
+    triangle wave)."""
+    k = power + 1
+    if step <= 0.0:
+        return x**k / k  # no grid: everything rounds to 0
+    periods = np.floor(x / step)
+    r = x - periods * step
+    period = 2 * (step / 2) ** k / k
+    return periods * period + np.where(r <= step / 2, r**k / k, period - (step - r) ** k / k)
+
+
+class OutlierRemovalObserver:
+    """REMOVAL_OUTLIER: each sample's 0.01% and 99.99% quantiles, averaged over samples; the MAX_MIN range
+    instead when that range would lose more to clipping than it saves in rounding (see accepts)."""
+
+    def __init__(self) -> None:
+        self.lo_sum = 0.0
+        self.hi_sum = 0.0
+        self.count = 0
+        self.histogram = Histogram()
+        self.fell_back = False  # set by range(): the last range() returned the MAX_MIN range
+
+    def update(self, x: np.ndarray) -> None:
+        x, lo, hi = _finite(x)
+        if x.size:
+            q_lo, q_hi = quantiles(x, OUTLIER_QUANTILES)
+            self.lo_sum += q_lo
+            self.hi_sum += q_hi
+            self.count += 1
+            self.histogram.update(x, lo, hi)
+
+    def candidate(self) -> tuple[float, float]:
+        """The averaged quantiles, before the fallback rule."""
+        if not self.count:
+            return 0.0, 0.0
+        return self.lo_sum / self.count, self.hi_sum / self.count
+
+    def range(self) -> tuple[float, float]:
+        found = self.candidate()
+        self.fell_back = bool(self.count) and not accepts(self.histogram, found)
+        return (self.histogram.lo, self.histogram.hi) if self.fell_back else found
+
+
+def accepts(histogram: Histogram, found: tuple[float, float], factor: float = FALLBACK_FACTOR) -> bool:
+    """Whether a clipped range `found` may replace MAX_MIN's (the extremes seen): its mean squared error on the
+    tensor's own histogram, clipping included, must be at most `factor` times MAX_MIN's.
+
+    Squared error, because the layers after a tensor are mostly linear: what they see of a clipped value grows
+    with the square of the cut, so rare large values that carry the signal (a detector's objects) weigh what they
+    weigh in the outputs; a handful of outliers among many values stays within the factor, so KL still clips
+    them and the bulk gets finer steps."""
+    seen = histogram.lo, histogram.hi
+    if found == seen:
+        return True
+    return histogram.error(*found) <= factor * histogram.error(*seen)
+
+
+def fallback_notes(method: str, observers: Iterable[Observer]) -> list[str]:
+    """The summary line counting the observers whose last range() fell back to MAX_MIN's (none for MAX_MIN, or
+    when none fell back)."""
+    observers = list(observers)
+    fell_back = sum(bool(getattr(o, "fell_back", False)) for o in observers)
+    if not fell_back:
+        return []
+    return [(f"{method}: {fell_back} of {len(observers)} tensors fell back to MAX_MIN ranges (clipping would "
+             "have cost more than it saved)")]
+
+
+class KLObserver:
+    """KL: entropy calibration on a histogram of |x| (see Histogram), symmetric threshold T, range [-T, T] clipped
+    to what was seen; the MAX_MIN range instead when the threshold would lose more to clipping than it saves in
+    rounding (see accepts). Exact zeros are not in the KL histogram (ReLU outputs would swamp bin 0).
+    """
+
+    def __init__(self, bins: int = HISTOGRAM_BINS, quantized_bins: int = QUANTIZED_BINS) -> None:
+        self.quantized_bins = quantized_bins
+        self.histogram = Histogram(bins)
+        self.fell_back = False  # set by range(): the last range() returned the MAX_MIN range
+
+    @property
+    def hist(self) -> np.ndarray:
+        return self.histogram.hist
+
+    @property
+    def bin_width(self) -> float:
+        return self.histogram.bin_width
+
+    def update(self, x: np.ndarray) -> None:
+        x, lo, hi = _finite(x)
+        self.histogram.update(x, lo, hi)
 
     def threshold(self) -> float:
         """The clipping threshold T on |x| (0 when only zeros were seen)."""
@@ -202,15 +331,22 @@ class KLObserver:
             return 0.0
         return kl_threshold_bins(self.hist[: used[-1] + 1], self.quantized_bins) * self.bin_width
 
-    def range(self) -> tuple[float, float]:
-        if self.lo > self.hi:  # nothing seen
+    def candidate(self) -> tuple[float, float]:
+        """[-T, T] clipped to what was seen, before the fallback rule."""
+        lo, hi = self.histogram.lo, self.histogram.hi
+        if lo > hi:  # nothing seen
             return 0.0, 0.0
-        lo, hi = self.lo, self.hi
         t = self.threshold()
         if t == 0.0:
             return lo, hi
         # Clipped to what was seen, so a ReLU output keeps lo = 0 instead of wasting half the codes.
         return max(-t, lo), min(t, hi)
+
+    def range(self) -> tuple[float, float]:
+        found = self.candidate()
+        seen = self.histogram.lo, self.histogram.hi
+        self.fell_back = seen[0] <= seen[1] and not accepts(self.histogram, found)
+        return seen if self.fell_back else found
 
 
 def kl_divergences(hist: np.ndarray, quantized_bins: int = QUANTIZED_BINS) -> tuple[np.ndarray, np.ndarray]:

@@ -81,6 +81,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     plan = plan_graph(model, types, weight_plan.quantized, preset, skip)
     to_correct = correctable_nodes(model, plan) if options.bias_correction else []
     stats = collect(model, _range_requests(plan, method) + mean_requests(model, to_correct), samples, progress)
+    result.notes += stats.notes
     plan, ranges = _keep_masked_softmax_float(model, plan, stats, types, weight_plan, preset, skip, method,
                                               samples, progress, result)
 

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ...errors import DataError
-from ...observers import make_observer
+from ...observers import fallback_notes, make_observer
 from ...qmath import reduce_axes
 from ...runtime import cpu_session
 
@@ -41,6 +41,7 @@ class Statistics:
     channel_max: dict[str, np.ndarray]
     channel_counts: dict[str, int]  # values per channel behind each channel_max
     channel_mean_sums: dict[str, np.ndarray]
+    notes: tuple[str, ...] = ()  # ranges of KL / REMOVAL_OUTLIER that fell back to MAX_MIN, counted per method
 
 
 def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], samples, progress: bool | None,
@@ -73,7 +74,11 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], samples, pr
         count += 1
     if count == 0:
         raise DataError("no calibration samples: FULL_QUANT needs at least one")
-    return Statistics(count, {n: o.range() for n, o in observers.items()}, peaks, counts, sums)
+    ranges = {n: o.range() for n, o in observers.items()}
+    methods = {r.tensor: r.method for r in requests if r.kind == RANGE}
+    notes = [line for method in dict.fromkeys(methods.values())
+             for line in fallback_notes(method, [o for n, o in observers.items() if methods[n] == method])]
+    return Statistics(count, ranges, peaks, counts, sums, tuple(notes))
 
 
 def _probe_session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
