@@ -1,0 +1,279 @@
+"""Quantized models compute the same in ONNX Runtime, the ONNX reference evaluator and OpenVINO (CPU).
+
+Decoders of every storage form and width are compared bit for bit on their decoded weights; whole converted
+models (the bundled example configs on ResNet20, MiniLM where it is built) on their outputs. The OpenVINO parts
+skip where openvino is not installed (it is in the `test` extra, so `make test` has it)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import EXAMPLES, RESNET20, ROOT, cosine, session
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+from ptqlite.config import load_config, parse_config
+from ptqlite.convert import convert
+from ptqlite.encoding import SPLIT_OPSET, SharedConstants, build_decoder, plan_split
+from ptqlite.model import GraphIndex
+from ptqlite.passes.mixed_bit import MixedLayer, rice_decoders, rice_parameter, split_decoder, zigzag
+from ptqlite.plan import WeightSpec
+
+try:
+    import openvino
+except ImportError:  # the OpenVINO checks skip; ONNX Runtime and the reference are still compared
+    openvino = None
+
+NO_OPENVINO = "openvino is not installed (pip install -e '.[test]' installs it)"
+MINILM = ROOT / ".cache" / "minilm" / "all-MiniLM-L6-v2.onnx"
+SLOW = os.environ.get("PTQLITE_SLOW_TESTS") == "1"
+
+
+# Marks the checks that fail until the decoders stop relying on uint8 BitShift dropping the bits shifted out
+# (OpenVINO saturates left shifts and rounds right shifts) and on ScatterElements indices decoded that way.
+ISSUE_12 = "issue 12: WEIGHT_QUANT decoders rely on uint8 BitShift overflow, which OpenVINO treats differently"
+
+
+def known_broken(request) -> None:
+    request.applymarker(pytest.mark.xfail(reason=ISSUE_12, strict=False))
+
+
+@functools.cache
+def _core():
+    return openvino.Core()
+
+
+def openvino_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path: Path) -> list[np.ndarray]:
+    """Read, compile (CPU) and run `model` in OpenVINO as a user would: from the saved ONNX file."""
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    core = _core()
+    compiled = core.compile_model(core.read_model(path), "CPU")
+    results = compiled(feeds)
+    return [np.asarray(results[out]) for out in compiled.outputs]
+
+
+def assert_same_everywhere(model: onnx.ModelProto, tmp_path: Path) -> np.ndarray:
+    """The graph outputs (no inputs) are bit-identical in ONNX Runtime, the reference evaluator and OpenVINO."""
+    onnx.checker.check_model(model)
+    expected = session(model).run(None, {})
+    for want, got in zip(expected, ReferenceEvaluator(model).run(None, {})):
+        np.testing.assert_array_equal(got, want, err_msg="reference evaluator")
+    if openvino is None:
+        pytest.skip(NO_OPENVINO)
+    for want, got in zip(expected, openvino_run(model, {}, tmp_path)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want, err_msg="OpenVINO")
+    return expected[0]
+
+
+def _decoder_model(nodes, initializers, shape, opset: int) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(shape))],
+                              initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _form_codes(form: str, bits: int, shape: tuple[int, ...]):
+    rng = np.random.default_rng(bits)
+    zero = rng.integers(0, 1 << bits, size=(shape[0],) + (1,) * (len(shape) - 1))
+    codes = rng.integers(0, 1 << bits, size=shape)
+    if form == "indexed":  # few distinct values, so an index is narrower than the codes
+        table = rng.integers(0, 1 << bits, size=max(1, (1 << bits) // 4))
+        codes = table[rng.integers(0, table.size, size=shape)]
+    if form == "sparse":  # most codes on the channel zero point
+        codes = np.where(rng.random(shape) < 0.8, zero, codes)
+    return codes, zero, rng
+
+
+FORMS = [(form, bits) for form in ("packed", "indexed", "sparse") for bits in range(1, 17)
+         if not (form == "indexed" and bits < 3)]  # an index cannot be narrower than 1 or 2 bit codes
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 3), (7, 3, 5)])  # even and odd sizes (padding, no even axis)
+@pytest.mark.parametrize("form, bits", FORMS)
+def test_fixed_width_forms_decode_identically(request, tmp_path, form, bits, shape):
+    if bits not in (8, 16) or form != "packed":
+        known_broken(request)
+    codes, zero, rng = _form_codes(form, bits, shape)
+    scale = rng.uniform(0.01, 0.1, size=zero.shape)
+    offset = rng.uniform(-1, 1, size=zero.shape)
+    graph = helper.make_graph([], "g", [], [])
+    index = GraphIndex(graph)
+    shared = SharedConstants(index, 17)
+    decoder = build_decoder(index, shared, "w", codes, bits, scale, offset, zero, forms=(form,))
+    assert decoder.encoding == form
+    model = _decoder_model(shared.nodes_used_by(decoder.nodes) + decoder.nodes,
+                           shared.used_by(decoder.nodes) + decoder.initializers, shape, 17)
+    out = assert_same_everywhere(model, tmp_path)
+    np.testing.assert_array_equal(out, codes.astype(np.float32) * scale.astype(np.float32)
+                                  + offset.astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_unencoded_storage_decodes_identically(tmp_path, bits):
+    codes, zero, rng = _form_codes("packed", bits, (6, 5, 3))
+    graph = helper.make_graph([], "g", [], [])
+    index = GraphIndex(graph)
+    shared = SharedConstants(index, 17)
+    decoder = build_decoder(index, shared, "w", codes, bits, np.full(zero.shape, 0.25), np.full(zero.shape, -3.0),
+                            zero, encode=False)
+    model = _decoder_model(decoder.nodes, shared.used_by(decoder.nodes) + decoder.initializers, codes.shape, 17)
+    assert_same_everywhere(model, tmp_path)
+
+
+def _mixed_layer(bits: int, shape=(6, 40), per_channel: bool = False):
+    """Signed codes of about `bits` bits (Laplace, so Rice and split forms pay) and their step."""
+    rng = np.random.default_rng(100 + bits)
+    limit = (1 << (bits - 1)) - 1 if bits > 1 else 1
+    q = np.clip(np.round(rng.laplace(0, max(limit / 6, 0.3), size=shape)), -limit - 1, limit).astype(np.int64)
+    q.flat[0], q.flat[1] = -limit - 1, limit  # the full range
+    step = (rng.uniform(0.001, 0.01, size=(shape[0], 1)) if per_channel else np.array(0.003)).astype(np.float32)
+    spec = WeightSpec("w", "Conv", ("c",), shape, axis=0)
+    return spec, q, step
+
+
+def _mixed_model(decoders, shared, shape) -> onnx.ModelProto:
+    nodes = [n for d in decoders for n in d.nodes]
+    inits = [t for d in decoders for t in d.initializers]
+    return _decoder_model(shared.nodes_used_by(nodes) + nodes, shared.used_by(nodes) + inits, shape, 17)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_mixed_bit_rice_decodes_identically(request, tmp_path, bits, per_channel):
+    known_broken(request)
+    spec, q, step = _mixed_layer(bits, per_channel=per_channel)
+    shared = SharedConstants(GraphIndex(helper.make_graph([], "g", [], [])), 17)
+    layer = MixedLayer(spec, "per-tensor", bits, step, q, q * step, 0.0, 0, rice_k=rice_parameter(zigzag(q)))
+    out = assert_same_everywhere(_mixed_model(rice_decoders(shared.index, shared, [layer]), shared, q.shape),
+                                 tmp_path)
+    np.testing.assert_array_equal(out, q.astype(np.float32) * step)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_mixed_bit_split_decodes_identically(request, tmp_path, bits, per_channel):
+    known_broken(request)
+    spec, q, step = _mixed_layer(bits, per_channel=per_channel)
+    shared = SharedConstants(GraphIndex(helper.make_graph([], "g", [], [])), 17)
+    decoder = split_decoder(shared.index, shared, "w", q, step, plan_split(zigzag(q), SPLIT_OPSET + 1))
+    out = assert_same_everywhere(_mixed_model([decoder], shared, q.shape), tmp_path)
+    np.testing.assert_array_equal(out, q.astype(np.float32) * step)
+
+
+def _weight_model(shape=(8, 6, 3, 3), opset: int = 17) -> onnx.ModelProto:
+    """A Conv and its weight w."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, shape, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, shape[1], 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _weight_config(bits: int, extra: str = "") -> object:
+    return parse_config(f"[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num={bits}\nmin_quant_weight_size=0\n"
+                        f"min_quant_weight_channel=0\n{extra}")
+
+
+def _on_the_fly_config(bits: int) -> object:
+    return parse_config(f"[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num={bits}\nmin_quant_weight_size=0\n"
+                        "min_quant_weight_channel=0\n[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n")
+
+
+def _same_outputs_with_input(model: onnx.ModelProto, tmp_path: Path) -> None:
+    """The Conv output and the decoded weight (made a graph output after the conversion) agree."""
+    model.graph.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, None))
+    x = np.random.default_rng(1).standard_normal((1, 6, 5, 5)).astype(np.float32)
+    expected = session(model).run(None, {"x": x})
+    if openvino is None:
+        pytest.skip(NO_OPENVINO)
+    got = openvino_run(model, {"x": x}, tmp_path)
+    np.testing.assert_array_equal(got[1], expected[1], err_msg="decoded weight")
+    assert cosine(got[0], expected[0]) > 1 - 1e-6
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_on_the_fly_weights_decode_identically(tmp_path, bits):
+    model = convert(_weight_model(), _on_the_fly_config(bits)).model
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    _same_outputs_with_input(model, tmp_path)
+
+
+@pytest.mark.parametrize("bits", [0, 2, 3, 4, 8, 11, 16])
+def test_converted_weights_decode_identically(request, tmp_path, bits):
+    """The whole pass (fixed bit, or mixed bit for 0), whichever forms it chooses."""
+    if bits not in (8, 16):
+        known_broken(request)
+    result = convert(_weight_model(), _weight_config(bits))
+    assert [q.tensor for q in result.quantized] == ["w"]
+    _same_outputs_with_input(result.model, tmp_path)
+
+
+# ---------------------------------------------------------------- whole models
+
+def _compare_outputs(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds, tmp_path: Path,
+                     to_each_other: float = 0.9999) -> None:
+    """OpenVINO computes the quantized model like ONNX Runtime: each one's output cosine to the float model agrees
+    to 1e-4, and their cosine to each other is at least `to_each_other`."""
+    if openvino is None:
+        pytest.skip(NO_OPENVINO)
+    reference = session(float_model).run(None, feeds)[0]
+    ort_out = session(quantized).run(None, feeds)[0]
+    ov_out = openvino_run(quantized, feeds, tmp_path)[0]
+    assert abs(cosine(ov_out, reference) - cosine(ort_out, reference)) <= 1e-4
+    assert cosine(ov_out, ort_out) >= to_each_other
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (EXAMPLES / "configs").glob("*.cfg")))
+def test_bundled_configs_on_resnet20_run_alike_in_openvino(request, tmp_path, monkeypatch, name):
+    if name in ("mixed_bit_weight_quant.cfg", "packed_4bit_weight_quant.cfg"):
+        known_broken(request)
+    monkeypatch.chdir(ROOT)  # the FULL_QUANT config names examples/calib relative to the repository root
+    float_model = onnx.load(RESNET20)
+    quantized = convert(onnx.load(RESNET20), load_config(EXAMPLES / "configs" / name)).model
+    x = np.random.default_rng(2).uniform(-2, 2, (4, 3, 32, 32)).astype(np.float32)
+    # FULL_QUANT: OpenVINO runs the QDQ pairs as its own int8 kernels, whose activation rounding differs a little
+    # (cosine to ONNX Runtime 0.99984 on this input); weight-only and dynamic outputs agree to 1e-12.
+    _compare_outputs(float_model, quantized, {"input": x}, tmp_path, 0.999 if name == "full_quant.cfg" else 0.9999)
+
+
+def _minilm_feeds() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1000, 30000, size=(2, 32)).astype(np.int64)
+    ids[:, 0] = 101
+    mask = np.ones_like(ids)
+    mask[1, 20:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+MINILM_CONFIGS = {
+    "8 bit": (8, False),
+    "4 bit": (4, True),
+    "mixed bit 0.02": (0, True),
+    "DYNAMIC_QUANT ALWC": (None, True),
+}
+
+
+@pytest.mark.parametrize("label", MINILM_CONFIGS)
+def test_minilm_runs_alike_in_openvino(request, tmp_path, label):
+    if "DYNAMIC" not in label:
+        known_broken(request)
+    bits, slow = MINILM_CONFIGS[label]
+    if not (ROOT.parent / "shared" / "bench").is_dir() or not MINILM.is_file():
+        pytest.skip("needs ../shared/bench and the MiniLM model built by bench/minilm.py (.cache/minilm)")
+    if slow and not SLOW:
+        pytest.skip("slow (conversion of MiniLM); set PTQLITE_SLOW_TESTS=1 to run it")
+    if bits is None:
+        config = parse_config("[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n"
+                              "[dynamic_quant_param]\nquant_strategy=ALWC\n")
+    else:
+        config = _weight_config(bits, "[mixed_bit_weight_quant_param]\ninit_scale=0.02\n" if bits == 0 else "")
+    float_model = onnx.load(MINILM)
+    _compare_outputs(float_model, convert(onnx.load(MINILM), config).model, _minilm_feeds(), tmp_path)
