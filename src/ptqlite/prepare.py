@@ -24,6 +24,7 @@ def prepare(model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> dict
     for `ranks`)."""
     fold_constants(model)
     fold_batch_norm(model)
+    fold_pads(model)
     return tensor_types(model, ranks)
 
 
@@ -58,11 +59,86 @@ def fold_constants(model: onnx.ModelProto) -> int:
         keep.append(node)
     if folded:
         used = {name for node in keep for name in node.input}
+        used |= {name for node in keep for sub in subgraphs(node) for name in outer_reads(sub)}
         graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in values if name in used)
         del graph.node[:]
         graph.node.extend(keep)
         drop_unused_initializers(graph)
     return folded
+
+
+def fold_pads(model: onnx.ModelProto) -> int:
+    """A zero-constant Pad of the spatial axes only, read by one Conv or (count_include_pad=1) AveragePool, becomes
+    that op's `pads`: TF and Paddle exports write "same" padding as an explicit Pad, which would otherwise get a
+    QuantizeLinear/DequantizeLinear pair of its own and run as a separate op (onnxruntime's own pre-processing
+    folds it the same way). Returns the number of Pads folded."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    dropped = set()
+    for node in graph.node:
+        if node.op_type != "Pad" or node.output[0] in index.graph_output_names:
+            continue
+        users = index.consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0][1] != 0:
+            continue
+        user = users[0][0]
+        pads = _zero_spatial_pads(node, index)
+        if pads is None or not _takes_pads(user):
+            continue
+        rank = len(pads) // 2
+        spatial = rank - 2
+        begin, end = pads[2:rank], pads[rank + 2:]
+        old = list(attribute(user, "pads", [0] * (2 * spatial)))
+        new = [a + b for a, b in zip(old, list(begin) + list(end))]
+        _set_ints(user, "pads", new)
+        user.input[0] = node.input[0]
+        dropped.add(id(node))
+    if dropped:
+        keep = [n for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(keep)
+        drop_unused_initializers(graph)
+    return len(dropped)
+
+
+def _zero_spatial_pads(node: onnx.NodeProto, index: GraphIndex) -> list[int] | None:
+    """The Pad's non-negative pads when it pads only axes 2.. with zeros (mode constant), else None."""
+    if attribute(node, "mode", b"constant") not in (b"constant", "constant"):
+        return None
+    if len(node.input) > 3 and node.input[3]:  # axes (opset 18): not used by the exports seen; keep the Pad
+        return None
+    if len(node.input) > 1:  # opset 11+: pads and constant_value are inputs
+        if node.input[1] not in index.initializers:
+            return None
+        pads = [int(v) for v in index.array(node.input[1]).ravel()]
+        value = node.input[2] if len(node.input) > 2 else ""
+        if value and (value not in index.initializers or np.any(index.array(value) != 0)):
+            return None
+    else:
+        pads = list(attribute(node, "pads", []))
+        if attribute(node, "value", 0.0) != 0.0:
+            return None
+    rank = len(pads) // 2
+    if rank < 3 or any(p < 0 for p in pads) or any(pads[i] or pads[rank + i] for i in (0, 1)):
+        return None
+    return pads
+
+
+def _takes_pads(node: onnx.NodeProto) -> bool:
+    if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return False
+    if node.op_type == "Conv":
+        return True
+    # AveragePool divides by the window size including the padding only with count_include_pad=1, which is what
+    # the explicit zeros did.
+    return node.op_type == "AveragePool" and attribute(node, "count_include_pad", 0) == 1
+
+
+def _set_ints(node: onnx.NodeProto, name: str, values: list[int]) -> None:
+    for attr in list(node.attribute):
+        if attr.name in (name, "auto_pad"):
+            node.attribute.remove(attr)
+    node.attribute.append(onnx.helper.make_attribute(name, values))
 
 
 def fold_batch_norm(model: onnx.ModelProto) -> int:
