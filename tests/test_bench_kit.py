@@ -22,6 +22,7 @@ import imagenet
 import measure
 
 from ptqlite.config import load_config
+from ptqlite.data import calibration_set
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"benchmark data not found at {SHARED}")
 
@@ -169,14 +170,13 @@ def _input_model(name: str, shape: list[int]) -> onnx.ModelProto:
 def test_ptqlite_calibration_sees_exactly_the_bench_arrays(tmp_path: Path, bench: str) -> None:
     # The benchmark evaluates on what ptqlite calibrates on: the config's IMAGE preprocessing must reproduce
     # bench/imagenet.py bit for bit (and bench/datasets.py's CIFAR normalisation to float rounding).
-    data = pytest.importorskip("ptqlite.data")
     b = full_quant.BENCHES[bench]
     size = 32 if b.dataset == "cifar" else 224
     model = tmp_path / "m.onnx"
     onnx.save(_input_model("input", [1, 3, size, size]), model)
     row = next(r for r in full_quant.rows() if r.key == "maxmin_pc")
     config = load_config(full_quant.write_config(b, row, tmp_path, model, 100))
-    samples = data.calibration_set(config, onnx.load(model))
+    samples = calibration_set(config, onnx.load(model))
     expected = b.calibration(3)
     for i in range(3):
         got = samples.sample(i)["input"]

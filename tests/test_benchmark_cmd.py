@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import run_benchmark_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqlite.bench import benchmark, cosine
-from ptqlite.cli import main
 from ptqlite.config import parse_config
 from ptqlite.convert import convert
 from ptqlite.model import save_model
@@ -22,14 +22,8 @@ RESNET = ROOT / "examples" / "models" / "resnet20_cifar10.onnx"
 FAST = ["--loopCount=3", "--warmUpLoopCount=1"]
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["benchmark", *args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_json_with_itself_as_baseline(capsys):
-    code, out, _ = run_cli(capsys, f"--modelFile={RESNET}", f"--baselineFile={RESNET}", "--json", *FAST)
+    code, out, _ = run_benchmark_cli(capsys, f"--modelFile={RESNET}", f"--baselineFile={RESNET}", "--json", *FAST)
     assert code == 0
     report = json.loads(out)
     for side in ("model", "baseline"):
@@ -48,7 +42,7 @@ def test_json_with_itself_as_baseline(capsys):
 
 
 def test_table_without_baseline(capsys):
-    code, out, _ = run_cli(capsys, f"--modelFile={RESNET}", *FAST, "--inputShape=input:2,3,32,32")
+    code, out, _ = run_benchmark_cli(capsys, f"--modelFile={RESNET}", *FAST, "--inputShape=input:2,3,32,32")
     assert code == 0
     for field in ("size", "peak RAM", "median latency", "input [2, 3, 32, 32]"):
         assert field in out
@@ -58,7 +52,7 @@ def test_table_without_baseline(capsys):
 def test_quantized_against_float(tmp_path, capsys):
     cfg = parse_config("[common_quant_param]\nquant_type=DYNAMIC_QUANT\n", "t.cfg")
     quantized = save_model(convert(onnx.load(str(RESNET)), cfg).model, tmp_path / "q.onnx")
-    code, out, _ = run_cli(capsys, f"--modelFile={quantized}", f"--baselineFile={RESNET}", "--json", *FAST)
+    code, out, _ = run_benchmark_cli(capsys, f"--modelFile={quantized}", f"--baselineFile={RESNET}", "--json", *FAST)
     report = json.loads(out)
     assert code == 0
     assert 0.99 < report["cosine"]["logits"] < 1.0
@@ -68,7 +62,7 @@ def test_data_files(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     data = tmp_path / "x.bin"
     x.tofile(data)
-    code, out, _ = run_cli(capsys, f"--modelFile={RESNET}", f"--inDataFile={data}", "--json", *FAST)
+    code, out, _ = run_benchmark_cli(capsys, f"--modelFile={RESNET}", f"--inDataFile={data}", "--json", *FAST)
     assert code == 0
     assert json.loads(out)["input_source"] == f"files {data}"
 
@@ -84,7 +78,7 @@ def test_data_files(tmp_path, capsys):
     ],
 )
 def test_errors_are_one_sentence(capsys, args, message):
-    code, _, err = run_cli(capsys, *args)
+    code, _, err = run_benchmark_cli(capsys, *args)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -93,7 +87,7 @@ def test_errors_are_one_sentence(capsys, args, message):
 def test_data_file_of_wrong_size(tmp_path, capsys):
     data = tmp_path / "short.bin"
     data.write_bytes(b"\0" * 100)
-    code, _, err = run_cli(capsys, f"--modelFile={RESNET}", f"--inDataFile={data}")
+    code, _, err = run_benchmark_cli(capsys, f"--modelFile={RESNET}", f"--inDataFile={data}")
     assert code == 2 and "has 100 bytes" in err and "needs 12288" in err
 
 
@@ -126,9 +120,9 @@ def token_model(tmp_path: Path) -> Path:
 
 def test_dynamic_sequence_needs_input_shape(tmp_path, capsys):
     path = token_model(tmp_path)
-    code, _, err = run_cli(capsys, f"--modelFile={path}")
+    code, _, err = run_benchmark_cli(capsys, f"--modelFile={path}")
     assert code == 2 and "--inputShape" in err and "input_ids" in err
-    code, out, _ = run_cli(
+    code, out, _ = run_benchmark_cli(
         capsys, f"--modelFile={path}", "--inputShape=input_ids:2,16;attention_mask:2,16", "--json", *FAST
     )
     assert code == 0 and json.loads(out)["inputs"]["attention_mask"] == [2, 16]

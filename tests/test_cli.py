@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from test_config import INVALID
+from helpers import INVALID
 
 from ptqlite import cli
 from ptqlite.config import parse_config

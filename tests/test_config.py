@@ -6,6 +6,7 @@ import logging
 import re
 
 import pytest
+from helpers import INVALID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,65 +30,7 @@ def with_section(section: str, head: str = WEIGHT) -> str:
     return head if section == "common_quant_param" else head + f"[{section}]\n"
 
 
-# ---------------------------------------------------------------- one invalid value per key
-
-# (section, key, bad value, what the message says is allowed)
-INVALID = [
-    ("common_quant_param", "quant_type", "weight_quant", "expected one of WEIGHT_QUANT, FULL_QUANT, DYNAMIC_QUANT"),
-    ("common_quant_param", "quant_type", "NONE", "expected one of WEIGHT_QUANT, FULL_QUANT, DYNAMIC_QUANT"),
-    ("common_quant_param", "bit_num", "17", "expected an integer in [0, 16]"),
-    ("common_quant_param", "bit_num", "-1", "expected an integer in [0, 16]"),
-    ("common_quant_param", "bit_num", "8.0", "expected an integer in [0, 16]"),
-    ("common_quant_param", "bit_num", "eight", "expected an integer in [0, 16]"),
-    ("common_quant_param", "bit_num", "\u0668", "expected an integer in [0, 16]"),  # Arabic-Indic 8
-    ("common_quant_param", "min_quant_weight_size", "65536", "expected an integer in [0, 65535]"),
-    ("common_quant_param", "min_quant_weight_size", "-1", "expected an integer in [0, 65535]"),
-    ("common_quant_param", "min_quant_weight_channel", "70000", "expected an integer in [0, 65535]"),
-    ("common_quant_param", "min_quant_weight_channel", "1e3", "expected an integer in [0, 65535]"),
-    ("common_quant_param", "skip_quant_node", ", ,", "expected comma-separated node names"),
-    ("common_quant_param", "enable_encode", "yes", "expected true or false"),
-    ("common_quant_param", "enable_encode", "1", "expected true or false"),
-    ("mixed_bit_weight_quant_param", "init_scale", "0", "expected a number in (0, 1)"),
-    ("mixed_bit_weight_quant_param", "init_scale", "1", "expected a number in (0, 1)"),
-    ("mixed_bit_weight_quant_param", "init_scale", "1.5", "expected a number in (0, 1)"),
-    ("mixed_bit_weight_quant_param", "init_scale", "nan", "expected a number in (0, 1)"),
-    ("mixed_bit_weight_quant_param", "init_scale", "0.0_2", "expected a number in (0, 1)"),
-    ("mixed_bit_weight_quant_param", "auto_tune", "on", "expected true or false"),
-    ("weight_quant_param", "per_channel", "per_layer", "expected true or false"),
-    ("weight_quant_param", "bias_correction", "0", "expected true or false"),
-    ("weight_quant_param", "dequant_strategy", "on_the_fly", "expected one of ON_THE_FLY"),
-    ("weight_quant_param", "dequant_strategy", "DEFAULT", "expected one of ON_THE_FLY"),
-    ("full_quant_param", "activation_quant_method", "kl", "expected one of MAX_MIN, KL, REMOVAL_OUTLIER"),
-    ("full_quant_param", "activation_quant_method", "PERCENTILE", "expected one of MAX_MIN, KL, REMOVAL_OUTLIER"),
-    ("full_quant_param", "bias_correction", "no", "expected true or false"),
-    ("full_quant_param", "per_channel", "2", "expected true or false"),
-    ("full_quant_param", "target_device", "GPU", "expected one of CPU, NVGPU, DSP, ASCEND"),
-    ("full_quant_param", "target_device", "cpu", "expected one of CPU, NVGPU, DSP, ASCEND"),
-    ("data_preprocess_param", "calibrate_path", "/data/calib",
-     "expected input_name:directory[,input_name:directory...]"),
-    ("data_preprocess_param", "calibrate_path", "x:/a,", "expected input_name:directory[,input_name:directory...]"),
-    ("data_preprocess_param", "calibrate_path", ":/a", "expected input_name:directory[,input_name:directory...]"),
-    ("data_preprocess_param", "calibrate_size", "0", "expected an integer in [1, 65535]"),
-    ("data_preprocess_param", "calibrate_size", "65536", "expected an integer in [1, 65535]"),
-    ("data_preprocess_param", "input_type", "image", "expected one of IMAGE, BIN"),
-    ("data_preprocess_param", "image_to_format", "YUV", "expected one of RGB, BGR, GRAY"),
-    ("data_preprocess_param", "normalize_mean", "127.5", "expected a vector like [127.5, 127.5, 127.5]"),
-    ("data_preprocess_param", "normalize_mean", "[1, two, 3]",
-     "expected a vector of numbers like [127.5, 127.5, 127.5]"),
-    ("data_preprocess_param", "normalize_std", "[1, 2]", "expected 1 or 3 finite numbers like [127.5, 127.5, 127.5]"),
-    ("data_preprocess_param", "normalize_std", "[1, 2, 3, 4]",
-     "expected 1 or 3 finite numbers like [127.5, 127.5, 127.5]"),
-    ("data_preprocess_param", "normalize_std", "[1e999]",
-     "expected 1 or 3 finite numbers like [127.5, 127.5, 127.5]"),
-    ("data_preprocess_param", "normalize_std", "[inf]", "expected a vector of numbers like [127.5, 127.5, 127.5]"),
-    ("data_preprocess_param", "normalize_std", "[]", "expected a vector of numbers like [127.5, 127.5, 127.5]"),
-    ("data_preprocess_param", "resize_width", "0", "expected an integer in [1, 65535]"),
-    ("data_preprocess_param", "resize_height", "65536", "expected an integer in [1, 65535]"),
-    ("data_preprocess_param", "resize_method", "BILINEAR", "expected one of LINEAR, NEAREST, CUBIC"),
-    ("data_preprocess_param", "center_crop_width", "-224", "expected an integer in [1, 65535]"),
-    ("data_preprocess_param", "center_crop_height", "224px", "expected an integer in [1, 65535]"),
-    ("dynamic_quant_param", "quant_strategy", "alwc", "expected one of ALWC, ACWL"),
-]
+# ---------------------------------------------------------------- one invalid value per key (helpers.INVALID)
 
 ALL_KEYS = {
     "common_quant_param": {"quant_type", "bit_num", "min_quant_weight_size", "min_quant_weight_channel",

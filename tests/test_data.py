@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLES, RESNET20
+from helpers import EXAMPLES, RESNET20
 from onnx import TensorProto, helper
 
 from ptqlite.config import parse_config

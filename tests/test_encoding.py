@@ -4,7 +4,7 @@ decoder is folded away when the session loads."""
 import numpy as np
 import onnx
 import pytest
-from conftest import run, session
+from helpers import run, session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper

@@ -9,60 +9,25 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, cosine, session
+from helpers import (
+    ROOT,
+    conv_model,
+    cosine,
+    depthwise_model,
+    full_config,
+    initializer,
+    outputs,
+    samples,
+    session,
+)
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqlite.config import load_config, parse_config
+from ptqlite.config import load_config
 from ptqlite.convert import convert
 from ptqlite.equalize import capped_tensors, equalize
 from ptqlite.prepare import fold_batch_norm, fold_constants
 
 RNG = np.random.default_rng(0)
-
-
-def _config(method: str = "MAX_MIN", per_channel: bool = True, bias_correction: bool = False,
-            target: str = "CPU", skip: str = "") -> object:
-    skip_line = f"skip_quant_node={skip}\n" if skip else ""
-    return parse_config(f"""[common_quant_param]
-quant_type=FULL_QUANT
-bit_num=8
-{skip_line}
-[data_preprocess_param]
-calibrate_path=x:/nonexistent
-calibrate_size=1
-input_type=BIN
-[full_quant_param]
-activation_quant_method={method}
-bias_correction={str(bias_correction).lower()}
-per_channel={str(per_channel).lower()}
-target_device={target}
-""", "test.cfg")
-
-
-def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(value.astype(np.float32), name)
-
-
-def conv_model(seed: int = 10) -> onnx.ModelProto:
-    """Conv+Relu -> Conv -> Add(residual) -> Relu -> MaxPool -> GlobalAveragePool -> Flatten -> Gemm."""
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
-        helper.make_node("Relu", ["a"], ["r2"], name="relu2"),
-        helper.make_node("MaxPool", ["r2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
-        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
-    ]
-    rng = np.random.default_rng(seed)  # each model its own generator: tests must not depend on their order
-    inits = [_init("w1", rng.normal(0, 0.3, (16, 3, 3, 3))), _init("b1", rng.normal(0, 0.1, 16)),
-             _init("w2", rng.normal(0, 0.1, (16, 16, 3, 3))), _init("b2", rng.normal(0, 0.1, 16)),
-             _init("wf", rng.normal(0, 0.3, (10, 16))), _init("bf", rng.normal(0, 0.1, 10))]
-    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def matmul_model(seed: int = 11) -> onnx.ModelProto:
@@ -71,46 +36,11 @@ def matmul_model(seed: int = 11) -> onnx.ModelProto:
              helper.make_node("Relu", ["a"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
     rng = np.random.default_rng(seed)
-    inits = [_init("w", rng.normal(0, 0.2, (32, 64))), _init("b", rng.normal(0, 0.1, 64)),
-             _init("w2", rng.normal(0, 0.2, (64, 8)))]
+    inits = [initializer("w", rng.normal(0, 0.2, (32, 64))), initializer("b", rng.normal(0, 0.1, 64)),
+             initializer("w2", rng.normal(0, 0.2, (64, 8)))]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def depthwise_model(relu6: bool = True, seed: int = 0) -> onnx.ModelProto:
-    """Conv -> ReLU6 -> depthwise Conv -> ReLU6 -> Conv, with channel ranges spread over 3 decades."""
-    spread = np.logspace(-1.5, 1.5, 16)
-    act = ["lo", "hi"] if relu6 else []
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="expand"),
-        helper.make_node("Clip" if relu6 else "Relu", ["c1", *act], ["r1"], name="act_1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="depthwise", group=16, pads=[1, 1, 1, 1]),
-        helper.make_node("Clip" if relu6 else "Relu", ["c2", *act], ["r2"], name="act_2"),
-        helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="project"),
-    ]
-    rng = np.random.default_rng(seed)
-    w2 = rng.normal(0, 0.3, (16, 1, 3, 3)) * spread.reshape(-1, 1, 1, 1)
-    inits = [_init("w1", rng.normal(0, 0.3, (16, 4, 1, 1))), _init("b1", rng.uniform(0, 0.5, 16)),
-             _init("w2", w2), _init("b2", rng.uniform(0, 0.5, 16) * spread),
-             _init("w3", rng.normal(0, 0.3, (8, 16, 1, 1)) / np.sqrt(spread).reshape(1, -1, 1, 1)),
-             _init("b3", rng.normal(0, 0.1, 8)), _init("lo", np.array(0.0)), _init("hi", np.array(6.0))]
-    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def samples(shape: tuple[int, ...], count: int = 16, seed: int = 1, low: float = -1.0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.uniform(low, 1.0, shape).astype(np.float32)} for _ in range(count)]
-
-
-def outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], fused: bool = True) -> np.ndarray:
-    """Outputs over all feeds; fused=False runs QuantizeLinear/DequantizeLinear as they are (the exact
-    arithmetic of the QDQ graph, independent of which int8 kernels this CPU has)."""
-    options = {} if fused else {"graph_optimization_level": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-    s = session(model, **options)
-    return np.stack([s.run(None, f)[0] for f in feeds])
 
 
 def optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
@@ -122,7 +52,7 @@ def optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
 def test_conv_graph_runs_int8_end_to_end(tmp_path):
     model = conv_model()
     calib, evaluate = samples((1, 3, 16, 16)), samples((1, 3, 16, 16), 8, seed=2)
-    result = convert(model, _config(), samples=calib, progress=False)
+    result = convert(model, full_config(), samples=calib, progress=False)
     ops = optimized_ops(result.model, tmp_path)
     # Every conv, the residual add, the average pool and the classifier run on integer kernels.
     assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1
@@ -142,7 +72,7 @@ def test_conv_graph_runs_int8_end_to_end(tmp_path):
 
 def test_bias_scale_is_input_scale_times_weight_scale():
     model = conv_model()
-    result = convert(model, _config(), samples=samples((1, 3, 16, 16)), progress=False)
+    result = convert(model, full_config(), samples=samples((1, 3, 16, 16)), progress=False)
     inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     np.testing.assert_allclose(inits["b1_scale"], inits["x_scale"] * inits["w1_scale"], rtol=1e-6)
     b1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b1"))
@@ -152,7 +82,7 @@ def test_bias_scale_is_input_scale_times_weight_scale():
 def test_matmul_model_quantized(tmp_path):
     model = matmul_model()
     calib, evaluate = samples((1, 4, 32)), samples((1, 4, 32), 8, seed=3)
-    result = convert(model, _config(), samples=calib, progress=False)
+    result = convert(model, full_config(), samples=calib, progress=False)
     ops = optimized_ops(result.model, tmp_path)
     assert ops["MatMul"] == 0  # both MatMuls run on integer kernels
     assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] >= 1
@@ -163,8 +93,8 @@ def test_matmul_model_quantized(tmp_path):
 
 def test_deterministic():
     model = conv_model()
-    first = convert(model, _config("KL", bias_correction=True), samples=samples((1, 3, 16, 16)), progress=False).model
-    second = convert(model, _config("KL", bias_correction=True), samples=samples((1, 3, 16, 16)), progress=False).model
+    first = convert(model, full_config("KL", bias_correction=True), samples=samples((1, 3, 16, 16)), progress=False).model
+    second = convert(model, full_config("KL", bias_correction=True), samples=samples((1, 3, 16, 16)), progress=False).model
     assert first.SerializeToString(deterministic=True) == second.SerializeToString(deterministic=True)
 
 
@@ -173,7 +103,7 @@ def test_deterministic():
 def test_activation_methods(method, bound):
     model = conv_model()
     evaluate = samples((1, 3, 16, 16), 8, seed=2)
-    result = convert(model, _config(method), samples=samples((1, 3, 16, 16)), progress=False)
+    result = convert(model, full_config(method), samples=samples((1, 3, 16, 16)), progress=False)
     assert cosine(outputs(model, evaluate), outputs(result.model, evaluate, fused=False)) > bound
 
 
@@ -248,7 +178,7 @@ def test_equalize_zeroes_weights_behind_dead_channels():
     w1, b1, w2 = (numpy_helper.to_array(inits[n]).copy() for n in ("w1", "b1", "w2"))
     w1[3], b1[3], w2[3] = 0.0, -0.5, 500.0
     for name, value in (("w1", w1), ("b1", b1), ("w2", w2)):
-        inits[name].CopyFrom(_init(name, value))
+        inits[name].CopyFrom(initializer(name, value))
     feeds = samples((1, 4, 8, 8), 4, low=0.0)
     reference = outputs(model, feeds)
     equalize(model)
@@ -262,16 +192,16 @@ def test_per_tensor_with_equalisation_beats_plain_per_tensor(monkeypatch):
     # Every depthwise channel matters as much to the output: per tensor, the small ones round to zero.
     inits = {t.name: t for t in model.graph.initializer}
     spread = np.logspace(-1.5, 1.5, 16).reshape(1, -1, 1, 1)
-    inits["w3"].CopyFrom(_init("w3", np.random.default_rng(7).normal(0, 0.3, (8, 16, 1, 1)) / np.sqrt(spread)))
-    inits["b2"].CopyFrom(_init("b2", np.zeros(16)))
+    inits["w3"].CopyFrom(initializer("w3", np.random.default_rng(7).normal(0, 0.3, (8, 16, 1, 1)) / np.sqrt(spread)))
+    inits["b2"].CopyFrom(initializer("b2", np.zeros(16)))
     calib, evaluate = samples((1, 4, 8, 8), low=0.0), samples((1, 4, 8, 8), 8, seed=5, low=0.0)
     reference = outputs(model, evaluate)
-    with_cle = convert(model, _config(per_channel=False), samples=calib, progress=False)
+    with_cle = convert(model, full_config(per_channel=False), samples=calib, progress=False)
     assert any("equalisation" in n for n in with_cle.notes)
     from ptqlite.passes import full
 
     monkeypatch.setattr(full, "equalize", lambda m, **_: [])
-    without = convert(model, _config(per_channel=False), samples=calib, progress=False)
+    without = convert(model, full_config(per_channel=False), samples=calib, progress=False)
     good = cosine(reference, outputs(with_cle.model, evaluate, fused=False))
     bad = cosine(reference, outputs(without.model, evaluate, fused=False))
     assert good > bad + 0.002
@@ -287,7 +217,7 @@ def test_bias_correction_reduces_mean_error():
     w = (steps * 0.01).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
     graph = helper.make_graph(nodes, "bc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [_init("w", w)])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [initializer("w", w)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     calib, evaluate = samples((1, 4, 8, 8), low=0.0), samples((1, 4, 8, 8), 8, seed=7, low=0.0)
     reference = outputs(model, evaluate)
@@ -297,7 +227,7 @@ def test_bias_correction_reduces_mean_error():
         diff = outputs(quantized, evaluate, fused=False) - reference
         return float(np.abs(diff.mean(axis=(0, 1, 3, 4))).mean())
 
-    plain, corrected = channel_error(_config()), channel_error(_config(bias_correction=True))
+    plain, corrected = channel_error(full_config()), channel_error(full_config(bias_correction=True))
     assert corrected < plain / 4, (plain, corrected)
 
 
@@ -305,7 +235,7 @@ def test_skip_quant_node_keeps_float_with_boundaries(caplog):
     model = conv_model()
     evaluate = samples((1, 3, 16, 16), 4, seed=2)
     with caplog.at_level(logging.WARNING):
-        result = convert(model, _config(skip="conv2,conv_2x"), samples=samples((1, 3, 16, 16)), progress=False)
+        result = convert(model, full_config(skip="conv2,conv_2x"), samples=samples((1, 3, 16, 16)), progress=False)
     assert "conv_2x" in caplog.text and "conv2" in caplog.text  # unknown name, with the near match
     graph = result.model.graph
     conv2 = next(n for n in graph.node if n.name == "conv2")
@@ -323,9 +253,9 @@ def test_prepare_folds_batch_norm_and_constants():
              helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"], name="bn"),
              helper.make_node("Add", ["k1", "k2"], ["k"], name="const_add"),
              helper.make_node("Mul", ["bn", "k"], ["y"], name="mul")]
-    inits = [_init("w", RNG.normal(0, 1, (4, 2, 1, 1))), _init("g", RNG.uniform(0.5, 2, 4)),
-             _init("b", RNG.normal(0, 1, 4)), _init("m", RNG.normal(0, 1, 4)), _init("v", RNG.uniform(0.5, 2, 4)),
-             _init("k1", np.array([2.0])), _init("k2", np.array([1.0]))]
+    inits = [initializer("w", RNG.normal(0, 1, (4, 2, 1, 1))), initializer("g", RNG.uniform(0.5, 2, 4)),
+             initializer("b", RNG.normal(0, 1, 4)), initializer("m", RNG.normal(0, 1, 4)), initializer("v", RNG.uniform(0.5, 2, 4)),
+             initializer("k1", np.array([2.0])), initializer("k2", np.array([1.0]))]
     graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -374,8 +304,8 @@ def test_gemm_output_reaching_the_graph_output_stays_float():
                  helper.make_node("Identity", ["f"], ["y"], name="identity")]
         nodes = [n for n in nodes if n is not None]
         w2 = RNG.normal(0, 0.3, (10, 8) if op == "Gemm" else (10, 8, 1, 1))
-        inits = [_init("w1", RNG.normal(0, 0.3, (8, 6))), _init("b1", RNG.normal(0, 0.1, 8)),
-                 _init("w2", w2), _init("b2", RNG.normal(0, 0.1, 10)),
+        inits = [initializer("w1", RNG.normal(0, 0.3, (8, 6))), initializer("b1", RNG.normal(0, 0.1, 8)),
+                 initializer("w2", w2), initializer("b2", RNG.normal(0, 0.1, 10)),
                  numpy_helper.from_array(np.array([1, 8, 1, 1], np.int64), "shape")]
         graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
@@ -383,7 +313,7 @@ def test_gemm_output_reaching_the_graph_output_stays_float():
 
     for op, expected in (("Gemm", {"x", "r1"}), ("Conv", {"x", "r1", "c2"})):
         model = head(op)
-        result = convert(model, _config(), samples=samples((1, 6)), progress=False)
+        result = convert(model, full_config(), samples=samples((1, 6)), progress=False)
         quantized = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
         assert quantized - {"r1_4d", "f", "y_float"} == expected, op
         evaluate = samples((1, 6), 8, seed=4)
@@ -392,7 +322,7 @@ def test_gemm_output_reaching_the_graph_output_stays_float():
 
 def test_relu_after_a_skipped_conv_stays_float():
     """Quantizing the unbounded input of a Relu whose producer is float would waste codes on clipped values."""
-    result = convert(conv_model(), _config(skip="conv1"), samples=samples((1, 3, 16, 16)), progress=False)
+    result = convert(conv_model(), full_config(skip="conv1"), samples=samples((1, 3, 16, 16)), progress=False)
     quantized = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
     assert "c1" not in quantized and "r1" in quantized
 
@@ -424,7 +354,7 @@ def test_per_tensor_relu6_model_has_no_float_min():
     """Per tensor, the ReLU6 between equalised convs is folded into the int8 conv: no Min runs in float."""
     model = depthwise_model()
     calib, evaluate = samples((1, 4, 8, 8), low=0.0), samples((1, 4, 8, 8), 8, seed=5, low=0.0)
-    result = convert(model, _config(per_channel=False), samples=calib, progress=False)
+    result = convert(model, full_config(per_channel=False), samples=calib, progress=False)
     ops = {n.op_type for n in result.model.graph.node}
     assert "Min" not in ops and "Relu" not in ops
     assert cosine(outputs(model, evaluate), outputs(result.model, evaluate, fused=False)) > 0.99
@@ -447,9 +377,9 @@ def masked_attention_model(seed: int = 12, d: int = 16, big: float = float(np.fi
              n("MatMul", ["p", "v"], ["c"], name="context"),
              n("MatMul", ["c", "wo"], ["y"], name="out")]
     rng = np.random.default_rng(seed)
-    inits = [_init(w, rng.normal(0, 0.3, (d, d))) for w in ("wq", "wk", "wv", "wo")]
-    inits += [_init("scale", np.array(1 / np.sqrt(d))), _init("one", np.array(1.0)),
-              _init("big", np.array(big))]
+    inits = [initializer(w, rng.normal(0, 0.3, (d, d))) for w in ("wq", "wk", "wv", "wo")]
+    inits += [initializer("scale", np.array(1 / np.sqrt(d))), initializer("one", np.array(1.0)),
+              initializer("big", np.array(big))]
     graph = helper.make_graph(nodes, "attention",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, d]),
                                helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 8])],
@@ -473,7 +403,7 @@ def test_attention_mask_and_softmax_stay_float():
     model = masked_attention_model()
     rng = np.random.default_rng(5)
     calib = masked_attention_samples(rng, 8)
-    quant = convert(model, _config(), samples=calib, progress=False).model
+    quant = convert(model, full_config(), samples=calib, progress=False).model
     quantized = {node.input[0] for node in quant.graph.node if node.op_type == "QuantizeLinear"}
     assert not quantized & {"masked", "bias", "ss", "s", "inv"}
     assert {"x", "p"} <= quantized  # the projections' input and the probabilities stay int8
@@ -492,10 +422,10 @@ def test_embedding_table(target):
              helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
     graph = helper.make_graph(nodes, "embed", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])],
-                              [_init("table", table), _init("w", rng.normal(0, 0.3, (16, 8)))])
+                              [initializer("table", table), initializer("w", rng.normal(0, 0.3, (16, 8)))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     calib = [{"ids": rng.integers(0, 50, (1, 6))} for _ in range(6)]
-    result = convert(model, _config(target=target), samples=calib, progress=False)
+    result = convert(model, full_config(target=target), samples=calib, progress=False)
     stored = {t.name: t.data_type for t in result.model.graph.initializer}
     records = {q.tensor: q for q in result.quantized}
     if target == "CPU":
@@ -516,10 +446,10 @@ def test_static_3d_matmul_with_bias_keeps_its_int8_kernel(tmp_path):
              helper.make_node("Tanh", ["a"], ["y"], name="tanh")]
     graph = helper.make_graph(nodes, "mm_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
-                              [_init("w", rng.normal(0, 0.2, (32, 16))), _init("b", rng.normal(0, 0.1, 16))])
+                              [initializer("w", rng.normal(0, 0.2, (32, 16))), initializer("b", rng.normal(0, 0.1, 16))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     calib = [{"x": rng.normal(0, 1, (1, 8, 32)).astype(np.float32)} for _ in range(4)]
-    quant = convert(model, _config(), samples=calib, progress=False).model
+    quant = convert(model, full_config(), samples=calib, progress=False).model
     (add,) = [n for n in quant.graph.node if n.op_type == "Add"]
     bias = {t.name: t for t in quant.graph.initializer}[add.input[1]]
     assert list(bias.dims) == [1, 1, 16]
@@ -536,7 +466,7 @@ def test_dsp_keeps_a_masked_softmax_float():
     """DSP quantizes Softmax, but an input reaching -1e4 or below carries a mask: that Softmax stays float."""
     model = masked_attention_model()
     rng = np.random.default_rng(5)
-    result = convert(model, _config(target="DSP"), samples=masked_attention_samples(rng, 8), progress=False)
+    result = convert(model, full_config(target="DSP"), samples=masked_attention_samples(rng, 8), progress=False)
     assert any("1 Softmax node(s) kept float" in note for note in result.notes)
     quantized = {node.input[0] for node in result.model.graph.node if node.op_type == "QuantizeLinear"}
     assert "masked" not in quantized
@@ -553,7 +483,7 @@ GOLDEN_RESNET20_FULL_QUANT = "8fb58eba0a18aacdeae008515105f7ad31d6fbd1a80ba5f8ed
 def test_bundled_resnet20_full_quant_output_is_byte_identical(tmp_path, monkeypatch):
     import hashlib
 
-    from conftest import EXAMPLES, RESNET20
+    from helpers import EXAMPLES, RESNET20
 
     from ptqlite.model import save_model
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLES, RESNET20, cosine, run, session
+from helpers import EXAMPLES, RESNET20, cosine, run, session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -242,7 +242,6 @@ def test_auto_tune_without_data_says_it_used_random_inputs():
 
 
 def test_auto_tune_on_resnet20_calibration_images_reaches_the_target_cosine():
-    pytest.importorskip("ptqlite.data")
     count = 24
     extra = "\n".join([
         "auto_tune=true", "[data_preprocess_param]", f"calibrate_path=input:{CALIB}",

@@ -9,10 +9,9 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from conftest import RESNET20, session
+from helpers import RESNET20, run_benchmark_cli, session
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqlite.cli import main
 from ptqlite.config import parse_config
 from ptqlite.convert import convert
 from ptqlite.errors import ModelError
@@ -136,15 +135,9 @@ def test_warm_up_runs_are_left_out_and_each_node_takes_its_median():
         summarize(events, "m.onnx", runs=5)
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["benchmark", *args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_table_with_baseline(float_and_dynamic, capsys):
     float_path, dynamic_path, _ = float_and_dynamic
-    code, out, _ = run_cli(
+    code, out, _ = run_benchmark_cli(
         capsys, f"--modelFile={dynamic_path}", f"--baselineFile={float_path}", "--profile", "--profileTop=2", *FAST
     )
     assert code == 0
@@ -162,7 +155,7 @@ def test_cli_table_with_baseline(float_and_dynamic, capsys):
 
 
 def test_cli_json_and_output_unchanged_without_profile(capsys):
-    code, out, _ = run_cli(capsys, f"--modelFile={RESNET20}", "--json", "--profile", *FAST)
+    code, out, _ = run_benchmark_cli(capsys, f"--modelFile={RESNET20}", "--json", "--profile", *FAST)
     assert code == 0
     profile = json.loads(out)["profile"]
     assert profile["runs"] == 3 and profile["warmup"] == 1 and profile["baseline"] is None
@@ -170,9 +163,9 @@ def test_cli_json_and_output_unchanged_without_profile(capsys):
     assert profile["op_types"][0]["op_type"] == "Conv"
     assert sum(r["model"]["share"] for r in profile["op_types"]) == pytest.approx(1.0)
     assert profile["model"]["nodes"] == sum(r["model"]["nodes"] for r in profile["op_types"])
-    code, out, _ = run_cli(capsys, f"--modelFile={RESNET20}", "--json", *FAST)
+    code, out, _ = run_benchmark_cli(capsys, f"--modelFile={RESNET20}", "--json", *FAST)
     assert "profile" not in json.loads(out)
-    code, out, _ = run_cli(capsys, f"--modelFile={RESNET20}", *FAST)
+    code, out, _ = run_benchmark_cli(capsys, f"--modelFile={RESNET20}", *FAST)
     assert "op profile" not in out
 
 
@@ -185,6 +178,6 @@ def test_cli_json_and_output_unchanged_without_profile(capsys):
     ],
 )
 def test_bad_profile_top(capsys, args, message):
-    code, out, err = run_cli(capsys, f"--modelFile={RESNET20}", *args, *FAST)
+    code, out, err = run_benchmark_cli(capsys, f"--modelFile={RESNET20}", *args, *FAST)
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import cosine, run
+from helpers import cosine, run
 
 from ptqlite import convert, parse_config
 from ptqlite.errors import UsageError

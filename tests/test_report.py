@@ -10,7 +10,7 @@ import types
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLES, RESNET20
+from helpers import EXAMPLES, RESNET20
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays

@@ -7,33 +7,17 @@ import csv
 import numpy as np
 import onnx
 import pytest
-from conftest import cosine, session
+from helpers import cosine, full_config, session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import ptqlite.smooth as smoothing
-from ptqlite.config import parse_config
 from ptqlite.convert import convert
 from ptqlite.smooth import smooth, smoothing_factors, smoothing_groups
 
 K, N = 32, 24
-def _config(common: str = "", full: str = "") -> object:
-    return parse_config(f"""[common_quant_param]
-quant_type=FULL_QUANT
-bit_num=8
-{common}
-[data_preprocess_param]
-calibrate_path=x:/nonexistent
-calibrate_size=1
-input_type=BIN
-[full_quant_param]
-bias_correction=false
-{full}
-""", "test.cfg")
-
-
-CONFIG = _config()
+CONFIG = full_config()
 
 
 def _model(gamma: np.ndarray, seed: int = 0, gemm_trans_b: bool = False) -> onnx.ModelProto:
@@ -149,7 +133,7 @@ def test_shared_weights_are_not_smoothed():
 def test_debug_report_compares_smoothed_tensors_in_float_units(tmp_path):
     """The report maps what a smoothed MatMul reads (x / s, rows * s) back with the recorded factors, so the
     LayerNorm output and the weight are not reported as broken."""
-    config = _config(common=f"debug_info_save_path={tmp_path}")
+    config = full_config(common=f"debug_info_save_path={tmp_path}\n")
     result = convert(_model(_outlier_gamma()), config, samples=_samples(16, [1, 4, K]), progress=False)
     assert result.input_maps  # smoothing happened
     rows = list(csv.DictReader((tmp_path / "round_0.csv").read_text().splitlines()))
@@ -160,7 +144,7 @@ def test_debug_report_compares_smoothed_tensors_in_float_units(tmp_path):
 
 
 def test_per_tensor_weights_are_not_smoothed():
-    config = _config(full="per_channel=false")
+    config = full_config(per_channel=False)
     result = convert(_model(_outlier_gamma()), config, samples=_samples(16, [1, 4, K]), progress=False)
     assert not any("smoothing" in note for note in result.notes)
     assert not [n for n in result.model.graph.node if n.name.endswith("_smooth")]

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import cosine
+from helpers import conv_model, cosine, depthwise_model, full_config, outputs, samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
-from test_full_quant import _config, conv_model, depthwise_model, outputs, samples
 
 from ptqlite.convert import convert
 from ptqlite.passes.full import activation_params, weight_params
@@ -27,7 +26,7 @@ def _inits(model) -> dict[str, np.ndarray]:
 def test_every_preset_loads_and_stays_close_to_float(name, per_channel):
     model = conv_model()
     evaluate = samples((1, 3, 16, 16), 6, seed=11)
-    result = convert(model, _config(target=name, per_channel=per_channel, bias_correction=True),
+    result = convert(model, full_config(target=name, per_channel=per_channel, bias_correction=True),
                      samples=samples((1, 3, 16, 16)), progress=False)
     reference = outputs(model, evaluate)
     assert cosine(reference, outputs(result.model, evaluate, fused=False)) > 0.995
@@ -37,7 +36,7 @@ def test_every_preset_loads_and_stays_close_to_float(name, per_channel):
 
 
 def test_nvgpu_is_symmetric_with_zero_points_at_zero():
-    result = convert(conv_model(), _config(target="NVGPU"), samples=samples((1, 3, 16, 16)), progress=False)
+    result = convert(conv_model(), full_config(target="NVGPU"), samples=samples((1, 3, 16, 16)), progress=False)
     inits = _inits(result.model)
     activation_zeros = [v for k, v in inits.items() if k.endswith("_zero_point") and v.dtype == np.int8]
     assert activation_zeros and all(not v.any() for v in activation_zeros)
@@ -47,7 +46,7 @@ def test_nvgpu_is_symmetric_with_zero_points_at_zero():
 
 
 def test_cpu_uses_uint8_activations_and_int8_weights():
-    result = convert(conv_model(), _config(), samples=samples((1, 3, 16, 16)), progress=False)
+    result = convert(conv_model(), full_config(), samples=samples((1, 3, 16, 16)), progress=False)
     inits = {t.name: t for t in result.model.graph.initializer}
     assert inits["x_zero_point"].data_type == TensorProto.UINT8
     assert inits["w1_quantized"].data_type == TensorProto.INT8
@@ -56,7 +55,7 @@ def test_cpu_uses_uint8_activations_and_int8_weights():
 
 def test_dsp_per_tensor_weights_are_uint8_asymmetric():
     model = depthwise_model(relu6=False)
-    result = convert(model, _config(target="DSP", per_channel=False), samples=samples((1, 4, 8, 8), low=0.0),
+    result = convert(model, full_config(target="DSP", per_channel=False), samples=samples((1, 4, 8, 8), low=0.0),
                      progress=False)
     inits = {t.name: t for t in result.model.graph.initializer}
     assert inits["w1_quantized"].data_type == TensorProto.UINT8

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from conftest import RESNET20, cosine, run, session, shared_file
+from helpers import RESNET20, cosine, run, session, shared_file
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqlite import convert, parse_config
