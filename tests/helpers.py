@@ -151,6 +151,33 @@ def depthwise_model(relu6: bool = True, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def masked_attention_model(seed: int = 12, d: int = 16, big: float = float(np.finfo(np.float32).min)
+                           ) -> onnx.ModelProto:
+    """q/k/v projections, scores * 1/sqrt(d) + additive mask (0 or `big`; -3.4e38 in BERT's export) -> Softmax
+    -> @ v."""
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "wq"], ["q"], name="q"), n("MatMul", ["x", "wk"], ["k"], name="k"),
+             n("MatMul", ["x", "wv"], ["v"], name="v"),
+             n("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             n("MatMul", ["q", "kt"], ["s"], name="scores"),
+             n("Mul", ["s", "scale"], ["ss"], name="scale_mul"),
+             n("Sub", ["one", "mask"], ["inv"], name="invert"),
+             n("Mul", ["inv", "big"], ["bias"], name="mask_bias"),
+             n("Add", ["ss", "bias"], ["masked"], name="mask_add"),
+             n("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+             n("MatMul", ["p", "v"], ["c"], name="context"),
+             n("MatMul", ["c", "wo"], ["y"], name="out")]
+    rng = np.random.default_rng(seed)
+    inits = [initializer(w, rng.normal(0, 0.3, (d, d))) for w in ("wq", "wk", "wv", "wo")]
+    inits += [initializer("scale", np.array(1 / np.sqrt(d))), initializer("one", np.array(1.0)),
+              initializer("big", np.array(big))]
+    graph = helper.make_graph(nodes, "attention",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, d]),
+                               helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 # ---------------------------------------------------------------- config values that must be refused
 
 # (section, key, bad value, what the message says is allowed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import masked_attention_model
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqlite import cli
@@ -145,8 +146,6 @@ def test_full_quant_op_type_sweep_finds_an_int8_softmax(tmp_path):
     """DSP keeps Softmax int8; with an additive mask of -1000 (above the -1e4 that marks a mask for the pass) its
     input range is mostly mask, which no layer skip fixes. The op-type sweep ranks Softmax (or the mask Add
     feeding it) first and the skip line uses it."""
-    from test_full_quant import masked_attention_model
-
     model = masked_attention_model(big=-1000.0)
     rng = np.random.default_rng(5)
     for name in ("x", "mask"):

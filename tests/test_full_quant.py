@@ -16,6 +16,7 @@ from helpers import (
     depthwise_model,
     full_config,
     initializer,
+    masked_attention_model,
     outputs,
     samples,
     session,
@@ -113,8 +114,8 @@ def head_model(seed: int = 0) -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="stem", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="head")]
-    inits = [_init("w1", rng.normal(0, 0.3, (8, 4, 3, 3))), _init("b1", np.zeros(8)),
-             _init("w2", rng.normal(0, 0.3, (4, 8, 1, 1))), _init("b2", np.zeros(4))]
+    inits = [initializer("w1", rng.normal(0, 0.3, (8, 4, 3, 3))), initializer("b1", np.zeros(8)),
+             initializer("w2", rng.normal(0, 0.3, (4, 8, 1, 1))), initializer("b2", np.zeros(4))]
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32, 32])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -138,10 +139,10 @@ def test_kl_keeps_the_rare_values_a_detector_head_needs():
     model = head_model()
     evaluate = scenes(8, seed=2)
     reference = outputs(model, evaluate, fused=False)
-    result = convert(model, _config("KL"), samples=scenes(16, seed=1), progress=False)
+    result = convert(model, full_config("KL"), samples=scenes(16, seed=1), progress=False)
     assert cosine(reference, outputs(result.model, evaluate, fused=False)) > 0.99
     assert any(note.startswith("KL: ") and "fell back to MAX_MIN ranges" in note for note in result.notes)
-    max_min = convert(model, _config("MAX_MIN"), samples=scenes(16, seed=1), progress=False)
+    max_min = convert(model, full_config("MAX_MIN"), samples=scenes(16, seed=1), progress=False)
     assert not any("fell back" in note for note in max_min.notes)
 
 
@@ -358,33 +359,6 @@ def test_per_tensor_relu6_model_has_no_float_min():
     ops = {n.op_type for n in result.model.graph.node}
     assert "Min" not in ops and "Relu" not in ops
     assert cosine(outputs(model, evaluate), outputs(result.model, evaluate, fused=False)) > 0.99
-
-
-def masked_attention_model(seed: int = 12, d: int = 16, big: float = float(np.finfo(np.float32).min)
-                           ) -> onnx.ModelProto:
-    """q/k/v projections, scores * 1/sqrt(d) + additive mask (0 or `big`; -3.4e38 in BERT's export) -> Softmax
-    -> @ v."""
-    n = helper.make_node
-    nodes = [n("MatMul", ["x", "wq"], ["q"], name="q"), n("MatMul", ["x", "wk"], ["k"], name="k"),
-             n("MatMul", ["x", "wv"], ["v"], name="v"),
-             n("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
-             n("MatMul", ["q", "kt"], ["s"], name="scores"),
-             n("Mul", ["s", "scale"], ["ss"], name="scale_mul"),
-             n("Sub", ["one", "mask"], ["inv"], name="invert"),
-             n("Mul", ["inv", "big"], ["bias"], name="mask_bias"),
-             n("Add", ["ss", "bias"], ["masked"], name="mask_add"),
-             n("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
-             n("MatMul", ["p", "v"], ["c"], name="context"),
-             n("MatMul", ["c", "wo"], ["y"], name="out")]
-    rng = np.random.default_rng(seed)
-    inits = [initializer(w, rng.normal(0, 0.3, (d, d))) for w in ("wq", "wk", "wv", "wo")]
-    inits += [initializer("scale", np.array(1 / np.sqrt(d))), initializer("one", np.array(1.0)),
-              initializer("big", np.array(big))]
-    graph = helper.make_graph(nodes, "attention",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, d]),
-                               helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, d])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def masked_attention_samples(rng: np.random.Generator, count: int) -> list[dict[str, np.ndarray]]:

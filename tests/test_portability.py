@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLES, RESNET20, ROOT, cosine, session
+from helpers import EXAMPLES, RESNET20, ROOT, cosine, session
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import cosine, session
+from helpers import cosine, session
 from onnx import TensorProto as T
 from onnx import helper
 from onnx import numpy_helper as nh
