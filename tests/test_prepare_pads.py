@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import run
+from helpers import run
 from onnx import TensorProto as T
 from onnx import helper
 from onnx import numpy_helper as nh
