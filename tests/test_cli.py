@@ -205,12 +205,12 @@ def test_success_prints_a_summary(work, capsys):
     assert (out / "m.onnx").stat().st_size < model.stat().st_size * 0.3  # 4-bit weights, packed
 
 
-def test_write_failure_exits_1_and_leaves_no_temp_file(work, capsys):
+def test_output_path_that_is_a_folder_exits_2_before_converting(work, capsys):
     model, config, out = work
-    (out / "m.onnx").mkdir()  # a folder where the output file should go
+    (out / "m.onnx").mkdir()  # a folder where the output file should go: a path problem (exit 2), found up front
     code, _, err = run(flags(model, config, out / "m.onnx"), capsys)
-    assert code == 1
-    assert "could not write the output model" in one_error_line(err)
+    assert code == 2
+    assert one_error_line(err) == f"--outputFile={out / 'm.onnx'}: is a folder; expected a file path"
     assert [p.name for p in out.iterdir()] == ["m.onnx"] and (out / "m.onnx").is_dir()
 
 

@@ -193,8 +193,8 @@ def test_shared_weight_with_different_axes_is_per_tensor_and_non_weight_use_is_s
     result = convert(model, config())
     assert [(q.tensor, q.scheme) for q in result.quantized] == [("w", "asymmetric per-tensor")]
     nodes[2] = helper.make_node("Add", ["a", "w"], ["y"], name="add")
-    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], [w])
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 16])], [w])
     result = convert(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), config())
     assert [s.reason for s in result.skipped] == ["also read by Add node 'add' as a non-weight input"]
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from typing import Protocol
 
 from . import analyze, bench, cli_convert
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "convert")
     logging.basicConfig(level=logging.INFO if "--verbose" in argv or "-v" in argv else logging.WARNING,
                         format="ptqlite: %(levelname)s: %(message)s", stream=sys.stderr)
+    previous = _raise_on_sigterm()
     try:
         args = build_parser().parse_args(argv)
         if not getattr(args, "handler", None):
@@ -71,6 +74,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ptqlite: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("ptqlite: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` on the way out removes its temp files."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _raise_on_sigterm():
+    """Install the SIGTERM handler; returns the previous one (None when signals cannot be set here)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    return signal.SIG_DFL if previous is None else previous
 
 
 if __name__ == "__main__":

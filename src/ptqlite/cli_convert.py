@@ -7,9 +7,19 @@ import os
 from pathlib import Path
 
 from .config import load_config
-from .convert import convert
+from .convert import convert, discard_reports, publish_reports
 from .errors import UsageError
-from .model import SUPPORTED_FMKS, check_fmk, load_model, parse_input_shapes, save_model
+from .model import (
+    EXTERNAL_DATA_THRESHOLD,
+    SUPPORTED_FMKS,
+    check_fmk,
+    load_model,
+    parse_input_shapes,
+    save_model,
+    stored_bytes,
+    tensor_bytes,
+)
+from .paths import check_input_file, check_output_file, is_devnull
 from .result import ConversionResult
 
 
@@ -32,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_inputs(args: argparse.Namespace):
     check_fmk(args.fmk)  # before the config, so a wrong framework is the error a user sees first
     shapes = parse_input_shapes(args.inputShape) if args.inputShape else None
+    check_input_file(args.configFile, "--configFile")  # a FIFO would block the read
     config = load_config(args.configFile)
     model = load_model(args.modelFile, args.fmk, shapes)
     return config, model
@@ -44,14 +55,27 @@ def output_path(text: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = output_path(args.outputFile)
-    if out.exists() and Path(args.modelFile).exists() and os.path.samefile(out, args.modelFile):
-        raise UsageError(f"--outputFile={args.outputFile}: would overwrite the input model; choose another path")
+    check_fmk(args.fmk)
+    if not args.outputFile.strip():
+        raise UsageError("--outputFile is empty; expected the output model's path, e.g. --outputFile=out/model.onnx")
+    # /dev/null: convert and check everything, write nothing (a dry run); the summary says so.
+    discard = is_devnull(args.outputFile)
+    out = Path(os.devnull) if discard else output_path(args.outputFile)
+    if not discard:
+        if out.exists() and Path(args.modelFile).exists() and os.path.samefile(out, args.modelFile):
+            raise UsageError(f"--outputFile={args.outputFile}: would overwrite the input model; choose another path")
+        check_output_file(out, "--outputFile")
     config, model = load_inputs(args)
-    result = convert(model, config, input_format=args.inputDataFormat or None)
-    save_model(result.model, out)
+    result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
+                     defer_reports=True)
+    try:
+        if not discard:
+            save_model(result.model, out)
+        publish_reports(result)  # only once the model is in place
+    finally:
+        discard_reports(result)
     if not args.quiet:
-        print(summary(result, Path(args.modelFile), out))
+        print(summary(result, Path(args.modelFile), None if discard else out))
     return 0
 
 
@@ -59,9 +83,16 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.2f} MB"
 
 
-def summary(result: ConversionResult, source: Path, out: Path) -> str:
-    before, after = source.stat().st_size, out.stat().st_size
-    lines = [f"{result.quant_type}: {source} -> {out}",
+def summary(result: ConversionResult, source: Path, out: Path | None) -> str:
+    """What the conversion did; `out` None when nothing was written (--outputFile=/dev/null). Sizes include
+    external-data files."""
+    before = stored_bytes(source)
+    if out is None:
+        model = result.model
+        after = tensor_bytes(model) if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else model.ByteSize()
+    else:
+        after = stored_bytes(out)
+    lines = [f"{result.quant_type}: {source} -> {out or os.devnull + ' (nothing written)'}",
              f"quantized {len(result.quantized)} tensors, skipped {len(result.skipped)}"]
     for q in result.quantized:
         lines.append(f"  quantized {q.tensor} ({q.op_type} {', '.join(q.nodes)}): {q.bits} bit {q.scheme}, "
@@ -69,5 +100,6 @@ def summary(result: ConversionResult, source: Path, out: Path) -> str:
     for s in result.skipped:
         lines.append(f"  skipped {s.tensor} ({s.op_type} {', '.join(s.nodes)}): {s.reason}")
     lines += [f"  note: {n}" for n in result.notes]
-    lines.append(f"file size {_mb(before)} -> {_mb(after)} ({after / before:.3f}x) in {result.seconds:.2f} s")
+    size = "output size" if out is None else "file size"
+    lines.append(f"{size} {_mb(before)} -> {_mb(after)} ({after / before:.3f}x) in {result.seconds:.2f} s")
     return "\n".join(lines)

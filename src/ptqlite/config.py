@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .paths import path_problem
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,9 @@ def _choice(*choices: str, aliases: dict[str, str] | None = None) -> Callable[[s
 
 
 def _directory(text: str) -> str:
+    problem = path_problem(text) if text else None
+    if problem:
+        raise ValueError(problem)
     # The reports go into this folder (created when missing); an existing file there could never hold them.
     if Path(text).is_file():
         raise ValueError("expected a directory path, not an existing file")

@@ -1,20 +1,29 @@
-"""The conversion flow: copy the model, prepare it, run the pass for the configured quant mode."""
+"""The conversion flow: check the inputs, copy the model, prepare it, run the pass for the configured quant mode."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import onnx
 
 from .config import QuantConfig
 from .model import constants_to_initializers, lift_subgraph_constants, name_unnamed_nodes
-from .plan import weight_tensors
+from .paths import check_output_folder, publish_folder, remove_quietly, stage_folder, write_error
+from .plan import WEIGHT_SLOTS, weight_tensors
 from .result import ConversionResult, SkippedTensor
+from .targets import target as target_preset
+from .validate import checked_samples, validate_model
+
+log = logging.getLogger(__name__)
 
 # A pass: run(model, config, **options) -> ConversionResult, on the copy that convert() made.
 QuantPass = Callable[..., ConversionResult]
+# quant mode -> the ops whose constant weights it quantizes (for the "nothing to quantize" warning)
+_WEIGHT_OPS = {"WEIGHT_QUANT": tuple(WEIGHT_SLOTS), "DYNAMIC_QUANT": ("MatMul", "Gemm", "Gather")}
 
 
 def pass_for(config: QuantConfig) -> QuantPass:
@@ -40,13 +49,25 @@ def pass_for(config: QuantConfig) -> QuantPass:
     return dynamic.run
 
 
-def convert(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> ConversionResult:
+def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Path | None = None,
+            validate: bool = True, defer_reports: bool = False, **options: Any) -> ConversionResult:
     """Quantize a copy of `model` as `config` says; `model` itself is left untouched.
 
-    options are passed to the pass (e.g. input_format="NHWC" for calibration images, progress=False).
+    The input rules (validate.py) are checked first unless validate=False (for callers that convert the same,
+    already checked model again). `model_path` is the file the model came from: messages name it, and the checks
+    of models over 2 GB read it. With defer_reports the debug reports stay in a temp folder until
+    publish_reports(result) (the CLI publishes them after the model is written). Other options are passed to the
+    pass (e.g. input_format="NHWC" for calibration images, progress=False, samples=[...]).
     """
     started = time.perf_counter()
     quant_pass = pass_for(config)
+    source = str(model_path) if model_path else f"model '{model.graph.name or '(unnamed graph)'}'"
+    notes = validate_model(model, source, model_path) if validate else []
+    report_folder = config.common.debug_info_save_path
+    if report_folder:
+        check_output_folder(Path(report_folder), "debug_info_save_path")
+    if "samples" in options:
+        options["samples"] = checked_samples(options["samples"])
     work = onnx.ModelProto()
     work.CopyFrom(model)
     constants_to_initializers(work)
@@ -58,10 +79,15 @@ def convert(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> Conv
     weights = weight_tensors(work)
     result = quant_pass(work, config, **options)
     _account_for_every_weight(result, weights, config)
-    if config.common.debug_info_save_path:
-        from .report import debug_report
-
-        debug_report(model, result, config, options.get("input_format"), options.get("samples"))
+    result.notes += notes
+    warning = nothing_quantized(config, result)
+    if warning:
+        result.warnings.append(warning)
+        log.warning("%s", warning)
+    if report_folder:
+        _write_reports(model, result, config, options, Path(report_folder))
+        if not defer_reports:
+            publish_reports(result)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -80,3 +106,62 @@ def _account_for_every_weight(result: ConversionResult, weights: dict[str, tuple
 def quantize(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> onnx.ModelProto:
     """Python API: the quantized model only."""
     return convert(model, config, **options).model
+
+
+def _write_reports(model: onnx.ModelProto, result: ConversionResult, config: QuantConfig, options: dict,
+                   target: Path) -> None:
+    """Debug reports into a temp folder (result.pending_reports); nothing of them remains on any failure."""
+    from .report import debug_report
+
+    staging = stage_folder(target)
+    try:
+        debug_report(model, result, config, options.get("input_format"), options.get("samples"), folder=staging)
+    except OSError as exc:
+        remove_quietly(staging)
+        raise write_error(target, "the debug reports", exc) from None
+    except BaseException:
+        remove_quietly(staging)
+        raise
+    result.pending_reports = (staging, target)
+
+
+def publish_reports(result: ConversionResult) -> None:
+    """Move debug reports waiting in their temp folder into debug_info_save_path."""
+    if result.pending_reports is None:
+        return
+    from .report import is_report_file
+
+    staging, target = result.pending_reports
+    result.pending_reports = None
+    try:
+        publish_folder(staging, target, is_report_file)
+    except OSError as exc:
+        raise write_error(target, "the debug reports", exc) from None
+
+
+def discard_reports(result: ConversionResult) -> None:
+    """Drop debug reports that were never published (the model could not be written)."""
+    if result.pending_reports is not None:
+        remove_quietly(result.pending_reports[0])
+        result.pending_reports = None
+
+
+def nothing_quantized(config: QuantConfig, result: ConversionResult) -> str | None:
+    """One sentence when the mode changed nothing in the model, saying why; None when it quantized something."""
+    mode = config.quant_type
+    if result.quantized:
+        return None
+    if mode == "FULL_QUANT":
+        if any(n.op_type == "QuantizeLinear" for n in result.model.graph.node):
+            return None
+        preset = target_preset(config.full.target_device)
+        return (f"FULL_QUANT found nothing to run in int8: no node of this model is one of the ops target_device "
+                f"{preset.name} quantizes ({'/'.join(sorted(preset.compute_ops))}); the output equals the float "
+                "model")
+    ops = _WEIGHT_OPS[mode]
+    candidates = [s for s in result.skipped if s.op_type in ops]  # the others are ops the mode leaves alone
+    if candidates:
+        return (f"{mode} quantized nothing: all {len(candidates)} candidate weight(s) were skipped (reasons in "
+                "the summary); the output equals the float model")
+    others = " or ".join(m for m in ("FULL_QUANT", "WEIGHT_QUANT") if m != mode)
+    return f"{mode} quantizes {'/'.join(ops)} weights; this model has none: try {others}"

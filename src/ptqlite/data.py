@@ -21,6 +21,7 @@ from onnx import helper
 from .config import DataPreprocessParam, QuantConfig
 from .errors import ConfigError, DataError, UsageError
 from .model import graph_inputs
+from .validate import check_sample_finite
 
 LAYOUTS = ("NCHW", "NHWC")
 _RESIZE = {"LINEAR": cv2.INTER_LINEAR, "NEAREST": cv2.INTER_NEAREST, "CUBIC": cv2.INTER_CUBIC}
@@ -72,9 +73,12 @@ class CalibrationSet:
         return {spec.name: spec.files[index] for spec in self.specs}
 
     def _read(self, spec: InputSpec, path: Path) -> np.ndarray:
-        if self.param.input_type == "BIN":
-            return read_bin(path, spec)
-        return read_image(path, spec, self.param)
+        try:
+            array = read_bin(path, spec) if self.param.input_type == "BIN" else read_image(path, spec, self.param)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read this calibration file ({exc.strerror})") from None
+        check_sample_finite({spec.name: array}, str(path))
+        return array
 
 
 def has_calibration_data(config: QuantConfig) -> bool:
@@ -138,16 +142,32 @@ def _list_files(name: str, directory: str, size: int, source: str) -> tuple[Path
     # Relative directories are taken from the current working directory, as converter_lite does.
     folder = Path(directory).expanduser().absolute()
     if not folder.is_dir():
-        problem = "is not a directory" if folder.exists() else "does not exist"
+        if folder.exists():
+            problem = "is not a directory"
+        elif os.path.lexists(folder):
+            problem = "is a broken symlink or a symlink loop"
+        else:
+            problem = "does not exist"
         raise DataError(f"{source}: {_SECTION} calibrate_path: directory '{directory}' for input '{name}' "
                         f"{problem} (looked in {folder})")
     # Byte-wise name order, hidden files ignored; the first `size` files are the samples.
-    names = sorted((entry.name for entry in os.scandir(folder)
-                    if not entry.name.startswith(".") and entry.is_file()), key=os.fsencode)
+    try:
+        names = sorted((entry.name for entry in os.scandir(folder)
+                        if not entry.name.startswith(".") and _is_file(entry)), key=os.fsencode)
+    except OSError as exc:
+        raise DataError(f"{source}: {_SECTION} calibrate_path: cannot list {folder} for input '{name}' "
+                        f"({exc.strerror})") from None
     if len(names) < size:
         raise DataError(f"{source}: {_SECTION} calibrate_size={size} but only {len(names)} file(s) were found "
                         f"in {folder} for input '{name}'")
     return tuple(folder / n for n in names[:size])
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError as exc:  # a symlink loop: name it rather than drop a sample silently
+        raise DataError(f"{entry.path}: calibration file cannot be read ({exc.strerror}); fix or remove it") from None
 
 
 def _input_spec(value: onnx.ValueInfoProto, files: tuple[Path, ...], input_type: str, input_format: str | None,
@@ -197,7 +217,10 @@ def _infer_layout(dims: list[int | None], channels: int) -> str:
 def _check_bin_sizes(spec: InputSpec) -> None:
     expected = spec.nbytes
     for path in spec.files:
-        actual = path.stat().st_size
+        try:
+            actual = path.stat().st_size
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read this calibration file ({exc.strerror})") from None
         if actual != expected:
             raise DataError(f"{path}: BIN file for input '{spec.name}' has {actual} bytes, expected {expected} "
                             f"({_shape_text(spec.shape)} {spec.dtype.name})")

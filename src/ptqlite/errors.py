@@ -27,3 +27,8 @@ class ConversionError(PtqError):
     """Quantization failed part way; nothing was written."""
 
     exit_code = 1
+
+
+class OutputError(PtqError):
+    """An output cannot be written there: a folder or special file in its place, no permission, a read-only or
+    full file system. Nothing was written."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections import Counter, defaultdict
@@ -12,6 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ConversionError, ModelError, UsageError
+from .paths import check_input_file, remove_quietly, remove_stale_temps, temp_path, write_error
 
 SUPPORTED_FMKS = ("ONNX", "PYTORCH")
 _TWO_GB = 2**31 - 1
@@ -27,6 +29,7 @@ def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list
     """Read a model with the front-end for `fmk`; the file itself is never modified."""
     path = Path(path)
     check_fmk(fmk)
+    check_input_file(str(path), "--modelFile")
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
     if fmk == "PYTORCH":
@@ -105,50 +108,158 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in init]
 
 
+# Above this many bytes of tensor data the output keeps its tensors in `<name>.data`: protobuf cannot serialise
+# a message over 2 GB, and the graph itself needs room next to the tensors. Decided from summed tensor sizes,
+# because ModelProto.ByteSize() itself raises past 2 GB.
+EXTERNAL_DATA_THRESHOLD = _TWO_GB - 2**28
+_EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inline, as onnx.save_model does
+
+
+def write_file(path: str | Path, data: bytes) -> None:
+    """Write `data` to a new file (the one place save_model writes the model through)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write atomically: a temp file beside the target, then rename. Models over 2 GB keep their tensors in
-    `<name>.data` beside the model."""
+    """Write atomically: a temp file beside the target (`.<name>.ptqlite-tmp-<pid>`), then rename; nothing is
+    left behind on any error or interrupt. Models whose tensors sum past EXTERNAL_DATA_THRESHOLD keep them in
+    `<name>.data` beside the model. `model` is unchanged afterwards."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    data_name = path.name + ".data"
-    tmp_data = None
+    data_path = path.with_name(path.name + ".data")
+    tmp, tmp_data = temp_path(path), temp_path(data_path)
     try:
-        if model.ByteSize() > _TWO_GB:
-            tmp_data = path.parent / f".{data_name}.tmp"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            os.replace(tmp_data, path.parent / data_name)
-            # The model refers to the data file by the name it had while being written; fix the reference.
-            saved = onnx.load(tmp, load_external_data=False)
-            for tensor in _all_tensors(saved):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            onnx.save_model(saved, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        remove_stale_temps(data_path)
+        if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            with _external_data(model, tmp_data, data_path.name):
+                write_file(tmp, model.SerializeToString(deterministic=True))
+            os.replace(tmp_data, data_path)
         else:
-            with open(tmp, "wb") as handle:
-                handle.write(model.SerializeToString(deterministic=True))
-        # mkstemp creates the file private (0600); give the output the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+            write_file(tmp, model.SerializeToString(deterministic=True))
         os.replace(tmp, path)
-    except Exception as exc:  # noqa: BLE001  (clean up and report whatever stopped the write)
-        for leftover in (tmp, tmp_data):
-            if leftover and os.path.exists(leftover):
-                os.remove(leftover)
+    except OSError as exc:
+        raise write_error(path, "the output model", exc) from None
+    except Exception as exc:  # noqa: BLE001  (serialisation raises several types)
         raise ConversionError(f"{path}: could not write the output model ({exc})") from None
+    finally:  # also on KeyboardInterrupt / SIGTERM: no temp file survives
+        remove_quietly(tmp)
+        remove_quietly(tmp_data)
     return path
 
 
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+def stored_bytes(path: str | Path) -> int:
+    """Bytes a model takes on disk: the file plus the external-data files its tensors name."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  (the size of the file itself is still right)
+        return total
+    locations = {entry.value for t in iter_tensors(model.graph) for entry in t.external_data
+                 if entry.key == "location"}
+    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Summed data size of every tensor of the model (subgraphs included), from dims and dtype: cheap, and
+    defined for models too large to serialise."""
+    return sum(_nbytes(t) for t in iter_tensors(model.graph))
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+# types whose typed-field values become raw bytes one numpy element each (sub-byte types are packed: left inline)
+_PLAIN_TYPES = {getattr(onnx.TensorProto, n) for n in ("FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32",
+                                                         "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL")}
+
+
+def _little_endian_bytes(tensor: onnx.TensorProto) -> bytes:
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    return numpy_helper.to_array(tensor).astype(dtype).tobytes()
+
+
+@contextlib.contextmanager
+def _external_data(model: onnx.ModelProto, data_file: Path, location: str):
+    """Move the data of every large initializer into `data_file` (the model then names `location`) for as long
+    as the block runs, one tensor at a time (no second copy of the model); the data is read back afterwards, so
+    the model serialises to the same bytes as before."""
+    # (tensor, offset, length, had data_location, the tensor itself when its values were in typed fields)
+    moved: list[tuple[onnx.TensorProto, int, int, bool, onnx.TensorProto | None]] = []
+    try:
+        with open(data_file, "wb") as handle:
+            for tensor in iter_initializers(model.graph):
+                raw_form = tensor.HasField("raw_data")
+                if ((not raw_form and tensor.data_type not in _PLAIN_TYPES)
+                        or tensor.data_location == onnx.TensorProto.EXTERNAL or _nbytes(tensor) < _EXTERNAL_MIN_BYTES):
+                    continue
+                original = None
+                if not raw_form:  # rare (exporters write raw_data): keep the typed values to put back
+                    original = onnx.TensorProto()
+                    original.CopyFrom(tensor)
+                raw = tensor.raw_data if raw_form else _little_endian_bytes(tensor)
+                handle.seek(-handle.tell() % 4096, os.SEEK_CUR)  # page-aligned, so runtimes can map it
+                offset = handle.tell()
+                handle.write(raw)
+                moved.append((tensor, offset, len(raw), tensor.HasField("data_location"), original))
+                for name in ("raw_data", *_TYPED_FIELDS):
+                    tensor.ClearField(name)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                del raw
+        yield
+    finally:
+        with open(data_file, "rb") if moved else contextlib.nullcontext() as handle:
+            for tensor, offset, length, had_location, original in moved:
+                if original is not None:
+                    tensor.CopyFrom(original)
+                    continue
+                del tensor.external_data[:]
+                tensor.ClearField("data_location")
+                if had_location:
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                handle.seek(offset)
+                tensor.raw_data = handle.read(length)
+
+
+def iter_graphs(graph: onnx.GraphProto):
+    """`graph` and every subgraph in it (If branches, Loop and Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from iter_graphs(sub)
+
+
+def iter_initializers(graph: onnx.GraphProto):
+    for g in iter_graphs(graph):
+        yield from g.initializer
+
+
+def iter_tensors(graph: onnx.GraphProto):
+    """Every tensor stored in the model: initializers and tensor attributes (Constant values), subgraphs
+    included."""
+    for g in iter_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
 
 
 # ---------------------------------------------------------------- graph helpers

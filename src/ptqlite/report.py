@@ -463,10 +463,18 @@ def _write_html(path: Path, report: DebugReport, result: ConversionResult, notes
 
 def debug_report(float_model: onnx.ModelProto, result: ConversionResult, config: QuantConfig,
                  input_format: str | None = None,
-                 samples: Iterable[dict[str, np.ndarray]] | None = None) -> DebugReport:
+                 samples: Iterable[dict[str, np.ndarray]] | None = None,
+                 folder: str | Path | None = None) -> DebugReport:
     """The convert() hook: reports for `result` on `samples` when convert() was given them (Python API), else on
-    the config's calibration data, else on one synthetic sample."""
+    the config's calibration data, else on one synthetic sample. Written into `folder` (default:
+    debug_info_save_path; convert() passes a temp folder that it moves into place once all is written)."""
     notes: list[str] = []
     inputs = samples if samples is not None else report_inputs(float_model, config, input_format, notes)
     result.notes += [n for n in notes if n not in result.notes]
-    return write_reports(config.common.debug_info_save_path, float_model, result.model, result, inputs, notes)
+    return write_reports(folder or config.common.debug_info_save_path, float_model, result.model, result, inputs,
+                         notes)
+
+
+def is_report_file(name: str) -> bool:
+    """Files of an earlier run that a new report replaces even when it does not write them (fewer rounds)."""
+    return re.fullmatch(r"round_\d+\.csv", name) is not None

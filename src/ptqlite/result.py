@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -42,7 +43,11 @@ class ConversionResult:
     quantized: list[QuantizedTensor] = field(default_factory=list)
     skipped: list[SkippedTensor] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # what the user must hear even with --quiet (printed on stderr), e.g. that nothing was quantized
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # (temp folder, debug_info_save_path) while the debug reports wait for the model to be written
+    pending_reports: tuple[Path, Path] | None = None
     # (node name, input slot) -> (scale, offset): what that node reads in the quantized model, times scale plus
     # offset (None: 0), is the float model's value there. Activation smoothing divides an input by s and multiplies
     # the weight rows by s; WEIGHT_QUANT feeds MatMul/Gather the codes and maps their outputs instead.

@@ -27,11 +27,14 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------- sessions
 
 
-def _options(threads: int | None = None, spinning: bool = True, profile_prefix: str | None = None):
+def _options(threads: int | None = None, spinning: bool = True, profile_prefix: str | None = None,
+             optimize: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -43,14 +46,16 @@ def _options(threads: int | None = None, spinning: bool = True, profile_prefix: 
     return options
 
 
-def cpu_session(model: onnx.ModelProto, purpose: str, spinning: bool = True) -> ort.InferenceSession:
-    """An onnxruntime CPU session on an in-memory model; a model it cannot load is a ConversionError naming
-    `purpose` (e.g. "for calibration"). spinning=False keeps idle worker threads from taking the CPU that Python
-    work between runs needs."""
+def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = True,
+                optimize: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session on an in-memory model (or a model file, for models over 2 GB); a model it
+    cannot load is a ConversionError naming `purpose` (e.g. "for calibration"). spinning=False keeps idle worker
+    threads from taking the CPU that Python work between runs needs; optimize=False only loads (a load check)."""
     import onnxruntime as ort
 
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
-        return ort.InferenceSession(model.SerializeToString(), _options(spinning=spinning),
+        return ort.InferenceSession(source, _options(spinning=spinning, optimize=optimize),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises several unrelated types)
         raise ConversionError(f"onnxruntime cannot load the model {purpose} ({exc})") from None

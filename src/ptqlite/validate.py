@@ -1,0 +1,227 @@
+"""Input rules checked before any work (docs/architecture.md, "Input rules"): the model is valid ONNX that ONNX
+Runtime loads, it is not already quantized, and its weights and the calibration samples are finite numbers.
+
+Each check only refuses (a ModelError or DataError, exit 2, one line naming the model, tensor or file); none
+changes the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .errors import ConversionError, DataError, ModelError
+from .model import EXTERNAL_DATA_THRESHOLD, iter_graphs, tensor_bytes
+from .plan import WEIGHT_SLOTS
+from .runtime import cpu_session
+
+log = logging.getLogger(__name__)
+
+# Ops that only appear in a model someone has quantized already (standard and com.microsoft domains).
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "QGemm",
+    "QAttention", "QEmbedLayerNormalization", "GatherBlockQuantized", "QuantizeWithOrder", "DequantizeWithOrder",
+    "QuantizeBFP", "DequantizeBFP", "QMoE",
+})
+_QUANTIZED_PREFIXES = ("QLinear", "QOrdered")
+# ±Inf is refused only where quantization reads a constant: weights and normalisation parameters. Elsewhere
+# -inf is an ordinary value (attention masks: Add / Where with -inf).
+_WEIGHT_READERS = frozenset(WEIGHT_SLOTS) | {"BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                                             "GroupNormalization", "PRelu"}
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None = None) -> list[str]:
+    """Refuse a model that breaks an input rule; returns notes (checks that could not run and why).
+
+    `source` names the model in messages; `path`, when given, is the file it was loaded from, which the
+    checks of models over 2 GB use (protobuf cannot serialise those in memory)."""
+    notes: list[str] = []
+    _check_opsets(model, source)
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD and path is None:
+        notes.append("the ONNX checker and the ONNX Runtime load check did not run: the model is over 2 GB and "
+                     "was given in memory, not as a file")
+        refuse_quantized(model, source)
+        check_weights_finite(model, source)
+        return notes
+    large = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    # a model over 2 GB cannot be serialised in memory: both checks read its file instead
+    _check_onnx(model if not large else str(path), source)
+    refuse_quantized(model, source)
+    check_weights_finite(model, source)
+    _check_runtime(model if not large else str(path), source)
+    return notes
+
+
+def _check_opsets(model: onnx.ModelProto, source: str) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and not 1 <= entry.version <= newest:
+            raise ModelError(f"{source}: opset {entry.version} of the default ONNX domain is unknown "
+                             f"(known: 1 to {newest}); re-export the model with a released opset")
+
+
+def _check_onnx(model: onnx.ModelProto | str, source: str) -> None:
+    """The full ONNX checker, strict shape inference included.
+
+    The checker wants a shape on every graph input and output; ONNX Runtime does not. A missing output shape is
+    accepted (the check runs on a copy whose outputs get their inferred shapes); a missing input shape is refused
+    with the flag that gives one."""
+    if isinstance(model, onnx.ModelProto):
+        for value in model.graph.input:
+            if _shapeless(value):
+                raise ModelError(f"{source}: input '{value.name}' has no shape; give one with --inputShape, e.g. "
+                                 f"--inputShape=\"{value.name}:1,3,224,224\"")
+        if any(_shapeless(value) for value in model.graph.output):
+            model = _with_output_shapes(model)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelError(f"{source}: not a valid ONNX model ({one_line(str(exc))})") from None
+
+
+def _shapeless(value: onnx.ValueInfoProto) -> bool:
+    return value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape")
+
+
+def _with_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose shapeless outputs carry the shapes inference gives them (outputs it cannot shape
+    are left out of the copy; the runtime load still sees them)."""
+    try:
+        probe = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001  (the strict check that follows reports the real problem)
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+    keep = [value for value in probe.graph.output if not _shapeless(value)]
+    del probe.graph.output[:]
+    probe.graph.output.extend(keep)
+    return probe
+
+
+def _check_runtime(model: onnx.ModelProto | str, source: str) -> None:
+    try:
+        cpu_session(model, "as given", spinning=False, optimize=False)
+    except ConversionError as exc:
+        raise ModelError(f"{source}: {one_line(str(exc))}") from None
+
+
+def one_line(text: str) -> str:
+    """A checker or runtime message on one line, without the runtime's error code and C++ source location."""
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/\S+\.(?:h|cc|cpp):\d+ [^()]*\((?:[^()]|\([^()]*\))*\) ", "", text)
+    text = re.sub(r"\s*==> Context:\s*", "; ", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\.(\)*)$", r"\1", text)
+
+
+def quantized_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes of quantized ops anywhere in the model (subgraphs included)."""
+    return [n for g in iter_graphs(model.graph) for n in g.node
+            if n.op_type in QUANTIZED_OPS or n.op_type.startswith(_QUANTIZED_PREFIXES)]
+
+
+def refuse_quantized(model: onnx.ModelProto, source: str) -> None:
+    """Every mode refuses a model that already has quantized ops: quantizing around them stacks a second
+    rounding on the first, and the passes would read their integer weights as weights to skip."""
+    nodes = quantized_nodes(model)
+    if not nodes:
+        return
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    listed = ", ".join(f"{count} {op}" for op, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    first = nodes[0].name or nodes[0].output[0]
+    raise ModelError(f"{source}: the model is already quantized ({listed}; first: '{first}'); ptqlite "
+                     "quantizes float models: convert the float original instead")
+
+
+def check_weights_finite(model: onnx.ModelProto, source: str) -> None:
+    """NaN in any float constant, or ±Inf in a constant that a weighted or normalisation op reads, refuses the
+    model: quantization turns it into a scale of NaN or Inf and the whole layer's output with it."""
+    weight_names = {name for g in iter_graphs(model.graph) for n in g.node if n.op_type in _WEIGHT_READERS
+                    for name in n.input}
+    for graph in iter_graphs(model.graph):
+        where = "" if graph is model.graph else f" (in subgraph '{graph.name}')"
+        for tensor in graph.initializer:
+            _check_tensor(tensor, tensor.name, tensor.name in weight_names, source, where)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    name = node.output[0] if node.op_type == "Constant" and node.output else f"{node.name}.{attr.name}"
+                    _check_tensor(attr.t, name, name in weight_names, source, where)
+
+
+def _check_tensor(tensor: onnx.TensorProto, name: str, is_weight: bool, source: str, where: str) -> None:
+    if tensor.data_type not in _FLOAT_TYPES or tensor.data_location == TensorProto.EXTERNAL:
+        return
+    values = numpy_helper.to_array(tensor)
+    if values.dtype not in (np.float32, np.float64, np.float16):
+        values = values.astype(np.float32)  # bfloat16
+    if values.size == 0 or _all_finite(values):
+        return
+    nan = int(np.isnan(values).sum())
+    inf = int(np.isinf(values).sum())
+    if nan:
+        raise ModelError(f"{source}: weight '{name}'{where} has {nan} NaN value(s) of {values.size}; expected "
+                         "finite numbers (the float model itself computes NaN there)")
+    if inf and is_weight:
+        raise ModelError(f"{source}: weight '{name}'{where} has {inf} infinite value(s) of {values.size}; "
+                         "expected finite numbers")
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    # one float64 sum is cheap and is finite exactly when no value is NaN or Inf (float32 sums cannot overflow it)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(np.add.reduce(values.ravel(), dtype=np.float64)):
+            return True
+    return bool(np.isfinite(values).all())
+
+
+def check_sample_finite(sample: dict[str, np.ndarray], where: str) -> None:
+    """Refuse a calibration sample with NaN or Inf: one such value sets an activation range to NaN/Inf."""
+    for name, value in sample.items():
+        array = np.asarray(value)
+        if array.dtype.kind != "f" or array.size == 0:
+            continue
+        if _all_finite(array):
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise DataError(f"{where}: calibration data for input '{name}' has {bad} NaN/Inf value(s) of "
+                            f"{array.size}; expected finite numbers")
+
+
+class _Checked:
+    """In-memory samples checked on each pass (re-iterable when the samples are)."""
+
+    def __init__(self, samples: Iterable[dict[str, np.ndarray]]):
+        self.samples = samples
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for index, sample in enumerate(self.samples):
+            check_sample_finite(sample, f"calibration sample {index}")
+            yield sample
+
+
+class _SizedChecked(_Checked):
+    def __len__(self) -> int:
+        return len(self.samples)  # type: ignore[arg-type]
+
+
+def checked_samples(samples: Iterable[dict[str, np.ndarray]] | None):
+    """In-memory calibration samples (Python API) with the finiteness check: a list or tuple is checked now and
+    returned as is; any other iterable is wrapped and checked while it is read."""
+    if samples is None:
+        return None
+    if isinstance(samples, Sequence):
+        for index, sample in enumerate(samples):
+            check_sample_finite(sample, f"calibration sample {index}")
+        return samples
+    return _SizedChecked(samples) if hasattr(samples, "__len__") else _Checked(samples)
