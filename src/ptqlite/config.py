@@ -62,6 +62,7 @@ class FullQuantParam:
     bias_correction: bool = True
     per_channel: bool = True
     target_device: str = "CPU"
+    latency_aware: bool = True  # extension (docs/spec.md)
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "bias_correction": ("bias_correction", _bool),
         "per_channel": ("per_channel", _bool),
         "target_device": ("target_device", _choice(*TARGET_DEVICES)),
+        "latency_aware": ("latency_aware", _bool),
     },
     "data_preprocess_param": {
         "calibrate_path": ("calibrate_path", _calibrate_path),

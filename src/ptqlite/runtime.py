@@ -47,15 +47,16 @@ def _options(threads: int | None = None, spinning: bool = True, profile_prefix: 
 
 
 def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = True,
-                optimize: bool = True) -> ort.InferenceSession:
+                optimize: bool = True, threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session on an in-memory model (or a model file, for models over 2 GB); a model it
     cannot load is a ConversionError naming `purpose` (e.g. "for calibration"). spinning=False keeps idle worker
-    threads from taking the CPU that Python work between runs needs; optimize=False only loads (a load check)."""
+    threads from taking the CPU that Python work between runs needs; optimize=False only loads (a load check);
+    `threads` fixes the intra-op threads (onnxruntime's default otherwise)."""
     import onnxruntime as ort
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
-        return ort.InferenceSession(source, _options(spinning=spinning, optimize=optimize),
+        return ort.InferenceSession(source, _options(threads, spinning=spinning, optimize=optimize),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises several unrelated types)
         raise ConversionError(f"onnxruntime cannot load the model {purpose} ({exc})") from None

@@ -21,6 +21,7 @@ else (docs/full_quant.md explains every choice):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
@@ -36,9 +37,10 @@ from ...prepare import prepare, tensor_types
 from ...result import ConversionResult, SkippedTensor
 from ...smooth import MIN_SPREAD, smooth, smoothing_groups
 from ...targets import WEIGHTED_OPS, target
+from . import latency
 from .bias_correction import correct_biases, mean_requests
 from .graph_plan import MASK_VALUE, GraphPlan, correctable_nodes, masked_softmax, plan_graph
-from .params import activation_params, quant_params, weight_params
+from .params import QuantParams, activation_params, quant_params, weight_params
 from .rewrite import keep_bias_adds_apart, rewrite
 from .statistics import CHANNEL_MAX, RANGE, Statistics, StatRequest, collect
 
@@ -90,17 +92,17 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     if corrected:
         result.notes.append(f"bias correction of {len(corrected)} layers over {stats.samples} samples")
 
-    summary = rewrite(model, plan, params, preset)
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(original_info)
+    if options.latency_aware and preset.provider == "CPUExecutionProvider":
+        plan, params, demoted = _never_slower_than_float(model, types, weight_plan, preset, skip, plan, params,
+                                                         ranges, to_correct, samples, progress, result, config,
+                                                         original_info, ranks)
+    else:
+        demoted = set()
+    summary, tables, kept = _write(model, plan, params, preset, config, original_info, ranks)
     result.quantized += [weight.record for weight in (*params.weights.values(), *params.weight_only.values())]
-    result.skipped += _unused_weights(weight_plan, params, plan)
-    if preset.bias_with_output_rank:
-        keep_bias_adds_apart(model, ranks)
-    if preset.int8_gather_tables:
-        tables, kept = int8_gather_tables(model, config)
-        result.quantized += tables
-        result.skipped += kept
+    result.skipped += _unused_weights(weight_plan, params, plan, demoted)
+    result.quantized += tables
+    result.skipped += kept
 
     kind = TensorProto.DataType.Name(preset.activation_type).lower()
     scheme = "symmetric" if preset.activation_symmetric else "asymmetric"
@@ -149,11 +151,72 @@ def _smooth(model: onnx.ModelProto, weight_plan: WeightPlan, skip: set[str], sam
     return set(smoothed)
 
 
-def _unused_weights(weight_plan: WeightPlan, params, plan: GraphPlan) -> list[SkippedTensor]:
+def _write(model: onnx.ModelProto, plan: GraphPlan, params: QuantParams, preset, config: QuantConfig,
+           original_info, ranks: dict[str, int]):
+    """The QDQ graph, in place: the rewrite, the original value_info, biases of the output's rank, int8 Gather
+    tables. Returns the rewrite's summary and the tables quantized and skipped."""
+    summary = rewrite(model, plan, params, preset)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(original_info)
+    if preset.bias_with_output_rank:
+        keep_bias_adds_apart(model, ranks)
+    tables, kept = int8_gather_tables(model, config) if preset.int8_gather_tables else ([], [])
+    return summary, tables, kept
+
+
+def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, params, ranges, to_correct, samples,
+                             progress, result, config, original_info, ranks):
+    """The plan and parameters of the first candidate (all int8 first, then growing shares of the smallest layers
+    in float) that runs no slower than the prepared float graph; the layers it put back to float."""
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    feeds = next(iter(samples))
+
+    def candidate(demoted: set[str]):
+        cand_plan = plan if not demoted else plan_graph(prepared, types, weight_plan.quantized, preset,
+                                                        skip | demoted)
+        cand_ranges = ranges
+        if not set(cand_plan.tensors.values()) <= set(ranges):  # not expected; measured rather than guessed
+            cand_ranges = collect(prepared, _range_requests(cand_plan, config.full.activation_quant_method),
+                                  samples, progress).ranges
+        cand_params = params
+        if demoted:
+            cand_params = quant_params(prepared, cand_plan, cand_ranges, preset, zero_bias_positions=to_correct)
+            # A layer's correction was measured on its own (float input), so it holds in any plan.
+            cand_params = dataclasses.replace(cand_params, biases={
+                pos: params.biases.get(pos, bias) for pos, bias in cand_params.biases.items()})
+        written = onnx.ModelProto()
+        written.CopyFrom(prepared)
+        _write(written, cand_plan, cand_params, preset, config, original_info, ranks)
+        return cand_plan, cand_params, latency.measure(prepared, written, feeds)
+
+    tried = [(set(), candidate(set()))]  # (layers in float, (plan, params, timing))
+    if tried[0][1][2].ratio > 1.0:
+        for demoted in latency.demotions(latency.smallest_first(prepared, plan)):
+            tried.append((demoted, candidate(demoted)))
+            if tried[-1][1][2].ratio <= 1.0:
+                break
+    demoted, (best_plan, best_params, timing) = min(tried, key=lambda t: t[1][2].ratio)
+    first = tried[0][1][2]
+    if demoted:
+        result.notes.append(f"latency-aware planning: int8 ran {first.ratio:.2f}x float on this machine; "
+                            f"{len(demoted)} of {len(latency.smallest_first(prepared, plan))} weighted layers "
+                            f"kept float (the smallest), now {timing.ratio:.2f}x float "
+                            "([full_quant_param] latency_aware=false keeps every layer int8)")
+    else:
+        result.notes.append(f"latency-aware planning: int8 runs {first.ratio:.2f}x float on this machine "
+                            "(1 thread, first calibration sample)")
+    return best_plan, best_params, demoted
+
+
+def _unused_weights(weight_plan: WeightPlan, params, plan: GraphPlan, demoted: set[str]) -> list[SkippedTensor]:
     """Planned weights that stay float because a node that reads them stays float."""
     done = set(params.weights) | set(params.weight_only)
-    return [SkippedTensor(s.tensor, s.op_type, s.nodes, "read by a node that stays float (skip_quant_node, a "
-                          "float input, or an op without an int8 kernel on this preset)")
+    return [SkippedTensor(s.tensor, s.op_type, s.nodes,
+                          "kept float by latency-aware planning: int8 ran slower than float on this machine"
+                          if set(s.nodes) & demoted else
+                          "read by a node that stays float (skip_quant_node, a float input, or an op without an "
+                          "int8 kernel on this preset)")
             for s in weight_plan.quantized if s.tensor not in done]
 
 
