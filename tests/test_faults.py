@@ -179,6 +179,16 @@ def test_dev_null_converts_and_writes_nothing(work, capsys):
             os.remove("/dev/null.onnx")  # what the old behaviour wrote
 
 
+def test_a_fifo_or_device_as_output_is_refused(work, capsys):
+    fifo = work / "out" / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = convert_cli(work, str(fifo), capsys)
+    assert code == 2
+    assert error_line(err) == (f"--outputFile={fifo}: is a FIFO (named pipe); expected a file path (or /dev/null "
+                               "to write nothing)")
+    assert listing(work / "out") == ["pipe"]
+
+
 def _feed_fifo_later(fifo: Path, text: str, stop: threading.Event) -> threading.Thread:
     """Unblocks a reader that opened the FIFO (the behaviour this guards against), so a failing test fails
     instead of hanging."""
@@ -283,6 +293,13 @@ def test_a_symlink_loop_in_a_calibration_folder_is_one_line(work, capsys):
     assert code == 2
     assert error_line(err) == (f"{folder / 'loop1'}: calibration file cannot be read (Too many levels of symbolic "
                                "links); fix or remove it")
+    os.symlink(work / "calib_b", work / "calib_a")  # the folder itself a loop
+    os.symlink(work / "calib_a", work / "calib_b")
+    config.write_text(config.read_text().replace(str(folder), str(work / "calib_a")))
+    code, _, err = convert_cli(work, str(work / "out" / "m"), capsys, config=config)
+    assert code == 2
+    assert error_line(err).endswith(f"calibrate_path: directory '{work / 'calib_a'}' for input 'x' is a broken "
+                                    f"symlink or a symlink loop (looked in {work / 'calib_a'})")
 
 
 # ---------------------------------------------------------------- outputs over 2 GB

@@ -19,7 +19,7 @@ from .model import (
     stored_bytes,
     tensor_bytes,
 )
-from .paths import check_input_file, check_output_file, is_devnull
+from .paths import check_input_file, check_not_special, check_output_file, is_devnull
 from .result import ConversionResult
 
 
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     discard = is_devnull(args.outputFile)
     out = Path(os.devnull) if discard else output_path(args.outputFile)
     if not discard:
+        check_not_special(args.outputFile, "--outputFile")
         if out.exists() and Path(args.modelFile).exists() and os.path.samefile(out, args.modelFile):
             raise UsageError(f"--outputFile={args.outputFile}: would overwrite the input model; choose another path")
         check_output_file(out, "--outputFile")

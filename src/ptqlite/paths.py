@@ -99,6 +99,14 @@ def check_input_file(text: str, flag: str) -> None:
         raise UsageError(f"{flag}={text}: is {_kind(mode)}, not a regular file")
 
 
+def check_not_special(text: str, flag: str) -> None:
+    """Refuse an output path that names a FIFO, device or socket as given (before `.onnx` is appended), rather
+    than write a file beside it; /dev/null is handled by the caller (nothing is written)."""
+    mode = _mode(Path(text))
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutputError(f"{flag}={text}: is {_kind(mode)}; expected a file path (or /dev/null to write nothing)")
+
+
 def check_output_file(path: Path, what: str) -> None:
     """Refuse an output file path that cannot be written, before any work: a folder or special file in its
     place, a regular file where a parent folder should be, a read-only or unwritable folder."""
