@@ -36,7 +36,7 @@ ALL_KEYS = {
     "common_quant_param": {"quant_type", "bit_num", "min_quant_weight_size", "min_quant_weight_channel",
                            "skip_quant_node", "debug_info_save_path", "enable_encode"},
     "mixed_bit_weight_quant_param": {"init_scale", "auto_tune"},
-    "weight_quant_param": {"per_channel", "bias_correction", "dequant_strategy"},
+    "weight_quant_param": {"per_channel", "bias_correction", "dequant_strategy", "block_size"},
     "full_quant_param": {"activation_quant_method", "bias_correction", "per_channel", "target_device"},
     "data_preprocess_param": {"calibrate_path", "calibrate_size", "input_type", "image_to_format", "normalize_mean",
                               "normalize_std", "resize_width", "resize_height", "resize_method",
@@ -136,7 +136,7 @@ def test_defaults_of_every_key():
     assert (c.skip_quant_node, c.debug_info_save_path, c.enable_encode) == ((), "", True)
     assert (config.mixed_bit.init_scale, config.mixed_bit.auto_tune) == (0.02, False)
     w = config.weight
-    assert (w.per_channel, w.bias_correction, w.dequant_strategy) == (True, True, "DEFAULT")
+    assert (w.per_channel, w.bias_correction, w.dequant_strategy, w.block_size) == (True, True, "DEFAULT", 0)
     f = config.full
     assert (f.activation_quant_method, f.bias_correction, f.per_channel, f.target_device) == (
         "MAX_MIN", True, True, "CPU")
@@ -289,6 +289,26 @@ def test_on_the_fly_needs_fixed_bits():
     assert (fixed.weight.dequant_strategy, fixed.is_mixed_bit) == ("ON_THE_FLY", False)
 
 
+@pytest.mark.parametrize("value", ["0", "16", "32", "64", "128", "256", "+32"])
+def test_block_size_accepts_zero_and_powers_of_two(value):
+    text = WEIGHT + "bit_num=4\n[weight_quant_param]\ndequant_strategy=ON_THE_FLY\nblock_size=" + value + "\n"
+    assert parse_config(text, SRC).weight.block_size == int(value)
+
+
+def test_block_size_needs_on_the_fly_and_per_channel():
+    text = WEIGHT + "bit_num=4\n[weight_quant_param]\nblock_size=32\n"
+    assert error(text) == (f"{SRC}:5: [weight_quant_param] block_size=32: expected 0 unless dequant_strategy=ON_THE_FLY "
+                           "(block-wise scales are stored by DequantizeLinear only)")
+    text = WEIGHT + "bit_num=4\n[weight_quant_param]\nper_channel=false\ndequant_strategy=ON_THE_FLY\nblock_size=32\n"
+    assert error(text) == (f"{SRC}:7: [weight_quant_param] block_size=32: expected 0 with per_channel=false "
+                           "(blocks split output channels)")
+    # block_size=0 is today's per-channel scheme, valid with any strategy
+    assert parse_config(WEIGHT + "[weight_quant_param]\nblock_size=0\n", SRC).weight.block_size == 0
+    # mixed bit with ON_THE_FLY is refused on dequant_strategy first (its own rule)
+    text = WEIGHT + "bit_num=0\n[weight_quant_param]\ndequant_strategy=ON_THE_FLY\nblock_size=32\n"
+    assert "expected a fixed bit_num in [1, 16] with ON_THE_FLY" in error(text)
+
+
 def test_image_keys_with_bin_input_warn(caplog):
     text = WEIGHT + "[data_preprocess_param]\ncalibrate_path=in:d\ncalibrate_size=2\ninput_type=BIN\nresize_width=8\n" \
         "resize_height=8\nresize_method=NEAREST\n"
@@ -337,7 +357,7 @@ def test_repeated_section_is_dropped(caplog):
 def test_unknown_key_is_an_error():
     assert error(WEIGHT + "[weight_quant_param]\nper_chanel=true\n") == (
         f"{SRC}:4: [weight_quant_param] per_chanel=true: per_chanel is not supported in [weight_quant_param]; "
-        "expected one of per_channel, bias_correction, dequant_strategy")
+        "expected one of per_channel, bias_correction, dequant_strategy, block_size")
 
 
 def test_unknown_section_is_ignored(caplog):
@@ -470,6 +490,7 @@ LINES = st.sampled_from([
     "quant_type=FULL_QUANT", "bit_num=4", "bit_num=0", "enable_encode=false", "dequant_strategy=ON_THE_FLY",
     "calibrate_path=a:b", "calibrate_size=3", "input_type=IMAGE", "normalize_mean=[1]", "normalize_std=[0]",
     "image_to_format=GRAY", "resize_width=4", "center_crop_height=2", "# c", "", "=", "x", "per_channel=tRuE",
+    "block_size=32",
 ])
 
 

@@ -54,6 +54,8 @@ class WeightQuantParam:
     bias_correction: bool = True
     # "DEFAULT" decodes weights to float when the runtime loads the model; "ON_THE_FLY" keeps them integer.
     dequant_strategy: str = "DEFAULT"
+    # Extension: 0 = one scale per output channel; else one per block of this many elements along the input axis.
+    block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,16 @@ def _choice(*choices: str, aliases: dict[str, str] | None = None) -> Callable[[s
     return parse
 
 
+def _block_size(text: str) -> int:
+    expected = "expected 0 (per channel) or a power of two in [16, 256]"
+    if not _INT.fullmatch(text):
+        raise ValueError(expected)
+    value = int(text)
+    if value != 0 and not (16 <= value <= 256 and value & (value - 1) == 0):
+        raise ValueError(expected)
+    return value
+
+
 def _directory(text: str) -> str:
     problem = path_problem(text) if text else None
     if problem:
@@ -228,6 +240,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "per_channel": ("per_channel", _bool),
         "bias_correction": ("bias_correction", _bool),
         "dequant_strategy": ("dequant_strategy", _choice(*DEQUANT_STRATEGIES)),
+        "block_size": ("block_size", _block_size),
     },
     "full_quant_param": {
         "activation_quant_method": (
@@ -389,6 +402,13 @@ def _check_rules(config: QuantConfig, reader: _Reader) -> None:
     if config.is_mixed_bit and config.weight.dequant_strategy == "ON_THE_FLY":
         raise reader.fail("weight_quant_param", "dequant_strategy",
                           "expected a fixed bit_num in [1, 16] with ON_THE_FLY, not mixed bit (bit_num=0)")
+    if common.quant_type == "WEIGHT_QUANT" and config.weight.block_size:
+        wq = "weight_quant_param"
+        if config.weight.dequant_strategy != "ON_THE_FLY":
+            raise reader.fail(wq, "block_size", "expected 0 unless dequant_strategy=ON_THE_FLY (block-wise scales "
+                              "are stored by DequantizeLinear only)")
+        if not config.weight.per_channel:
+            raise reader.fail(wq, "block_size", "expected 0 with per_channel=false (blocks split output channels)")
     if common.quant_type == "FULL_QUANT":
         dp = "data_preprocess_param"
         # Without a [data_preprocess_param] section, point at the quant_type line.

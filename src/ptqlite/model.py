@@ -13,6 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ConversionError, ModelError, UsageError
+from .opset import raise_opset
 from .paths import check_input_file, remove_quietly, remove_stale_temps, temp_path, write_error
 
 SUPPORTED_FMKS = ("ONNX", "PYTORCH")
@@ -449,13 +450,9 @@ def opset_version(model: onnx.ModelProto) -> int:
 
 
 def ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
-    """Raise the default-domain opset to `minimum` when it is lower, via onnx's version converter."""
+    """Raise the default-domain opset to `minimum` when it is lower, without serialising the weights (opset.py:
+    the opset_import alone when no op of the model changed meaning in between, else onnx's version converter on
+    the weight-free graph)."""
     if opset_version(model) >= minimum:
         return
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(model, minimum)
-    except Exception as exc:  # noqa: BLE001  (the converter raises many types)
-        raise ConversionError(f"cannot raise the model's opset to {minimum} ({exc})") from None
-    model.CopyFrom(converted)
+    raise_opset(model, minimum)

@@ -149,3 +149,12 @@ def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
     denom = float(np.sum(w.astype(np.float64) ** 2))
     err = float(np.sum((w.astype(np.float64) - w_hat) ** 2))
     return float(np.sqrt(err / denom)) if denom > 0 else float(err > 0)
+
+
+def pack_int4(values: np.ndarray) -> bytes:
+    """Signed or unsigned 4-bit values (each in [-8, 15]) as ONNX int4/uint4 raw data: two per byte, the first
+    element in the low nibble, an odd count padded with a zero nibble."""
+    nibbles = (np.asarray(values).ravel().astype(np.int16) & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()

@@ -11,19 +11,23 @@ with a DequantizeLinear before its consumers, so it also stays small in memory a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..blockwise import BlockQuant, quantize_blocks
 from ..config import QuantConfig
 from ..encoding import MIN_OPSET, Decoder, SharedConstants, build_decoder
 from ..errors import ConversionError
 from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph_inputs
 from ..plan import WeightSpec, plan_weights
-from ..qmath import asymmetric_params, dequantize, qrange, quantize, reduce_axes, relative_error
+from ..qmath import asymmetric_params, dequantize, pack_int4, qrange, quantize, reduce_axes, relative_error
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
+
+log = logging.getLogger(__name__)
 
 # Variance corrections outside this open interval are treated as degenerate and dropped (as the reference does).
 _VAR_CORR_LIMITS = (0.0, 10.0)
@@ -85,8 +89,9 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     plan = plan_weights(model, config, per_channel=options.per_channel)
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
+    block = options.block_size if on_the_fly else 0
     if on_the_fly:
-        _raise_opset_for_storage(model, common.bit_num, result)
+        _raise_opset_for_storage(model, common.bit_num, block, result)
     else:
         ensure_opset(model, MIN_OPSET)
     index = GraphIndex(model.graph)
@@ -98,6 +103,15 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     in_subgraphs = subgraph_inputs(model.graph)  # weights read there keep their name and float form
     for spec in plan.quantized:
         w = index.array(spec.tensor)
+        axis = block_axis(spec) if block else None
+        if axis is not None:
+            bq = quantize_blocks(w, spec.bits, axis, block)
+            nodes, inits = _blocked_dequantize_linear(index, spec, bq)
+            new_nodes += nodes
+            new_inits += inits
+            removed.add(spec.tensor)
+            result.quantized.append(_record_blocks(spec, bq, w, sum(_nbytes(t) for t in inits)))
+            continue
         qw = quantize_weight(w, spec.bits, spec.axis, spec.correction_axis, options.bias_correction)
         if on_the_fly:
             nodes, inits, storage, dequantized = _dequantize_linear(index, spec, qw, opset_version(model))
@@ -206,18 +220,41 @@ class _NodeAdder:
         return name
 
 
-def _raise_opset_for_storage(model: onnx.ModelProto, bits: int, result: ConversionResult) -> None:
-    """DequantizeLinear needs opset 13 for int8 per-axis and opset 21 for int16 and int4 weights."""
-    if bits > 8:
-        ensure_opset(model, 21)
+def _raise_opset_for_storage(model: onnx.ModelProto, bits: int, block: int, result: ConversionResult) -> None:
+    """DequantizeLinear needs opset 13 for int8 per-axis and opset 21 for int16, int4 and block-wise weights."""
+    if bits > 8 or block:
+        try:
+            ensure_opset(model, 21)
+        except ConversionError as exc:
+            need = "block_size" if block else f"bit_num={bits} (int16 weights)"
+            raise ConversionError(f"{need} with ON_THE_FLY needs opset 21 (DequantizeLinear with block_size and "
+                                  f"int4/int16 inputs); {exc}") from None
         return
     if bits <= 4:
         try:
             ensure_opset(model, 21)
             return
-        except ConversionError:
-            result.notes.append("the model could not be moved to opset 21, so 4-bit weights are stored as int8")
+        except ConversionError as exc:
+            note = f"4-bit weights are stored as int8: int4 needs opset 21 and {exc}"
+            log.warning("%s", note)
+            result.notes.append(note)
     ensure_opset(model, 13)
+
+
+BLOCK_OPS = ("MatMul", "Gemm", "Gather")
+
+
+def block_axis(spec: WeightSpec) -> int | None:
+    """The axis blocks run along: the input (K) axis of a MatMul or Gemm weight, the row of a Gather table (the
+    other of the weight's last two axes from its output-channel axis). None keeps the weight per channel: other
+    ops (Conv, LSTM ...), a shared weight with one scale for the tensor, a channel axis not among the last two."""
+    rank = len(spec.shape)
+    if spec.op_type not in BLOCK_OPS or spec.axis is None or rank < 2:
+        return None
+    axis = spec.axis % rank
+    if axis not in (rank - 1, rank - 2) or (spec.op_type == "Gather" and rank != 2):
+        return None
+    return rank - 2 if axis == rank - 1 else rank - 1
 
 
 def _scheme(spec: WeightSpec) -> str:
@@ -262,8 +299,8 @@ def _dequantize_linear(index: GraphIndex, spec: WeightSpec, qw: QuantizedWeight,
     prefix = spec.tensor.replace("::", "_").strip("/")
     q_name, s_name, z_name = (index.unique_name(f"{prefix}_{s}") for s in ("quantized", "scale", "zero_point"))
     if dtype == TensorProto.INT4:
-        q_tensor = helper.make_tensor(q_name, dtype, q.shape, q.astype(np.int8).ravel().tolist())
-        z_tensor = helper.make_tensor(z_name, dtype, zero_vec.shape, zero_vec.astype(np.int8).ravel().tolist())
+        q_tensor = int4_tensor(q_name, q)
+        z_tensor = int4_tensor(z_name, zero_vec)
     else:
         q_tensor = numpy_helper.from_array(q.astype(np_type), q_name)
         z_tensor = numpy_helper.from_array(zero_vec, z_name)
@@ -274,6 +311,44 @@ def _dequantize_linear(index: GraphIndex, spec: WeightSpec, qw: QuantizedWeight,
     dequantized = ((q - zero.reshape(scale.shape).astype(np.float64)) * scale).astype(np.float32)
     storage = f"DequantizeLinear {TensorProto.DataType.Name(dtype).lower()}"
     return [node], [q_tensor, s_tensor, z_tensor], storage, dequantized
+
+
+def int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
+    """An int4 initializer as raw packed bytes (two values a byte), not one int32 per value."""
+    return helper.make_tensor(name, TensorProto.INT4, np.shape(values), pack_int4(values), raw=True)
+
+
+def _storage_type(bits: int) -> tuple[int, type]:
+    if bits <= 4:
+        return TensorProto.INT4, np.int8
+    return (TensorProto.INT8, np.int8) if bits <= 8 else (TensorProto.INT16, np.int16)
+
+
+def _blocked_dequantize_linear(index: GraphIndex, spec: WeightSpec, bq: BlockQuant):
+    """ON_THE_FLY with block_size: integer weight + block-wise DequantizeLinear (opset 21) producing the weight's
+    name. ONNX Runtime fuses it with a MatMul reading it as B into MatMulNBits (4 and 8 bits)."""
+    dtype, np_type = _storage_type(bq.bits)
+    prefix = spec.tensor.replace("::", "_").strip("/")
+    q_name, s_name, z_name = (index.unique_name(f"{prefix}_{s}") for s in ("quantized", "scale", "zero_point"))
+    if dtype == TensorProto.INT4:
+        q_tensor, z_tensor = int4_tensor(q_name, bq.codes), int4_tensor(z_name, bq.zero_point)
+    else:
+        q_tensor = numpy_helper.from_array(bq.codes.astype(np_type), q_name)
+        z_tensor = numpy_helper.from_array(bq.zero_point.astype(np_type), z_name)
+    s_tensor = numpy_helper.from_array(bq.scale.astype(np.float32), s_name)
+    node = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [spec.tensor],
+                            name=index.unique_name(f"{prefix}/DequantizeLinear"), axis=bq.axis, block_size=bq.block)
+    return [node], [q_tensor, s_tensor, z_tensor]
+
+
+def _record_blocks(spec: WeightSpec, bq: BlockQuant, w: np.ndarray, stored: int) -> QuantizedTensor:
+    dtype = TensorProto.DataType.Name(_storage_type(bq.bits)[0]).lower()
+    return QuantizedTensor(
+        spec.tensor, spec.op_type, spec.nodes, spec.shape, spec.bits,
+        f"asymmetric block {bq.block} along axis {bq.axis}", f"DequantizeLinear {dtype} block {bq.block}",
+        bytes_before=w.nbytes, bytes_after=stored, relative_error=relative_error(w, bq.dequantized()),
+        scale=bq.scale.ravel(), zero_point=bq.zero_point.ravel(),
+    )
 
 
 def replace_weights(model: onnx.ModelProto, removed: set[str], nodes: list[onnx.NodeProto],

@@ -1,0 +1,214 @@
+"""Block-wise int4/int8 weights (ON_THE_FLY with block_size) and the opset raise they need."""
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+from helpers import cosine, run, session
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqlite import convert, parse_config
+from ptqlite.blockwise import quantize_blocks
+from ptqlite.errors import ConversionError
+from ptqlite.model import ensure_opset
+from ptqlite.opset import changed_ops, raise_opset
+from ptqlite.qmath import pack_int4
+
+RNG = np.random.default_rng(7)
+K, N, OUT = 256, 96, 40
+
+
+def _weights(*shape, scale=0.05):
+    w = RNG.standard_normal(shape) * scale
+    w[RNG.random(shape) < 0.005] *= 6  # a few outliers, as trained weights have
+    return w.astype(np.float32)
+
+
+def matmul_model(opset: int = 17) -> onnx.ModelProto:
+    """x -> MatMul -> LayerNorm-like ReduceMean/Sub (axes attribute before opset 18) -> MatMul -> Gemm(transB)."""
+    reduce = (helper.make_node("ReduceMean", ["h", "axes"], ["m"], name="mean") if opset >= 18
+              else helper.make_node("ReduceMean", ["h"], ["m"], name="mean", axes=[-1]))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), reduce,
+             helper.make_node("Sub", ["h", "m"], ["c"], name="centre"),
+             helper.make_node("MatMul", ["c", "w2"], ["g"], name="mm2"),
+             helper.make_node("Gemm", ["g", "w3"], ["y"], name="fc", transB=1)]
+    inits = [numpy_helper.from_array(_weights(K, N), "w1"), numpy_helper.from_array(_weights(N, 64), "w2"),
+             numpy_helper.from_array(_weights(OUT, 64), "w3")]
+    if opset >= 18:
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), "axes"))
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", OUT])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+FEEDS = {"x": RNG.standard_normal((4, K)).astype(np.float32)}
+
+
+def config(bits: int = 4, block: int = 32, extra: str = ""):
+    text = (f"[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num={bits}\n[weight_quant_param]\n"
+            f"dequant_strategy=ON_THE_FLY\nblock_size={block}\n{extra}")
+    return parse_config(text, "test.cfg")
+
+
+def test_pack_int4_low_nibble_first_matches_onnx():
+    values = np.array([-8, 7, 1, -1, 3], np.int8)
+    tensor = helper.make_tensor("t", TensorProto.INT4, [5], pack_int4(values), raw=True)
+    assert pack_int4(values) == bytes([0x78, 0xF1, 0x03])
+    assert numpy_helper.to_array(tensor).tolist() == values.tolist()
+
+
+def test_quantize_blocks_layout_and_search_beats_round_to_nearest():
+    w = _weights(100, 24)  # 100 rows: the last block of 32 is partial
+    rtn, searched = (quantize_blocks(w, 4, 0, 32, search=s) for s in (False, True))
+    assert searched.scale.shape == searched.zero_point.shape == (4, 24) and searched.codes.shape == (100, 24)
+    assert searched.codes.min() >= -8 and searched.codes.max() <= 7
+    assert searched.zero_point.min() >= -8 and searched.zero_point.max() <= 7
+    error = {name: float(np.linalg.norm(q.dequantized() - w) / np.linalg.norm(w))
+             for name, q in (("rtn", rtn), ("searched", searched))}
+    assert error["searched"] < 0.97 * error["rtn"]  # the clip search and refit gain at least 3% here
+    # along axis 1 (Gemm transB, Gather rows): the same blocks, transposed
+    transposed = quantize_blocks(w.T.copy(), 4, 1, 32)
+    assert transposed.scale.shape == (24, 4)
+    np.testing.assert_array_equal(transposed.codes, searched.codes.T)
+
+
+def test_on_the_fly_block_32_int4_matmul(tmp_path):
+    model = matmul_model()
+    result = convert(model, config())
+    out = result.model
+    assert out.opset_import[0].version == 21 and out.ir_version >= 10
+    assert {q.storage for q in result.quantized} == {"DequantizeLinear int4 block 32"}
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 3
+    attrs = {n.output[0]: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in dq}
+    # blocks run along K: axis 0 for MatMul's B [K, N], axis 1 for Gemm's transposed B [N, K]
+    assert attrs == {"w1": {"axis": 0, "block_size": 32}, "w2": {"axis": 0, "block_size": 32},
+                     "w3": {"axis": 1, "block_size": 32}}
+    inits = {t.name: t for t in out.graph.initializer}
+    codes = inits["w1_quantized"]
+    assert codes.data_type == TensorProto.INT4 and not codes.int32_data and len(codes.raw_data) == K * N // 2
+    assert tuple(inits["w1_scale"].dims) == (K // 32, N)
+    for want, got in zip(run(model, FEEDS), run(out, FEEDS)):
+        assert cosine(want, got) > 0.98  # three stacked 4-bit layers of random weights
+    # ONNX Runtime fuses DequantizeLinear + MatMul into its 4-bit kernel
+    optimized = tmp_path / "opt.onnx"
+    session(out, optimized_path=optimized)
+    ops = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+    assert ops["MatMulNBits"] == 2 and ops["MatMul"] == 0
+
+
+def test_block_int4_file_is_smaller_than_int8_and_closer_than_per_channel_int4():
+    model = matmul_model()
+    sizes, cosines = {}, {}
+    for name, cfg in (("int8", config(bits=8, block=0)), ("int4 per channel", config(block=0)),
+                      ("int4 block 32", config())):
+        out = convert(model, cfg).model
+        sizes[name] = out.ByteSize()
+        cosines[name] = cosine(run(model, FEEDS)[0], run(out, FEEDS)[0])
+    assert sizes["int4 block 32"] < 0.7 * sizes["int8"]
+    assert sizes["int4 per channel"] < 0.6 * sizes["int8"]
+    assert cosines["int4 block 32"] > cosines["int4 per channel"]
+
+
+def test_per_channel_int4_is_raw_packed_too():
+    out = convert(matmul_model(), config(block=0)).model
+    int4 = [t for t in out.graph.initializer if t.data_type == TensorProto.INT4]
+    assert int4 and all(t.raw_data and not t.int32_data for t in int4)
+
+
+@pytest.mark.parametrize("bits, dtype", [(8, TensorProto.INT8), (6, TensorProto.INT8), (3, TensorProto.INT4)])
+def test_block_widths_store_their_type(bits, dtype):
+    model = matmul_model()
+    result = convert(model, config(bits=bits))
+    codes = {t.name: t for t in result.model.graph.initializer}["w1_quantized"]
+    assert codes.data_type == dtype
+    assert cosine(run(model, FEEDS)[0], run(result.model, FEEDS)[0]) > (0.999 if bits >= 6 else 0.95)
+
+
+def test_block_size_keeps_other_weights_per_channel():
+    """A Conv weight is not split into blocks; it stays per output channel behind its DequantizeLinear."""
+    w = numpy_helper.from_array(_weights(32, 8, 3, 3), "conv_w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "conv_w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                              "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 6, 6])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert(model, config())
+    assert [q.storage for q in result.quantized] == ["DequantizeLinear int4"]
+
+
+def test_block_size_on_a_model_that_cannot_reach_opset_21_is_an_error():
+    model = matmul_model(18)
+    model.opset_import[0].version = 22  # already past 21: nothing to raise
+    result = convert(model, config())
+    assert {q.storage for q in result.quantized} == {"DequantizeLinear int4 block 32"}
+    broken = matmul_model(opset=11)
+    broken.graph.node[0].op_type = "NoSuchOp"  # the converter cannot move an unknown op
+    with pytest.raises(ConversionError, match="block_size with ON_THE_FLY needs opset 21"):
+        convert(broken, config(), validate=False)  # the input rules would refuse the unknown op first
+
+
+# ---------------------------------------------------------------- opset raise
+
+
+@pytest.mark.parametrize("opset", [13, 15, 17, 18, 20])
+def test_opset_raise_without_converter_preserves_outputs(opset):
+    model = matmul_model(opset)
+    want = run(model, FEEDS)
+    assert changed_ops(model.graph, opset, 21) == []
+    assert raise_opset(model, 21) == "direct"
+    assert model.opset_import[0].version == 21 and model.ir_version == 10
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_array_equal(run(model, FEEDS)[0], want[0])
+    if opset < 18:  # the axes attribute became an input
+        mean = next(n for n in model.graph.node if n.op_type == "ReduceMean")
+        assert len(mean.input) == 2 and not mean.attribute
+
+
+def test_opset_raise_rewrites_split_without_sizes():
+    nodes = [helper.make_node("Split", ["x"], ["a", "b"], name="split", axis=1),
+             helper.make_node("Sub", ["a", "b"], ["y"], name="sub")]
+    graph = helper.make_graph(nodes, "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feeds = {"x": RNG.standard_normal((2, 4)).astype(np.float32)}
+    want = run(model, feeds)[0]
+    assert raise_opset(model, 21) == "direct"
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_array_equal(run(model, feeds)[0], want)
+
+
+def test_opset_raise_with_a_changed_op_uses_the_converter_without_weights():
+    """GroupNormalization changed its scale/bias meaning in opset 21: the converter runs, on a weight-free copy."""
+    model = matmul_model(13)
+    model.graph.node.append(helper.make_node("RoiAlign", ["r", "rois", "idx"], ["unused"], name="roi"))
+    assert changed_ops(model.graph, 13, 21) == ["RoiAlign (opset 16)"]
+    model.graph.node.pop()
+    # a model the direct path refuses (opset 11: Softmax and Squeeze changed at 13) still converts, weights intact
+    old = matmul_model(11)
+    weights = {t.name: t.raw_data for t in old.graph.initializer}
+    want = run(old, FEEDS)[0]
+    assert raise_opset(old, 21) == "converter"
+    assert {t.name: t.raw_data for t in old.graph.initializer if t.name in weights} == weights
+    onnx.checker.check_model(old, full_check=True)
+    np.testing.assert_allclose(run(old, FEEDS)[0], want, rtol=1e-6, atol=1e-6)
+
+
+def test_ensure_opset_reports_a_converter_failure():
+    model = matmul_model(11)
+    model.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(ConversionError, match="cannot raise the model's opset to 21"):
+        ensure_opset(model, 21)
+
+
+def test_4_bit_per_channel_that_cannot_reach_opset_21_warns_and_says_why(caplog):
+    model = matmul_model(17)
+    model.graph.node.append(helper.make_node("NoSuchOp", ["y"], ["z"], name="odd"))  # the converter refuses it
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    result = convert(model, config(block=0), validate=False)
+    assert {q.storage for q in result.quantized} == {"DequantizeLinear int8"}
+    assert any("4-bit weights are stored as int8: int4 needs opset 21" in n for n in result.notes)
+    assert "4-bit weights are stored as int8" in caplog.text
