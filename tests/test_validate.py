@@ -271,3 +271,26 @@ def test_a_dynamic_quant_output_fed_back_is_refused():
     once = _convert(matmul(), "DYNAMIC_QUANT").model
     with pytest.raises(ModelError, match="already quantized"):
         _convert(once, "DYNAMIC_QUANT")
+
+
+# ---------------------------------------------------------------- models over 2 GB (threshold lowered)
+
+
+def test_models_over_the_limit_are_checked_from_their_file(tmp_path, monkeypatch):
+    from ptqlite import model as model_module
+    from ptqlite.validate import validate_model
+
+    monkeypatch.setattr(model_module, "EXTERNAL_DATA_THRESHOLD", 100)  # 256 bytes of weights count as "over 2 GB"
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    model_module.save_model(matmul(), good)
+    model_module.save_model(INVALID["dangling input"][0], bad)
+    assert (tmp_path / "good.onnx.data").exists()
+    assert validate_model(onnx.load(str(good)), str(good), good) == []
+    with pytest.raises(ModelError, match=rf"^{bad}: not a valid ONNX model \(Nodes in a graph must be topologically"):
+        validate_model(onnx.load(str(bad)), str(bad), bad)
+    # in memory only, the checker and the runtime cannot see it: said in a note, the other rules still hold
+    result = _convert(onnx.load(str(good)), "WEIGHT_QUANT")
+    assert "the ONNX checker and the ONNX Runtime load check did not run: the model is over 2 GB" in result.notes[-1]
+    with pytest.raises(ModelError, match="NaN"):
+        _convert(_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [_with_values(_w(), np.nan)]),
+                 "WEIGHT_QUANT")

@@ -10,7 +10,6 @@ from .config import load_config
 from .convert import convert, discard_reports, publish_reports
 from .errors import UsageError
 from .model import (
-    EXTERNAL_DATA_THRESHOLD,
     SUPPORTED_FMKS,
     check_fmk,
     load_model,
@@ -18,6 +17,7 @@ from .model import (
     save_model,
     stored_bytes,
     tensor_bytes,
+    too_large_for_one_file,
 )
 from .paths import check_input_file, check_not_special, check_output_file, is_devnull
 from .result import ConversionResult
@@ -90,7 +90,7 @@ def summary(result: ConversionResult, source: Path, out: Path | None) -> str:
     before = stored_bytes(source)
     if out is None:
         model = result.model
-        after = tensor_bytes(model) if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else model.ByteSize()
+        after = tensor_bytes(model) if too_large_for_one_file(model) else model.ByteSize()
     else:
         after = stored_bytes(out)
     lines = [f"{result.quant_type}: {source} -> {out or os.devnull + ' (nothing written)'}",

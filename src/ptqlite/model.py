@@ -133,7 +133,7 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
         remove_stale_temps(data_path)
-        if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        if too_large_for_one_file(model):
             with _external_data(model, tmp_data, data_path.name):
                 write_file(tmp, model.SerializeToString(deterministic=True))
             os.replace(tmp_data, data_path)
@@ -161,6 +161,11 @@ def stored_bytes(path: str | Path) -> int:
     locations = {entry.value for t in iter_tensors(model.graph) for entry in t.external_data
                  if entry.key == "location"}
     return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
+def too_large_for_one_file(model: onnx.ModelProto) -> bool:
+    """True when the model must keep its tensors in external data (it cannot be serialised in one message)."""
+    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .errors import ConversionError, DataError, ModelError
-from .model import EXTERNAL_DATA_THRESHOLD, iter_graphs, tensor_bytes
+from .model import iter_graphs, too_large_for_one_file
 from .plan import WEIGHT_SLOTS
 from .runtime import cpu_session
 
@@ -45,13 +45,13 @@ def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None 
     checks of models over 2 GB use (protobuf cannot serialise those in memory)."""
     notes: list[str] = []
     _check_opsets(model, source)
-    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD and path is None:
+    large = too_large_for_one_file(model)
+    if large and path is None:
         notes.append("the ONNX checker and the ONNX Runtime load check did not run: the model is over 2 GB and "
                      "was given in memory, not as a file")
         refuse_quantized(model, source)
         check_weights_finite(model, source)
         return notes
-    large = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     # a model over 2 GB cannot be serialised in memory: both checks read its file instead
     _check_onnx(model if not large else str(path), source)
     refuse_quantized(model, source)
