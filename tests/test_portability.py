@@ -116,7 +116,7 @@ def test_fixed_width_forms_decode_identically(request, tmp_path, form, bits, sha
 
 @pytest.mark.parametrize("bits", [8, 16])
 def test_unencoded_storage_decodes_identically(tmp_path, bits):
-    codes, zero, rng = _form_codes("packed", bits, (6, 5, 3))
+    codes, zero, _ = _form_codes("packed", bits, (6, 5, 3))
     graph = helper.make_graph([], "g", [], [])
     index = GraphIndex(graph)
     shared = SharedConstants(index, 17)
@@ -159,7 +159,7 @@ def test_mixed_bit_rice_decodes_identically(request, tmp_path, bits, per_channel
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_mixed_bit_split_decodes_identically(request, tmp_path, bits, per_channel):
     known_broken(request)
-    spec, q, step = _mixed_layer(bits, per_channel=per_channel)
+    _, q, step = _mixed_layer(bits, per_channel=per_channel)
     shared = SharedConstants(GraphIndex(helper.make_graph([], "g", [], [])), 17)
     decoder = split_decoder(shared.index, shared, "w", q, step, plan_split(zigzag(q), SPLIT_OPSET + 1))
     out = assert_same_everywhere(_mixed_model([decoder], shared, q.shape), tmp_path)
