@@ -5,15 +5,15 @@ absorb scale, zero point and bias correction). The codes are stored in the small
 by standard ONNX ops whose inputs are all initializers, so ONNX Runtime folds the decoder into the plain float
 weight when the session loads and no decode work remains per inference:
 
-- "packed":  one MSB-first bit stream of ceil(n*bits/8) bytes (8 and 16 bits: plain uint8/uint16 codes);
+- "packed":  the codes in ceil(n*bits/8) bytes (8 and 16 bits: plain uint8/uint16 codes; see _Builder.unpack_codes);
 - "indexed": the sorted distinct codes as a small table plus packed indices of ceil(log2(distinct)) bits;
 - "sparse":  only the codes that differ from their channel's zero code, with packed position gaps;
 - "int8"/"int16": bits 8 and 16 without encoding (enable_encode=false), one signed integer per element.
 
-Only ops from opset 11 or older are used (Reshape, BitShift, Mod, Slice, Cast, MatMul, Gather, CumSum, Expand,
-ScatterElements, Mul, Add), so the decoder runs on any model with opset >= 11. On models with opset >= 14 (INTEGER_OPSET)
-Add also takes uint8/uint16, and widths that do not divide 8 are decoded in integers too (see _Builder.unpack_codes).
-Small constants that every decoder needs (shift tables, shapes) are stored once per model and shared.
+The decoders compute in uint8/uint16 with Add, Sub, Mul, Div on those types (opset 14, MIN_OPSET: the passes raise
+older models), and no result depends on what a runtime does on integer overflow or inexact integer division:
+OpenVINO saturates uint8 shifts and products and rounds uint8 quotients where ONNX Runtime wraps and truncates.
+Small constants that every decoder needs (shapes, divisor tables) are stored once per model and shared.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .model import GraphIndex
 from .qmath import bits_for, pack_bits
 
-MIN_OPSET = 11
-INTEGER_OPSET = 14  # Add/Sub/Mul on uint8 and uint16: the decoders of odd widths and Rice codes stay integer
+MIN_OPSET = 14  # Add, Sub, Mul, Div on uint8 and uint16: the decoders' integer arithmetic
+ODD_PARTS = {3: (2, 1), 5: (1, 4), 6: (2, 4), 7: (1, 2, 4)}  # widths of a code's streams, high bits first
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SharedConstants:
 
     def __init__(self, index: GraphIndex, opset: int = MIN_OPSET):
         self.index = index
-        self.opset = opset  # the model's: decides which integer ops the decoders may use
+        self.opset = opset  # the model's: decides which ops the decoders may use (see SPLIT_OPSET)
         self.by_key: dict[tuple, str] = {}
         self.initializers: list[onnx.TensorProto] = []
         self.nodes: list[onnx.NodeProto] = []  # of the shared values, in creation (topological) order
@@ -177,109 +177,116 @@ class _Builder:
     def shape_of(self, dims) -> str:
         return self.shared.get(np.array(dims, np.int64))
 
-    def unpack(self, codes: np.ndarray, bits: int) -> str:
-        """Store unsigned codes packed; return the name of a graph value holding them as float, flat [n]."""
-        flat, is_float = self.unpack_codes(codes, bits)
-        return flat if is_float else self.node("Cast", [flat], to=TensorProto.FLOAT)
+    def uint8(self, value: int) -> str:
+        return self.shared.get(np.array(value, np.uint8))
 
-    def unpack_codes(self, codes: np.ndarray, bits: int, flat: bool = True) -> tuple[str, bool]:
-        """Store unsigned codes packed; return a graph value holding them flat [n], and whether it is float.
+    def unpack_codes(self, codes: np.ndarray, bits: int) -> str:
+        """Store unsigned codes packed; return a graph value holding them in codes' shape, as uint8 (uint16
+        above 8 bits).
 
-        Widths that divide 8 and 16 bits decode to uint8/uint16: integer intermediates cost 1-2 bytes a code
-        while ONNX Runtime folds the decoder, a float one 4. Other widths: integer on opset >= INTEGER_OPSET
-        (_odd_width), else their bits are weighed with a float MatMul.
-        flat=False: a caller that reshapes anyway may get the codes in another shape when that saves a copy.
+        Integer intermediates cost 1-2 bytes a code while ONNX Runtime folds the decoder, a float one 4. Every
+        op is exact whatever a runtime does on overflow or inexact integer division (docs/architecture.md,
+        "Weight storage"): bit fields come from Mod, Sub of a smaller value, Div of an exact multiple, Mul that
+        stays in range, and Gather from small tables computed at load.
         """
-        count = codes.size
+        codes = np.asarray(codes, dtype=np.int64)
         if bits in (8, 16):
-            return self.const(codes.astype(np.uint8 if bits == 8 else np.uint16).ravel()), False
-        if 8 % bits and self.shared.opset >= INTEGER_OPSET:
-            return self._odd_width(np.asarray(codes), bits, flat), False
-        # Stored as a column [bytes, 1]: no Reshape (each folded op's output is one more copy at load).
-        column = self.const(pack_bits(codes, bits).reshape(-1, 1))
-        if 8 % bits == 0:
-            # Whole codes per byte: shift each field down, keep its low bits.
-            per_byte = 8 // bits
-            shifts = np.arange(per_byte - 1, -1, -1, dtype=np.uint8).reshape(1, per_byte) * bits
-            fields = self.node("BitShift", [column, self.shared.get(shifts)], direction="RIGHT")
-            low = self.node("Mod", [fields, self.shared.get(np.array([1 << bits], np.uint8))])
-            total = -(-count * bits // 8) * per_byte
-            return (low, False) if total == count and not flat else (self._first(low, count, total), False)
-        # Any other width: split bytes into bits, then weigh each code's bits with powers of two.
-        bit = self.bits(column)
-        rows = self.node("Reshape", [self._first(bit, count * bits, -(-count * bits // 8) * 8), self.shape_of([count, bits])])
-        as_float = self.node("Cast", [rows], to=TensorProto.FLOAT)
-        powers = (2.0 ** np.arange(bits - 1, -1, -1)).astype(np.float32).reshape(bits, 1)
-        weighted = self.node("MatMul", [as_float, self.shared.get(powers)])
-        return self.node("Reshape", [weighted, self.shape_of([-1])]), True
-
-    def _odd_width(self, codes: np.ndarray, bits: int, flat: bool) -> str:
-        """Codes of a width that does not divide 8, decoded in integers (uint8, or uint16 above 8 bits).
-
-        Up to 8 bits: 8 codes take `bits` whole bytes, so the stream is stored as rows of `bits` bytes. Code j of
-        a row starts in byte j*bits // 8 and may run into the next one: each part is gathered into a [rows, 8]
-        table, shifted into place (uint8 shifts drop the bits that belong to neighbours) and the two are added.
-        About 6 bytes per code at load, where weighing bits in float took about 30. Wider codes: the low byte is
-        stored plain, the high bits this way, joined in uint16.
-        """
-        count = codes.size
+            return self.const(codes.astype(np.uint8 if bits == 8 else np.uint16))
         if bits > 8:
-            high = self.unpack_codes(codes >> 8, bits - 8)[0]
-            low = self.const((codes & 0xFF).astype(np.uint8).ravel())
-            high16 = self.node("Cast", [high], to=TensorProto.UINT16)
-            shifted = self.node("BitShift", [high16, self.shared.get(np.array([8], np.uint16))], direction="LEFT")
-            return self.node("Add", [shifted, self.node("Cast", [low], to=TensorProto.UINT16)])
-        rows = -(-count // 8)
-        padded = np.zeros(rows * 8, np.int64)
-        padded[:count] = np.asarray(codes).ravel()
-        stream = self.const(pack_bits(padded, bits).reshape(rows, bits))
-        start = np.arange(8) * bits
-        first, offset = start // 8, start % 8
-        spill = offset + bits > 8  # codes that run into the next byte
-        high = self.node("Gather", [stream, self.shared.get(first.astype(np.int32))], axis=1)
-        high = self.node("BitShift", [high, self.shared.get(offset.astype(np.uint8)[None])], direction="LEFT")
-        high = self.node("BitShift", [high, self.shared.get(np.array([8 - bits], np.uint8))], direction="RIGHT")
-        # The next byte's leading bits; shifting a uint8 by 8 gives 0 for the codes that do not spill.
-        nxt = np.minimum(first + 1, bits - 1).astype(np.int32)
-        low = self.node("Gather", [stream, self.shared.get(nxt)], axis=1)
-        low_shift = np.where(spill, 16 - offset - bits, 8).astype(np.uint8)[None]
-        low = self.node("BitShift", [low, self.shared.get(low_shift)], direction="RIGHT")
-        fields = self.node("Add", [high, low])
-        total = rows * 8
-        return fields if total == count and not flat else self._first(fields, count, total)
+            return self._wide(codes, bits)
+        if bits == 4:
+            return self._nibbles(codes)
+        if 8 % bits == 0:
+            return self._by_table(codes, bits)
+        return self._odd_width(codes, bits)
 
-    def bits(self, column: str) -> str:
-        """The bits of a uint8 column [n, 1], MSB first, as a uint8 table [n, 8]."""
-        shifts = self.shared.get(np.arange(7, -1, -1, dtype=np.uint8)[None])
-        shifted = self.node("BitShift", [column, shifts], direction="RIGHT")
-        return self.node("Mod", [shifted, self.shared.get(np.array([2], np.uint8))])
+    def field_table(self, bits: int, shift: int = 0) -> str:
+        """uint8 [256, 8 // bits]: the `bits`-bit fields of every byte value, MSB first, times 2^shift; computed
+        at load by a few float ops on 256 values (exact: powers of two, Floor, Mod), so it costs no file bytes."""
 
-    def _first(self, fields: str, count: int, total: int) -> str:
-        """The first `count` of the `total` values of a [bytes, per_byte] table, flat (no Slice without padding)."""
+        def build(t: _Builder) -> str:
+            get = t.shared.get
+            values = t.node("Range", [get(np.array(0, np.float32)), get(np.array(256, np.float32)),
+                                      get(np.array(1, np.float32))])
+            shifts = np.arange(8 - bits, -1, -bits, dtype=np.float32).reshape(1, -1)
+            column = t.node("Reshape", [values, t.shape_of([256, 1])])
+            shifted = t.node("Floor", [t.node("Div", [column, get(2.0 ** shifts)])])
+            fields = t.node("Mod", [shifted, get(np.array(1 << bits, np.float32))], fmod=1)
+            if shift:
+                fields = t.node("Mul", [fields, get(np.array(1 << shift, np.float32))])
+            return t.node("Cast", [fields], to=TensorProto.UINT8)
+
+        return self.shared.value(("fields", bits, shift), build)
+
+    def _by_table(self, codes: np.ndarray, bits: int, shift: int = 0) -> str:
+        """1 and 2 bits (times 2^shift): the bit stream, cast to int32, gathers each byte's fields from
+        field_table (1.5-2 bytes a code at load besides the result)."""
+        stream = self.const(pack_bits(codes, bits))
+        fields = self.node("Gather", [self.field_table(bits, shift),
+                                      self.node("Cast", [stream], to=TensorProto.INT32)])
+        return self._trim(fields, codes, stream_codes=-(-codes.size * bits // 8) * (8 // bits))
+
+    def _nibbles(self, codes: np.ndarray) -> str:
+        """4 bits: byte = 16 * hi + lo, where hi and lo are the two halves of the codes along an axis of even
+        size (the flat codes, padded, where no axis is even). lo = x mod 16, hi = (x - lo) / 16 (exact), and one
+        Concat along that axis gives the codes in their shape: 2.5 bytes a code at load, no Reshape."""
+        axis = next((a for a in reversed(range(codes.ndim)) if codes.shape[a] % 2 == 0), None)
+        planes = codes if axis is not None else np.pad(codes.ravel(), (0, codes.size % 2))
+        hi, lo = np.split(planes, 2, axis=axis or 0)
+        stream = self.const((hi * 16 + lo).astype(np.uint8))
+        low = self.node("Mod", [stream, self.uint8(16)])
+        high = self.node("Div", [self.node("Sub", [stream, low]), self.uint8(16)])
+        joined = self.node("Concat", [high, low], axis=axis or 0)
+        if axis is not None:
+            return joined
+        flat = self.node("Slice", [joined, self.shape_of([0]), self.shape_of([codes.size])])
+        return flat if codes.ndim == 1 else self.node("Reshape", [flat, self.shape_of(codes.shape)])
+
+    def _odd_width(self, codes: np.ndarray, bits: int) -> str:
+        """3, 5, 6 and 7 bits: the codes' high and low bits as separate streams of the widths above (ODD_PARTS),
+        the higher ones from tables that hold their fields already times their place value, joined by Add (no
+        overflow: the sum is the code). Same bytes as one bit stream (up to a byte of padding per part), about
+        6.5 bytes a code at load besides the result (7 bits: 10)."""
+        total, shift = None, bits
+        for width in ODD_PARTS[bits]:
+            shift -= width
+            part = (codes >> shift) & ((1 << width) - 1)
+            value = self._nibbles(part) if width == 4 else self._by_table(part, width, shift)
+            total = value if total is None else self.node("Add", [total, value])
+        return total
+
+    def _wide(self, codes: np.ndarray, bits: int) -> str:
+        """9 to 15 bits: the low byte stored plain, the high bits packed, joined in uint16 (high * 256 < 2^15)."""
+        high = self.node("Cast", [self.unpack_codes(codes >> 8, bits - 8)], to=TensorProto.UINT16)
+        low = self.node("Cast", [self.const((codes & 0xFF).astype(np.uint8))], to=TensorProto.UINT16)
+        shifted = self.node("Mul", [high, self.shared.get(np.array(256, np.uint16))])
+        return self.node("Add", [shifted, low])
+
+    def _trim(self, fields: str, codes: np.ndarray, stream_codes: int) -> str:
+        """Fields holding the `stream_codes` codes of a stream (the codes, then padding) in row-major order, as
+        a value in codes' shape (no Slice without padding, no Reshape where the shape is already right)."""
+        if stream_codes == codes.size:
+            return self.node("Reshape", [fields, self.shape_of(codes.shape)])
         flat = self.node("Reshape", [fields, self.shape_of([-1])])
-        if count == total:
-            return flat
-        return self.node("Slice", [flat, self.shape_of([0]), self.shape_of([count])])
+        flat = self.node("Slice", [flat, self.shape_of([0]), self.shape_of([codes.size])])
+        return flat if codes.ndim == 1 else self.node("Reshape", [flat, self.shape_of(codes.shape)])
 
-    def finish(self, codes: str, is_float: bool, shape: tuple[int, ...], scale: np.ndarray, offset: np.ndarray,
-               target: str, result: str) -> Decoder:
-        """Shape the flat codes (while still integer: a float Reshape would cost one more float copy at load),
-        then produce what `result` asks for (see build_decoder)."""
+    def bits(self, stream: str) -> str:
+        """The bits of a uint8 stream, MSB first, as uint8 with one more axis of 8 (a field_table lookup)."""
+        return self.node("Gather", [self.field_table(1), self.node("Cast", [stream], to=TensorProto.INT32)])
+
+    def finish(self, codes: str, shape: tuple[int, ...], scale: np.ndarray, offset: np.ndarray, target: str,
+               result: str) -> Decoder:
+        """Produce what `result` asks for (see build_decoder) from the integer codes in the weight's shape (shaped
+        while integer: a float Reshape would cost one more float copy at load)."""
         d = self.decoder
         d.scale, d.offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
-        if codes in {t.name for t in d.initializers}:  # stored flat: give it the weight's shape instead
-            stored = next(t for t in d.initializers if t.name == codes)
-            stored.dims[:] = shape
-            shaped = codes
-        else:
-            shaped = self.node("Reshape", [codes, self.shape_of(shape)])
-        if result == "codes" or (result == "float codes" and is_float):
-            d.output = shaped
+        if result == "codes":
+            d.output = codes
         elif result == "float codes":
-            d.output = self.node("Cast", [shaped], to=TensorProto.FLOAT)
+            d.output = self.node("Cast", [codes], to=TensorProto.FLOAT)
         else:
-            as_float = shaped if is_float else self.node("Cast", [shaped], to=TensorProto.FLOAT)
-            scaled = self.node("Mul", [as_float, self.const(d.scale)])
+            scaled = self.node("Mul", [self.node("Cast", [codes], to=TensorProto.FLOAT), self.const(d.scale)])
             d.output = self.node("Add", [scaled, self.const(d.offset)], output=target)
         return d
 
@@ -289,7 +296,7 @@ def _code_type(bits: int) -> type:
 
 
 def _packed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder:
-    return b.finish(*b.unpack_codes(codes, bits, flat=False), codes.shape, scale, offset, target, result)
+    return b.finish(b.unpack_codes(codes, bits), codes.shape, scale, offset, target, result)
 
 
 def _indexed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder | None:
@@ -297,12 +304,14 @@ def _indexed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder
     index_bits = bits_for(table.size)
     if index_bits >= bits:
         return None
-    idx = b.node("Cast", [b.unpack_codes(positions.ravel(), index_bits, flat=False)[0]], to=TensorProto.INT32)
-    flat = b.node("Gather", [b.const(table.astype(_code_type(bits))), idx])
-    return b.finish(flat, False, codes.shape, scale, offset, target, result)
+    idx = b.node("Cast", [b.unpack_codes(positions.reshape(codes.shape), index_bits)], to=TensorProto.INT32)
+    shaped = b.node("Gather", [b.const(table.astype(_code_type(bits))), idx])
+    return b.finish(shaped, codes.shape, scale, offset, target, result)
 
 
 def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes, result) -> Decoder | None:
+    """Only the codes off their channel's zero code, written by one ScatterElements into the zero codes at the
+    running sums of packed gaps (positions inside the tensor by construction)."""
     shape = codes.shape
     flat_codes = codes.ravel()
     positions = np.flatnonzero(flat_codes != np.broadcast_to(zero_codes, shape).ravel())
@@ -310,16 +319,13 @@ def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes, result)
     if positions.size == 0 or positions.size * 2 > flat_codes.size:
         return None
     gaps = np.diff(positions, prepend=0)
-    code_type = _code_type(bits)
-    values, is_float = b.unpack_codes(flat_codes[positions], bits)
-    if is_float:
-        values = b.node("Cast", [values], to=helper.np_dtype_to_tensor_dtype(np.dtype(code_type)))
-    where = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, bits_for(int(gaps.max()) + 1))[0]],
+    values = b.unpack_codes(flat_codes[positions], bits)
+    where = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, bits_for(int(gaps.max()) + 1))],
                                      to=TensorProto.INT64), b.shared.get(np.array(0, np.int64))])
-    dense = b.node("Expand", [b.const(zero_codes.astype(code_type)), b.shape_of(shape)])
+    dense = b.node("Expand", [b.const(zero_codes.astype(_code_type(bits))), b.shape_of(shape)])
     dense_flat = b.node("Reshape", [dense, b.shape_of([-1])])
     flat = b.node("ScatterElements", [dense_flat, where, values])
-    return b.finish(flat, False, shape, scale, offset, target, result)
+    return b.finish(b.node("Reshape", [flat, b.shape_of(shape)]), shape, scale, offset, target, result)
 
 
 def _plain(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder:
@@ -327,7 +333,7 @@ def _plain(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder:
     shift = 1 << (bits - 1)
     stored = b.const((codes - shift).astype(np.int8 if bits == 8 else np.int16))
     # offset is defined for unsigned codes; signed codes need offset + shift * scale
-    return b.finish(stored, False, codes.shape, scale, offset + shift * scale, target, result)
+    return b.finish(stored, codes.shape, scale, offset + shift * scale, target, result)
 
 
 def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes: np.ndarray, bits: int,
@@ -339,8 +345,8 @@ def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes
     or per tensor); zero_codes are the codes that decode to the channel's zero point (for the sparse form).
     forms: the encodings to consider (indexed and sparse are skipped where they cannot pay).
     result: "weight": the float weight itself, as `target`; "float codes": the codes as float (one Cast after
-    the integer decoding), the caller applying decoder.scale and decoder.offset; "codes": the codes as stored
-    (integer, except widths decoded in float). For the last two the result is decoder.output.
+    the integer decoding), the caller applying decoder.scale and decoder.offset; "codes": the integer codes
+    (uint8/uint16; int8/int16 unencoded). For the last two the result is decoder.output.
     """
     codes = np.asarray(codes, dtype=np.int64)
     def builder(encoding: str) -> _Builder:
@@ -365,13 +371,14 @@ def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes
 SPLIT_OPSET = 16  # ScatterElements with reduction="add": entries at one position add up
 
 
-def packed_bytes(count: int, bits: int, opset: int = SPLIT_OPSET) -> int:
+def packed_bytes(count: int, bits: int) -> int:
     """Bytes that _Builder.unpack_codes stores for `count` codes of `bits` bits (odd widths pad rows of 8 codes)."""
     if bits in (8, 16):
         return count * bits // 8
-    if 8 % bits and opset >= INTEGER_OPSET:
-        # above 8 bits: the low byte plain, the high bits packed (see _Builder._odd_width)
-        return count + packed_bytes(count, bits - 8, opset) if bits > 8 else -(-count // 8) * bits
+    if bits > 8:  # the low byte plain, the high bits packed (see _Builder._wide)
+        return count + packed_bytes(count, bits - 8)
+    if bits in ODD_PARTS:  # a stream per part (see _Builder._odd_width)
+        return sum(packed_bytes(count, width) for width in ODD_PARTS[bits])
     return -(-count * bits // 8)
 
 
@@ -390,18 +397,13 @@ class SplitPlan:
     stored_bytes: int  # data bytes of the three packed streams
 
 
-def _entry_counts(values: np.ndarray, limit: int) -> int:
-    """Extra entries needed when each of `values` (>= 0) is cut into pieces of at most `limit`."""
-    return int(np.sum(np.maximum(values - 1, 0) // limit))
-
-
-def plan_split(z: np.ndarray, opset: int = SPLIT_OPSET) -> SplitPlan:
+def plan_split(z: np.ndarray) -> SplitPlan:
     """The k, gap and value widths that store unsigned values `z` in the fewest bytes (every k from 0 up)."""
     z = np.asarray(z, dtype=np.int64).ravel()
     top = int(z.max()).bit_length() if z.size else 0
     best: SplitPlan | None = None
     for k in range(top + 1):
-        low_bytes = packed_bytes(z.size, k, opset) if k else 0
+        low_bytes = packed_bytes(z.size, k) if k else 0
         if best is not None and low_bytes >= best.stored_bytes:
             continue  # the low bits alone cost more (widths above 8 can be cheaper again: 9 = 8 + 1)
         high = z >> k
@@ -418,7 +420,7 @@ def plan_split(z: np.ndarray, opset: int = SPLIT_OPSET) -> SplitPlan:
                 for value_bits in range(1, bits_for(int(values[-1]) + 1) + 1):
                     extra = int(np.sum(value_counts * ((values - 1) // ((1 << value_bits) - 1))))
                     entries = positions.size + fillers + extra
-                    size = low_bytes + packed_bytes(entries, gap_bits, opset) + packed_bytes(entries, value_bits, opset)
+                    size = low_bytes + packed_bytes(entries, gap_bits) + packed_bytes(entries, value_bits)
                     if plan is None or size < plan.stored_bytes:
                         plan = SplitPlan(k, gap_bits, value_bits, size)
         if best is None or plan.stored_bytes < best.stored_bytes:
@@ -445,13 +447,6 @@ def split_entries(high: np.ndarray, gap_bits: int, value_bits: int) -> tuple[np.
     return out_gaps, out_values
 
 
-def split_join(low: np.ndarray, gaps: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
-    """Reference decoder (numpy) of the split form: what the graph of split_codes computes."""
-    z = np.asarray(low, dtype=np.int64).copy()
-    np.add.at(z, np.cumsum(gaps), np.asarray(values, dtype=np.int64) << k)
-    return z
-
-
 def split_type(zmax: int) -> tuple[type, int]:
     """The narrowest integer type (numpy, ONNX) that holds values up to zmax."""
     if zmax < 1 << 8:
@@ -465,13 +460,14 @@ def split_codes(b: _Builder, z: np.ndarray, plan: SplitPlan) -> str:
     """Store unsigned values `z` in the split form of `plan`; return a graph value holding them, flat [n].
 
     Integer all the way, in the narrowest type that holds max(z): the low bits unpacked by unpack_codes, the
-    high parts added in by one ScatterElements (reduction add) at the running sums of the gaps. No TopK and
-    no float copy: about 8 bytes a value at load besides the weight."""
+    high parts added in by one ScatterElements (reduction add) at the running sums of the gaps (inside the
+    tensor, and the sums stay below 2^k * (z >> k) + low = z, so nothing overflows). No TopK and no float copy:
+    about 8 bytes a value at load besides the weight."""
     z = np.asarray(z, dtype=np.int64).ravel()
     k = plan.k
     np_type, onnx_type = split_type(int(z.max()) if z.size else 0)
     if k:
-        low = b.unpack_codes(z & ((1 << k) - 1), k)[0]
+        low = b.unpack_codes(z & ((1 << k) - 1), k)
         if k > 8 or np_type is not np.uint8:
             low = b.node("Cast", [low], to=onnx_type)
     else:
@@ -479,9 +475,9 @@ def split_codes(b: _Builder, z: np.ndarray, plan: SplitPlan) -> str:
     if not np.any(z >> k):
         return low
     gaps, values = split_entries(z >> k, plan.gap_bits, plan.value_bits)
-    where = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, plan.gap_bits)[0]], to=TensorProto.INT64),
+    where = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, plan.gap_bits)], to=TensorProto.INT64),
                               b.shared.get(np.array(0, np.int64))])
-    high = b.unpack_codes(values, plan.value_bits)[0]
+    high = b.unpack_codes(values, plan.value_bits)
     if plan.value_bits > 8 or np_type is not np.uint8:
         high = b.node("Cast", [high], to=onnx_type)
     if k:

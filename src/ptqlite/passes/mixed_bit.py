@@ -8,7 +8,7 @@ of measuring it compete, and the smaller file wins at the same error:
 - "per-channel": one step per output channel, each channel's own relative error at t (so the tensor's is too).
 
 The integer codes are then stored in the smallest form: the packed / indexed / sparse forms of encoding.py,
-or a Rice code (an entropy code close to the codes' entropy, see _rice_values) decoded by standard ONNX ops.
+or a Rice code (an entropy code close to the codes' entropy, see rice_encode) decoded by standard ONNX ops.
 Every form is folded back into the float weight by ONNX Runtime when the session loads. A layer whose target
 cannot be met with codes of at most 16 bits falls back to 8-bit fixed quantization.
 
@@ -28,7 +28,6 @@ from onnx import TensorProto, helper, numpy_helper
 from ..autotune import TARGET_COSINE, OutputComparer, evaluation_inputs, search_scale
 from ..config import QuantConfig
 from ..encoding import (
-    INTEGER_OPSET,
     MIN_OPSET,
     SPLIT_OPSET,
     Decoder,
@@ -180,86 +179,45 @@ def rice_bits(z: np.ndarray, k: int) -> int:
     return int(z.size * (k + 1) + np.sum(np.asarray(z, dtype=np.int64) >> k))
 
 
-def _rice_values(b: _Builder, z: np.ndarray, k: int) -> str:
-    """Graph value holding the signed codes of the Rice-coded zigzag values `z`, flat float [len(z)].
-
-    Unary stream: bytes -> bits (BitShift, Mod) -> positions of the zeros -> gaps between them = quotients.
-    The positions come from TopK (smallest first, k = number of values) over the bits: equal keys come out
-    lowest index first, so these are the zeros in order (NonZero would do too, but ONNX Runtime does not fold
-    it). Remainders are packed with k bits each. All inputs are constants: the runtime folds it all at load.
-    """
-    stream, remainders = rice_encode(z, k)
-    shared = b.shared
-    bits = b.bits(b.const(stream.reshape(-1, 1)))
-    keys = b.node("Cast", [b.node("Reshape", [bits, b.shape_of([-1])])], to=TensorProto.FLOAT)
-    b.node("TopK", [keys, b.shape_of([z.size])], largest=0)  # 1-D: the default axis
-    stops = b.name()
-    b.decoder.nodes[-1].output.append(stops)  # TopK's second output: the indices
-    previous = b.node("Concat", [shared.get(np.array([-1], np.int64)),
-                                 b.node("Slice", [stops, b.shape_of([0]), b.shape_of([z.size - 1])])], axis=0)
-    gaps = b.node("Sub", [b.node("Sub", [stops, previous]), shared.get(np.array([1], np.int64))])
-    value = b.node("Cast", [gaps], to=TensorProto.FLOAT)
-    if k:
-        value = b.node("Add", [b.node("Mul", [value, shared.get(np.array([1 << k], np.float32))]),
-                               b.unpack(remainders, k)])
-    # zigzag back, in float (exact for these integers): odd = z mod 2, q = (z + odd) * (0.5 - odd)
-    odd = b.node("Mod", [value, shared.get(np.array([2.0], np.float32))], fmod=1)
-    sign = b.node("Sub", [shared.get(np.array([0.5], np.float32)), odd])
-    return b.node("Mul", [b.node("Add", [value, odd]), sign])
-
-
 def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer],
                   sites: dict[str, str] | None = None, outputs: dict[str, str] | None = None) -> list[Decoder]:
-    """Decoders for the Rice-coded layers: one decoding graph per Rice parameter k, shared by its layers.
-
-    On models with opset >= INTEGER_OPSET the decoding stays integer (_rice_integer); older models get the float
-    decoder (_rice_values), one stream per k cut between layers every RICE_CHUNK values, and always rebuilds the
-    weight at load. sites and outputs: as for split_group_decoders.
+    """Decoders for the Rice-coded layers: one integer decoding graph per Rice parameter k, shared by its layers
+    (_rice_integer). sites and outputs: as for split_group_decoders.
     """
     sites = sites or {}
     outputs = {} if outputs is None else outputs
     decoders = []
     for k in sorted({layer.rice_k for layer in layers}):
         group = [layer for layer in layers if layer.rice_k == k]
-        if shared.opset >= INTEGER_OPSET:
-            decoders.append(_rice_integer(index, shared, group, k, sites, outputs))
-            continue
-        chunks: list[list[MixedLayer]] = [[]]
-        for layer in group:
-            if chunks[-1] and sum(x.q.size for x in chunks[-1]) + layer.q.size > RICE_CHUNK:
-                chunks.append([])
-            chunks[-1].append(layer)
-        for chunk in chunks:
-            b = _Builder(index, shared, f"rice k={k}")
-            flat = _rice_values(b, np.concatenate([zigzag(x.q).ravel() for x in chunk]), k)
-            start = 0
-            for layer in chunk:
-                size = layer.q.size
-                part = flat if len(chunk) == 1 else b.node("Slice", [flat, b.shape_of([start]),
-                                                                     b.shape_of([start + size])])
-                shaped = b.node("Reshape", [part, b.shape_of(layer.q.shape)])
-                b.node("Mul", [shaped, b.const(layer.step.astype(np.float32))], output=layer.spec.tensor)
-                start += size
-            decoders.append(b.decoder)
+        decoders.append(_rice_integer(index, shared, group, k, sites, outputs))
     return decoders
 
 
 def _rice_quotients(b: _Builder, z: np.ndarray, k: int) -> str:
     """uint8 [len(z)]: each value's quotient plus one, from its Rice stream (integer ops only).
 
-    The positions of the stream's 0 bits come from TopK (smallest first over the uint8 bits; ties come out lowest
-    index first), cast to uint8: neighbouring positions then differ by quotient + 1 modulo 256, exact because
-    quotients are at most MAX_QUOTIENT. Folded outputs: 3 bytes a stream bit, 12 a value (TopK's int64 indices).
+    The positions of the stream's 0 bits: TopK (smallest first, k = number of values) over the uint8 bits selects
+    them, and a second TopK over those indices sorts them (the spec lets equal keys come out lowest index first,
+    but OpenVINO orders ties otherwise). Cast to uint8 (the ONNX rule for a narrower integer Cast keeps the low
+    8 bits), neighbouring positions differ by quotient + 1 modulo 256, exact because quotients are at most
+    MAX_QUOTIENT. That difference is taken without wrapping (runtimes disagree on uint8 overflow): |a - b| from
+    Max and Min, and 256 - |a - b| where the position crossed a multiple of 256. Folded outputs: 2.5 bytes a
+    stream bit, about 40 a value (the TopKs' int64 outputs).
     """
     stream, _ = rice_encode(z, k)
-    bits = b.node("Reshape", [b.bits(b.const(stream.reshape(-1, 1))), b.shape_of([-1])])
-    b.node("TopK", [bits, b.shape_of([z.size])], largest=0)  # 1-D: the default axis
-    stops = b.name()
-    b.decoder.nodes[-1].output.append(stops)  # TopK's second output: the indices
+    bits = b.node("Reshape", [b.bits(b.const(stream)), b.shape_of([-1])])
+    count = b.shape_of([z.size])
+    b.node("TopK", [bits, count], largest=0)  # 1-D: the default axis
+    zeros = b.name()
+    b.decoder.nodes[-1].output.append(zeros)  # TopK's second output: the indices
+    stops = b.node("TopK", [zeros, count], largest=0)  # its values: the positions in order
+    b.decoder.nodes[-1].output.append(b.name())
     stops = b.node("Cast", [stops], to=TensorProto.UINT8)
     previous = b.node("Concat", [b.shared.get(np.array([255], np.uint8)),
                                  b.node("Slice", [stops, b.shape_of([0]), b.shape_of([z.size - 1])])], axis=0)
-    return b.node("Sub", [stops, previous])
+    distance = b.node("Sub", [b.node("Max", [stops, previous]), b.node("Min", [stops, previous])])
+    crossed = b.node("Add", [b.node("Sub", [b.uint8(255), distance]), b.uint8(1)])  # 256 - distance, >= 1
+    return b.node("Where", [b.node("Less", [stops, previous]), crossed, distance])
 
 
 def _layer_slice(b: _Builder, flat: str, start: int, layer: MixedLayer, whole: bool) -> str:
@@ -383,7 +341,7 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
     remainders = None
     if k:
         low = z & ((1 << k) - 1)
-        parts = [b.unpack_codes(low[at:at + RICE_CHUNK], k)[0] for at in cuts]
+        parts = [b.unpack_codes(low[at:at + RICE_CHUNK], k) for at in cuts]
         remainders = parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=0)
     # unzigzag(z) over z = -2^k .. max z, computed at load (a few ops on a small vector, no file bytes): the
     # table the layers gather from, indexed by z + 2^k (its first 2^k entries are never read).
@@ -484,7 +442,7 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
             weigh(MixedLayer(spec, measure, bits, step32, q, reconstructed, relative_error(w, reconstructed),
                              rice_bytes, rice_k=k, zero_point=np.zeros(step.size, np.int64)))
         if shared.opset >= SPLIT_OPSET:
-            plan = plan_split(z, shared.opset)
+            plan = plan_split(z)
             if plan.stored_bytes + step32.nbytes < best_key:
                 decoder = split_decoder(index, shared, spec.tensor, q, step32, plan)
                 weigh(MixedLayer(spec, measure, bits, step32, q, reconstructed, relative_error(w, reconstructed),
@@ -579,7 +537,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     shared = SharedConstants(index, opset_version(model))
     layers, result.skipped = quantize_weights(model, config, init_scale, index, shared)
     split_layers = [layer for layer in layers if layer.split is not None]
-    sites = _decode_sites(index, layers, shared.opset, subgraph_inputs(model.graph))
+    sites = _decode_sites(index, layers, subgraph_inputs(model.graph))
     outputs: dict[str, str] = {}
     decoders = [layer.decoder for layer in layers if layer.decoder is not None and layer.split is None]
     decoders += split_group_decoders(index, shared, split_layers, sites, outputs)
@@ -601,16 +559,16 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     return result
 
 
-def _decode_sites(index: GraphIndex, layers: list[MixedLayer], opset: int, in_subgraphs: set[str]) -> dict[str, str]:
+def _decode_sites(index: GraphIndex, layers: list[MixedLayer], in_subgraphs: set[str]) -> dict[str, str]:
     """Where each layer's step is applied, by fixed-bit WEIGHT_QUANT's rule (weight.decode_on_consumers):
     "MatMul" (every consumer reads it as B: the codes as float are folded, the step multiplies the output),
     "Gather" (every consumer gathers rows: the table stays int16, the rows are decoded) or "load".
 
-    Only the decoders that end in a Gather from the unzigzag table (split, integer Rice) move the step; the
+    Only the decoders that end in a Gather from the unzigzag table (split, Rice) move the step; the
     fixed-width forms and the 8-bit fallback (an offset besides the step) are rebuilt at load as before."""
     sites = {}
     for layer in layers:
-        if layer.split is None and not (layer.decoder is None and opset >= INTEGER_OPSET):
+        if layer.split is None and layer.decoder is not None:
             continue
         params = SimpleNamespace(codes=layer.q, scale=layer.step, offset=np.zeros(()))
         site = decode_on_consumers(index, layer.spec.tensor, params, in_subgraphs)

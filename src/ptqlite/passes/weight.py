@@ -129,12 +129,14 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
                 for node, slot in index.consumers[spec.tensor]:  # for the debug reports: codes -> float weight
                     result.input_maps[(node.name, slot)] = (decoder.scale.astype(np.float32),
                                                             decoder.offset.astype(np.float32))
-                inits = inits + _decode_after(index, shared, spec.tensor, decoder, where, opset_version(model), after)
+                inits = inits + _decode_after(index, shared, spec.tensor, decoder, where, after)
         new_nodes += nodes
         new_inits += inits
         removed.add(spec.tensor)
         result.quantized.append(_record(spec, qw, storage, w, dequantized, sum(_nbytes(t) for t in inits)))
     mapping = [n for nodes in after.values() for n in nodes]
+    # shared values (the decoders' lookup tables) first: they read constants only
+    new_nodes = shared.nodes_used_by(new_nodes + mapping) + new_nodes
     replace_weights(model, removed, new_nodes, shared.used_by(new_nodes + mapping) + new_inits, after)
     return result
 
@@ -170,7 +172,7 @@ def decode_on_consumers(index: GraphIndex, tensor: str, qw: QuantizedWeight, in_
     return "load"
 
 
-def _decode_after(index: GraphIndex, shared: SharedConstants, tensor: str, decoder: Decoder, where: str, opset: int,
+def _decode_after(index: GraphIndex, shared: SharedConstants, tensor: str, decoder: Decoder, where: str,
                   after: dict[str, list[onnx.NodeProto]]) -> list[onnx.TensorProto]:
     """Point every consumer of `tensor` at the decoder's codes and map its output back (see decode_on_consumers).
 
@@ -193,8 +195,7 @@ def _decode_after(index: GraphIndex, shared: SharedConstants, tensor: str, decod
         if where == "MatMul":
             node.input[1] = decoder.output
             x = node.input[0]
-            total = (add("ReduceSum", [x, shared.get(np.array([-1], np.int64))], keepdims=1) if opset >= 13
-                     else add("ReduceSum", [x], axes=[-1], keepdims=1))
+            total = add("ReduceSum", [x, shared.get(np.array([-1], np.int64))], keepdims=1)
             add("Add", [add("Mul", [raw, a]), add("Mul", [total, b])], output=out)
         else:  # Gather: rows of integer codes, cast and mapped with their row's scale and offset
             node.input[0] = decoder.output
