@@ -12,8 +12,8 @@ from onnx import TensorProto, numpy_helper
 
 from ptqlite.convert import convert
 from ptqlite.passes.full import activation_params, weight_params
-from ptqlite.plan import WeightSpec
-from ptqlite.qmath import gemm_rows, int16_pair_limit, quantize
+from ptqlite.plan import WeightSpec, gemm_rows
+from ptqlite.qmath import int16_pair_limit, quantize
 from ptqlite.targets import PRESETS, target
 
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .config import QuantConfig
 from .model import GraphIndex, attribute, subgraphs
-from .plan import plan_weights
+from .plan import int8_rules, plan_weights
 from .qmath import QParams, dequantize, quantize, relative_error, symmetric_params
 from .result import QuantizedTensor, SkippedTensor
 
@@ -83,7 +83,7 @@ def table_record(tensor: str, spec, table: np.ndarray, table_hat: np.ndarray, pa
 def int8_gather_tables(model: onnx.ModelProto, config: QuantConfig
                        ) -> tuple[list[QuantizedTensor], list[SkippedTensor]]:
     """Rewrite every planned Gather table of `model` in place; what was quantized and what was skipped."""
-    plan = plan_weights(model, config, apply_size_filters=False, ops=("Gather",))
+    plan = plan_weights(model, int8_rules(config, ("Gather",)))
     skipped = [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     specs = {s.tensor: s for s in plan.quantized}
     writer = TableWriter(GraphBuilder(model.graph))

@@ -111,21 +111,7 @@ def bits_for(count: int) -> int:
 
 
 # ---------------------------------------------------------------- x86 int8 kernels without VNNI
-
-
-def gemm_rows(w: np.ndarray, op_type: str, trans_b: bool) -> np.ndarray | None:
-    """The weight as [output channel, K] in onnxruntime's summation order: (kh, kw, input channel) for a Conv
-    (it runs convolutions NHWC), K for MatMul/Gemm. None for ops without an x86 int8 GEMM (ConvTranspose) and
-    for vector weights."""
-    if w.ndim < 2:
-        return None
-    if op_type == "Conv":
-        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
-    if op_type == "Gemm" and trans_b:
-        return w
-    if op_type in ("Gemm", "MatMul"):
-        return np.moveaxis(w, -1, -2).reshape(-1, w.shape[-2])
-    return None
+# The rows come from plan.gemm_rows: each weight as [output channel, K] in the kernel's summation order.
 
 
 def int16_pair_limit(rows: np.ndarray) -> np.ndarray:

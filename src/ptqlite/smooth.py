@@ -21,6 +21,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .model import GraphIndex, attribute
+from .plan import weight_layout
+from .qmath import channel_shape
 
 # Measured on all-MiniLM-L6-v2 FULL_QUANT MAX_MIN (docs/full_quant.md): alpha 0.5 / 0.7 / 0.85 gave sentence
 # cosine 0.9875 / 0.9957 / 0.9931 against 0.9795 without smoothing.
@@ -55,9 +57,14 @@ def smoothing_groups(model: onnx.ModelProto, weights: set[str], skip: set[str]) 
     return [SmoothGroup(x, nodes) for x, nodes in groups.items()]
 
 
+def _input_axis(w: np.ndarray, node: onnx.NodeProto) -> int:
+    """The axis of the 2-D weight B that the input's channels multiply."""
+    return weight_layout(node, 1, w.shape).input_axis
+
+
 def _rows(w: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
     """The weight as [K, N] (input channels first)."""
-    return w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
+    return np.moveaxis(w, _input_axis(w, node), 0)
 
 
 def smoothing_factors(amax: np.ndarray, weights: list[np.ndarray], alpha: float = ALPHA) -> np.ndarray | None:
@@ -96,7 +103,7 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], amax: dict[str, np
         mul = helper.make_node("Mul", [group.tensor, divisor], [smoothed], name=index.unique_name(f"{base}_smooth"))
         for node in group.nodes:
             w = index.array(node.input[1]).astype(np.float64)
-            by_row = s[None, :] if node.op_type == "Gemm" and attribute(node, "transB", 0) else s[:, None]
+            by_row = s.reshape(channel_shape(w.shape, _input_axis(w, node)))
             scaled = w * by_row
             rescale[(node.name, 0)] = s.astype(np.float32)
             rescale[(node.name, 1)] = (1.0 / by_row).astype(np.float32)

@@ -1,7 +1,8 @@
 """target_device presets: what the FULL_QUANT planner quantizes, and how, for each runtime.
 
-They are data only; the FULL_QUANT package (passes/full/) reads them and has no per-device branches. docs/full_quant.md gives the reason
-for every choice (and the measurements behind the CPU one).
+They are data only; the FULL_QUANT package (passes/full/) reads them and has no per-device branches, and
+DYNAMIC_QUANT reads the CPU preset's kernel rules (its graph runs on onnxruntime's CPU provider).
+docs/full_quant.md gives the reason for every choice (and the measurements behind the CPU one).
 """
 
 from __future__ import annotations

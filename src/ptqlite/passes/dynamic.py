@@ -31,19 +31,21 @@ from .. import embedding
 from ..config import QuantConfig
 from ..embedding import GraphBuilder, TableWriter
 from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraphs
-from ..plan import WeightSpec, plan_weights
+from ..plan import WeightSpec, gemm_rows, int8_rules, plan_weights, weight_layout
 from ..qmath import (
     QParams,
     dequantize,
-    gemm_rows,
     int16_pair_limit,
     quantize,
     relative_error,
     symmetric_params,
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
+from ..targets import target
 
 _OPS = ("MatMul", "Gemm", "Gather")
+# The integer kernels DYNAMIC_QUANT's graph runs on: onnxruntime's CPU provider.
+_PRESET = target("CPU")
 # Stored codes are q + 128, q in [-127, 127]; MatMulInteger subtracts the zero point.
 _ZERO = 128
 # Keeps the per-row scale of an all-zero row finite (x / s is then 0, as it should be).
@@ -79,6 +81,8 @@ class _Rewriter(GraphBuilder):
         super().__init__(model.graph)
         self.strategy = strategy
         self.int8_weights = int8_weights
+        # int8 codes meet the u8*s8 kernel, whose pair sums the preset may ask to keep inside int16
+        self.pair_safe = int8_weights and _PRESET.int16_pair_sums
         self.opset = opset_version(model)
         self.constants: dict[tuple, str] = {}
         self.weights: dict[tuple[str, bool], _IntWeight] = {}
@@ -108,7 +112,7 @@ class _Rewriter(GraphBuilder):
                     equalizer = _row_equalizer(w)
                     w = w / equalizer[:, None]
             params = symmetric_params(w, 8, axis, narrow=True)
-            if self.int8_weights:
+            if self.pair_safe:
                 params = _pair_safe(w, params)
             codes = quantize(w, params)
             w_hat = dequantize(codes, params)
@@ -206,7 +210,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
     types (FULL_QUANT uses it for the embedding tables of Gather)."""
     strategy = config.dynamic.quant_strategy
     ensure_opset(model, 11)
-    plan = plan_weights(model, config, apply_size_filters=False, ops=ops)
+    plan = plan_weights(model, int8_rules(config, ops))
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     specs = {s.tensor: s for s in plan.quantized}
@@ -241,15 +245,13 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
                 nodes, w_hat, params, extra_bytes = _matmul_nodes(rw, node, weight)
                 scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
                 scheme += f"; activations {_ACTIVATION_SCHEME[strategy]}"
-                storage = (
-                    "MatMulInteger int8 (pair sums kept within int16)"
-                    if int8_weights
-                    else "MatMulInteger uint8 (zero point 128)"
-                )
+                storage = "MatMulInteger uint8 (zero point 128)"
+                if int8_weights:
+                    storage = "MatMulInteger int8" + (" (pair sums kept within int16)" if rw.pair_safe else "")
             new_nodes += nodes
             if weight not in done:
                 w = rw.index.array(weight)
-                w_ref = w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
+                w_ref = w.T if _stored_transposed(node, w.shape) else w
                 done[weight] = QuantizedTensor(
                     weight,
                     node.op_type,
@@ -321,9 +323,15 @@ def _unsupported(node: onnx.NodeProto, weight: str, index: GraphIndex) -> str:
     return ""
 
 
+def _stored_transposed(node: onnx.NodeProto, shape: tuple[int, ...]) -> bool:
+    """Whether the weight `node` reads as B is stored [N, K] (input channels last, Gemm transB=1); the integer
+    path computes with [.., K, N]. A Gather table is never transposed."""
+    return node.op_type != "Gather" and weight_layout(node, 1, shape).input_axis == len(shape) - 1
+
+
 def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str):
     prefix = node.name or rw.index.unique_name(node.op_type)
-    transpose = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
+    transpose = _stored_transposed(node, tuple(rw.index.initializers[weight].dims))
     if node.op_type == "MatMul":
         nodes = rw.quantized_matmul(node.input[0], weight, transpose, node.output[0], prefix)
     else:

@@ -40,7 +40,7 @@ from ..encoding import (
     split_type,
 )
 from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph_inputs
-from ..plan import WeightSpec, plan_weights
+from ..plan import WeightSpec, plan_weights, weight_quant_rules
 from ..qmath import bits_for, channel_shape, reduce_axes, round_half_away
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 from .weight import decode_on_consumers, quantize_weight, relative_error, replace_weights
@@ -485,7 +485,7 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
                      index: GraphIndex | None = None,
                      shared: SharedConstants | None = None) -> tuple[list[MixedLayer], list[SkippedTensor]]:
     """Every planned weight of `model` at target error `init_scale` (the model is not changed)."""
-    plan = plan_weights(model, config, per_channel=True)
+    plan = plan_weights(model, weight_quant_rules(config, per_channel=True))
     index = index or GraphIndex(model.graph)
     shared = shared or SharedConstants(index, opset_version(model))
     skipped = [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]

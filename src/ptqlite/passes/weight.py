@@ -23,7 +23,7 @@ from ..config import QuantConfig
 from ..encoding import MIN_OPSET, Decoder, SharedConstants, build_decoder
 from ..errors import ConversionError
 from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph_inputs
-from ..plan import WeightSpec, plan_weights
+from ..plan import WeightSpec, plan_weights, weight_quant_rules
 from ..qmath import asymmetric_params, dequantize, pack_int4, qrange, quantize, reduce_axes, relative_error
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 
@@ -86,7 +86,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     """Fixed-bit weight quantization of `model` in place."""
     common, options = config.common, config.weight
     on_the_fly = options.dequant_strategy == "ON_THE_FLY"
-    plan = plan_weights(model, config, per_channel=options.per_channel)
+    plan = plan_weights(model, weight_quant_rules(config, options.per_channel))
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     block = options.block_size if on_the_fly else 0

@@ -32,7 +32,7 @@ from ...config import QuantConfig
 from ...embedding import int8_gather_tables
 from ...equalize import capped_tensors, equalize
 from ...model import ensure_opset
-from ...plan import WeightPlan, plan_weights
+from ...plan import WeightPlan, int8_rules, plan_weights
 from ...prepare import prepare, tensor_types
 from ...result import ConversionResult, SkippedTensor
 from ...smooth import MIN_SPREAD, smooth, smoothing_groups
@@ -71,8 +71,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     if not options.per_channel:
         result.notes += _equalize(model, samples, progress)
         types = tensor_types(model, ranks)  # equalisation adds tensors
-    weight_plan = plan_weights(model, config, apply_size_filters=False, per_channel=options.per_channel,
-                               ops=tuple(sorted(WEIGHTED_OPS)))
+    weight_plan = plan_weights(model, int8_rules(config, WEIGHTED_OPS, options.per_channel))
     if options.per_channel:
         smoothed = _smooth(model, weight_plan, skip, samples, progress, result)
         if smoothed:

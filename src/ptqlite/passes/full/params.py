@@ -16,12 +16,11 @@ import onnx
 from onnx import TensorProto
 
 from ...model import GraphIndex, all_nodes, attribute, outer_reads, subgraphs
-from ...plan import WeightSpec
+from ...plan import WeightSpec, gemm_rows
 from ...qmath import (
     QParams,
     asymmetric_params,
     dequantize,
-    gemm_rows,
     int16_pair_limit,
     qrange,
     quantize,
@@ -198,7 +197,7 @@ def activation_params(lo: float, hi: float, preset: Target) -> QParams:
 def weight_params(w: np.ndarray, spec: WeightSpec, preset: Target, depthwise: bool = False,
                   rows: np.ndarray | None = None) -> QParams:
     """int8 symmetric per channel (the kernels and every runtime accept it); per tensor as the preset says.
-    `rows` is the weight as [output channel, K] in the order the int8 GEMM sums over K (see qmath.gemm_rows); with
+    `rows` is the weight as [output channel, K] in the order the int8 GEMM sums over K (see plan.gemm_rows); with
     a preset that keeps pair sums in int16, the scale grows where two neighbouring codes could overflow."""
     if spec.axis is not None or preset.weight_per_tensor_symmetric:
         params = symmetric_params(w, 8, spec.axis, narrow=True)
