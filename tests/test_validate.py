@@ -98,6 +98,23 @@ def test_invalid_graph_through_the_cli_is_one_line_exit_2_naming_the_file(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "w.cfg"]
 
 
+def test_stale_recorded_shapes_are_refused_with_the_fix():
+    """ONNX Runtime loads such a model with a warning; the passes plan with the recorded shapes, so it is refused."""
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["a"], name="mm"),
+                    helper.make_node("Relu", ["a"], ["y"], name="relu")], [_w()])
+    model.graph.value_info.append(helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 5]))
+    with pytest.raises(ModelError) as caught:
+        _convert(model, "WEIGHT_QUANT")
+    message = str(caught.value)
+    assert message.startswith("model 'g': not a valid ONNX model ([ShapeInferenceError] Inference error(s): "
+                              "(op_type:MatMul, node name: mm): [ShapeInferenceError] Inferred shape and existing "
+                              "shape differ in dimension 1: (8) vs (5)")
+    assert message.endswith("; the shapes recorded in the model (value_info, graph outputs) contradict what its ops "
+                            "compute: remove the stale ones (e.g. del model.graph.value_info[:]) and convert again")
+    del model.graph.value_info[:]
+    assert _convert(model, "WEIGHT_QUANT").quantized
+
+
 def test_runtime_refusal_is_one_line_without_the_runtime_source_location(monkeypatch):
     from ptqlite import validate
 

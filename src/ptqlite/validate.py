@@ -84,7 +84,11 @@ def _check_onnx(model: onnx.ModelProto | str, source: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ModelError(f"{source}: not a valid ONNX model ({one_line(str(exc))})") from None
+        hint = ""
+        if "existing shape differ" in str(exc):  # ONNX Runtime only warns; the passes would trust the stale shapes
+            hint = ("; the shapes recorded in the model (value_info, graph outputs) contradict what its ops compute: "
+                    "remove the stale ones (e.g. del model.graph.value_info[:]) and convert again")
+        raise ModelError(f"{source}: not a valid ONNX model ({one_line(str(exc))}){hint}") from None
 
 
 def _shapeless(value: onnx.ValueInfoProto) -> bool:
