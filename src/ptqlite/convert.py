@@ -77,6 +77,7 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     # Unnamed nodes (common in converted models) get their first output's name, so skip_quant_node can list them.
     name_unnamed_nodes(work)
     weights = weight_tensors(work)
+    named = _copy(work) if report_folder else None  # the reports match tensors by the names the pass sees
     result = quant_pass(work, config, **options)
     _account_for_every_weight(result, weights, config)
     result.notes += notes
@@ -85,7 +86,8 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
         result.warnings.append(warning)
         log.warning("%s", warning)
     if report_folder:
-        _write_reports(model, result, config, options, Path(report_folder))
+        result.float_model = result.float_model or named
+        _write_reports(result.float_model, result, config, options, Path(report_folder))
         if not defer_reports:
             publish_reports(result)
     result.seconds = time.perf_counter() - started
@@ -101,6 +103,12 @@ def _account_for_every_weight(result: ConversionResult, weights: dict[str, tuple
         if name not in seen:
             result.skipped.append(SkippedTensor(name, op, nodes, f"{config.quant_type} does not quantize {op} "
                                                 "weights"))
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def quantize(model: onnx.ModelProto, config: QuantConfig, **options: Any) -> onnx.ModelProto:

@@ -52,3 +52,7 @@ class ConversionResult:
     # offset (None: 0), is the float model's value there. Activation smoothing divides an input by s and multiplies
     # the weight rows by s; WEIGHT_QUANT feeds MatMul/Gather the codes and maps their outputs instead.
     input_maps: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    # The float graph the debug reports compare against, in the names the conversion used (unnamed nodes named,
+    # Constant nodes as initializers; FULL_QUANT: as prepared, BatchNormalization folded, equalised when
+    # per_channel=false). Set only when debug reports are asked for.
+    float_model: onnx.ModelProto | None = None

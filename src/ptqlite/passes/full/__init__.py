@@ -71,6 +71,10 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     if not options.per_channel:
         result.notes += _equalize(model, samples, progress)
         types = tensor_types(model, ranks)  # equalisation adds tensors
+    if config.common.debug_info_save_path:
+        # The reports compare against the float graph as quantized (smoothing is undone through input_maps).
+        result.float_model = onnx.ModelProto()
+        result.float_model.CopyFrom(model)
     weight_plan = plan_weights(model, int8_rules(config, WEIGHTED_OPS, options.per_channel))
     if options.per_channel:
         smoothed = _smooth(model, weight_plan, skip, samples, progress, result)
