@@ -59,9 +59,13 @@ def random_inputs(model: onnx.ModelProto, samples: int = RANDOM_SAMPLES) -> list
     return synthetic_inputs(specs, REFERENCE_VALUES, samples)
 
 
-def evaluation_inputs(model: onnx.ModelProto, config: QuantConfig,
-                      input_format: str | None) -> tuple[list[dict[str, np.ndarray]], str]:
-    """The inputs auto_tune compares outputs on, and a phrase saying what they are."""
+def evaluation_inputs(model: onnx.ModelProto, config: QuantConfig, input_format: str | None,
+                      samples=None) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The inputs auto_tune compares outputs on (in-memory `samples` first, then the calibration files), and a
+    phrase saying what they are."""
+    if samples is not None:
+        inputs = list(samples)
+        return inputs, f"{len(inputs)} in-memory calibration samples"
     if config.data.calibrate_path:
         from .data import calibration_set
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,8 +309,10 @@ class _Reader:
         return entry is not None and entry.value is not None
 
 
-def parse_config(text: str, source: str = "<config>") -> QuantConfig:
-    """Parse config text; `source` is the name used in error messages."""
+def parse_config(text: str, source: str = "<config>", *, samples_given: bool = False) -> QuantConfig:
+    """Parse config text; `source` is the name used in error messages. `samples_given`: the caller passes
+    calibration samples in memory (Python API), so FULL_QUANT needs no calibrate_path / calibrate_size /
+    input_type."""
     reader = _Reader(source)
     section: str | None = None
     skipping_repeat = False
@@ -357,11 +359,11 @@ def parse_config(text: str, source: str = "<config>") -> QuantConfig:
         except ValueError as exc:
             raise ConfigError(f"{source}:{number}: [{section}] {key}={value}: {exc}") from None
         reader.entries[section][key] = _Entry(parsed, value, number)
-    return _build(reader)
+    return _build(reader, samples_given)
 
 
-def load_config(path: str | Path) -> QuantConfig:
-    """Read and validate a config file."""
+def load_config(path: str | Path, *, samples_given: bool = False) -> QuantConfig:
+    """Read and validate a config file (`samples_given` as for parse_config)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
@@ -369,10 +371,44 @@ def load_config(path: str | Path) -> QuantConfig:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
-    return parse_config(text, source=str(path))
+    return parse_config(text, source=str(path), samples_given=samples_given)
 
 
-def _build(reader: _Reader) -> QuantConfig:
+def config_from_dict(sections: Mapping[str, Mapping[str, Any]], source: str = "config dict", *,
+                     samples_given: bool = False) -> QuantConfig:
+    """A config given as {section: {key: value}}, shaped like the INI file and checked by the same rules with the
+    same messages (without line numbers). Values may be INI strings or Python values: bools, numbers, lists of
+    numbers or names (skip_quant_node, normalize_mean, ...), {input name: folder} for calibrate_path."""
+    if not isinstance(sections, Mapping):
+        raise ConfigError(f"{source}: expected {{section: {{key: value}}}}, got {type(sections).__name__}")
+    lines = []
+    for section, keys in sections.items():
+        if not isinstance(keys, Mapping):
+            raise ConfigError(f"{source}: [{section}]: expected a dict of key: value, got {type(keys).__name__}")
+        lines.append(f"[{section}]")
+        lines += [f"{key}={_ini_value(key, value)}" for key, value in keys.items()]
+    try:
+        return parse_config("\n".join(lines) + "\n", source, samples_given=samples_given)
+    except ConfigError as exc:
+        # the line numbers are those of the INI text made from the dict: meaningless to its author
+        raise ConfigError(re.sub(rf"^{re.escape(source)}:\d+: ", f"{source}: ", str(exc))) from None
+
+
+def _ini_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):  # calibrate_path
+        return ",".join(f"{name}:{folder}" for name, folder in value.items())
+    if isinstance(value, (list, tuple)):
+        text = ",".join(str(v) for v in value)
+        return f"[{text}]" if key in _VECTOR_KEYS else text
+    return str(value)
+
+
+_VECTOR_KEYS = ("normalize_mean", "normalize_std")
+
+
+def _build(reader: _Reader, samples_given: bool = False) -> QuantConfig:
     parts: dict[str, Any] = {}
     for section, (attr, cls) in _SECTION_CLASSES.items():
         values = {_SCHEMA[section][k][0]: e.value for k, e in reader.entries.get(section, {}).items()
@@ -382,11 +418,11 @@ def _build(reader: _Reader) -> QuantConfig:
     config = QuantConfig(
         **parts, ascend_context=ascend, sections=tuple(reader.section_lines), source=reader.source
     )
-    _check_rules(config, reader)
+    _check_rules(config, reader, samples_given)
     return config
 
 
-def _check_rules(config: QuantConfig, reader: _Reader) -> None:
+def _check_rules(config: QuantConfig, reader: _Reader, samples_given: bool = False) -> None:
     common = config.common
     cq = "common_quant_param"
     if not common.quant_type:
@@ -409,7 +445,7 @@ def _check_rules(config: QuantConfig, reader: _Reader) -> None:
                               "are stored by DequantizeLinear only)")
         if not config.weight.per_channel:
             raise reader.fail(wq, "block_size", "expected 0 with per_channel=false (blocks split output channels)")
-    if common.quant_type == "FULL_QUANT":
+    if common.quant_type == "FULL_QUANT" and not samples_given:
         dp = "data_preprocess_param"
         # Without a [data_preprocess_param] section, point at the quant_type line.
         line = reader.section_lines.get(dp) or reader.entries[cq]["quant_type"].line

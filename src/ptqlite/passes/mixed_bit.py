@@ -504,10 +504,11 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
     return layers, skipped
 
 
-def tune_init_scale(model: onnx.ModelProto, config: QuantConfig,
-                    input_format: str | None = None) -> tuple[float, list[str]]:
-    """auto_tune: search init_scale for `model` (not changed); returns it and notes for the conversion result."""
-    inputs, described = evaluation_inputs(model, config, input_format)
+def tune_init_scale(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None,
+                    samples=None) -> tuple[float, list[str]]:
+    """auto_tune: search init_scale for `model` (not changed) on `samples` (in-memory calibration samples) or
+    what evaluation_inputs finds; returns it and notes for the conversion result."""
+    inputs, described = evaluation_inputs(model, config, input_format, samples)
     compare = OutputComparer(model, inputs)
 
     def evaluate(scale: float) -> float:
@@ -522,13 +523,13 @@ def tune_init_scale(model: onnx.ModelProto, config: QuantConfig,
     return found.init_scale, notes
 
 
-def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None,
+def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None, samples=None,
         **_: object) -> ConversionResult:
-    """Mixed-bit weight quantization of `model` in place."""
+    """Mixed-bit weight quantization of `model` in place; auto_tune compares outputs on `samples` when given."""
     result = ConversionResult(model, config.quant_type)
     init_scale = config.mixed_bit.init_scale
     if config.mixed_bit.auto_tune:
-        init_scale, notes = tune_init_scale(model, config, input_format)
+        init_scale, notes = tune_init_scale(model, config, input_format, samples)
         result.notes += notes
     else:
         result.notes.append(f"mixed bit: init_scale={init_scale:g} (target relative error per layer)")
