@@ -8,8 +8,9 @@ import pytest
 from helpers import cosine, run, session
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqlite import convert, parse_config
 from ptqlite.blockwise import quantize_blocks
+from ptqlite.config import parse_config
+from ptqlite.convert import convert
 from ptqlite.errors import ConversionError
 from ptqlite.model import ensure_opset
 from ptqlite.opset import changed_ops, raise_opset
