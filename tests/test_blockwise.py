@@ -213,3 +213,41 @@ def test_4_bit_per_channel_that_cannot_reach_opset_21_warns_and_says_why(caplog)
     assert {q.storage for q in result.quantized} == {"DequantizeLinear int8"}
     assert any("4-bit weights are stored as int8: int4 needs opset 21" in n for n in result.notes)
     assert "4-bit weights are stored as int8" in caplog.text
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_embedding_is_gathered_as_integers_and_rows_dequantized(tmp_path, bits):
+    table = numpy_helper.from_array(_weights(300, 64), "embed")
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["e"], name="gather", axis=0),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 48])],
+                              [table, numpy_helper.from_array(_weights(64, 48), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert(model, config(bits=bits))
+    storage = {q.tensor: q.storage for q in result.quantized}
+    assert storage["embed"] == f"DequantizeLinear int{bits} block 32 of the gathered rows"
+    feeds = {"ids": RNG.integers(0, 300, (2, 5)).astype(np.int64)}
+    assert cosine(run(model, feeds)[0], run(result.model, feeds)[0]) > (0.99 if bits == 4 else 0.9999)
+    # the rows decoded are exactly the table's blocks dequantized
+    from ptqlite.blockwise import quantize_blocks as blocks
+    want_rows = blocks(numpy_helper.to_array(table), bits, 1, 32).dequantized()[feeds["ids"]]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(result.model)
+    probe.graph.output.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, None))
+    np.testing.assert_allclose(run(probe, feeds)[1], want_rows, rtol=1e-6, atol=1e-7)
+    # after load the table is int8 (int4 cast once, at load) and no DequantizeLinear reads the whole table
+    optimized = tmp_path / "opt.onnx"
+    session(result.model, optimized_path=optimized)
+    opt = onnx.load(optimized)
+    tables = [t for t in opt.graph.initializer if tuple(t.dims) == (300, 64)]
+    assert [t.data_type for t in tables] == [TensorProto.INT8]
+    assert "Cast" not in {n.op_type for n in opt.graph.node}
+
+
+def test_block_relative_error_matches_the_dequantized_weight():
+    w = _weights(70, 40)
+    for axis in (0, 1):
+        q = quantize_blocks(w, 4, axis, 16)
+        direct = float(np.sum((q.dequantized().astype(np.float64) - w) ** 2))
+        assert q.squared_error == pytest.approx(direct, rel=1e-4)

@@ -28,12 +28,13 @@ class BlockQuant:
     """Signed codes in the weight's shape; scale and zero point in the weight's shape with the block axis
     shortened to ceil(length / block), the layout of DequantizeLinear's block-wise parameters."""
 
-    codes: np.ndarray  # int64, in qrange(bits)
+    codes: np.ndarray  # int8 (int16 above 8 bits), in qrange(bits)
     scale: np.ndarray  # float32
     zero_point: np.ndarray  # int64
     axis: int
     block: int
     bits: int
+    squared_error: float  # sum over the tensor of (dequantized - w)^2
 
     def expand(self, params: np.ndarray) -> np.ndarray:
         """Per-block parameters repeated to the weight's shape."""
@@ -46,52 +47,90 @@ class BlockQuant:
 
 
 def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: bool = True) -> BlockQuant:
-    """Asymmetric block-wise quantization of `w` along `axis` (0 always representable, as the per-channel scheme)."""
+    """Asymmetric block-wise quantization of `w` along `axis` (0 always representable, as the per-channel scheme).
+
+    The weight is viewed as [before, length, after] (no transposed copy): blocks are slices [block, after] of it,
+    reduced over their middle axis, and processed in chunks small enough for the CPU caches, since the search
+    passes over each chunk a few dozen times."""
     qmin, qmax = qrange(bits)
     axis %= w.ndim
-    x = np.moveaxis(np.asarray(w, np.float32), axis, -1)
-    length = x.shape[-1]
+    shape = w.shape
+    before, length = int(np.prod(shape[:axis])), shape[axis]
+    after = int(np.prod(shape[axis + 1:]))
     blocks = -(-length // block)
-    pad = blocks * block - length
-    if pad:  # zeros are coded exactly (0 is always in range), so padding adds no error and moves no range
-        x = np.concatenate([x, np.zeros((*x.shape[:-1], pad), np.float32)], axis=-1)
-    x = x.reshape(*x.shape[:-1], blocks, block)
-    lo = np.minimum(x.min(axis=-1, keepdims=True), 0.0)
-    hi = np.maximum(x.max(axis=-1, keepdims=True), 0.0)
-    best = None
+    x = np.asarray(w, np.float32).reshape(before, length, after)
+    if blocks * block != length:  # zeros are coded exactly (0 is always in range): padding adds no error
+        x = np.concatenate([x, np.zeros((before, blocks * block - length, after), np.float32)], axis=1)
+    # blocks along the last axis: [n, block] (numpy reduces a contiguous last axis fastest), else [n, block, after]
+    x = x.reshape(before * blocks, block) if after == 1 else x.reshape(before * blocks, block, after)
+    scale = np.empty((x.shape[0], 1, after)[:x.ndim], np.float32)
+    zero = np.empty_like(scale)
+    codes = np.empty(x.shape, np.int8 if bits <= 8 else np.int16)
+    total = 0.0
+    step = max(1, _CHUNK // (block * after))
+    for start in range(0, x.shape[0], step):
+        part = slice(start, start + step)
+        s, z, e = _search(x[part], qmin, qmax, search)
+        scale[part], zero[part] = s, z
+        codes[part] = _quantized(x[part], s, z, qmin, qmax)
+        total += float(e.sum(dtype=np.float64))
+    codes = codes.reshape(before, blocks * block, after)[:, :length].reshape(shape)
+    params = (*shape[:axis], blocks, *shape[axis + 1:])
+    return BlockQuant(codes, scale.reshape(params), zero.reshape(params).astype(np.int64), axis, block, bits, total)
+
+
+_CHUNK = 1 << 17  # values per chunk (512 KiB of float32)
+
+
+def _search(x: np.ndarray, qmin: int, qmax: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block (x[i, :, j]): scale, zero point and squared error. The clipping factor of CLIP_GRID with the least squared error, then least-squares
+    refits of the scale to the codes it gives (zero point fixed), each kept only where it lowers the error."""
+    lo = np.minimum(x.min(axis=1, keepdims=True), 0.0)
+    hi = np.maximum(x.max(axis=1, keepdims=True), 0.0)
+    best_s, best_z, best_e = None, None, None
     for factor in CLIP_GRID if search else (1.0,):
-        scale, zero = _params(lo * np.float32(factor), hi * np.float32(factor), qmin, qmax)
-        best = _keep_better(best, _try(x, scale, zero, qmin, qmax))
+        s, z = _params(lo * np.float32(factor), hi * np.float32(factor), qmin, qmax)
+        e = _error(x, s, z, qmin, qmax)
+        if best_e is None:
+            best_s, best_z, best_e = s, z, e
+            continue
+        take = e < best_e
+        best_s, best_z, best_e = np.where(take, s, best_s), np.where(take, z, best_z), np.minimum(e, best_e)
     for _ in range(_REFITS if search else 0):
-        scale, zero, q, _ = best
-        centred = (q - zero).astype(np.float32)
-        num, den = (x * centred).sum(axis=-1, keepdims=True), (centred * centred).sum(axis=-1, keepdims=True)
+        centred = _quantized(x, best_s, best_z, qmin, qmax)
+        centred -= best_z
+        num, den = (x * centred).sum(axis=1, keepdims=True), np.square(centred).sum(axis=1, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
-            fitted = np.where(den > 0, num / den, scale).astype(np.float32)
-        fitted = np.where(fitted > 0, fitted, scale)
-        best = _keep_better(best, _try(x, fitted, zero, qmin, qmax))
-    scale, zero, q, _ = best
-    codes = q.reshape(*q.shape[:-2], blocks * block)[..., :length]
-    return BlockQuant(np.moveaxis(codes, -1, axis).astype(np.int64), np.moveaxis(scale[..., 0], -1, axis),
-                      np.moveaxis(zero[..., 0], -1, axis).astype(np.int64), axis, block, bits)
+            fitted = np.where(den > 0, num / den, best_s).astype(np.float32)
+        fitted = np.where(fitted > 0, fitted, best_s)
+        e = _error(x, fitted, best_z, qmin, qmax)
+        take = e < best_e
+        best_s, best_e = np.where(take, fitted, best_s), np.minimum(e, best_e)
+    return best_s, best_z, best_e
 
 
 def _params(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     span = hi - lo
     scale = np.where(span > 0, span / np.float32(qmax - qmin), np.float32(1.0)).astype(np.float32)
-    zero = np.clip(round_half_away(qmin - lo / scale), qmin, qmax)
+    zero = np.clip(round_half_away(qmin - lo / scale), qmin, qmax).astype(np.float32)
     return scale, zero
 
 
-def _try(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int):
-    q = np.clip(round_half_away(x / scale) + zero, qmin, qmax)
-    error = np.square((q - zero) * scale - x).sum(axis=-1, keepdims=True)
-    return scale, zero, q, error
+def _quantized(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Codes as float32, rounded half away from zero and clamped (in place on one temporary)."""
+    q = x / scale
+    sign = np.copysign(np.float32(0.5), q)
+    q += sign
+    np.trunc(q, out=q)
+    q += zero
+    return np.clip(q, qmin, qmax, out=q)
 
 
-def _keep_better(best, candidate):
-    """Per block, the candidate where its error is lower."""
-    if best is None:
-        return candidate
-    take = candidate[3] < best[3]
-    return tuple(np.where(take, c, b) for b, c in zip(best, candidate))
+def _error(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Per block, the squared error of quantizing x with scale and zero."""
+    d = _quantized(x, scale, zero, qmin, qmax)
+    d -= zero
+    d *= scale
+    d -= x
+    np.square(d, out=d)
+    return d.sum(axis=1, keepdims=True)

@@ -106,11 +106,16 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
         axis = block_axis(spec) if block else None
         if axis is not None:
             bq = quantize_blocks(w, spec.bits, axis, block)
-            nodes, inits = _blocked_dequantize_linear(index, spec, bq)
+            rows = gathers_rows(index, spec.tensor, in_subgraphs)
+            if rows:
+                nodes, inits = _blocked_gathered_rows(index, spec, bq, after)
+            else:
+                nodes, inits = _blocked_dequantize_linear(index, spec, bq)
             new_nodes += nodes
             new_inits += inits
             removed.add(spec.tensor)
-            result.quantized.append(_record_blocks(spec, bq, w, sum(_nbytes(t) for t in inits)))
+            result.quantized.append(_record_blocks(spec, bq, w, sum(_nbytes(t) for t in inits),
+                                                   rows=rows))
             continue
         qw = quantize_weight(w, spec.bits, spec.axis, spec.correction_axis, options.bias_correction)
         if on_the_fly:
@@ -342,14 +347,62 @@ def _blocked_dequantize_linear(index: GraphIndex, spec: WeightSpec, bq: BlockQua
     return [node], [q_tensor, s_tensor, z_tensor]
 
 
-def _record_blocks(spec: WeightSpec, bq: BlockQuant, w: np.ndarray, stored: int) -> QuantizedTensor:
+def gathers_rows(index: GraphIndex, tensor: str, in_subgraphs: set[str]) -> bool:
+    """Whether every consumer of `tensor` gathers rows of it (Gather axis 0, the tensor as data, not indices)."""
+    consumers = index.consumers.get(tensor, [])
+    return bool(consumers) and tensor not in index.graph_output_names and tensor not in in_subgraphs and all(
+        node.op_type == "Gather" and slot == 0 and attribute(node, "axis", 0) == 0 and node.input[1] != tensor
+        for node, slot in consumers)
+
+
+def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
+                           after: dict[str, list[onnx.NodeProto]]):
+    """An embedding table with block-wise scales along its rows: the table is gathered as integers and only the
+    gathered rows are dequantized (DequantizeLinear of the rows with their gathered scales and zero points), so
+    no float copy of the table is made per run. int4 has no Gather, so int4 codes are cast to int8 by a Cast that
+    ONNX Runtime folds at load: the file holds int4, memory int8."""
+    dtype, np_type = _storage_type(bq.bits)
+    prefix = spec.tensor.replace("::", "_").strip("/")
+    q_name, s_name, z_name = (index.unique_name(f"{prefix}_{s}") for s in ("quantized", "scale", "zero_point"))
+    nodes = []
+    if dtype == TensorProto.INT4:
+        q_tensor = int4_tensor(q_name, bq.codes)
+        rows_of = index.unique_name(f"{prefix}_int8")
+        nodes.append(helper.make_node("Cast", [q_name], [rows_of], to=TensorProto.INT8,
+                                      name=index.unique_name(f"{prefix}/Cast")))
+        np_type = np.int8
+    else:
+        q_tensor, rows_of = numpy_helper.from_array(bq.codes.astype(np_type), q_name), q_name
+    z_tensor = numpy_helper.from_array(bq.zero_point.astype(np_type), z_name)
+    s_tensor = numpy_helper.from_array(bq.scale.astype(np.float32), s_name)
+    for node, _ in index.consumers[spec.tensor]:
+        out, ids = node.output[0], node.input[1]
+        node.input[0] = rows_of
+        node.output[0] = index.unique_name(f"{out}_codes")
+        gathered = [helper.make_node("Gather", [table, ids], [index.unique_name(f"{out}_{kind}")], axis=0,
+                                     name=index.unique_name(f"{node.name}/{kind}"))
+                    for table, kind in ((s_name, "scale"), (z_name, "zero_point"))]
+        dq = helper.make_node("DequantizeLinear", [node.output[0], gathered[0].output[0], gathered[1].output[0]],
+                              [out], axis=-1, block_size=bq.block, name=index.unique_name(f"{node.name}/Dequantize"))
+        after[node.output[0]] = [*gathered, dq]
+    return nodes, [q_tensor, s_tensor, z_tensor]
+
+
+def _record_blocks(spec: WeightSpec, bq: BlockQuant, w: np.ndarray, stored: int, rows: bool = False) -> QuantizedTensor:
     dtype = TensorProto.DataType.Name(_storage_type(bq.bits)[0]).lower()
+    storage = f"DequantizeLinear {dtype} block {bq.block}" + (" of the gathered rows" if rows else "")
     return QuantizedTensor(
         spec.tensor, spec.op_type, spec.nodes, spec.shape, spec.bits,
-        f"asymmetric block {bq.block} along axis {bq.axis}", f"DequantizeLinear {dtype} block {bq.block}",
-        bytes_before=w.nbytes, bytes_after=stored, relative_error=relative_error(w, bq.dequantized()),
+        f"asymmetric block {bq.block} along axis {bq.axis}", storage,
+        bytes_before=w.nbytes, bytes_after=stored, relative_error=_relative(w, bq.squared_error),
         scale=bq.scale.ravel(), zero_point=bq.zero_point.ravel(),
     )
+
+
+def _relative(w: np.ndarray, squared_error: float) -> float:
+    """||w - w'|| / ||w|| from the summed squared error (as qmath.relative_error, without the dequantized copy)."""
+    denom = float(np.sum(np.square(w, dtype=np.float64)))
+    return float(np.sqrt(squared_error / denom)) if denom > 0 else float(squared_error > 0)
 
 
 def replace_weights(model: onnx.ModelProto, removed: set[str], nodes: list[onnx.NodeProto],

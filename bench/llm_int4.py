@@ -1,0 +1,253 @@
+"""Weight-only int4 on a synthetic Llama-style decoder: ptqlite ON_THE_FLY (block-wise and per channel) against
+onnxruntime's MatMulNBitsQuantizer, side by side in one run.
+
+    PYTHONPATH=src .venv/bin/python bench/llm_int4.py [--hidden 1024 --layers 6 --vocab 16000] [--work DIR]
+
+The decoder (seeded, float32, opset 17, weights in external data): token embedding Gather, per layer RMSNorm ->
+q/k/v MatMuls -> multi-head attention (no mask, no rotary: the weights are what is measured) -> o MatMul ->
+residual, RMSNorm -> SwiGLU (gate, up, down MatMuls) -> residual; final RMSNorm and an lm_head MatMul. Weights are
+Gaussian with a few heavy outliers per matrix, as trained weights have.
+
+Columns: file size (model + data), peak RSS of a child process that loads the model and runs it once (seq 1),
+its RSS after that run, latency at seq 1 / 32 / 128 (1 thread, every model loaded in one process and taking
+turns run by run, median per model, as a ratio to float), cosine of the logits to float's (mean over a few random
+sequences of 32 tokens), conversion time and peak RSS of the converting child process.
+MatMulNBitsQuantizer quantizes MatMul weights only (the embedding table stays float); the ptqlite rows quantize the
+embedding table too unless marked "embedding float" (skip_quant_node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import run_child, session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PTQ_CONFIG = """[common_quant_param]
+quant_type=WEIGHT_QUANT
+bit_num=4
+min_quant_weight_size=0
+min_quant_weight_channel=0
+{skip}
+[weight_quant_param]
+dequant_strategy=ON_THE_FLY
+block_size={block}
+"""
+
+ORT_QUANTIZE = """import sys, onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+src, out, block, level = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+q = MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=block, is_symmetric=False,
+                         accuracy_level=None if level == "none" else int(level))
+q.process()
+onnx.save_model(q.model.model, out)
+"""
+
+# Loads the model (1 thread), runs it once at seq 1, prints its resident memory after that run (MB).
+LOAD_AND_RUN = """import sys, numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1; o.log_severity_level = 3
+s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
+s.run(None, {"input_ids": np.zeros((1, 1), np.int64)})
+rss = [line for line in open("/proc/self/status") if line.startswith("VmRSS")][0].split()[1]
+print(int(rss) * 1024 / 1e6)
+"""
+
+
+def decoder(hidden: int, layers: int, vocab: int, ffn: int, heads: int, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    head_dim = hidden // heads
+
+    def weight(name: str, rows: int, cols: int) -> str:
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(1.0 / np.sqrt(rows))
+        outliers = rng.random((rows, cols)) < 0.001
+        w[outliers] *= 8.0
+        inits.append(numpy_helper.from_array(w, name))
+        return name
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(op: str, inputs: list[str], out: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    eps = const("eps", np.array(1e-6, np.float32))
+    split_heads = const("split_heads", np.array([0, 0, heads, head_dim], np.int64))
+    merge_heads = const("merge_heads", np.array([0, 0, hidden], np.int64))
+    inv_sqrt = const("inv_sqrt_d", np.array(1.0 / np.sqrt(head_dim), np.float32))
+
+    def rms_norm(x: str, prefix: str) -> str:
+        gamma = const(f"{prefix}.g", (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        square = node("Mul", [x, x], f"{prefix}.sq")
+        mean = node("ReduceMean", [square], f"{prefix}.mean", axes=[-1], keepdims=1)  # opset 17 form
+        root = node("Sqrt", [node("Add", [mean, eps], f"{prefix}.eps")], f"{prefix}.root")
+        return node("Mul", [node("Div", [x, root], f"{prefix}.div"), gamma], f"{prefix}.out")
+
+    def heads_of(x: str, prefix: str) -> str:
+        return node("Transpose", [node("Reshape", [x, split_heads], f"{prefix}.r")], f"{prefix}.t", perm=[0, 2, 1, 3])
+
+    h = node("Gather", [weight("embed", vocab, hidden), "input_ids"], "embed.out", axis=0)
+    for i in range(layers):
+        p = f"l{i}"
+        x = rms_norm(h, f"{p}.norm1")
+        q = heads_of(node("MatMul", [x, weight(f"{p}.q", hidden, hidden)], f"{p}.q.out"), f"{p}.q")
+        k = heads_of(node("MatMul", [x, weight(f"{p}.k", hidden, hidden)], f"{p}.k.out"), f"{p}.k")
+        v = heads_of(node("MatMul", [x, weight(f"{p}.v", hidden, hidden)], f"{p}.v.out"), f"{p}.v")
+        kt = node("Transpose", [k], f"{p}.kt", perm=[0, 1, 3, 2])
+        scores = node("Mul", [node("MatMul", [q, kt], f"{p}.qk"), inv_sqrt], f"{p}.scores")
+        attn = node("MatMul", [node("Softmax", [scores], f"{p}.softmax", axis=-1), v], f"{p}.attn")
+        merged = node("Reshape", [node("Transpose", [attn], f"{p}.attn.t", perm=[0, 2, 1, 3]), merge_heads],
+                      f"{p}.merged")
+        h = node("Add", [h, node("MatMul", [merged, weight(f"{p}.o", hidden, hidden)], f"{p}.o.out")], f"{p}.res1")
+        x = rms_norm(h, f"{p}.norm2")
+        gate = node("MatMul", [x, weight(f"{p}.gate", hidden, ffn)], f"{p}.gate.out")
+        silu = node("Mul", [gate, node("Sigmoid", [gate], f"{p}.sigmoid")], f"{p}.silu")
+        up = node("MatMul", [x, weight(f"{p}.up", hidden, ffn)], f"{p}.up.out")
+        down = node("MatMul", [node("Mul", [silu, up], f"{p}.swiglu"), weight(f"{p}.down", ffn, hidden)],
+                    f"{p}.down.out")
+        h = node("Add", [h, down], f"{p}.res2")
+    logits = node("MatMul", [rms_norm(h, "final_norm"), weight("lm_head", hidden, vocab)], "logits")
+    graph = helper.make_graph(nodes, "llama_like",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])],
+                              [helper.make_tensor_value_info(logits, TensorProto.FLOAT, [1, "seq", vocab])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="llm_int4 bench")
+    model.ir_version = 8
+    return model
+
+
+def model_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def convert_ptqlite(src: Path, out: Path, block: int, skip: str = "") -> dict:
+    cfg = out.with_suffix(".cfg")
+    cfg.write_text(PTQ_CONFIG.format(block=block, skip=f"skip_quant_node={skip}" if skip else ""))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = run_child([sys.executable, "-m", "ptqlite.cli", "convert", "--fmk=ONNX", f"--modelFile={src}",
+                     f"--configFile={cfg}", f"--outputFile={out}", "--quiet"], env=env)
+    if run.returncode:
+        raise SystemExit(f"ptqlite conversion failed: {run.stderr[-2000:]}")
+    return {"convert_s": run.seconds, "convert_peak_mb": run.peak_mb}
+
+
+def convert_ort(src: Path, out: Path, block: int, level: str) -> dict:
+    run = run_child([sys.executable, "-c", ORT_QUANTIZE, str(src), str(out), str(block), level])
+    if run.returncode:
+        raise SystemExit(f"MatMulNBitsQuantizer failed: {run.stderr[-2000:]}")
+    return {"convert_s": run.seconds, "convert_peak_mb": run.peak_mb}
+
+
+def load_memory(path: Path) -> dict:
+    run = run_child([sys.executable, "-c", LOAD_AND_RUN, str(path)])
+    if run.returncode:
+        raise SystemExit(f"loading {path} failed: {run.stderr[-2000:]}")
+    return {"load_peak_mb": run.peak_mb, "steady_mb": float(run.stdout.strip().splitlines()[-1])}
+
+
+def latencies(paths: dict[str, Path], seq: int, rounds: int, runs: int) -> dict[str, float]:
+    """Median ms of one run per model, models taking turns run by run (1 thread)."""
+    sessions = {name: session(path, 1) for name, path in paths.items()}
+    feed = {"input_ids": np.random.default_rng(seq).integers(0, 1000, (1, seq)).astype(np.int64)}
+    for s in sessions.values():
+        s.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            for _ in range(runs):
+                s.run(None, feed)
+            times[name].append((time.perf_counter() - start) / runs * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def logits_cosine(paths: dict[str, Path], vocab: int, samples: int = 4, seq: int = 32) -> dict[str, float]:
+    rng = np.random.default_rng(1)
+    feeds = [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(samples)]
+    reference = session(paths["float"], 2)
+    want = [reference.run(None, f)[0].ravel().astype(np.float64) for f in feeds]
+    del reference
+    result = {}
+    for name, path in paths.items():
+        s = session(path, 2)
+        cos = [float(w @ g / (np.linalg.norm(w) * np.linalg.norm(g)))
+               for w, g in zip(want, (s.run(None, f)[0].ravel().astype(np.float64) for f in feeds))]
+        result[name] = float(np.mean(cos))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--ffn", type=int, default=0, help="SwiGLU width (default: 8/3 hidden, rounded to 256)")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--work", default="", help="folder for the models (default: a temporary one)")
+    parser.add_argument("--json", default="", help="also write the figures here")
+    args = parser.parse_args()
+    ffn = args.ffn or int(np.ceil(args.hidden * 8 / 3 / 256) * 256)
+    work = Path(args.work or tempfile.mkdtemp(prefix="llm_int4_"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "float.onnx"
+    if not src.exists():
+        model = decoder(args.hidden, args.layers, args.vocab, ffn, args.heads)
+        onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="float.onnx.data", size_threshold=1024)
+        del model
+    rows: dict[str, dict] = {"float": {}}
+    paths = {"float": src}
+    variants = [
+        ("ptqlite ON_THE_FLY 4 bit block 32", lambda out: convert_ptqlite(src, out, 32)),
+        ("ptqlite ON_THE_FLY 4 bit block 32, embedding float", lambda out: convert_ptqlite(src, out, 32, "embed.out")),
+        ("ptqlite ON_THE_FLY 4 bit per channel", lambda out: convert_ptqlite(src, out, 0)),
+        ("MatMulNBits int4 block 32", lambda out: convert_ort(src, out, 32, "none")),
+        ("MatMulNBits int4 block 32, accuracy_level=4", lambda out: convert_ort(src, out, 32, "4")),
+    ]
+    for number, (name, make) in enumerate(variants):
+        out = work / f"v{number}.onnx"
+        rows[name] = make(out)
+        paths[name] = out
+        print(f"converted: {name} in {rows[name]['convert_s']:.1f} s", file=sys.stderr, flush=True)
+    for name, path in paths.items():
+        rows[name].update(file_mb=model_bytes(path) / 1e6, **load_memory(path))
+    for name, value in logits_cosine(paths, args.vocab).items():
+        rows[name]["cosine"] = value
+    for seq, rounds, runs in ((1, 15, 4), (32, 7, 1), (128, 5, 1)):
+        for name, ms in latencies(paths, seq, rounds, runs).items():
+            rows[name][f"seq{seq}_ms"] = ms
+        print(f"timed seq {seq}", file=sys.stderr, flush=True)
+    base = rows["float"]
+    print(f"decoder: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, ffn {ffn}, heads {args.heads}; "
+          f"float {base['file_mb']:.0f} MB")
+    print("| model | file | load peak RSS | steady RSS | latency seq 1 / 32 / 128 | logits cosine | conversion |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        lat = " / ".join(f"{r[f'seq{s}_ms'] / base[f'seq{s}_ms']:.2f}" for s in (1, 32, 128))
+        if name == "float":
+            lat = " / ".join(f"{base[f'seq{s}_ms']:.1f} ms" for s in (1, 32, 128))
+        conv = f"{r['convert_s']:.1f} s, peak {r['convert_peak_mb']:.0f} MB" if "convert_s" in r else ""
+        print(f"| {name} | {r['file_mb']:.0f} MB ({r['file_mb'] / base['file_mb']:.3f}x) | "
+              f"{r['load_peak_mb']:.0f} MB ({r['load_peak_mb'] / base['load_peak_mb']:.2f}x) | "
+              f"{r['steady_mb']:.0f} MB ({r['steady_mb'] / base['steady_mb']:.2f}x) | {lat} | {r['cosine']:.4f} | {conv} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
