@@ -79,15 +79,17 @@ def session(path: str | Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latency_ratios(models: dict[str, str | Path], baseline: str, feed: np.ndarray, threads: int,
-                   rounds: int = 30, runs: int = 5, warmup: int = 5) -> dict[str, float]:
+def latency_ratios(models: dict[str, str | Path], baseline: str, feed: np.ndarray | dict[str, np.ndarray],
+                   threads: int, rounds: int = 30, runs: int = 5, warmup: int = 5) -> dict[str, float]:
     """Median latency of each model divided by the baseline's, measured interleaved in this process.
 
-    Each round times `runs` back-to-back runs of every model in turn (batch = `feed`); the median over rounds
-    of the per-round time is compared. Returns {name: ratio}, the baseline being 1.0.
+    Each round times `runs` back-to-back runs of every model in turn (batch = `feed`, an array for the first
+    input or a dict of every input); the median over rounds of the per-round time is compared. Returns
+    {name: ratio}, the baseline being 1.0.
     """
     sessions = {name: session(path, threads) for name, path in models.items()}
-    feeds = {name: {s.get_inputs()[0].name: feed} for name, s in sessions.items()}
+    feeds = {name: feed if isinstance(feed, dict) else {s.get_inputs()[0].name: feed}
+             for name, s in sessions.items()}
     for name, s in sessions.items():
         for _ in range(warmup):
             s.run(None, feeds[name])
