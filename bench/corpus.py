@@ -590,7 +590,7 @@ def run_cell(model: Model, mode: Mode, source: Path, work: Path, data_lines: lis
         return cell
     cell.seconds = time.perf_counter() - start
     cell.summary = last_line(done.stdout)
-    warnings = [ln.strip() for ln in done.stderr.splitlines() if "warning" in ln.lower()]
+    warnings = [ln.strip() for ln in (done.stdout + "\n" + done.stderr).splitlines() if "warning" in ln.lower()]
     cell.warned = next((w for w in warnings if any(k in w.lower() for k in ("cosine", "collapse", "analyze"))),
                        "")
     cell.extra["stderr"] = done.stderr[-2000:]
@@ -602,10 +602,17 @@ def run_cell(model: Model, mode: Mode, source: Path, work: Path, data_lines: lis
         else:
             cell.reason = "exit 0 but no output file"
     elif done.returncode == 2:
-        cell.status, cell.reason = "refused", last_line(done.stderr)
+        cell.status, cell.reason = "refused", error_line(done.stderr)
     else:
-        cell.status, cell.reason = "error", f"exit {done.returncode}: {last_line(done.stderr)}"
+        cell.status, cell.reason = "error", f"exit {done.returncode}: {error_line(done.stderr)}"
     return cell
+
+
+def error_line(stderr: str) -> str:
+    """The converter's error message in one line (from 'ptqlite: error:' on, which may span lines), else the
+    last line (a traceback's exception)."""
+    _, sep, tail = stderr.rpartition("ptqlite: error:")
+    return " ".join((sep + tail).split())[:400] if sep else last_line(stderr)
 
 
 def input_dims(path: Path) -> list[list]:
@@ -718,16 +725,16 @@ def judge(cell: Cell, model: Model) -> None:
     if cell.status == "timeout":
         cell.verdict = f"timed out ({cell.reason})"
     elif cell.status == "error":
-        cell.verdict = f"fails on a valid model ({cell.reason[:160]})"
+        cell.verdict = f"fails on a valid model ({cell.reason[:400]})"
     elif cell.status == "refused":
         # Refusing an already-quantized model is right; other refusals are listed for a reader to judge.
-        cell.verdict = "" if model.prequantized else f"refused: {cell.reason[:160]}"
+        cell.verdict = "" if model.prequantized else f"refused: {cell.reason[:220]}"
     elif cell.path is None:
         cell.verdict = "says success but writes no output"
     elif cell.loads is False:
-        cell.verdict = f"says success but output does not load ({cell.load_error[:160]})"
+        cell.verdict = f"says success but output does not load ({cell.load_error[:220]})"
     elif cell.load_error:
-        cell.verdict = f"says success but output fails to run ({cell.load_error[:160]})"
+        cell.verdict = f"says success but output fails to run ({cell.load_error[:220]})"
     elif model.prequantized and ptqlite and "already" not in said:
         cell.verdict = f"converts an already-quantized model without saying so ({cell.metric})"
     elif cell.cos_min is not None and cell.cos_min < 0.9:
@@ -879,14 +886,30 @@ def table(models: list[Model], modes: list[Mode], cells: dict[tuple[str, str], C
             continue
         row = [cell_text(cells[(model.key, m.key)]) if (model.key, m.key) in cells else "-" for m in modes]
         lines.append(f"| {model.key} | {model.kind} | " + " | ".join(row) + " |")
-    counts: dict[str, int] = {}
-    for cell in cells.values():
-        state = cell.status
-        if cell.status == "converted":
-            state = ("converted, fine" if not cell.verdict else "converted, task-metric note"
-                     if cell.verdict.startswith("note:") else "converted, failure")
-        counts[state] = counts.get(state, 0) + 1
-    lines += ["", "Cells: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none") + "."]
+    for tool, label in (("ptqlite", "ptqlite"), ("ort", "onnxruntime.quantization")):
+        counts: dict[str, int] = {}
+        for cell in cells.values():
+            if MODES[cell.mode].kind != tool:
+                continue
+            state = cell.status
+            if cell.status == "converted":
+                state = ("converted, fine" if not cell.verdict else "converted, task-metric note"
+                         if cell.verdict.startswith("note:") else "converted, failure")
+            counts[state] = counts.get(state, 0) + 1
+        lines += ["", f"{label} cells: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none")
+                  + "."]
+    for ours, theirs in (("full_mm", "ort_static"), ("full_kl", "ort_static"), ("dyn", "ort_dyn"),
+                         ("w8", "ort_dyn")):
+        pairs = [(cells[(m.key, ours)], cells[(m.key, theirs)]) for m in models
+                 if (m.key, ours) in cells and (m.key, theirs) in cells]
+        both = [(a, b) for a, b in pairs if a.cos_min is not None and b.cos_min is not None]
+        if both:
+            better = sum(a.cos_min >= b.cos_min - 0.001 for a, b in both)
+            only_ours = sum(a.cos_min is not None and b.cos_min is None for a, b in pairs)
+            only_theirs = sum(a.cos_min is None and b.cos_min is not None for a, b in pairs)
+            lines += ["", (f"{MODES[ours].label} vs {MODES[theirs].label}: min cosine at least as high on "
+                           f"{better} of the {len(both)} models where both outputs run; only ptqlite's runs on "
+                           f"{only_ours}, only the other's on {only_theirs}.")]
     fixed = [c for c in cells.values() if c.shapes_kept is False and MODES[c.mode].kind == "ptqlite"]
     given = [c for c in cells.values() if c.shapes_kept is not None and MODES[c.mode].kind == "ptqlite"
              and CORPUS[c.model].input_shape]
