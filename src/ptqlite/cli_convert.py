@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from pathlib import Path
 
 from .config import load_config
@@ -20,7 +21,8 @@ from .model import (
     too_large_for_one_file,
 )
 from .paths import check_input_file, check_not_special, check_output_file, is_devnull
-from .result import ConversionResult
+from .result import ConversionResult, Verification
+from .verify import SYNTHETIC_NOTE, describe, is_synthetic
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,15 +39,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--outputFile", required=True, help="output model path (.onnx is added if missing)")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+    parser.add_argument("--verify", default="on",
+                        help="on (default): run the output next to the float model before writing it; off: skip")
+    parser.add_argument("--verifyFloor", default="",
+                        help="a min output cosine below this number in (0, 1] is an error instead of a warning")
 
 
-def load_inputs(args: argparse.Namespace):
+def load_inputs(args: argparse.Namespace, apply_shapes: bool = True):
+    """The config and the model; --inputShape is checked and, with apply_shapes, written into the model."""
     check_fmk(args.fmk)  # before the config, so a wrong framework is the error a user sees first
     shapes = parse_input_shapes(args.inputShape) if args.inputShape else None
     check_input_file(args.configFile, "--configFile")  # a FIFO would block the read
     config = load_config(args.configFile)
-    model = load_model(args.modelFile, args.fmk, shapes)
+    model = load_model(args.modelFile, args.fmk, shapes, apply_shapes=apply_shapes)
     return config, model
+
+
+def verify_options(args: argparse.Namespace) -> tuple[bool, float | None]:
+    """--verify and --verifyFloor: (run the gate, explicit floor or None)."""
+    if args.verify not in ("on", "off"):
+        raise UsageError(f"--verify={args.verify}: expected on or off")
+    if not args.verifyFloor:
+        return args.verify == "on", None
+    try:
+        floor = float(args.verifyFloor)
+    except ValueError:
+        floor = float("nan")
+    if not 0.0 < floor <= 1.0:  # also refuses nan
+        raise UsageError(f"--verifyFloor={args.verifyFloor}: expected a number in (0, 1]")
+    if args.verify == "off":
+        raise UsageError(f"--verifyFloor={args.verifyFloor}: needs --verify=on")
+    return True, floor
+
+
+def analyze_command(args: argparse.Namespace) -> str:
+    """The `ptqlite analyze` command line for the same model, config and shapes."""
+    parts = ["ptqlite", "analyze", f"--fmk={args.fmk}", f"--modelFile={shlex.quote(args.modelFile)}",
+             f"--configFile={shlex.quote(args.configFile)}"]
+    if args.inputShape:
+        parts.append(f"--inputShape={shlex.quote(args.inputShape)}")
+    if args.inputDataFormat:
+        parts.append(f"--inputDataFormat={args.inputDataFormat}")
+    return " ".join(parts)
 
 
 def output_path(text: str) -> Path:
@@ -66,9 +101,14 @@ def run(args: argparse.Namespace) -> int:
         if out.exists() and Path(args.modelFile).exists() and os.path.samefile(out, args.modelFile):
             raise UsageError(f"--outputFile={args.outputFile}: would overwrite the input model; choose another path")
         check_output_file(out, "--outputFile")
-    config, model = load_inputs(args)
+    verify, floor = verify_options(args)
+    shapes = parse_input_shapes(args.inputShape) if args.inputShape else None
+    config, model = load_inputs(args, apply_shapes=False)
     result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
-                     defer_reports=True)
+                     defer_reports=True, input_shapes=shapes, verify=verify, verify_floor=floor,
+                     analyze_command=analyze_command(args))
+    if shapes and args.fmk == "PYTORCH":
+        result.notes.append("the TorchScript model is traced at the --inputShape shapes, so the output has them too")
     try:
         if not discard:
             save_model(result.model, out)
@@ -101,6 +141,23 @@ def summary(result: ConversionResult, source: Path, out: Path | None) -> str:
     for s in result.skipped:
         lines.append(f"  skipped {s.tensor} ({s.op_type} {', '.join(s.nodes)}): {s.reason}")
     lines += [f"  note: {n}" for n in result.notes]
+    lines += verification_lines(result.verification)
     size = "output size" if out is None else "file size"
     lines.append(f"{size} {_mb(before)} -> {_mb(after)} ({after / before:.3f}x) in {result.seconds:.2f} s")
     return "\n".join(lines)
+
+
+def verification_lines(verification: Verification | None) -> list[str]:
+    if verification is None:
+        return ["not verified (--verify=off)"]
+    if verification.skipped and not verification.outputs:
+        return [f"verified that ONNX Runtime loads the output; not compared with the float model: {verification.skipped}"]
+    lines = [f"verified in ONNX Runtime against the float model on {verification.inputs}:"]
+    lines += [f"  {describe(check)}" for check in verification.outputs]
+    if is_synthetic(verification):
+        lines.append(f"  note: {SYNTHETIC_NOTE}")
+    if verification.skipped:
+        lines.append(f"  not compared further: {verification.skipped}")
+    if verification.other_shapes and not verification.shape_problem:
+        lines.append(f"  the output keeps the model's own input shapes and also runs at {verification.other_shapes}")
+    return lines

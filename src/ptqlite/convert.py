@@ -11,7 +11,14 @@ from typing import Any
 import onnx
 
 from .config import QuantConfig
-from .model import constants_to_initializers, lift_subgraph_constants, name_unnamed_nodes
+from .model import (
+    check_input_shapes,
+    constants_to_initializers,
+    lift_subgraph_constants,
+    name_unnamed_nodes,
+    restore_io_shapes,
+    set_input_shapes,
+)
 from .paths import check_output_folder, publish_folder, remove_quietly, stage_folder, write_error
 from .plan import WEIGHT_SLOTS, weight_tensors
 from .result import ConversionResult, SkippedTensor
@@ -50,14 +57,19 @@ def pass_for(config: QuantConfig) -> QuantPass:
 
 
 def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Path | None = None,
-            validate: bool = True, defer_reports: bool = False, **options: Any) -> ConversionResult:
+            validate: bool = True, defer_reports: bool = False, input_shapes: dict[str, list[int]] | None = None,
+            verify: bool = True, verify_floor: float | None = None, analyze_command: str | None = None,
+            **options: Any) -> ConversionResult:
     """Quantize a copy of `model` as `config` says; `model` itself is left untouched.
 
     The input rules (validate.py) are checked first unless validate=False (for callers that convert the same,
     already checked model again). `model_path` is the file the model came from: messages name it, and the checks
     of models over 2 GB read it. With defer_reports the debug reports stay in a temp folder until
-    publish_reports(result) (the CLI publishes them after the model is written). Other options are passed to the
-    pass (e.g. input_format="NHWC" for calibration images, progress=False, samples=[...]).
+    publish_reports(result) (the CLI publishes them after the model is written). `input_shapes` (--inputShape)
+    fix input shapes for calibration and the pass's analysis only: the output keeps the model's own input and
+    output shapes. `verify` runs the gate of verify.py before the result is returned (a collapse below
+    `verify_floor` is an error when a floor is given, else a warning suggesting `analyze_command`). Other options
+    are passed to the pass (e.g. input_format="NHWC" for calibration images, progress=False, samples=[...]).
     """
     started = time.perf_counter()
     quant_pass = pass_for(config)
@@ -68,8 +80,15 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
         check_output_folder(Path(report_folder), "debug_info_save_path")
     if "samples" in options:
         options["samples"] = checked_samples(options["samples"])
+    # The float model as the pass sees it (fixed shapes): calibration, the gate and the reports run on it.
+    reference = model
+    if input_shapes:
+        reference = onnx.ModelProto()
+        reference.CopyFrom(model)
+        check_input_shapes(reference, input_shapes, source)
+        set_input_shapes(reference, input_shapes)
     work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work.CopyFrom(reference)
     constants_to_initializers(work)
     # Weights of If/Loop/Scan bodies move to the main graph (the bodies read them from the outer scope), so every
     # pass plans them like any other.
@@ -85,6 +104,11 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     if warning:
         result.warnings.append(warning)
         log.warning("%s", warning)
+    fixed = restore_io_shapes(result.model, model, result.notes) if input_shapes else None
+    if verify:
+        from .verify import run_gate
+
+        run_gate(model, reference, result, config, options, verify_floor, analyze_command, input_shapes, fixed)
     if report_folder:
         result.float_model = result.float_model or named
         _write_reports(result.float_model, result, config, options, Path(report_folder))

@@ -32,3 +32,7 @@ class ConversionError(PtqError):
 class OutputError(PtqError):
     """An output cannot be written there: a folder or special file in its place, no permission, a read-only or
     full file system. Nothing was written."""
+
+
+class VerificationError(ConversionError):
+    """The quantized model does not load or does not run in ONNX Runtime (the verification gate)."""

@@ -26,8 +26,11 @@ def check_fmk(fmk: str) -> None:
         raise UsageError(f"--fmk={fmk}: expected one of {', '.join(SUPPORTED_FMKS)}")
 
 
-def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
-    """Read a model with the front-end for `fmk`; the file itself is never modified."""
+def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list[int]] | None = None,
+               apply_shapes: bool = True) -> onnx.ModelProto:
+    """Read a model with the front-end for `fmk`; the file itself is never modified. `input_shapes` are checked
+    against the model's inputs and, with `apply_shapes`, written into it (convert() instead applies them to its
+    working copy only, so the output keeps the model's own shapes: docs/spec.md, "--inputShape")."""
     path = Path(path)
     check_fmk(fmk)
     check_input_file(str(path), "--modelFile")
@@ -43,7 +46,9 @@ def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list
     if not model.graph.node:
         raise ModelError(f"{path}: the model graph has no nodes")
     if input_shapes:
-        set_input_shapes(model, input_shapes, str(path))
+        check_input_shapes(model, input_shapes, str(path))
+        if apply_shapes:
+            set_input_shapes(model, input_shapes)
     return model
 
 
@@ -88,7 +93,8 @@ def parse_input_shapes(text: str) -> dict[str, list[int]]:
     return shapes
 
 
-def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], source: str) -> None:
+def check_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], source: str) -> None:
+    """Every name in `shapes` is an input of `model` and has the input's rank (when the model gives one)."""
     inputs = {i.name: i for i in graph_inputs(model)}
     for name, dims in shapes.items():
         if name not in inputs:
@@ -96,11 +102,84 @@ def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], sourc
         shape = inputs[name].type.tensor_type.shape
         if len(shape.dim) and len(shape.dim) != len(dims):
             raise UsageError(f"--inputShape: input '{name}' has rank {len(shape.dim)}, got {len(dims)} dims")
+
+
+def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """Write `shapes` (checked by check_input_shapes) into the model's inputs; -1 stays a symbolic dim."""
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name, dims in shapes.items():
+        shape = inputs[name].type.tensor_type.shape
         del shape.dim[:]
         for d in dims:
             shape.dim.add().dim_value = max(0, d)
             if d < 0:
                 shape.dim[-1].dim_param = "N"
+
+
+def restore_io_shapes(output: onnx.ModelProto, original: onnx.ModelProto, notes: list[str]) -> IoShapes:
+    """Give the output's inputs and outputs the original model's types (dims and dim_params) and drop the shape
+    annotations the pass added (inferred from the fixed shapes). An input whose fixed dims --inputShape changed
+    keeps the given shape (the user asked for it), the outputs then keep theirs too, and `notes` says so.
+    Returns what it replaced."""
+    graph = output.graph
+    fixed = IoShapes(*([_copy_value(v) for v in values] for values in (graph.input, graph.output, graph.value_info)))
+    declared = {v.name: v for v in (*original.graph.input, *original.graph.output)}
+    changed = []
+    for value in graph.input:
+        if value.name in declared and not _compatible(declared[value.name], value):
+            changed.append(f"'{value.name}' {_dims_text(value)} (the model fixes {_dims_text(declared[value.name])})")
+    if changed:
+        notes.append(f"--inputShape changes dims the model fixes, so the output takes the given shapes: "
+                     f"{', '.join(changed)}")
+    for value in graph.input:
+        if value.name in declared and _compatible(declared[value.name], value):
+            value.type.CopyFrom(declared[value.name].type)
+    if not changed:  # with an input the user reshaped, the model's own output shapes may not hold
+        for value in graph.output:
+            if value.name in declared:
+                value.type.CopyFrom(declared[value.name].type)
+    own = {v.name for v in original.graph.value_info}
+    kept = [_copy_value(v) for v in graph.value_info if v.name in own]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return fixed
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.dim_value > 0 else None for d in value.type.tensor_type.shape.dim]
+
+
+def _dims_text(value: onnx.ValueInfoProto) -> str:
+    return ",".join("?" if d is None else str(d) for d in _dims(value))
+
+
+def _compatible(original: onnx.ValueInfoProto, fixed: onnx.ValueInfoProto) -> bool:
+    """The fixed shape is one the original input admits (every fixed dim of the original kept)."""
+    if not original.type.tensor_type.HasField("shape"):
+        return True
+    before, after = _dims(original), _dims(fixed)
+    return len(before) == len(after) and all(b is None or b == a for b, a in zip(before, after, strict=True))
+
+
+def _copy_value(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    return copy
+
+
+class IoShapes:
+    """Inputs, outputs and value_info of a graph as the pass wrote them (with the --inputShape shapes), to put
+    back where the output works only with those."""
+
+    def __init__(self, inputs, outputs, value_info):
+        self.inputs, self.outputs, self.value_info = inputs, outputs, value_info
+
+    def put_back(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        for field, values in ((graph.input, self.inputs), (graph.output, self.outputs),
+                              (graph.value_info, self.value_info)):
+            del field[:]
+            field.extend(values)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

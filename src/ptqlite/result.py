@@ -37,6 +37,38 @@ class SkippedTensor:
 
 
 @dataclass
+class OutputCheck:
+    """One graph output of the quantized model against the float model's, over the verification samples."""
+
+    name: str
+    kind: str  # "cosine" (float outputs) or "agreement" (integer and bool outputs: fraction of equal elements)
+    mean: float
+    min: float
+    non_finite: int = 0  # samples where the output has NaN/Inf where the float model's is finite
+    shape_mismatch: int = 0  # samples where the output's shape differs from the float model's
+    collapsed: bool = False
+
+
+@dataclass
+class Verification:
+    """What the verification gate (verify.py) found before the conversion reported success."""
+
+    inputs: str  # where the inputs came from, e.g. "8 calibration samples"
+    samples: int
+    floor: float  # the min output cosine below which an output counts as collapsed
+    outputs: list[OutputCheck] = field(default_factory=list)
+    skipped: str = ""  # why the comparison with the float model did not run ("" when it did)
+    # With --inputShape: the other input shapes the output was also run at, e.g. "x:2,8,32" ("" when not run), and
+    # what went wrong there ("" when it ran like the float model).
+    other_shapes: str = ""
+    shape_problem: str = ""
+
+    @property
+    def collapsed(self) -> list[OutputCheck]:
+        return [o for o in self.outputs if o.collapsed]
+
+
+@dataclass
 class ConversionResult:
     model: onnx.ModelProto
     quant_type: str
@@ -48,6 +80,7 @@ class ConversionResult:
     seconds: float = 0.0
     # (temp folder, debug_info_save_path) while the debug reports wait for the model to be written
     pending_reports: tuple[Path, Path] | None = None
+    verification: Verification | None = None  # None: convert() ran with verify=False
     # (node name, input slot) -> (scale, offset): what that node reads in the quantized model, times scale plus
     # offset (None: 0), is the float model's value there. Activation smoothing divides an input by s and multiplies
     # the weight rows by s; WEIGHT_QUANT feeds MatMul/Gather the codes and maps their outputs instead.

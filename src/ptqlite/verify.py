@@ -1,0 +1,307 @@
+"""The verification gate: before a conversion reports success, the quantized model is loaded in ONNX Runtime and
+run next to the float model, and each graph output is compared.
+
+- Inputs: the first VERIFY_SAMPLES calibration samples when the config has calibration data (or the samples given
+  to convert()), else SYNTHETIC_SAMPLES seeded synthetic inputs (runtime.REFERENCE_VALUES), and Verification.inputs
+  says which.
+- Float outputs: cosine similarity per sample over the elements where the float output is finite; a NaN/Inf in
+  the quantized output where the float one is finite, or a different shape, scores 0. Integer and bool outputs:
+  the fraction of equal elements ("agreement").
+- An output that does not load or does not run where the float model runs is a VerificationError (exit 1).
+- An output collapses when its min cosine is below the floor (FLOORS per mode unless --verifyFloor gives one), its
+  agreement is below AGREEMENT_FLOOR, or it turns finite values non-finite. convert() warns about a collapse,
+  or fails with a floor given explicitly. docs/spec.md ("Verification") has the rule and how the floors were chosen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+
+from .config import QuantConfig
+from .errors import ConversionError, VerificationError
+from .model import EXTERNAL_DATA_THRESHOLD, IoShapes, graph_inputs, tensor_bytes
+from .result import ConversionResult, OutputCheck, Verification
+from .runtime import (
+    REFERENCE_VALUES,
+    InputSpec,
+    cpu_session,
+    model_input_specs,
+    session_feeds,
+    synthetic_inputs,
+)
+
+log = logging.getLogger(__name__)
+
+VERIFY_SAMPLES = 8
+SYNTHETIC_SAMPLES = 2
+# Min output cosine below which an output counts as collapsed, per mode: well below the lowest min cosine of any
+# bundled or bench config on ResNet20 and MobileNet V2 (bench/verify_cosines.py) and of MiniLM (docs/results.md);
+# docs/spec.md "Verification" gives the figures.
+FLOORS = {"FULL_QUANT": 0.9, "DYNAMIC_QUANT": 0.95, "WEIGHT_QUANT": 0.9, "WEIGHT_QUANT mixed bit": 0.85}
+AGREEMENT_FLOOR = 0.5
+_PURPOSE = "to verify the output"
+
+
+_LOW, _HIGH = REFERENCE_VALUES.float_range
+SYNTHETIC_NOTE = (f"the config has no calibration data, so the gate ran on synthetic inputs (floats uniform in "
+                  f"[{_LOW}, {_HIGH}], seed {REFERENCE_VALUES.seed}, integer and bool inputs 1), which may not "
+                  "represent real data")
+
+
+def is_synthetic(verification: Verification) -> bool:
+    return verification.inputs.endswith("synthetic inputs")
+
+
+def mode_label(config: QuantConfig) -> str:
+    return "WEIGHT_QUANT mixed bit" if config.is_mixed_bit else config.quant_type
+
+
+def default_floor(config: QuantConfig) -> float:
+    return FLOORS[mode_label(config)]
+
+
+def verification_inputs(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None,
+                        samples: Iterable[dict[str, np.ndarray]] | None = None
+                        ) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The inputs the gate runs on and a phrase naming them. `model` is the float model with the --inputShape
+    shapes, as the pass calibrated it."""
+    if samples is not None:
+        given = list(itertools.islice(iter(samples), VERIFY_SAMPLES))
+        if given:
+            return given, f"{len(given)} of the given samples"
+    from .data import calibration_set, has_calibration_data  # OpenCV loads only when data is read
+
+    if has_calibration_data(config):
+        data = list(itertools.islice(iter(calibration_set(config, model, input_format)), VERIFY_SAMPLES))
+        return data, f"{len(data)} calibration samples"
+    return (synthetic_inputs(model_input_specs(model), REFERENCE_VALUES, SYNTHETIC_SAMPLES),
+            f"{SYNTHETIC_SAMPLES} synthetic inputs")
+
+
+def _too_large(model: onnx.ModelProto) -> bool:
+    """Over what an in-memory ONNX Runtime session takes (protobuf cannot serialise past 2 GB)."""
+    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def _one_line(error: object) -> str:
+    text = " ".join(str(error).split())
+    return text[:400] + ("..." if len(text) > 400 else "")
+
+
+def _runtime_message(exc: ConversionError) -> str:
+    """The runtime's own words from cpu_session's error, on one line."""
+    return _one_line(str(exc).partition(f"{_PURPOSE} (")[2].removesuffix(")") or str(exc))
+
+
+def compare(reference, value) -> tuple[str, float, bool, bool]:
+    """(kind, score, non_finite, shape_mismatch) of one output on one sample."""
+    ref, out = np.asarray(reference), np.asarray(value)
+    if ref.dtype.kind not in "fc":
+        if ref.shape != out.shape:
+            return "agreement", 0.0, False, True
+        return "agreement", float(np.mean(ref == out)) if ref.size else 1.0, False, False
+    if ref.shape != out.shape:
+        return "cosine", 0.0, False, True
+    finite = np.isfinite(ref)
+    kept = out[finite]
+    if kept.dtype.kind in "fc" and not np.isfinite(kept).all():
+        return "cosine", 0.0, True, False
+    a, b = ref[finite].astype(np.float64).ravel(), kept.astype(np.float64).ravel()
+    na, nb = float(np.sqrt(np.sum(a * a))), float(np.sqrt(np.sum(b * b)))
+    if na == 0.0 or nb == 0.0:
+        return "cosine", 1.0 if na == nb else 0.0, False, False
+    return "cosine", float(np.clip(np.sum(a * b) / (na * nb), -1.0, 1.0)), False, False
+
+
+def other_shape_inputs(original: onnx.ModelProto, input_shapes: dict[str, list[int]]
+                       ) -> tuple[dict[str, np.ndarray], str] | None:
+    """One synthetic sample in which every dim that --inputShape fixed but the model leaves symbolic is doubled
+    (doubling keeps sizes a stride divides), and its shapes as text; None when no such dim exists."""
+    specs, text, changed = [], [], False
+    for spec, value in zip(model_input_specs(original), graph_inputs(original), strict=True):
+        given = input_shapes.get(value.name)
+        dims = list(value.type.tensor_type.shape.dim)
+        if given is None:
+            specs.append(spec)
+            continue
+        shape = []
+        for position, size in enumerate(given):
+            symbolic = position >= len(dims) or dims[position].dim_value <= 0
+            if size > 0 and symbolic:
+                shape.append(2 * size)
+                changed = True
+            else:
+                shape.append(size if size > 0 else 1)
+        specs.append(InputSpec(spec.name, tuple(shape), spec.dtype))
+        text.append(f"{spec.name}:{','.join(map(str, shape))}")
+    if not changed:
+        return None
+    return synthetic_inputs(specs, REFERENCE_VALUES)[0], ";".join(text)
+
+
+def _other_shape_problem(quant, original: onnx.ModelProto, feeds: dict[str, np.ndarray], label: str) -> str:
+    """What goes wrong when the quantized model runs at `label`'s shapes where the float model runs ("" if
+    nothing, or if the float model itself does not run there)."""
+    try:
+        reference = cpu_session(original, _PURPOSE, spinning=False)
+        expected = reference.run(None, session_feeds(reference, feeds))
+    except Exception:  # noqa: BLE001  (the float model does not run there either: nothing to learn)
+        return ""
+    try:
+        got = dict(zip([o.name for o in quant.get_outputs()], quant.run(None, session_feeds(quant, feeds)),
+                       strict=True))
+    except Exception as exc:  # noqa: BLE001
+        return f"at {label} it fails where the float model runs ({_one_line(exc)})"
+    for info, value in zip(reference.get_outputs(), expected, strict=True):
+        if info.name in got and np.shape(got[info.name]) != np.shape(value):
+            return (f"at {label} output '{info.name}' has shape {list(np.shape(got[info.name]))} where the float "
+                    f"model's has {list(np.shape(value))}")
+    return ""
+
+
+def verify(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
+           source: str, floor: float,
+           other_shape: tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None = None) -> Verification:
+    """Load `quant_model` and compare it with `float_model` on `inputs`. Raises VerificationError when the quantized
+    model does not load, does not run where the float model runs, or lacks one of the float model's outputs.
+    `other_shape` (the original float model, one sample at other input shapes, their text) also runs both there
+    and records a failure or a different output shape in shape_problem."""
+    result = Verification(source, len(inputs), floor)
+    if _too_large(quant_model):
+        result.skipped = "the output is over 2 GB, which ONNX Runtime cannot load from memory"
+        return result
+    try:
+        quant = cpu_session(quant_model, _PURPOSE, spinning=False)
+    except ConversionError as exc:
+        message = _runtime_message(exc)
+        try:
+            cpu_session(float_model, _PURPOSE, spinning=False)
+            either = ""
+        except ConversionError as float_exc:
+            either = f" (nor does the float model: {_runtime_message(float_exc)})"
+        raise VerificationError(f"the quantized model does not load in ONNX Runtime, so nothing was written: "
+                          f"{message}{either}") from None
+    if _too_large(float_model):
+        result.skipped = "the float model is over 2 GB, so the output was only loaded, not compared"
+        return result
+    try:
+        reference = cpu_session(float_model, _PURPOSE, spinning=False)
+    except ConversionError as exc:
+        result.skipped = f"the float model does not load in ONNX Runtime ({_one_line(exc)})"
+        return result
+    names = [o.name for o in reference.get_outputs()]
+    quant_names = {o.name for o in quant.get_outputs()}
+    missing = [n for n in names if n not in quant_names]
+    if missing:
+        raise VerificationError(f"the quantized model lacks the float model's output(s) {', '.join(missing)}")
+    scores: dict[str, list[tuple[str, float, bool, bool]]] = {n: [] for n in names}
+    for number, feeds in enumerate(inputs):
+        try:
+            expected = reference.run(None, session_feeds(reference, feeds))
+        except Exception as exc:  # noqa: BLE001  (onnxruntime's errors for inputs the model rejects)
+            result.skipped = f"the float model does not run on the {source} ({_one_line(exc)})"
+            result.samples = number
+            return result
+        try:
+            got = dict(zip([o.name for o in quant.get_outputs()],
+                           quant.run(None, session_feeds(quant, feeds)), strict=True))
+        except Exception as exc:  # noqa: BLE001
+            raise VerificationError(f"the quantized model fails in ONNX Runtime on sample {number} of the {source}, "
+                              f"where the float model runs, so nothing was written: {_one_line(exc)}") from None
+        for name, value in zip(names, expected, strict=True):
+            scores[name].append(compare(value, got[name]))
+    for name, values in scores.items():
+        kind = values[0][0] if values else "cosine"
+        numbers = [v[1] for v in values] or [1.0]
+        check = OutputCheck(name, kind, float(np.mean(numbers)), float(np.min(numbers)),
+                            sum(v[2] for v in values), sum(v[3] for v in values))
+        check.collapsed = bool(check.non_finite or check.shape_mismatch
+                               or (kind == "cosine" and check.min < floor)
+                               or (kind == "agreement" and check.mean < AGREEMENT_FLOOR))
+        result.outputs.append(check)
+    if other_shape is not None:
+        original, feeds, label = other_shape
+        result.other_shapes = label
+        result.shape_problem = _other_shape_problem(quant, original, feeds, label)
+    return result
+
+
+def likely_cause(config: QuantConfig) -> str:
+    """What most often makes `config`'s mode collapse, and what to try."""
+    if config.quant_type == "FULL_QUANT":
+        method = config.full.activation_quant_method
+        if method != "MAX_MIN":
+            return (f"activation ranges clipped by activation_quant_method={method} (try MAX_MIN) or a layer that "
+                    "does not tolerate int8")
+        return "an activation or layer that does not tolerate int8 (or calibration data unlike the real inputs)"
+    if config.quant_type == "DYNAMIC_QUANT":
+        return "a MatMul/Gemm input whose outliers int8 cannot cover"
+    if config.is_mixed_bit:
+        return f"init_scale={config.mixed_bit.init_scale:g} lets some layer lose too much"
+    return f"bit_num={config.common.bit_num} is too few bits for some layer"
+
+
+def describe(check: OutputCheck) -> str:
+    """One output's line of the summary, e.g. "output 'logits': cosine mean 0.999513, min 0.998102"."""
+    if check.kind == "agreement":
+        text = f"output '{check.name}': agreement mean {check.mean:.6f}, min {check.min:.6f} (exact match)"
+    else:
+        text = f"output '{check.name}': cosine mean {check.mean:.6f}, min {check.min:.6f}"
+    if check.non_finite:
+        text += f", NaN/Inf where the float output is finite on {check.non_finite} sample(s)"
+    if check.shape_mismatch:
+        text += f", shape differs from the float output on {check.shape_mismatch} sample(s)"
+    return text + (" COLLAPSED" if check.collapsed else "")
+
+
+def collapse_message(verification: Verification, config: QuantConfig, analyze_command: str,
+                     explicit_floor: bool = False) -> str:
+    """One line: which outputs collapsed, the likely cause and the analyze command that finds the layers."""
+    worst = ", ".join(f"'{o.name}' ({o.kind} min {o.min:.4f}"
+                      + (", NaN/Inf" if o.non_finite else "") + (", shape differs" if o.shape_mismatch else "")
+                      + ")" for o in verification.collapsed)
+    text = (f"the quantized model's output collapsed against the float model on {verification.inputs}: {worst}, "
+            + (f"below --verifyFloor={verification.floor:g}" if explicit_floor
+               else f"below the floor {verification.floor:g} for {mode_label(config)}")
+            + f"; likely cause: {likely_cause(config)}")
+    if is_synthetic(verification):
+        text += "; the inputs were synthetic, so give calibration data for a real check"
+    return text + f"; find the layers responsible with: {analyze_command}"
+
+
+def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, result: ConversionResult, config: QuantConfig,
+             options: dict, floor: float | None, analyze_command: str | None,
+             input_shapes: dict[str, list[int]] | None, fixed: IoShapes | None) -> None:
+    """The gate as convert() runs it on `result` (`reference`: the float model with the fixed shapes; `fixed`:
+    what restore_io_shapes replaced, None without --inputShape). The output must load and run in ONNX Runtime;
+    a collapse is a warning, or an error when `floor` was given. With --inputShape the output, which has the
+    model's own shapes again, also runs at other shapes; an output that works only at the fixed shapes keeps
+    them, and a note says why."""
+    inputs, source = verification_inputs(reference, config, options.get("input_format"), options.get("samples"))
+    limit = default_floor(config) if floor is None else floor
+    other = other_shape_inputs(original, input_shapes) if fixed is not None else None
+    try:
+        result.verification = verify(reference, result.model, inputs, source, limit,
+                                     (original, *other) if other else None)
+        problem = result.verification.shape_problem
+    except VerificationError as exc:
+        if fixed is None:
+            raise
+        problem = f"with the model's own input shapes {str(exc).replace(', so nothing was written', '')}"
+        fixed.put_back(result.model)
+        result.verification = verify(reference, result.model, inputs, source, limit)
+    if problem:
+        fixed.put_back(result.model)
+        result.notes.append(f"the output keeps the --inputShape shapes, since {problem}")
+    if result.verification.collapsed:
+        command = analyze_command or f"ptqlite analyze --fmk=ONNX --modelFile=MODEL --configFile={config.source}"
+        message = collapse_message(result.verification, config, command, explicit_floor=floor is not None)
+        if floor is not None:
+            raise ConversionError(message)
+        result.warnings.append(message)
+        log.warning("%s", message)
