@@ -209,7 +209,8 @@ def test_4_bit_per_channel_that_cannot_reach_opset_21_warns_and_says_why(caplog)
     model = matmul_model(17)
     model.graph.node.append(helper.make_node("NoSuchOp", ["y"], ["z"], name="odd"))  # the converter refuses it
     model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
-    result = convert(model, config(block=0), validate=False)
+    # no runtime can run NoSuchOp, so the verification gate is off as well as the input rules
+    result = convert(model, config(block=0), validate=False, verify=False)
     assert {q.storage for q in result.quantized} == {"DequantizeLinear int8"}
     assert any("4-bit weights are stored as int8: int4 needs opset 21" in n for n in result.notes)
     assert "4-bit weights are stored as int8" in caplog.text
