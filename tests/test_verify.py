@@ -321,3 +321,18 @@ def test_input_shape_that_changes_a_fixed_dim_is_kept_and_noted():
     assert ("--inputShape changes dims the model fixes, so the output takes the given shapes: 'x' 2,4,32 "
             "(the model fixes 1,?,32)") in result.notes
     assert result.verification.outputs[0].min > 0.99
+
+
+def test_public_api_options(tmp_path):
+    import ptqlite
+
+    path = tmp_path / "model.onnx"
+    onnx.save(reshaping_model(), path)
+    result = ptqlite.convert(path, CONFIGS["dynamic"], input_shapes="x:1,4,32", progress=False)
+    assert dims(result.model.graph.input[0]) == ["batch", "seq", HIDDEN]
+    assert result.verification.inputs == "2 synthetic inputs" and result.verification.outputs[0].min > 0.99
+    assert ptqlite.convert(path, CONFIGS["dynamic"], verify=False).verification is None
+    with pytest.raises(ptqlite.PtqError, match=r"verify_floor=1.5: expected a number in \(0, 1\]"):
+        ptqlite.convert(path, CONFIGS["dynamic"], verify_floor=1.5)
+    with pytest.raises(ptqlite.PtqError, match="collapsed"):
+        ptqlite.quantize(path, CONFIGS["dynamic"], verify_floor=1.0)

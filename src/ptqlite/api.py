@@ -20,7 +20,7 @@ debug reports.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ import onnx
 
 from . import convert as _convert_module
 from .config import QuantConfig, config_from_dict, load_config, parse_config
-from .errors import DataError
-from .model import load_model
+from .errors import DataError, UsageError
+from .model import load_model, parse_input_shapes
 from .result import ConversionResult
 from .runtime import model_input_specs
 
@@ -40,15 +40,26 @@ ConfigLike = QuantConfig | str | Path | Mapping[str, Mapping[str, Any]]
 
 def convert(model: ModelLike, config: ConfigLike, calibration: Any = None, *,
             transform: Callable[[Any], Any] | None = None, input_format: str | None = None,
-            progress: bool | None = None, alwc_weights: str = "int8") -> ConversionResult:
+            progress: bool | None = None, alwc_weights: str = "int8",
+            input_shapes: str | Mapping[str, Sequence[int]] | None = None, verify: bool = True,
+            verify_floor: float | None = None) -> ConversionResult:
     """Quantize `model` as `config` says; the model (file or object) is never modified. See the module doc for
     the accepted forms. `input_format` ("NHWC"/"NCHW") is how calibration images lay out a 4-D input when read
     from files; `progress` shows bars (default: on a terminal); `alwc_weights` is DYNAMIC_QUANT's ALWC weight
-    storage ("int8" or "uint8")."""
+    storage ("int8" or "uint8"). `input_shapes` ({name: dims} or --inputShape's text) fix input shapes for
+    calibration and analysis only; the output keeps the model's own. `verify` runs the verification gate
+    (result.verification; docs/spec.md "Verification"); `verify_floor` in (0, 1] makes a collapse below it a
+    ConversionError instead of a warning."""
     path = Path(model) if isinstance(model, (str, Path)) else None
     proto = _model(model)
     quant_config = _config(config, samples_given=calibration is not None)
-    options: dict[str, Any] = {"input_format": input_format, "progress": progress}
+    if verify_floor is not None and not 0.0 < verify_floor <= 1.0:  # also refuses nan
+        raise UsageError(f"verify_floor={verify_floor}: expected a number in (0, 1]")
+    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, str) else input_shapes
+    options: dict[str, Any] = {"input_format": input_format, "progress": progress, "verify": verify,
+                               "verify_floor": verify_floor,
+                               "input_shapes": {name: [int(d) for d in dims] for name, dims in shapes.items()}
+                               if shapes else None}
     if quant_config.quant_type == "DYNAMIC_QUANT":
         options["alwc_weights"] = alwc_weights
     if calibration is not None:
@@ -58,10 +69,13 @@ def convert(model: ModelLike, config: ConfigLike, calibration: Any = None, *,
 
 def quantize(model: ModelLike, config: ConfigLike, calibration: Any = None, *,
              transform: Callable[[Any], Any] | None = None, input_format: str | None = None,
-             progress: bool | None = None, alwc_weights: str = "int8") -> onnx.ModelProto:
+             progress: bool | None = None, alwc_weights: str = "int8",
+             input_shapes: str | Mapping[str, Sequence[int]] | None = None, verify: bool = True,
+             verify_floor: float | None = None) -> onnx.ModelProto:
     """Like convert(), returning only the quantized model."""
     return convert(model, config, calibration, transform=transform, input_format=input_format, progress=progress,
-                   alwc_weights=alwc_weights).model
+                   alwc_weights=alwc_weights, input_shapes=input_shapes, verify=verify,
+                   verify_floor=verify_floor).model
 
 
 def _model(model: ModelLike) -> onnx.ModelProto:
