@@ -8,8 +8,7 @@ import re
 import numpy as np
 import onnx
 import pytest
-from conftest import RESNET20, ROOT, cosine, run
-from test_full_quant import conv_model
+from helpers import RESNET20, ROOT, conv_model, cosine, run
 
 import ptqlite
 from ptqlite.errors import ConfigError, DataError

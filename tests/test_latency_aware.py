@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import cosine, run
+from helpers import cosine, run
 from onnx import TensorProto as T
 from onnx import helper
 from onnx import numpy_helper as nh
