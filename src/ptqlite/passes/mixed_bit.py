@@ -221,7 +221,7 @@ def _rice_quotients(b: _Builder, z: np.ndarray, k: int) -> str:
 
 
 def _layer_slice(b: _Builder, flat: str, start: int, layer: MixedLayer, whole: bool) -> str:
-    """The layer's values of a uint8 vector of its group, in the layer's shape, as int32 (Gather's index type)."""
+    """The layer's values of an integer vector of its group, in the layer's shape, as int32 (Gather's index type)."""
     piece = flat if whole else b.node("Slice", [flat, b.shape_of([start]), b.shape_of([start + layer.q.size])])
     return b.node("Cast", [b.node("Reshape", [piece, b.shape_of(layer.q.shape)])], to=TensorProto.INT32)
 
@@ -328,8 +328,9 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
     """One decoder for the Rice-coded `layers` that share k, kept in integers up to each layer's final Gather.
 
     The values are cut into streams of RICE_CHUNK values (each TopK's scratch stays small) whose quotients (uint8)
-    and remainders (uint8, the k-bit packed forms of encoding.py) are joined; each layer takes its slice, builds
-    the index (quotient + 1) * 2^k + remainder = z + 2^k in int32 and gathers its weight from a table of
+    and remainders (uint8, the k-bit packed forms of encoding.py) are joined into the index (quotient + 1) * 2^k +
+    remainder = z + 2^k (uint16 for k <= 8, else per layer in int32); each layer takes its slice, cast to int32,
+    and gathers its weight from a table of
     unzigzag(z) * step (per-channel steps: gathers unzigzag(z), then Mul). So the only float tensors made at
     load are the weights themselves (and the product for per-channel steps), bit-identical to _reconstruct.
     """
@@ -346,10 +347,14 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
     # unzigzag(z) over z = -2^k .. max z, computed at load (a few ops on a small vector, no file bytes): the
     # table the layers gather from, indexed by z + 2^k (its first 2^k entries are never read).
     table = _unzigzag_table(b, -(1 << k), int(z.max()))
+    if 0 < k <= 8:  # the index of the whole group in uint16 (at most 255 * 2^8 + 255), then cut per layer
+        quotients = b.node("Add", [b.node("Mul", [b.node("Cast", [quotients], to=TensorProto.UINT16),
+                                                  shared.get(np.array(1 << k, np.uint16))]),
+                                   b.node("Cast", [remainders], to=TensorProto.UINT16)])
     start = 0
     for layer in layers:
         position = _layer_slice(b, quotients, start, layer, len(layers) == 1)
-        if k:
+        if k > 8:
             position = b.node("Add", [b.node("Mul", [position, shared.get(np.array(1 << k, np.int32))]),
                                       _layer_slice(b, remainders, start, layer, len(layers) == 1)])
         site = sites.get(layer.spec.tensor, "load")
