@@ -174,3 +174,38 @@ target_device=DSP
     assert {e.op_type for e in analysis.op_types} >= {"Softmax", "Add", "Mul"}
     assert analysis.reached and set(best.nodes) <= set(analysis.skip)
     assert analysis.skip_cosine >= 0.97
+
+
+def test_target_already_met_prints_no_empty_skip_line(setup, capsys):
+    model_path, config_path = setup
+    code = cli.main(["analyze", "--fmk=ONNX", f"--modelFile={model_path}", f"--configFile={config_path}",
+                     "--samples", "1", "--targetCosine", "0.5", "--sweep", "only"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "skip_quant_node=" not in captured.out
+    assert "already reaches 0.5 with every layer quantized: nothing to skip" in captured.out
+    # a progress line per conversion, with a bar and an estimate of the time left
+    progress = [line for line in captured.err.splitlines() if line.startswith("analyze: [")]
+    assert len(progress) >= 5 and all("ETA" in line and "conversions" in line for line in progress)
+
+
+def test_full_quant_variants_measure_statistics_once(monkeypatch):
+    """Inside analyze the calibration statistics and layer corrections of one model are measured once."""
+    from helpers import conv_model, full_config, samples
+
+    from ptqlite.passes.full import statistics
+
+    passes = []
+    measure = statistics._measure
+    monkeypatch.setattr(statistics, "_measure", lambda *a, **k: passes.append(a[3:]) or measure(*a, **k))
+    model = conv_model()
+    feeds = samples((1, 3, 16, 16), count=2)
+    config = full_config(bias_correction=True)
+    config = _with_skip(config, ())
+    with statistics.reuse():
+        first = [convert(model, _with_skip(config, skip), samples=feeds).model for skip in ((), ("conv2",), ())]
+    calls = len(passes)
+    passes.clear()
+    plain = [convert(model, _with_skip(config, skip), samples=feeds).model for skip in ((), ("conv2",), ())]
+    assert len(passes) > calls  # without reuse() every conversion measures again
+    assert [m.SerializeToString() for m in first] == [m.SerializeToString() for m in plain]  # same models

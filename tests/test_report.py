@@ -21,6 +21,7 @@ from ptqlite.config import load_config, parse_config
 from ptqlite.convert import convert
 from ptqlite.errors import ConfigError
 from ptqlite.report import (
+    LOCAL_HEADER,
     PARAM_HEADER,
     ROUND_HEADER,
     SUMMARY_HEADER,
@@ -74,10 +75,11 @@ def test_files_and_exact_headers(tiny_report):
                      "round_1.csv"]
     assert rep.rounds == 2
     assert tuple(_rows(folder / "output_summary.csv")[0]) == SUMMARY_HEADER
-    assert tuple(_rows(folder / "round_0.csv")[0]) == ROUND_HEADER
+    assert tuple(_rows(folder / "round_0.csv")[0]) == ROUND_HEADER + LOCAL_HEADER  # the reference's columns first
     assert tuple(_rows(folder / "quant_param.csv")[0]) == PARAM_HEADER
     assert ",".join(ROUND_HEADER) == ("NodeName,NodeType,TensorName,InOutFlag,DataTypeFlag,TensorTypeFlag,Min,Q1,"
                                       "Median,Q3,Max,Mean,Var,Sparsity,Clip,CosineSimilarity")
+    assert LOCAL_HEADER == ("LocalCosineSimilarity", "LocalNodeName")
     assert ",".join(PARAM_HEADER) == ("NodeName,NodeType,TensorName,ElementsNum,Dims,Scale,ZeroPoint,Bits,"
                                       "CorrectionVar,CorrectionMean")
 
@@ -97,7 +99,7 @@ def test_one_origin_dequant_pair_per_tensor(tiny_report):
 
 def test_weight_row_values_by_hand(tiny_report):
     folder, _ = tiny_report
-    rows = {(r[2], r[4]): [float(v) for v in r[6:]] for r in _rows(folder / "round_0.csv")[1:]}
+    rows = {(r[2], r[4]): [float(v) for v in r[6:16]] for r in _rows(folder / "round_0.csv")[1:]}
     # origin sorted: -1 0 0 1 2 3 4 5; quartile positions 1.75, 3.5, 5.25 between order statistics
     origin = rows["W", "Origin"]
     assert origin[:5] == [-1.0, 0.0, 1.5, 3.25, 5.0]
@@ -113,7 +115,7 @@ def test_weight_row_values_by_hand(tiny_report):
 
 def test_activation_rows_and_summary_by_hand(tiny_report):
     folder, _ = tiny_report
-    rows = {(r[2], r[4]): [float(v) for v in r[6:]] for r in _rows(folder / "round_0.csv")[1:]}
+    rows = {(r[2], r[4]): [float(v) for v in r[6:16]] for r in _rows(folder / "round_0.csv")[1:]}
     # x = ones: h = column sums = [3, 11] in float, [4, 10] quantized
     assert rows["h", "Origin"][:5] == [3.0, 5.0, 7.0, 9.0, 11.0]
     assert rows["h", "Dequant"][:5] == [4.0, 5.5, 7.0, 8.5, 10.0]
@@ -150,12 +152,20 @@ def test_html_has_sortable_table_and_plan(tiny_report):
     text = (folder / "report.html").read_text()
     assert "function sortTable" in text and 'onclick="sortTable(this)"' in text
     assert "asymmetric per-channel axis 1" in text and "packed" in text and "a note" in text
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "pip install" in text
-    else:
-        assert "data:image/png;base64," in text
+    assert text.count("<svg") == 1 + 4  # the cosine plot, a histogram of each of x, W, h, y
+    assert "skip_quant_node=mm" in text and "ptqlite analyze" in text
+
+
+def test_local_error_is_the_node_alone(tiny_report):
+    """h = x @ W is the only quantized node: its local value is its accumulated one; the Relu after it reads the
+    float h when run alone, so its local cosine is exactly 1 while its accumulated one carries W's error."""
+    folder, _ = tiny_report
+    for name in ("round_0.csv", "round_1.csv"):
+        rows = {(r[2], r[4]): r for r in _rows(folder / name)[1:]}
+        assert rows["h", "Dequant"][16] == rows["h", "Dequant"][15] and rows["h", "Dequant"][17] == "mm"
+        assert float(rows["y", "Dequant"][16]) == 1.0 and float(rows["y", "Dequant"][15]) < 0.999
+        assert rows["W", "Dequant"][16] == rows["W", "Dequant"][15]  # a weight reads the same alone
+        assert all(rows[key][16] == "1" for key in rows if key[1] == "Origin")
 
 
 def test_reports_are_deterministic(tmp_path):
@@ -354,7 +364,10 @@ def test_every_quant_mode_writes_the_reports(tmp_path, no_histograms, common):
     assert all(float(r[2]) > 0.9 for r in summary[1:])
     for index in range(2):
         rows = _rows(folder / f"round_{index}.csv")
-        assert tuple(rows[0]) == ROUND_HEADER
+        assert tuple(rows[0]) == ROUND_HEADER + LOCAL_HEADER
+        # every mode's graph gives a local value for every row
+        for r in rows[1:]:
+            assert 0.9 < float(r[16]) <= 1.0 and r[17], r
         assert [r[4] for r in rows[1:]] == ["Origin", "Dequant"] * ((len(rows) - 1) // 2)
         assert {"x", "a0", "y"} <= {r[2] for r in rows[1:]}  # h0 may be fused away (Relu folded)
     params = _rows(folder / "quant_param.csv")
@@ -379,5 +392,5 @@ def test_weight_quant_matmul_and_gather_weights_compare_in_float_units(tmp_path)
     result = convert(model, load_config(config))
     assert {(node, slot) for node, slot in result.input_maps} == {("embed", 0), ("proj", 1)}
     rows = [r for r in _rows(tmp_path / "debug" / "round_0.csv")[1:] if r[5] == "Weight" and r[4] == "Dequant"]
-    cosines = {r[2]: float(r[-1]) for r in rows}
+    cosines = {r[2]: float(r[15]) for r in rows}
     assert set(cosines) == {"table", "w"} and min(cosines.values()) > 0.9999

@@ -86,3 +86,27 @@ def test_folded_clip_is_compared_after_its_quantizer(tmp_path):
         assert dequant["NodeName"] == clip and dequant["NodeType"] == "Clip"
         assert float(dequant["Min"]) >= 0 and float(dequant["Max"]) <= 6.0 + 1e-6
         assert float(dequant["CosineSimilarity"]) > 0.99
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_full_quant_bias_correction_fills_correction_columns(tmp_path, bias_correction):
+    """CorrectionMean is the per-channel shift bias correction added to the layer's output: the int32 bias of the
+    quantized model minus the float bias, up to the bias's own rounding; CorrectionVar 1. Empty without it."""
+    model = conv_model()
+    result = _convert(model, tmp_path, samples((1, 3, 16, 16), count=4), bias_correction=bias_correction)
+    rows = [r for r in _rows(tmp_path / "quant_param.csv") if r["TensorName"] == "w1"]
+    assert len(rows) == 16  # one per output channel
+    if not bias_correction:
+        assert all(r["CorrectionMean"] == "" and r["CorrectionVar"] == "" for r in rows)
+        return
+    quant = result.model
+    producer = {o: n for n in quant.graph.node for o in n.output}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in quant.graph.initializer}
+    conv = next(n for n in quant.graph.node if n.name == "conv1")
+    dq = producer[conv.input[2]]
+    bias = inits[dq.input[0]].astype(np.float64) * inits[dq.input[1]]
+    float_bias = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b1"))
+    correction = np.array([float(r["CorrectionMean"]) for r in rows])
+    assert [r["CorrectionVar"] for r in rows] == ["1"] * 16
+    assert np.abs(correction).max() > 0
+    assert np.allclose(bias - float_bias, correction, atol=float(inits[dq.input[1]].max()))

@@ -11,9 +11,12 @@ Cosine: per sample, all graph outputs flattened together, float model vs quantiz
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
+import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -78,22 +81,53 @@ class Analysis:
     notes: list[str]
     model: onnx.ModelProto  # the model the node names refer to (unnamed nodes named)
     op_types: list[OpTypeEffect] = dataclasses.field(default_factory=list)  # FULL_QUANT's unweighted int8 ops
+    own: int = 0  # how many entries of `skip` are the config's own skip_quant_node
 
 
 def _with_skip(config: QuantConfig, skip: Sequence[str]) -> QuantConfig:
     common = dataclasses.replace(config.common, skip_quant_node=tuple(skip), debug_info_save_path="")
-    return dataclasses.replace(config, common=common)
+    # Timing decides latency-aware planning: layers it would put back to float would blur what a skip does, and
+    # differ from run to run.
+    full = dataclasses.replace(config.full, latency_aware=False)
+    return dataclasses.replace(config, common=common, full=full)
+
+
+class _Progress:
+    """A progress line per conversion: a bar over the expected number of conversions, the time so far and an
+    estimate of the time left (from the mean time per conversion)."""
+
+    def __init__(self, report: Callable[[str], None] | None):
+        self.report, self.started, self.total = report, time.perf_counter(), 1
+
+    def __call__(self, done: int, what: str) -> None:
+        if self.report is None:
+            return
+        self.total = max(self.total, done + 1)
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        filled = round(20 * done / self.total)
+        self.report(f"[{'#' * filled}{'.' * (20 - filled)}] {done}/~{self.total} conversions, "
+                    f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}: {what}")
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
 
 
 class _Evaluator:
     """Converts the model with a skip list and measures the output cosine on fixed samples (memoised)."""
 
     def __init__(self, model: onnx.ModelProto, config: QuantConfig, samples: list[dict[str, np.ndarray]],
-                 input_format: str | None):
+                 input_format: str | None, progress: _Progress | None = None):
         self.model, self.config, self.samples, self.input_format = model, config, samples, input_format
         self.reference = _run(model, samples)
         self.cache: dict[frozenset[str], float] = {}
         self.conversions = 0
+        self.progress = progress
+        self.step = ""  # what the conversions are for, for the progress line
 
     def cosine(self, skip: Sequence[str]) -> float:
         key = frozenset(skip)
@@ -108,6 +142,8 @@ class _Evaluator:
         result = convert(self.model, _with_skip(self.config, list(dict.fromkeys(skip))), verify=False,
                          input_format=self.input_format, progress=False, validate=self.conversions == 0)
         self.conversions += 1
+        if self.progress is not None:
+            self.progress(self.conversions, self.step)
         values = [cosine_similarity(_flat(reference), _flat(outputs))
                   for reference, outputs in zip(self.reference, _run(result.model, self.samples), strict=True)]
         self.cache[frozenset(skip)] = float(np.mean(values))
@@ -139,26 +175,49 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
     inputs = list(itertools.islice(report_inputs(model, config, input_format, notes), max(samples, 0)))
     if not inputs:
         raise UsageError("analyze needs at least one sample: --samples must be >= 1")
-    evaluator = _Evaluator(model, config, inputs, input_format)
+    if config.quant_type == "FULL_QUANT" and config.full.latency_aware:
+        notes.append("latency-aware planning is off for these conversions (timing would decide which layers stay "
+                     "float); convert with the printed line to see its effect")
+    with _reused_statistics(config):
+        return _analyze(model, config, inputs, notes, target, sweep, input_format, _Progress(progress))
+
+
+def _reused_statistics(config: QuantConfig):
+    """FULL_QUANT variants calibrate on the same samples: each statistic and layer correction is measured once."""
+    if config.quant_type != "FULL_QUANT":
+        return contextlib.nullcontext()
+    from .passes.full.statistics import reuse
+
+    return reuse()
+
+
+def _analyze(model: onnx.ModelProto, config: QuantConfig, inputs: list[dict[str, np.ndarray]], notes: list[str],
+             target: float, sweep: str, input_format: str | None, progress: _Progress) -> Analysis:
+    evaluator = _Evaluator(model, config, inputs, input_format, progress)
     own = tuple(config.common.skip_quant_node)
+    evaluator.step = "every layer quantized"
     base = evaluator.evaluate(own)
     base_cos = evaluator.cosine(own)
     node_types = {n.name: n.op_type for n in model.graph.node}
     candidates = list(dict.fromkeys(n for q in base.quantized for n in q.nodes
                                     if n and n in node_types and n not in own))
+    sweeps = 2 if sweep == "both" else 1
+    progress.total = 2 + sweeps * len(candidates) + 2 * math.ceil(math.log2(len(candidates) + 1)) + 2
     ranking = []
     for number, node in enumerate(candidates, 1):
-        if progress:
-            progress(f"layer {number}/{len(candidates)}: {node}")
+        evaluator.step = f"layer {number}/{len(candidates)}: {node}"
         others = [c for c in candidates if c != node]
         ranking.append(LayerEffect(
             node, node_types[node],
             evaluator.cosine([*own, *others]) if sweep in ("both", "only") else None,
             evaluator.cosine([*own, node]) if sweep in ("both", "allbut") else None))
     # the best skipping weighted layers can do: when this is far from 1, the loss is elsewhere
+    evaluator.step = "every layer skipped"
     floor = evaluator.cosine([*own, *candidates])
     ranking.sort(key=lambda e: (-e.score(base_cos), e.node))
     op_types = _op_type_sweep(base.model, config, own, candidates, evaluator, progress)
+
+    evaluator.step = "shortest skip line"
 
     def search(lead: tuple[str, ...]) -> tuple[int, float]:
         return _shortest_prefix(lambda k: evaluator.cosine([*own, *lead, *(e.node for e in ranking[:k])]),
@@ -173,11 +232,11 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
             lead, (count, cos) = op_types[0].nodes, with_type
     skip = tuple(dict.fromkeys((*own, *lead, *(e.node for e in ranking[:count]))))
     return Analysis(base_cos, floor, ranking, skip, cos, cos >= target, evaluator.conversions, notes, model,
-                    op_types)
+                    op_types, len(dict.fromkeys(own)))
 
 
 def _op_type_sweep(quantized: onnx.ModelProto, config: QuantConfig, own: tuple[str, ...], candidates: list[str],
-                   evaluator: _Evaluator, progress: Callable[[str], None] | None) -> list[OpTypeEffect]:
+                   evaluator: _Evaluator, progress: _Progress) -> list[OpTypeEffect]:
     """FULL_QUANT also runs unweighted ops in int8 (Add, Mul, Concat, pooling...), whose activations no layer
     skip controls: one conversion per op type, with every node of that type skipped, ranks them (best first).
     A node counts when, in the conversion with the config's own skip list, it reads a dequantized tensor."""
@@ -191,9 +250,9 @@ def _op_type_sweep(quantized: onnx.ModelProto, config: QuantConfig, own: tuple[s
                 and any(name in dequantized for name in node.input)):
             groups.setdefault(node.op_type, []).append(node.name)
     effects = []
+    progress.total += len(groups)
     for op_type, nodes in sorted(groups.items()):
-        if progress:
-            progress(f"op type {op_type}: {len(nodes)} node(s) skipped")
+        evaluator.step = f"op type {op_type}: {len(nodes)} node(s) skipped"
         effects.append(OpTypeEffect(op_type, tuple(nodes), evaluator.cosine([*own, *nodes])))
     return sorted(effects, key=lambda e: (-e.cosine, e.op_type))
 
@@ -235,6 +294,14 @@ def format_analysis(analysis: Analysis, top: int, target: float) -> str:
     if analysis.op_types:
         lines.append("unweighted ops that run in int8, by output cosine with all their nodes skipped:")
         lines += [f"  {e.op_type} ({len(e.nodes)} node(s)): {e.cosine:.6f}" for e in analysis.op_types]
+    own = analysis.skip[:analysis.own]
+    if analysis.reached and analysis.skip == own:
+        lines.append(f"the output cosine {analysis.base_cosine:.6f} already reaches {target} with "
+                     + ("every layer quantized: nothing to skip" if not own else
+                        "the config's own skip_quant_node: nothing more to skip"))
+        lines += [f"note: {n}" for n in analysis.notes]
+        lines.append(f"({analysis.conversions} conversions)")
+        return "\n".join(lines)
     if analysis.reached:
         lines.append(f"skipping {len(analysis.skip)} node(s) gives output cosine {analysis.skip_cosine:.6f} "
                      f">= {target} (verified by converting with it):")
@@ -247,6 +314,13 @@ def format_analysis(analysis: Analysis, top: int, target: float) -> str:
     return "\n".join(lines)
 
 
+def _progress_printer() -> Callable[[str], None]:
+    """On a terminal one line redrawn in place, else a line per conversion."""
+    if sys.stderr.isatty():
+        return lambda text: print(f"\ranalyze: {text[:150]:<150}", end="", file=sys.stderr, flush=True)
+    return lambda text: print(f"analyze: {text}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.targetCosine <= 1.0:
         raise UsageError(f"--targetCosine={args.targetCosine}: expected a number in (0, 1]")
@@ -257,7 +331,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.modelFile}: the model has no inputs to feed")
     analysis = analyze(model, config, target=args.targetCosine, samples=args.samples, sweep=args.sweep,
                        input_format=args.inputDataFormat or None,
-                       progress=lambda text: print(f"analyze: {text}", file=sys.stderr, flush=True))
+                       progress=_progress_printer())
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # end the progress line
     print(format_analysis(analysis, args.top, args.targetCosine))
     if args.namedModelFile:
         print(f"named model written to {save_model(analysis.model, output_path(args.namedModelFile))}")

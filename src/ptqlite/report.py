@@ -7,19 +7,21 @@ at the same input slot, e.g. the output of a DequantizeLinear), or else with the
 
 Files written (docs/debugging.md explains how to read them):
 - output_summary.csv: Round,TensorName,CosineSimilarity for every graph output of every round;
-- round_<i>.csv: per tensor an Origin row then a Dequant row of statistics, one file per input sample;
+- round_<i>.csv: per tensor an Origin row then a Dequant row of statistics, one file per input sample, the
+  reference's columns first, then the local error (the node that makes the tensor run alone on float inputs);
 - quant_param.csv: the quantization parameters of every quantized tensor, one row per channel;
-- report.html: per-tensor table sortable by cosine, the plan, histograms of the worst tensors (with matplotlib);
+- report.html: per-tensor table sorted by local cosine, a plot of both cosines along the graph, a skip_quant_node
+  suggestion, the plan, histograms of the worst tensors;
 - notes.txt: where the inputs came from and anything the reader must know.
 Rounds stream: one round's activations are in memory at a time and each round's CSV is written as it is done.
+Per round, one instrumented run of the float model (with the local copies, local_error.py) and one of the
+quantized model give every compared value.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
-import io
 import logging
 import re
 from collections.abc import Iterable
@@ -31,8 +33,10 @@ import onnx
 from onnx import TensorProto
 
 from .config import QuantConfig
-from .errors import ConfigError
+from .errors import ConfigError, ConversionError
+from .local_error import local_values
 from .model import GraphIndex, constants_to_initializers, graph_inputs
+from .report_plot import cosine_plot, histogram_svg
 from .result import ConversionResult
 from .runtime import (
     REFERENCE_VALUES,
@@ -49,9 +53,13 @@ log = logging.getLogger(__name__)
 SUMMARY_HEADER = ("Round", "TensorName", "CosineSimilarity")
 ROUND_HEADER = ("NodeName", "NodeType", "TensorName", "InOutFlag", "DataTypeFlag", "TensorTypeFlag", "Min", "Q1",
                 "Median", "Q3", "Max", "Mean", "Var", "Sparsity", "Clip", "CosineSimilarity")
+# After the reference's columns: the cosine of the tensor when only the node that makes it is quantized (run on
+# the float model's values), and that node (the Conv for a Relu/Clip that FULL_QUANT folded into it).
+LOCAL_HEADER = ("LocalCosineSimilarity", "LocalNodeName")
 PARAM_HEADER = ("NodeName", "NodeType", "TensorName", "ElementsNum", "Dims", "Scale", "ZeroPoint", "Bits",
                 "CorrectionVar", "CorrectionMean")
 HISTOGRAM_LAYERS = 6
+SUGGESTED_SKIPS = 3  # layers named in report.html's skip_quant_node suggestion
 _HIST_BINS = 64
 _PURPOSE = "for the debug report"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
@@ -71,6 +79,83 @@ def tensor_stats(x: np.ndarray) -> tuple[float, ...]:
         return (float("nan"),) * 8
     quartiles = np.quantile(x, [0.0, 0.25, 0.5, 0.75, 1.0])
     return (*(float(v) for v in quartiles), float(x.mean()), float(x.std()), float(np.mean(x == 0)))
+
+
+class _Flat:
+    """A tensor flattened, in float64 and sorted (a float32 sort is several times faster than np.quantile's
+    partition): what the statistics of its row need, computed once per round."""
+
+    __slots__ = ("_norm2", "_ordered", "finite", "raw", "wide")
+
+    def __init__(self, x: np.ndarray):
+        self.raw = np.asarray(x).ravel()
+        self.wide = self.raw.astype(np.float64)
+        self.finite = self.raw.size > 0 and bool(np.isfinite(self.wide.sum()))  # a finite sum: no NaN/Inf
+        self._ordered: np.ndarray | None = None
+        self._norm2: float | None = None
+
+    @property
+    def ordered(self) -> np.ndarray | None:
+        """The values sorted (None when some are NaN/Inf)."""
+        if self._ordered is None and self.finite:
+            self._ordered = np.sort(self.raw)
+        return self._ordered
+
+    def stats(self) -> tuple[float, ...]:
+        """tensor_stats(x), the same numbers (quartiles interpolated as numpy's default, sums in float64)."""
+        s, x = self.ordered, self.wide
+        if s is None:
+            return tensor_stats(self.raw)
+        n = x.size
+        quartiles = []
+        for q in (0.25, 0.5, 0.75):  # numpy's "linear" method and its _lerp, in Python floats (float64)
+            position = (n - 1) * q
+            low = int(position)
+            a, b = float(s[low]), float(s[min(low + 1, n - 1)])
+            gamma = position - low
+            quartiles.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
+        mean = x.sum() / n
+        centred = x - mean
+        zeros = int(s.searchsorted(0, "right") - s.searchsorted(0, "left"))
+        return (float(s[0]), *quartiles, float(s[-1]), float(mean), float(np.sqrt(np.einsum("i,i->", centred, centred) / n)),
+                zeros / n)
+
+    def clip(self, dequant: _Flat) -> float:
+        """clip_rate(self, dequant) from the sorted values."""
+        s, d = self.ordered, dequant.ordered
+        if s is None or d is None or s.dtype != d.dtype:
+            return clip_rate(self.raw, dequant.raw)
+        outside = s.searchsorted(d[0], "left") + s.size - s.searchsorted(d[-1], "right")
+        return float(outside / s.size)
+
+    def histogram(self, dequant: _Flat) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Bin edges over both value ranges and the counts of each side, from the sorted values."""
+        s, d = self.ordered, dequant.ordered
+        if s is None or d is None:
+            return _histogram(self.raw, dequant.raw)
+        lo, hi = min(float(s[0]), float(d[0])), max(float(s[-1]), float(d[-1]))
+        edges = np.linspace(lo, hi, _HIST_BINS + 1) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, _HIST_BINS + 1)
+
+        def counts(values: np.ndarray) -> np.ndarray:
+            cuts = values.searchsorted(edges.astype(values.dtype), "left")
+            cuts[-1] = values.size  # the last bin holds its right edge
+            return np.diff(cuts)
+
+        return edges, counts(s), counts(d)
+
+    def norm2(self) -> float:
+        if self._norm2 is None:
+            self._norm2 = float(np.einsum("i,i->", self.wide, self.wide))
+        return self._norm2
+
+    def cosine(self, other: _Flat) -> float:
+        """cosine_similarity(self, other) with float64 sums of products (einsum: BLAS dot threads only add overhead on a busy machine)."""
+        if not (self.finite and other.finite) or self.raw.size != other.raw.size:
+            return cosine_similarity(self.raw, other.raw)
+        na, nb = self.norm2(), other.norm2()
+        if na == 0.0 or nb == 0.0:
+            return 1.0 if na == nb else 0.0
+        return float(np.clip(np.einsum("i,i->", self.wide, other.wide) / np.sqrt(na * nb), -1.0, 1.0))
 
 
 def clip_rate(origin: np.ndarray, dequant: np.ndarray) -> float:
@@ -129,16 +214,27 @@ class _Entry:
     clip_sum: float = 0.0
     rounds: int = 0
     histogram: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # edges, origin counts, dequant counts
+    local: str | None = None  # the local value's name in the float model with local copies
+    local_node: str = ""  # the quantized graph's node that runs alone for it
+    local_sum: float = 0.0
+    local_rounds: int = 0
 
-    def add(self, cos: float, clip: float) -> None:
+    def add(self, cos: float, clip: float, local: float | None) -> None:
         self.cos_sum += cos
         self.cos_min = min(self.cos_min, cos)
         self.clip_sum += clip
         self.rounds += 1
+        if local is not None:
+            self.local_sum += local
+            self.local_rounds += 1
 
     @property
     def mean_cos(self) -> float:
         return self.cos_sum / self.rounds if self.rounds else float("nan")
+
+    @property
+    def mean_local(self) -> float:
+        return self.local_sum / self.local_rounds if self.local_rounds else float("nan")
 
 
 def _float_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -229,14 +325,17 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     constants_to_initializers(reference)  # weights exported as Constant nodes compare like initializers
     entries = _plan_entries(reference, quant_model, result)
     report = DebugReport(folder, entries=entries)
-    float_probe = Probe(reference, [e.tensor for e in entries if e.kind == "Activation"]
-                         + [o.name for o in reference.graph.output], _PURPOSE)
-    quant_probe = Probe(quant_model, [e.counterpart for e in entries], _PURPOSE)
+    output_names = [o.name for o in reference.graph.output]
+    float_probe, local_note = _float_probe(reference, quant_model, entries, output_names)
+    if local_note:
+        notes = [*notes, local_note]
+    # QuantizeLinear/DequantizeLinear computed as written (no int8 kernels): the local copies then see the same
+    # arithmetic as the exposed quantized graph, whatever int8 instructions this CPU has.
+    quant_probe = Probe(quant_model, [e.counterpart for e in entries], _PURPOSE, qdq_fusion=False)
     # Exposing intermediate tensors can stop the runtime from fusing quantized kernels, so a graph with
     # quantized ops also runs as is for output_summary.csv: the outputs as users will see them.
-    quant_session = cpu_session(quant_model, _PURPOSE) if _has_quantized_ops(quant_model) else None
-    output_names = [o.name for o in reference.graph.output]
-    want_histograms = HISTOGRAM_LAYERS > 0 and _have_matplotlib()
+    quant_session = cpu_session(quant_model, _PURPOSE, spinning=False) if _has_quantized_ops(quant_model) else None
+    want_histograms = HISTOGRAM_LAYERS > 0
     weight_rows: dict[int, tuple[list[str], list[str], float, float]] = {}
 
     summary_path = folder / "output_summary.csv"
@@ -271,6 +370,23 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     return report
 
 
+def _float_probe(reference: onnx.ModelProto, quant_model: onnx.ModelProto, entries: list[_Entry],
+                 output_names: list[str]) -> tuple[Probe, str | None]:
+    """One probe of the float model that also computes each activation's local value (entries get its name),
+    or, when that model cannot be built or loaded, of the float model alone and a note saying why."""
+    wanted = [e.tensor for e in entries if e.kind == "Activation"] + output_names
+    try:
+        local = local_values(reference, quant_model, [e.counterpart for e in entries if e.kind == "Activation"])
+        probe = Probe(local.model, wanted + list(local.names.values()), _PURPOSE, qdq_fusion=False)
+    except ConversionError as exc:
+        return Probe(reference, wanted, _PURPOSE), f"no local error columns: {exc}"
+    for entry in entries:
+        if entry.kind == "Activation" and entry.counterpart in local.names:
+            entry.local = local.names[entry.counterpart]
+            entry.local_node = local.nodes[entry.counterpart] or entry.node
+    return probe, None
+
+
 def _has_quantized_ops(model: onnx.ModelProto) -> bool:
     return any("Quantize" in n.op_type or "Integer" in n.op_type or n.op_type.startswith("QLinear")
                or n.domain not in ("", "ai.onnx") for n in model.graph.node)
@@ -280,33 +396,51 @@ def _write_round(path: Path, entries: list[_Entry], float_probe: Probe, quant_pr
                  float_values: dict, quant_values: dict, weight_rows: dict, histograms: bool) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(ROUND_HEADER)
+        writer.writerow(ROUND_HEADER + LOCAL_HEADER)
         for number, entry in enumerate(entries):
+            local_cos = None
             if entry.kind == "Weight" and number in weight_rows:  # weights are the same every round
                 origin_row, dequant_row, cos, clip = weight_rows[number]
+                local_cos = cos
             else:
                 origin = (float_probe.constant(entry.tensor) if entry.kind == "Weight"
                           else float_values.get(entry.tensor))
-                dequant = quant_values.get(entry.counterpart)
-                if dequant is None:
-                    dequant = quant_probe.constant(entry.counterpart)
-                if dequant is not None and entry.value_map is not None:
-                    scale, offset = entry.value_map
-                    dequant = np.asarray(dequant, np.float32) * scale + (0 if offset is None else offset)
+                dequant = _mapped(entry, quant_values.get(entry.counterpart), quant_probe)
                 if origin is None or dequant is None or not _comparable(origin, dequant):
                     continue
-                cos, clip = cosine_similarity(origin, dequant), clip_rate(origin, dequant)
+                flat_origin, flat_dequant = _Flat(origin), _Flat(dequant)
+                cos, clip = flat_origin.cosine(flat_dequant), flat_origin.clip(flat_dequant)
+                if entry.kind == "Weight":
+                    local_cos = cos  # a weight is what its node reads, alone or not
+                elif entry.local is not None:
+                    local = _mapped(entry, float_values.get(entry.local), None)
+                    if local is not None and _comparable(origin, local):
+                        local_cos = flat_origin.cosine(_Flat(local))
                 head = [entry.node, entry.op_type, entry.tensor, entry.inout]
-                origin_row = [*head, "Origin", entry.kind, *map(_fmt, tensor_stats(origin)), _fmt(0.0), _fmt(1.0)]
-                dequant_row = [*head, "Dequant", entry.kind, *map(_fmt, tensor_stats(dequant)), _fmt(clip),
-                               _fmt(cos)]
+                local_node = entry.node if entry.kind == "Weight" else entry.local_node
+                origin_row = [*head, "Origin", entry.kind, *map(_fmt, flat_origin.stats()), _fmt(0.0), _fmt(1.0),
+                              _fmt(1.0), local_node]
+                dequant_row = [*head, "Dequant", entry.kind, *map(_fmt, flat_dequant.stats()), _fmt(clip),
+                               _fmt(cos), "", local_node]
                 if entry.kind == "Weight":
                     weight_rows[number] = (origin_row, dequant_row, cos, clip)
                 if histograms:
-                    entry.histogram = _histogram(origin, dequant)
+                    entry.histogram = flat_origin.histogram(flat_dequant)
+                del flat_origin, flat_dequant
+            dequant_row[-2] = _fmt(local_cos) if local_cos is not None else ""
             writer.writerow(origin_row)
             writer.writerow(dequant_row)
-            entry.add(cos, clip)
+            entry.add(cos, clip, local_cos)
+
+
+def _mapped(entry: _Entry, value: np.ndarray | None, probe: Probe | None) -> np.ndarray | None:
+    """What the node reads (a constant of the probe's model when not computed), mapped back to float units."""
+    if value is None and probe is not None:
+        value = probe.constant(entry.counterpart)
+    if value is not None and entry.value_map is not None:
+        scale, offset = entry.value_map
+        value = np.asarray(value, np.float32) * scale + (0 if offset is None else offset)
+    return value
 
 
 def _comparable(origin: np.ndarray, dequant: np.ndarray) -> bool:
@@ -347,14 +481,6 @@ def _write_notes(path: Path, report: DebugReport, notes: list[str]) -> Path:
 # ---------------------------------------------------------------- HTML
 
 
-def _have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _histogram(origin: np.ndarray, dequant: np.ndarray):
     both = np.concatenate([np.asarray(origin, np.float64).ravel(), np.asarray(dequant, np.float64).ravel()])
     both = both[np.isfinite(both)]
@@ -367,29 +493,6 @@ def _histogram(origin: np.ndarray, dequant: np.ndarray):
         return np.histogram(x[np.isfinite(x)], bins=edges)[0]
 
     return edges, counts(origin), counts(dequant)
-
-
-def _histograms_png(entries: list[_Entry]) -> str:
-    """One PNG (base64) with a float-vs-quantized histogram per entry, two per row."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = (len(entries) + 1) // 2
-    fig = Figure(figsize=(10, 2.4 * rows), dpi=72)
-    FigureCanvasAgg(fig)
-    for number, entry in enumerate(entries, 1):
-        edges, origin, dequant = entry.histogram
-        ax = fig.add_subplot(rows, 2, number)
-        ax.stairs(origin, edges, label="float", fill=True, alpha=0.5)
-        ax.stairs(dequant, edges, label="quantized", linewidth=1.2)
-        ax.set_yscale("symlog")
-        ax.set_title(f"{entry.tensor} (cos {entry.mean_cos:.4f})", fontsize=8)
-        ax.legend(fontsize=7, loc="upper right")  # "best" placement is slow
-        ax.tick_params(labelsize=7)
-    fig.subplots_adjust(left=0.06, right=0.98, top=1 - 0.25 / rows, bottom=0.3 / rows, hspace=0.6, wspace=0.15)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 _SORT_JS = """
@@ -412,38 +515,85 @@ def _table(header: Iterable[str], rows: Iterable[Iterable], sortable: bool = Fal
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _ranking_key(entry: _Entry) -> tuple[float, float, str]:
+    local = entry.mean_local
+    return (local if np.isfinite(local) else entry.mean_cos, entry.mean_cos, entry.tensor)
+
+
+def skip_suggestion(report: DebugReport, result: ConversionResult, count: int = SUGGESTED_SKIPS) -> list[str]:
+    """The `count` layers of the conversion's plan whose tensors have the lowest local cosine: where most error is
+    introduced. Not verified (ptqlite analyze converts with such lines and measures the outputs)."""
+    planned = {n for q in result.quantized for n in q.nodes}
+    chosen: list[str] = []
+    for entry in sorted((e for e in report.entries if e.local_rounds and e.kind == "Activation"), key=_ranking_key):
+        if entry.local_node in planned and entry.local_node not in chosen and entry.mean_local < 1.0:
+            chosen.append(entry.local_node)
+    return chosen[:count]
+
+
 def _write_html(path: Path, report: DebugReport, result: ConversionResult, notes: list[str]) -> Path:
     plan = {q.tensor: q for q in result.quantized}
-    ranked = sorted((e for e in report.entries if e.rounds), key=lambda e: (e.mean_cos, e.tensor))
+    order = {id(e): i for i, e in enumerate(report.entries, 1)}
+    ranked = sorted((e for e in report.entries if e.rounds), key=_ranking_key)
+
+    def number(v: float) -> str:
+        return f"{v:.6f}" if np.isfinite(v) else ""
+
     layer_rows = []
     for e in ranked:
         q = plan.get(e.tensor)
-        layer_rows.append((e.node, e.op_type, e.tensor, e.kind, f"{e.mean_cos:.6f}", f"{e.cos_min:.6f}",
-                           f"{e.clip_sum / e.rounds:.6f}", q.bits if q else "", q.scheme if q else ""))
+        layer_rows.append((order[id(e)], e.node, e.op_type, e.tensor, e.kind, number(e.mean_local),
+                           number(e.mean_cos), number(e.cos_min), f"{e.clip_sum / e.rounds:.6f}", e.local_node,
+                           q.bits if q else "", q.scheme if q else ""))
     outputs: dict[str, list[float]] = {}
     for _, name, cos in report.output_cosines:
         outputs.setdefault(name, []).append(cos)
+    along = [e for e in report.entries if e.rounds and e.kind == "Activation"]
+    worst_local = sorted(range(len(along)), key=lambda i: _ranking_key(along[i]))[:5]
+    plot = cosine_plot([f"{e.tensor} ({e.local_node or e.node})" for e in along], [order[id(e)] for e in along],
+                       [e.mean_cos for e in along], [e.mean_local for e in along], set(worst_local))
+    skip = skip_suggestion(report, result)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ptqlite debug report</title>",
-        ("<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse;margin-bottom:1em}"
-         "td,th{border:1px solid #ccc;padding:2px 6px}th{cursor:pointer;background:#eee}</style>"),
+        ("<style>body{font-family:sans-serif;font-size:13px;max-width:1400px}"
+         "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:2px 6px;"
+         "vertical-align:top}td{max-width:28em;overflow-wrap:anywhere}th{cursor:pointer;background:#eee}"
+         "code{background:#f3f3f3;padding:1px 4px;overflow-wrap:anywhere}.svgs svg{margin:0 8px 8px 0}</style>"),
         f"<script>{_SORT_JS}</script></head><body>",
         f"<h1>{html.escape(result.quant_type)} debug report</h1>",
-        (f"<p>{report.rounds} round(s). Cosine similarity of each tensor to the float model, averaged over "
-         "rounds; click a column header to sort.</p>"),
+        (f"<p>{report.rounds} round(s). <b>Accumulated</b> cosine: the tensor in the quantized model against the "
+         "float model (every error before it included). <b>Local</b> cosine: the node that makes the tensor run "
+         "alone on the float model's values, with its quantized weights and its inputs and output through their "
+         "own quantizers: where error is introduced. Both averaged over rounds.</p>"),
         "<h2>Graph outputs</h2>",
         _table(("TensorName", "mean cosine", "min cosine"),
                ((n, f"{np.mean(c):.6f}", f"{np.min(c):.6f}") for n, c in outputs.items())),
+    ]
+    if plot:
+        parts += ["<h2>Cosine along the graph</h2>", plot]
+        parts.append("<p>Worst local cosine: " + "; ".join(
+            f"#{order[id(along[i])]} {html.escape(along[i].local_node or along[i].node)} "
+            f"({number(along[i].mean_local)})"
+            for i in worst_local) + "</p>")
+    if skip:
+        parts.append(
+            "<h2>What to skip</h2><p>The layers that introduce the most error (lowest local cosine, of the "
+            f"conversion's plan): <code>skip_quant_node={html.escape(','.join(skip))}</code>. Unverified: a layer "
+            "whose error the rest of the graph absorbs may not be worth skipping. <code>ptqlite analyze</code> "
+            "(same flags as the conversion, no --outputFile) converts with candidate lines and prints one verified "
+            "to reach a target output cosine (docs/debugging.md).</p>")
+    parts += [
         "<h2>Tensors</h2>",
-        _table(("NodeName", "NodeType", "TensorName", "Kind", "mean cosine", "min cosine", "mean clip", "bits",
-                "scheme"), layer_rows, sortable=True),
+        "<p>Sorted by local cosine, worst first; click a column header to sort.</p>",
+        _table(("#", "NodeName", "NodeType", "TensorName", "Kind", "mean local cosine", "mean cosine",
+                "min cosine", "mean clip", "local node", "bits", "scheme"), layer_rows, sortable=True),
     ]
     worst = [e for e in ranked if e.histogram is not None][:HISTOGRAM_LAYERS]
-    if worst and _have_matplotlib():
-        parts.append("<h2>Float vs quantized values of the worst tensors (round 0)</h2>")
-        parts.append(f"<img alt='histograms' src='data:image/png;base64,{_histograms_png(worst)}'>")
-    elif HISTOGRAM_LAYERS and not _have_matplotlib():
-        parts.append("<p>Histograms need matplotlib: pip install 'ptqlite[report]'.</p>")
+    if worst:
+        parts.append("<h2>Float vs quantized values of the worst tensors (round 0)</h2><div class='svgs'>")
+        parts += [histogram_svg(f"{e.tensor} (local {number(e.mean_local)}, accumulated {number(e.mean_cos)})",
+                                *e.histogram) for e in worst]
+        parts.append("</div>")
     parts += [
         "<h2>Plan</h2>",
         _table(("TensorName", "OpType", "Nodes", "Bits", "Scheme", "Storage", "Bytes before", "Bytes after",

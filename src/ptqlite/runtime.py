@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 def _options(threads: int | None = None, spinning: bool = True, profile_prefix: str | None = None,
-             optimize: bool = True):
+             optimize: bool = True, qdq_fusion: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -40,6 +40,8 @@ def _options(threads: int | None = None, spinning: bool = True, profile_prefix: 
         options.inter_op_num_threads = 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not qdq_fusion:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -47,16 +49,18 @@ def _options(threads: int | None = None, spinning: bool = True, profile_prefix: 
 
 
 def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = True,
-                optimize: bool = True, threads: int | None = None) -> ort.InferenceSession:
+                optimize: bool = True, threads: int | None = None, qdq_fusion: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session on an in-memory model (or a model file, for models over 2 GB); a model it
     cannot load is a ConversionError naming `purpose` (e.g. "for calibration"). spinning=False keeps idle worker
     threads from taking the CPU that Python work between runs needs; optimize=False only loads (a load check);
-    `threads` fixes the intra-op threads (onnxruntime's default otherwise)."""
+    `threads` fixes the intra-op threads (onnxruntime's default otherwise); qdq_fusion=False runs
+    QuantizeLinear/DequantizeLinear as written instead of fusing them into int8 kernels."""
     import onnxruntime as ort
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
-        return ort.InferenceSession(source, _options(threads, spinning=spinning, optimize=optimize),
+        return ort.InferenceSession(source, _options(threads, spinning=spinning, optimize=optimize,
+                                                     qdq_fusion=qdq_fusion),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises several unrelated types)
         raise ConversionError(f"onnxruntime cannot load the model {purpose} ({exc})") from None
@@ -93,11 +97,12 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 class Probe:
     """A session that returns the requested values of a model (initializers and graph inputs read directly)."""
 
-    def __init__(self, model: onnx.ModelProto, names: Iterable[str], purpose: str):
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str], purpose: str, qdq_fusion: bool = True):
         self.constants = {t.name: t for t in model.graph.initializer}
         self.inputs = {i.name for i in model.graph.input} - set(self.constants)
         wanted = [n for n in names if n not in self.constants and n not in self.inputs]
-        self.session = cpu_session(with_outputs(model, wanted), purpose)
+        # Between runs the caller compares values in Python: spinning worker threads would only steal its CPU.
+        self.session = cpu_session(with_outputs(model, wanted), purpose, spinning=False, qdq_fusion=qdq_fusion)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

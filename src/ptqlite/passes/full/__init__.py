@@ -101,6 +101,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
                                                          original_info, ranks)
     else:
         demoted = set()
+    _record_corrections(model, params)
     summary, tables, kept = _write(model, plan, params, preset, config, original_info, ranks)
     result.quantized += [weight.record for weight in (*params.weights.values(), *params.weight_only.values())]
     result.skipped += _unused_weights(weight_plan, params, plan, demoted)
@@ -114,6 +115,16 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     if summary.float_ops:
         result.notes.append("ops left in float: " + ", ".join(sorted(summary.float_ops)))
     return result
+
+
+def _record_corrections(model: onnx.ModelProto, params: QuantParams) -> None:
+    """quant_param.csv's CorrectionMean of a corrected layer's weight: the per-channel shift bias correction added
+    to the layer's output (through its int32 bias); CorrectionVar 1, as only the mean is corrected."""
+    for pos, bias in params.biases.items():
+        weight = params.weights.get(model.graph.node[pos].input[1]) if bias.correction is not None else None
+        if weight is not None:
+            weight.record.correction_mean = np.asarray(bias.correction, np.float64).ravel()
+            weight.record.correction_var = np.ones_like(weight.record.correction_mean)
 
 
 def channel_max(model: onnx.ModelProto, names: list[str], samples, progress: bool | None, axis: int = 1,

@@ -9,6 +9,7 @@ per-channel difference between the layer and its copy is added to the int32 bias
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import onnx
@@ -17,7 +18,7 @@ from onnx import helper, numpy_helper
 from ...model import GraphIndex
 from ...targets import Target
 from .params import BiasParams, QuantParams, bias_codes
-from .statistics import CHANNEL_MEAN, Statistics, StatRequest, collect
+from .statistics import CHANNEL_MEAN, Statistics, StatRequest, collect, kept, model_digest
 
 
 def mean_requests(model: onnx.ModelProto, positions: list[int]) -> list[StatRequest]:
@@ -33,19 +34,49 @@ def correct_biases(model: onnx.ModelProto, params: QuantParams, float_stats: Sta
     corrected = [pos for pos in positions if pos in params.biases]
     if not corrected:
         return params, []
-    reference = onnx.ModelProto()
-    reference.CopyFrom(model)
-    names = _add_layer_copies(reference, corrected, params, preset)
-    quantized = collect(reference, [StatRequest(n, CHANNEL_MEAN) for n in names], samples, progress,
-                        "bias correction")
+    # Inside statistics.reuse() a layer's correction is measured once: it depends only on the float graph and
+    # the layer's own input quantizer, weight and bias.
+    store = kept()
+    keys = _layer_keys(model, corrected, params) if store is not None else {}
+    diffs = {pos: store[keys[pos]] for pos in corrected if store is not None and keys[pos] in store}
+    todo = [pos for pos in corrected if pos not in diffs]
+    if todo:
+        reference = onnx.ModelProto()
+        reference.CopyFrom(model)
+        names = _add_layer_copies(reference, todo, params, preset)
+        quantized = collect(reference, [StatRequest(n, CHANNEL_MEAN) for n in names], samples, progress,
+                            "bias correction")
+        for pos, name in zip(todo, names):
+            float_sum = float_stats.channel_mean_sums[model.graph.node[pos].output[0]]
+            diffs[pos] = (float_sum - quantized.channel_mean_sums[name]) / float_stats.samples
+            if store is not None:
+                store[keys[pos]] = diffs[pos]
     biases = dict(params.biases)
-    for pos, name in zip(corrected, names):
-        float_sum = float_stats.channel_mean_sums[model.graph.node[pos].output[0]]
-        diff = (float_sum - quantized.channel_mean_sums[name]) / float_stats.samples
+    for pos in corrected:
+        diff = diffs[pos]
         bias = biases[pos]
         biases[pos] = BiasParams(bias_codes(bias.codes.astype(np.float64) * bias.scale + diff, bias.scale),
-                                 bias.scale)
+                                 bias.scale, diff)
     return dataclasses.replace(params, biases=biases), corrected
+
+
+def _layer_keys(model: onnx.ModelProto, positions: list[int], params: QuantParams) -> dict[int, tuple]:
+    digest = model_digest(model)
+
+    def content(*arrays: np.ndarray) -> str:
+        h = hashlib.sha1()
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+    keys = {}
+    for pos in positions:
+        node = model.graph.node[pos]
+        act = params.activations[node.input[0]]
+        keys[pos] = ("bias correction", digest, pos, content(act.scale, act.zero_point,
+                                                              params.weights[node.input[1]].dequantized,
+                                                              params.biases[pos].dequantized))
+    return keys
 
 
 def _add_layer_copies(reference: onnx.ModelProto, positions: list[int], params: QuantParams,

@@ -49,6 +49,7 @@ class WeightParams:
 class BiasParams:
     codes: np.ndarray  # int32, one per output channel
     scale: np.ndarray  # float64: input scale * weight scale
+    correction: np.ndarray | None = None  # what bias correction added, per output channel (float), for the reports
 
     @property
     def dequantized(self) -> np.ndarray:

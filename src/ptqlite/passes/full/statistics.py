@@ -9,7 +9,9 @@ two such sums by the sample count).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,10 +46,53 @@ class Statistics:
     notes: tuple[str, ...] = ()  # ranges of KL / REMOVAL_OUTLIER that fell back to MAX_MIN, counted per method
 
 
+_kept: dict | None = None  # what reuse() keeps: (model digest, request) -> measurement, and callers' own keys
+
+
+@contextmanager
+def reuse() -> Iterator[None]:
+    """Within the block collect() measures each request on each model once and keeps it (bias correction keeps its
+    layer corrections the same way): for callers that convert one model with the same calibration samples many
+    times, as analyze does. The samples must be the same throughout the block."""
+    global _kept
+    outer = _kept
+    _kept = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _kept = outer
+
+
+def kept() -> dict | None:
+    """The store of the enclosing reuse() block, or None outside one."""
+    return _kept
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    return hashlib.sha1(model.SerializeToString()).hexdigest()
+
+
 def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], samples, progress: bool | None,
             desc: str = "calibration") -> Statistics:
-    """One pass over `samples` (dicts of model inputs) measuring every request on `model`."""
+    """One pass over `samples` (dicts of model inputs) measuring every request on `model` (inside reuse(): only
+    the requests not measured on this model before)."""
     requests = list(requests)
+    store = _kept
+    if store is None:
+        return _assemble(*_measure(model, requests, samples, progress, desc), requests)
+    digest = model_digest(model)
+    missing = [r for r in requests if (digest, r) not in store]
+    if missing:
+        count, measured = _measure(model, missing, samples, progress, desc)
+        store[digest, "samples"] = count
+        store.update(((digest, r), value) for r, value in measured.items())
+    return _assemble(store[digest, "samples"], {r: store[digest, r] for r in requests}, requests)
+
+
+def _measure(model: onnx.ModelProto, requests: list[StatRequest], samples, progress: bool | None,
+             desc: str) -> tuple[int, dict[StatRequest, object]]:
+    """One pass: the sample count and, per request, its observer (RANGE), (peak, values per channel)
+    (CHANNEL_MAX) or channel mean sum (CHANNEL_MEAN)."""
     inputs = {i.name for i in model.graph.input}
     names = list(dict.fromkeys(r.tensor for r in requests if r.tensor not in inputs))
     observers = {r.tensor: make_observer(r.method) for r in requests if r.kind == RANGE}
@@ -74,10 +119,26 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], samples, pr
         count += 1
     if count == 0:
         raise DataError("no calibration samples: FULL_QUANT needs at least one")
+    measured: dict[StatRequest, object] = {}
+    for r in requests:
+        if r.kind == RANGE:
+            measured[r] = observers[r.tensor]
+        elif r.kind == CHANNEL_MAX:
+            measured[r] = (peaks[r.tensor], counts[r.tensor])
+        else:
+            measured[r] = sums[r.tensor]
+    return count, measured
+
+
+def _assemble(count: int, measured: dict, requests: list[StatRequest]) -> Statistics:
+    observers = {r.tensor: measured[r] for r in requests if r.kind == RANGE}
     ranges = {n: o.range() for n, o in observers.items()}
     methods = {r.tensor: r.method for r in requests if r.kind == RANGE}
     notes = [line for method in dict.fromkeys(methods.values())
              for line in fallback_notes(method, [o for n, o in observers.items() if methods[n] == method])]
+    peaks = {r.tensor: measured[r][0] for r in requests if r.kind == CHANNEL_MAX}
+    counts = {r.tensor: measured[r][1] for r in requests if r.kind == CHANNEL_MAX}
+    sums = {r.tensor: measured[r] for r in requests if r.kind == CHANNEL_MEAN}
     return Statistics(count, ranges, peaks, counts, sums, tuple(notes))
 
 
