@@ -466,3 +466,44 @@ def test_bundled_resnet20_full_quant_output_is_byte_identical(tmp_path, monkeypa
     out = tmp_path / "resnet20_full.onnx"
     save_model(result.model, out)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == GOLDEN_RESNET20_FULL_QUANT
+
+
+def yolo_head_model() -> onnx.ModelProto:
+    """A YOLO-style output: Concat of box coordinates in pixels (0..160) and class scores (0..1), reshaped."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, .3, (4, 8, 1, 1)).astype(np.float32), "wb"),
+             numpy_helper.from_array(rng.normal(0, .3, (2, 8, 1, 1)).astype(np.float32), "wc"),
+             numpy_helper.from_array(np.array(160, np.float32), "stride"),
+             numpy_helper.from_array(np.array([1, 6, 256], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_box"),
+             helper.make_node("Sigmoid", ["b"], ["bs"], name="sig_box"),
+             helper.make_node("Mul", ["bs", "stride"], ["boxes"], name="pixels"),
+             helper.make_node("Conv", ["x", "wc"], ["c"], name="conv_cls"),
+             helper.make_node("Sigmoid", ["c"], ["scores"], name="sig_cls"),
+             helper.make_node("Concat", ["boxes", "scores"], ["cat"], name="cat", axis=1),
+             helper.make_node("Reshape", ["cat", "shape"], ["y"], name="reshape")]
+    graph = helper.make_graph(nodes, "yolo_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 256])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_concat_of_very_different_ranges_stays_float():
+    """nudenet's YOLOv8n: one int8 scale for pixels and probabilities made every score 0 or 1.25 (0 of 13 boxes)
+    while the output cosine stayed 1.000; each input keeps its precision when the Concat stays float."""
+    model = yolo_head_model()
+    feeds = samples((1, 8, 16, 16), 8)
+    result = convert(model, full_config(), samples=feeds, progress=False)
+    assert any("1 Concat node(s) kept float" in note and "(cat)" in note for note in result.notes)
+    x = samples((1, 8, 16, 16), 1, seed=7)[0]
+    reference, quantized = session(model).run(None, x)[0], session(result.model).run(None, x)[0]
+    assert np.abs(reference[0, 4:] - quantized[0, 4:]).max() < 0.02  # the scores' own 0..1 range at 8 bit
+    assert {n.op_type for n in result.model.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}  # convs int8
+
+
+def test_concat_of_similar_ranges_stays_int8():
+    model = yolo_head_model()
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array(4, np.float32), "stride"))  # 0..4 vs 0..1
+    result = convert(model, full_config(), samples=samples((1, 8, 16, 16), 8), progress=False)
+    assert not any("Concat" in note for note in result.notes)
+    concat_inputs = {i for n in result.model.graph.node if n.op_type == "Concat" for i in n.input}
+    assert all(name.endswith("_dequantized") for name in concat_inputs)

@@ -10,7 +10,8 @@ else (docs/full_quant.md explains every choice):
 3. plan: which nodes run in int8 and which activations get a QDQ pair (graph_plan.py).
 4. statistics: one streaming pass for the ranges of the planned activations and, for bias correction, the
    float output means of the layers to correct (statistics.py).
-5. refine: a Softmax whose input carries an additive mask stays float; plan again.
+5. refine: a Softmax whose input carries an additive mask, and a Concat of inputs whose ranges differ by more
+   than 16x, stay float; plan again.
 6. parameters: scales, zero points and codes of activations, weights, biases, constants (params.py).
 7. bias correction: corrected int32 biases, measured on the float graph before it is rewritten
    (bias_correction.py).
@@ -39,7 +40,15 @@ from ...smooth import MIN_SPREAD, smooth, smoothing_groups
 from ...targets import WEIGHTED_OPS, target
 from . import latency
 from .bias_correction import correct_biases, mean_requests
-from .graph_plan import MASK_VALUE, GraphPlan, correctable_nodes, masked_softmax, plan_graph
+from .graph_plan import (
+    CONCAT_SPREAD,
+    MASK_VALUE,
+    GraphPlan,
+    correctable_nodes,
+    masked_softmax,
+    plan_graph,
+    wide_concats,
+)
 from .params import QuantParams, activation_params, quant_params, weight_params
 from .rewrite import keep_bias_adds_apart, rewrite
 from .statistics import CHANNEL_MAX, RANGE, Statistics, StatRequest, collect
@@ -87,7 +96,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     to_correct = correctable_nodes(model, plan) if options.bias_correction else []
     stats = collect(model, _range_requests(plan, method) + mean_requests(model, to_correct), samples, progress)
     result.notes += stats.notes
-    plan, ranges = _keep_masked_softmax_float(model, plan, stats, types, weight_plan, preset, skip, method,
+    plan, ranges = _refine_plan(model, plan, stats, types, weight_plan, preset, skip, method,
                                               samples, progress, result)
 
     params = quant_params(model, plan, ranges, preset, zero_bias_positions=to_correct)
@@ -238,17 +247,23 @@ def _range_requests(plan: GraphPlan, method: str) -> list[StatRequest]:
     return [StatRequest(source, RANGE, method) for source in sorted(set(plan.tensors.values()))]
 
 
-def _keep_masked_softmax_float(model, plan, stats: Statistics, types, weight_plan, preset, skip, method, samples,
-                               progress, result) -> tuple[GraphPlan, dict[str, tuple[float, float]]]:
-    """The plan without int8 Softmax nodes whose input carries an additive mask, and the ranges it needs."""
+def _refine_plan(model, plan, stats: Statistics, types, weight_plan, preset, skip, method, samples, progress,
+                 result) -> tuple[GraphPlan, dict[str, tuple[float, float]]]:
+    """The plan without the int8 nodes that calibration shows must stay float, and the ranges it needs: Softmax
+    nodes whose input carries an additive mask, Concat nodes joining inputs of very different ranges."""
     masked = masked_softmax(model, plan, stats.ranges)
-    if not masked:
+    wide = wide_concats(model, plan, stats.ranges)
+    if not masked and not wide:
         return plan, stats.ranges
-    # Only quantized tensors drop out of the plan (the Softmax nodes, and what then has no int8 reader).
-    plan = plan_graph(model, types, weight_plan.quantized, preset, skip | masked)
+    # Only quantized tensors drop out of the plan (those nodes, and what then has no int8 reader).
+    plan = plan_graph(model, types, weight_plan.quantized, preset, skip | masked | wide)
     ranges = stats.ranges
     if not set(plan.tensors.values()) <= set(ranges):  # not expected; measured again rather than guessed
         ranges = collect(model, _range_requests(plan, method), samples, progress).ranges
-    result.notes.append(f"{len(masked)} Softmax node(s) kept float: their input carries an additive mask "
-                        f"(values <= {-MASK_VALUE:g}), which would take the whole int8 range")
+    if masked:
+        result.notes.append(f"{len(masked)} Softmax node(s) kept float: their input carries an additive mask "
+                            f"(values <= {-MASK_VALUE:g}), which would take the whole int8 range")
+    if wide:
+        result.notes.append(f"{len(wide)} Concat node(s) kept float: their inputs' ranges differ by more than "
+                            f"{CONCAT_SPREAD:g}x, which one int8 scale cannot hold ({', '.join(sorted(wide))})")
     return plan, ranges

@@ -25,6 +25,10 @@ ALL_INPUTS = {"Add", "Mul", "Sub", "Div", "Concat", "PRelu"}
 _SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 # A Softmax input at or below -MASK_VALUE is an additive attention mask (exp(-1e4) is 0 in float32).
 MASK_VALUE = 1e4
+# An int8 Concat output has one scale: inputs whose ranges differ by more than this factor would keep 4 bits or
+# fewer of the narrow one (a YOLO head joins box coordinates of 0..320 pixels and class scores of 0..1; in int8
+# every score became 0 or 1.25).
+CONCAT_SPREAD = 16.0
 
 
 @dataclass(frozen=True)
@@ -240,3 +244,16 @@ def correctable_nodes(model: onnx.ModelProto, plan: GraphPlan) -> list[int]:
     """Weighted int8 nodes whose bias can absorb a per-channel correction."""
     return [pos for pos, node in enumerate(model.graph.node)
             if plan.roles[pos] == "compute" and node.op_type in ("Conv", "ConvTranspose", "Gemm")]
+
+
+def wide_concats(model: onnx.ModelProto, plan: GraphPlan, ranges: dict[str, tuple[float, float]]) -> set[str]:
+    """int8 Concat nodes whose quantized inputs' calibrated ranges differ by more than CONCAT_SPREAD."""
+    wide = set()
+    for pos, node in enumerate(model.graph.node):
+        if node.op_type != "Concat" or plan.roles[pos] != "compute" or not node.name:
+            continue
+        spans = [max(hi, 0.0) - min(lo, 0.0) for lo, hi in
+                 (ranges[plan.tensors[name]] for name in node.input if plan.tensors.get(name) in ranges)]
+        if len(spans) >= 2 and min(spans) > 0 and max(spans) / min(spans) > CONCAT_SPREAD:
+            wide.add(node.name)
+    return wide
