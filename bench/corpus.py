@@ -712,6 +712,12 @@ def metric_fraction(metric: str) -> float:
     return float(value)
 
 
+def said_why(cell: Cell) -> str:
+    """A warning line of the converter's, if it printed one (e.g. why a mode found nothing to do)."""
+    lines = (cell.extra.get("stdout", "") + "\n" + cell.extra.get("stderr", "")).splitlines()
+    return next((ln.strip() for ln in lines if "warning" in ln.lower()), "")
+
+
 def noop(cell: Cell) -> str:
     """The summary line when it says nothing was quantized, else ''."""
     lines = (cell.extra.get("stdout", "") + "\n" + cell.extra.get("stderr", "")).splitlines()
@@ -739,7 +745,7 @@ def judge(cell: Cell, model: Model) -> None:
         cell.verdict = f"converts an already-quantized model without saying so ({cell.metric})"
     elif cell.cos_min is not None and cell.cos_min < 0.9:
         cell.verdict = ("collapse, warned" if cell.warned else "silent collapse") + f" (min cosine {cell.cos_min:.3f})"
-    elif ptqlite and noop(cell):
+    elif ptqlite and noop(cell) and not said_why(cell):
         cell.verdict = f"no-op: says only '{noop(cell)}'"
     elif cell.metric_ok is False and metric_fraction(cell.metric) < 0.5:
         cell.verdict = (("task collapse, warned" if cell.warned else "silent task collapse")
@@ -763,6 +769,8 @@ def cell_text(cell: Cell) -> str:
         return "**no load**"
     if cell.load_error:
         return "**no run**"
+    if noop(cell) and said_why(cell) and not cell.verdict:
+        return "nothing to do (warned)"
     text = f"{fmt(cell.cos_mean, '.3f')}/{fmt(cell.cos_min, '.3f')}"
     if cell.metric:
         text += f"; {cell.metric}"
