@@ -593,8 +593,13 @@ def run_cell(model: Model, mode: Mode, source: Path, work: Path, data_lines: lis
     warnings = [ln.strip() for ln in (done.stdout + "\n" + done.stderr).splitlines() if "warning" in ln.lower()]
     cell.warned = next((w for w in warnings if any(k in w.lower() for k in ("cosine", "collapse", "analyze"))),
                        "")
-    cell.extra["stderr"] = done.stderr[-2000:]
-    cell.extra["stdout"] = done.stdout[-2000:]
+    said = (done.stdout + "\n" + done.stderr).splitlines()
+    cell.extra["noop"] = next((ln.strip() for ln in said if ln.strip().lower().startswith("quantized 0 ")), "")
+    cell.extra["warning"] = next((ln.strip() for ln in said if "warning" in ln.lower()), "")
+    cell.extra["already"] = any("already" in ln.lower() for ln in said)
+    cell.extra["stderr"] = done.stderr[-3000:]
+    cell.extra["stdout"] = done.stdout[:1000] + ("\n...\n" + done.stdout[-2000:] if len(done.stdout) > 3000
+                                                 else done.stdout[1000:])
     if done.returncode == 0:
         cell.status = "converted"
         if out.exists():
@@ -714,20 +719,17 @@ def metric_fraction(metric: str) -> float:
 
 def said_why(cell: Cell) -> str:
     """A warning line of the converter's, if it printed one (e.g. why a mode found nothing to do)."""
-    lines = (cell.extra.get("stdout", "") + "\n" + cell.extra.get("stderr", "")).splitlines()
-    return next((ln.strip() for ln in lines if "warning" in ln.lower()), "")
+    return cell.extra.get("warning", "")
 
 
 def noop(cell: Cell) -> str:
     """The summary line when it says nothing was quantized, else ''."""
-    lines = (cell.extra.get("stdout", "") + "\n" + cell.extra.get("stderr", "")).splitlines()
-    return next((ln.strip() for ln in lines if ln.strip().lower().startswith("quantized 0 ")), "")
+    return cell.extra.get("noop", "")
 
 
 def judge(cell: Cell, model: Model) -> None:
     """One line naming the failure ("note: ..." for a loss no output check could catch), empty when fine."""
     ptqlite = MODES[cell.mode].kind == "ptqlite"
-    said = (cell.extra.get("stderr", "") + cell.extra.get("stdout", "")).lower()
     if cell.status == "timeout":
         cell.verdict = f"timed out ({cell.reason})"
     elif cell.status == "error":
@@ -741,7 +743,7 @@ def judge(cell: Cell, model: Model) -> None:
         cell.verdict = f"says success but output does not load ({cell.load_error[:220]})"
     elif cell.load_error:
         cell.verdict = f"says success but output fails to run ({cell.load_error[:220]})"
-    elif model.prequantized and ptqlite and "already" not in said:
+    elif model.prequantized and ptqlite and not cell.extra.get("already"):
         cell.verdict = f"converts an already-quantized model without saying so ({cell.metric})"
     elif cell.cos_min is not None and cell.cos_min < 0.9:
         cell.verdict = ("collapse, warned" if cell.warned else "silent collapse") + f" (min cosine {cell.cos_min:.3f})"
