@@ -336,3 +336,18 @@ def test_public_api_options(tmp_path):
         ptqlite.convert(path, CONFIGS["dynamic"], verify_floor=1.5)
     with pytest.raises(ptqlite.PtqError, match="collapsed"):
         ptqlite.quantize(path, CONFIGS["dynamic"], verify_floor=1.0)
+
+
+def test_model_refused_with_the_fixed_shapes_is_converted_on_its_own(work, tmp_path, capsys, monkeypatch):
+    """Control flow that ONNX Runtime refuses at the fixed shapes (silero VAD's If over 8k/16k branches): the pass
+    works on the model's own shapes and only the BIN calibration files are read at the --inputShape shapes."""
+    model, data, out = work
+    convert_module = sys.modules["ptqlite.convert"]
+    monkeypatch.setattr(convert_module, "_refused_with_shapes", lambda reference: "a branch does not fit")
+    code, stdout, err = main(flags(model, write_config(tmp_path, "full", data), out / "m",
+                                   f"--inputShape={SEQ_SHAPE}"), capsys)
+    assert code == 0, err
+    assert ("note: ONNX Runtime refuses the model with the --inputShape shapes (a branch does not fit), so the "
+            "conversion works on its own shapes and reads the calibration data at the given ones") in stdout
+    assert "verified in ONNX Runtime against the float model on 8 calibration samples:" in stdout
+    assert dims(onnx.load(str(out / "m.onnx")).graph.input[0]) == ["batch", "seq", HIDDEN]

@@ -11,6 +11,7 @@ from typing import Any
 import onnx
 
 from .config import QuantConfig
+from .errors import ConversionError
 from .model import (
     check_input_shapes,
     constants_to_initializers,
@@ -18,12 +19,14 @@ from .model import (
     name_unnamed_nodes,
     restore_io_shapes,
     set_input_shapes,
+    too_large_for_one_file,
 )
 from .paths import check_output_folder, publish_folder, remove_quietly, stage_folder, write_error
 from .plan import WEIGHT_SLOTS, weight_tensors
 from .result import ConversionResult, SkippedTensor
+from .runtime import cpu_session
 from .targets import target as target_preset
-from .validate import checked_samples, validate_model
+from .validate import checked_samples, one_line, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +83,26 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
         check_output_folder(Path(report_folder), "debug_info_save_path")
     if "samples" in options:
         options["samples"] = checked_samples(options["samples"])
+    result_notes: list[str] = []
     # The float model as the pass sees it (fixed shapes): calibration, the gate and the reports run on it.
-    reference = model
+    reference = runnable = model
     if input_shapes:
-        reference = onnx.ModelProto()
-        reference.CopyFrom(model)
+        reference = runnable = _copy(model)
         check_input_shapes(reference, input_shapes, source)
         set_input_shapes(reference, input_shapes)
-    work = onnx.ModelProto()
-    work.CopyFrom(reference)
+        refused = _refused_with_shapes(reference)
+        if refused:
+            # Some control flow does not survive fixed shapes: the pass works on the model's own shapes and only
+            # the calibration data is read at the given ones.
+            from .data import calibration_set, has_calibration_data  # OpenCV loads only when data is read
+
+            runnable = model
+            if "samples" not in options and has_calibration_data(config):
+                options["samples"] = calibration_set(config, reference, options.get("input_format"))
+            result_notes.append("ONNX Runtime refuses the model with the --inputShape shapes "
+                                f"({refused}), so the conversion works on its own shapes and reads the "
+                                "calibration data at the given ones")
+    work = _copy(runnable)
     constants_to_initializers(work)
     # Weights of If/Loop/Scan bodies move to the main graph (the bodies read them from the outer scope), so every
     # pass plans them like any other.
@@ -99,16 +113,17 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     named = _copy(work) if report_folder else None  # the reports match tensors by the names the pass sees
     result = quant_pass(work, config, **options)
     _account_for_every_weight(result, weights, config)
-    result.notes += notes
+    result.notes += notes + result_notes
     warning = nothing_quantized(config, result)
     if warning:
         result.warnings.append(warning)
         log.warning("%s", warning)
-    fixed = restore_io_shapes(result.model, model, result.notes) if input_shapes else None
+    fixed = restore_io_shapes(result.model, model, result.notes) if input_shapes and runnable is not model else None
     if verify:
         from .verify import run_gate
 
-        run_gate(model, reference, result, config, options, verify_floor, analyze_command, input_shapes, fixed)
+        run_gate(model, reference, runnable, result, config, options, verify_floor, analyze_command, input_shapes,
+                 fixed)
     if report_folder:
         result.float_model = result.float_model or named
         _write_reports(result.float_model, result, config, options, Path(report_folder))
@@ -127,6 +142,17 @@ def _account_for_every_weight(result: ConversionResult, weights: dict[str, tuple
         if name not in seen:
             result.skipped.append(SkippedTensor(name, op, nodes, f"{config.quant_type} does not quantize {op} "
                                                 "weights"))
+
+
+def _refused_with_shapes(model: onnx.ModelProto) -> str:
+    """ONNX Runtime's one-line reason for refusing `model` (the input with the --inputShape shapes), or ""."""
+    if too_large_for_one_file(model):
+        return ""  # cannot be loaded from memory; the pass finds out itself
+    try:
+        cpu_session(model, "with the --inputShape shapes", spinning=False, optimize=False)
+    except ConversionError as exc:
+        return one_line(str(exc).partition("shapes (")[2].removesuffix(")") or str(exc))
+    return ""
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

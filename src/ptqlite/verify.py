@@ -70,11 +70,17 @@ def verification_inputs(model: onnx.ModelProto, config: QuantConfig, input_forma
                         ) -> tuple[list[dict[str, np.ndarray]], str]:
     """The inputs the gate runs on and a phrase naming them. `model` is the float model with the --inputShape
     shapes, as the pass calibrated it."""
+    from .data import (  # OpenCV loads only when data is read
+        CalibrationSet,
+        calibration_set,
+        has_calibration_data,
+    )
+
     if samples is not None:
         given = list(itertools.islice(iter(samples), VERIFY_SAMPLES))
         if given:
-            return given, f"{len(given)} of the given samples"
-    from .data import calibration_set, has_calibration_data  # OpenCV loads only when data is read
+            kind = "calibration samples" if isinstance(samples, CalibrationSet) else "of the given samples"
+            return given, f"{len(given)} {kind}"
 
     if has_calibration_data(config):
         data = list(itertools.islice(iter(calibration_set(config, model, input_format)), VERIFY_SAMPLES))
@@ -274,19 +280,20 @@ def collapse_message(verification: Verification, config: QuantConfig, analyze_co
     return text + f"; find the layers responsible with: {analyze_command}"
 
 
-def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, result: ConversionResult, config: QuantConfig,
-             options: dict, floor: float | None, analyze_command: str | None,
-             input_shapes: dict[str, list[int]] | None, fixed: IoShapes | None) -> None:
-    """The gate as convert() runs it on `result` (`reference`: the float model with the fixed shapes; `fixed`:
-    what restore_io_shapes replaced, None without --inputShape). The output must load and run in ONNX Runtime;
-    a collapse is a warning, or an error when `floor` was given. With --inputShape the output, which has the
+def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: onnx.ModelProto,
+             result: ConversionResult, config: QuantConfig, options: dict, floor: float | None,
+             analyze_command: str | None, input_shapes: dict[str, list[int]] | None, fixed: IoShapes | None) -> None:
+    """The gate as convert() runs it on `result` (`reference`: the float model with the fixed shapes, which the
+    inputs are made for; `runnable`: the float model that runs, `reference` unless ONNX Runtime refuses it with
+    the fixed shapes; `fixed`: what restore_io_shapes replaced, None when nothing was). The output must load and
+    run in ONNX Runtime; a collapse is a warning, or an error when `floor` was given. With --inputShape the output, which has the
     model's own shapes again, also runs at other shapes; an output that works only at the fixed shapes keeps
     them, and a note says why."""
     inputs, source = verification_inputs(reference, config, options.get("input_format"), options.get("samples"))
     limit = default_floor(config) if floor is None else floor
     other = other_shape_inputs(original, input_shapes) if fixed is not None else None
     try:
-        result.verification = verify(reference, result.model, inputs, source, limit,
+        result.verification = verify(runnable, result.model, inputs, source, limit,
                                      (original, *other) if other else None)
         problem = result.verification.shape_problem
     except VerificationError as exc:
@@ -294,7 +301,7 @@ def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, result: Conv
             raise
         problem = f"with the model's own input shapes {str(exc).replace(', so nothing was written', '')}"
         fixed.put_back(result.model)
-        result.verification = verify(reference, result.model, inputs, source, limit)
+        result.verification = verify(runnable, result.model, inputs, source, limit)
     if problem:
         fixed.put_back(result.model)
         result.notes.append(f"the output keeps the --inputShape shapes, since {problem}")
