@@ -70,16 +70,13 @@ def verification_inputs(model: onnx.ModelProto, config: QuantConfig, input_forma
                         ) -> tuple[list[dict[str, np.ndarray]], str]:
     """The inputs the gate runs on and a phrase naming them. `model` is the float model with the --inputShape
     shapes, as the pass calibrated it."""
-    from .data import (  # OpenCV loads only when data is read
-        CalibrationSet,
-        calibration_set,
-        has_calibration_data,
-    )
+    from .data import calibration_set, has_calibration_data  # OpenCV loads only when data is read
 
     if samples is not None:
         given = list(itertools.islice(iter(samples), VERIFY_SAMPLES))
         if given:
-            kind = "calibration samples" if isinstance(samples, CalibrationSet) else "of the given samples"
+            # convert() reads the config's files into `samples` itself when the fixed shapes need it
+            kind = "calibration samples" if has_calibration_data(config) else "of the given samples"
             return given, f"{len(given)} {kind}"
 
     if has_calibration_data(config):
