@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto
 
 from ...model import GraphIndex, all_nodes, attribute, outer_reads, subgraphs
-from ...plan import WeightSpec, gemm_rows
+from ...plan import WeightSpec, gemm_rows, weight_layout
 from ...qmath import (
     QParams,
     asymmetric_params,
@@ -147,19 +147,11 @@ def _bias(node: onnx.NodeProto, index: GraphIndex, plan: GraphPlan, weights: dic
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if not has_bias and not zero_if_absent:
         return None
-    channels = output_channels(node, plan.weights[weight].shape)
+    channels = weight_layout(node, 1, plan.weights[weight].shape).channels
     bias = index.array(node.input[2]).astype(np.float64) if has_bias else np.zeros(channels)
     in_scale = float(activations[node.input[0]].scale.ravel()[0])
     scale = in_scale * np.broadcast_to(weights[weight].params.scale.reshape(-1), (channels,)).astype(np.float64)
     return BiasParams(bias_codes(bias, scale), scale)
-
-
-def output_channels(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> int:
-    if node.op_type == "Conv":
-        return weight_shape[0]
-    if node.op_type == "ConvTranspose":
-        return weight_shape[1] * attribute(node, "group", 1)
-    return weight_shape[0] if attribute(node, "transB", 0) else weight_shape[1]
 
 
 def bias_codes(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 
 from ...errors import DataError
 from ...observers import fallback_notes, make_observer
 from ...qmath import reduce_axes
-from ...runtime import cpu_session
+from ...runtime import cpu_session, with_outputs
 
 RANGE, CHANNEL_MAX, CHANNEL_MEAN = "range", "channel_max", "channel_mean"
 
@@ -143,13 +142,9 @@ def _assemble(count: int, measured: dict, requests: list[StatRequest]) -> Statis
 
 
 def _probe_session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
-    """A session of `model` that also returns the named intermediate tensors."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    declared = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs if n not in declared)
-    # Between runs the observers work in Python: spinning worker threads would only steal their CPU time.
-    return cpu_session(probe, "for calibration", spinning=False)
+    """A session of `model` that also returns the named intermediate tensors. Between runs the observers work in
+    Python: spinning worker threads would only steal their CPU time."""
+    return cpu_session(with_outputs(model, outputs), "for calibration", spinning=False)
 
 
 def _run(session: ort.InferenceSession, names: list[str], sample: dict[str, np.ndarray]) -> list[np.ndarray]:
