@@ -12,9 +12,9 @@ from onnx import TensorProto, helper
 from ptqlite.encoding import (
     MIN_OPSET,
     SPLIT_OPSET,
+    Builder,
     SharedConstants,
     SplitPlan,
-    _Builder,
     build_decoder,
     packed_bytes,
     plan_split,
@@ -168,7 +168,7 @@ def _split_model(z, plan):
     graph = helper.make_graph([], "g", [], [])
     index = GraphIndex(graph)
     shared = SharedConstants(index, SPLIT_OPSET + 1)
-    b = _Builder(index, shared, "split")
+    b = Builder(index, shared, "split")
     out = split_codes(b, z, plan)
     stored = sum(len(t.raw_data) for t in b.decoder.initializers)
     graph.node.extend(shared.nodes_used_by(b.decoder.nodes) + b.decoder.nodes)
@@ -209,11 +209,11 @@ def test_shared_values_are_built_once_and_names_compacted_around_the_models_own(
     for _ in range(50):  # names spent by candidates that are never emitted
         shared.name()
 
-    def ramp(b: _Builder) -> str:
+    def ramp(b: Builder) -> str:
         return b.node("Range", [b.shared.get(np.array(0, np.float32)), b.shared.get(np.array(3, np.float32)),
                                 b.shared.get(np.array(1, np.float32))])
 
-    def doubled(b: _Builder) -> str:
+    def doubled(b: Builder) -> str:
         return b.node("Add", [b.shared.value(("ramp",), ramp), b.shared.value(("ramp",), ramp)])
 
     assert shared.value(("doubled",), doubled) == shared.value(("doubled",), doubled)

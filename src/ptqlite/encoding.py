@@ -5,7 +5,7 @@ absorb scale, zero point and bias correction). The codes are stored in the small
 by standard ONNX ops whose inputs are all initializers, so ONNX Runtime folds the decoder into the plain float
 weight when the session loads and no decode work remains per inference:
 
-- "packed":  the codes in ceil(n*bits/8) bytes (8 and 16 bits: plain uint8/uint16 codes; see _Builder.unpack_codes);
+- "packed":  the codes in ceil(n*bits/8) bytes (8 and 16 bits: plain uint8/uint16 codes; see Builder.unpack_codes);
 - "indexed": the sorted distinct codes as a small table plus packed indices of ceil(log2(distinct)) bits;
 - "sparse":  only the codes that differ from their channel's zero code, with packed position gaps;
 - "int8"/"int16": bits 8 and 16 without encoding (enable_encode=false), one signed integer per element.
@@ -87,12 +87,12 @@ class SharedConstants:
             self.by_key[key] = name
         return self.by_key[key]
 
-    def value(self, key: tuple, build: Callable[[_Builder], str]) -> str:
+    def value(self, key: tuple, build: Callable[[Builder], str]) -> str:
         """A value computed from shared constants only, built once per model by `build` (its nodes go to
         self.nodes; whichever decoders read it share them)."""
         key = ("value", *key)
         if key not in self.by_key:
-            b = _Builder(self.index, self, "shared")
+            b = Builder(self.index, self, "shared")
             self.by_key[key] = build(b)
             assert not b.decoder.initializers, "a shared value may read shared constants only"
             self.nodes += b.decoder.nodes
@@ -154,7 +154,7 @@ def _short_names() -> Iterator[str]:
             yield from (head + "".join(tail) for head in letters)
 
 
-class _Builder:
+class Builder:
     def __init__(self, index: GraphIndex, shared: SharedConstants, encoding: str):
         self.index = index
         self.shared = shared
@@ -204,7 +204,7 @@ class _Builder:
         """uint8 [256, 8 // bits]: the `bits`-bit fields of every byte value, MSB first, times 2^shift; computed
         at load by a few float ops on 256 values (exact: powers of two, Floor, Mod), so it costs no file bytes."""
 
-        def build(t: _Builder) -> str:
+        def build(t: Builder) -> str:
             get = t.shared.get
             values = t.node("Range", [get(np.array(0, np.float32)), get(np.array(256, np.float32)),
                                       get(np.array(1, np.float32))])
@@ -295,11 +295,11 @@ def _code_type(bits: int) -> type:
     return np.uint16 if bits > 8 else np.uint8
 
 
-def _packed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder:
+def _packed(b: Builder, codes, bits, scale, offset, target, result) -> Decoder:
     return b.finish(b.unpack_codes(codes, bits), codes.shape, scale, offset, target, result)
 
 
-def _indexed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder | None:
+def _indexed(b: Builder, codes, bits, scale, offset, target, result) -> Decoder | None:
     table, positions = np.unique(codes, return_inverse=True)
     index_bits = bits_for(table.size)
     if index_bits >= bits:
@@ -309,7 +309,7 @@ def _indexed(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder
     return b.finish(shaped, codes.shape, scale, offset, target, result)
 
 
-def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes, result) -> Decoder | None:
+def _sparse(b: Builder, codes, bits, scale, offset, target, zero_codes, result) -> Decoder | None:
     """Only the codes off their channel's zero code, written by one ScatterElements into the zero codes at the
     running sums of packed gaps (positions inside the tensor by construction)."""
     shape = codes.shape
@@ -328,7 +328,7 @@ def _sparse(b: _Builder, codes, bits, scale, offset, target, zero_codes, result)
     return b.finish(b.node("Reshape", [flat, b.shape_of(shape)]), shape, scale, offset, target, result)
 
 
-def _plain(b: _Builder, codes, bits, scale, offset, target, result) -> Decoder:
+def _plain(b: Builder, codes, bits, scale, offset, target, result) -> Decoder:
     """enable_encode=false: signed int8/int16 storage in the weight's shape."""
     shift = 1 << (bits - 1)
     stored = b.const((codes - shift).astype(np.int8 if bits == 8 else np.int16))
@@ -349,8 +349,8 @@ def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes
     (uint8/uint16; int8/int16 unencoded). For the last two the result is decoder.output.
     """
     codes = np.asarray(codes, dtype=np.int64)
-    def builder(encoding: str) -> _Builder:
-        return _Builder(index, shared, encoding)
+    def builder(encoding: str) -> Builder:
+        return Builder(index, shared, encoding)
 
     if not encode:
         return _plain(builder(f"int{bits}"), codes, bits, scale, offset, target, result)
@@ -372,12 +372,12 @@ SPLIT_OPSET = 16  # ScatterElements with reduction="add": entries at one positio
 
 
 def packed_bytes(count: int, bits: int) -> int:
-    """Bytes that _Builder.unpack_codes stores for `count` codes of `bits` bits (odd widths pad rows of 8 codes)."""
+    """Bytes that Builder.unpack_codes stores for `count` codes of `bits` bits (odd widths pad rows of 8 codes)."""
     if bits in (8, 16):
         return count * bits // 8
-    if bits > 8:  # the low byte plain, the high bits packed (see _Builder._wide)
+    if bits > 8:  # the low byte plain, the high bits packed (see Builder._wide)
         return count + packed_bytes(count, bits - 8)
-    if bits in ODD_PARTS:  # a stream per part (see _Builder._odd_width)
+    if bits in ODD_PARTS:  # a stream per part (see Builder._odd_width)
         return sum(packed_bytes(count, width) for width in ODD_PARTS[bits])
     return -(-count * bits // 8)
 
@@ -456,7 +456,7 @@ def split_type(zmax: int) -> tuple[type, int]:
     return np.int32, TensorProto.INT32
 
 
-def split_codes(b: _Builder, z: np.ndarray, plan: SplitPlan) -> str:
+def split_codes(b: Builder, z: np.ndarray, plan: SplitPlan) -> str:
     """Store unsigned values `z` in the split form of `plan`; return a graph value holding them, flat [n].
 
     Integer all the way, in the narrowest type that holds max(z): the low bits unpacked by unpack_codes, the

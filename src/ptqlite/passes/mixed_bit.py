@@ -30,10 +30,10 @@ from ..config import QuantConfig
 from ..encoding import (
     MIN_OPSET,
     SPLIT_OPSET,
+    Builder,
     Decoder,
     SharedConstants,
     SplitPlan,
-    _Builder,
     build_decoder,
     plan_split,
     split_codes,
@@ -193,7 +193,7 @@ def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
     return decoders
 
 
-def _rice_quotients(b: _Builder, z: np.ndarray, k: int) -> str:
+def _rice_quotients(b: Builder, z: np.ndarray, k: int) -> str:
     """uint8 [len(z)]: each value's quotient plus one, from its Rice stream (integer ops only).
 
     The positions of the stream's 0 bits: TopK (smallest first, k = number of values) over the uint8 bits selects
@@ -220,20 +220,20 @@ def _rice_quotients(b: _Builder, z: np.ndarray, k: int) -> str:
     return b.node("Where", [b.node("Less", [stops, previous]), crossed, distance])
 
 
-def _layer_slice(b: _Builder, flat: str, start: int, layer: MixedLayer, whole: bool) -> str:
+def _layer_slice(b: Builder, flat: str, start: int, layer: MixedLayer, whole: bool) -> str:
     """The layer's values of an integer vector of its group, in the layer's shape, as int32 (Gather's index type)."""
     piece = flat if whole else b.node("Slice", [flat, b.shape_of([start]), b.shape_of([start + layer.q.size])])
     return b.node("Cast", [b.node("Reshape", [piece, b.shape_of(layer.q.shape)])], to=TensorProto.INT32)
 
 
-def _unzigzag_table(b: _Builder, first: int, last: int) -> str:
+def _unzigzag_table(b: Builder, first: int, last: int) -> str:
     """unzigzag(z) for z = first .. at least `last` as a float vector, computed at load by Range and four float
     ops on that small vector: the table that the integer decoders gather weights from. One per model and range;
     `last` is rounded up to 2^n - 1 so that layers with similar ranges share it (entries past it are never read).
     """
     last = (1 << max(last, 0).bit_length()) - 1
 
-    def build(t: _Builder) -> str:
+    def build(t: Builder) -> str:
         get = t.shared.get
         z_range = t.node("Range", [get(np.array(first, np.float32)), get(np.array(last + 1, np.float32)),
                                    get(np.array(1, np.float32))])
@@ -244,7 +244,7 @@ def _unzigzag_table(b: _Builder, first: int, last: int) -> str:
     return b.shared.value(("unzigzag", first, last), build)
 
 
-def _gather_weight(b: _Builder, table: str, index: str, step: np.ndarray, target: str, site: str = "load") -> str:
+def _gather_weight(b: Builder, table: str, index: str, step: np.ndarray, target: str, site: str = "load") -> str:
     """The weight table[index] * step as `target`; bit-identical to _reconstruct (float32 code times step).
 
     site (see _decode_sites): "MatMul": only the codes as float, table[index] (the step is applied to the MatMul
@@ -260,7 +260,7 @@ def _gather_weight(b: _Builder, table: str, index: str, step: np.ndarray, target
                   output=target)
 
 
-def _integer_table(b: _Builder, table: str) -> str:
+def _integer_table(b: Builder, table: str) -> str:
     """The unzigzag `table` cast to int16, once per table: the codes of every layer fit (MAX_CODE_BITS)."""
     return b.shared.value(("integer", table), lambda t: t.node("Cast", [table], to=TensorProto.INT16))
 
@@ -270,7 +270,7 @@ def split_decoder(index: GraphIndex, shared: SharedConstants, target: str, q: np
     """The weight q * step from the split form of zigzag(q) (encoding.split_codes): integer values, reshaped
     and cast to int32, gather the weight from the unzigzag table. No TopK, so the load-time cost is about that
     of the fixed-width forms (the weight, its int32 indices and a few bytes a value)."""
-    b = _Builder(index, shared, f"split k={plan.k}")
+    b = Builder(index, shared, f"split k={plan.k}")
     z = zigzag(q)
     flat = split_codes(b, z, plan)
     position = b.node("Cast", [b.node("Reshape", [flat, b.shape_of(q.shape)])], to=TensorProto.INT32)
@@ -306,7 +306,7 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
             decoders.append(split_decoder(index, shared, layer.spec.tensor, layer.q, layer.step, layer.split, site))
             outputs[layer.spec.tensor] = decoders[-1].output
             continue
-        b = _Builder(index, shared, f"split k={k}")
+        b = Builder(index, shared, f"split k={k}")
         values = [zigzag(layer.q) for layer in group]
         flat = split_codes(b, np.concatenate([z.ravel() for z in values]), SplitPlan(k, gap_bits, value_bits, 0))
         parts = [b.name() for _ in group]
@@ -334,7 +334,7 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
     unzigzag(z) * step (per-channel steps: gathers unzigzag(z), then Mul). So the only float tensors made at
     load are the weights themselves (and the product for per-channel steps), bit-identical to _reconstruct.
     """
-    b = _Builder(index, shared, f"rice k={k}")
+    b = Builder(index, shared, f"rice k={k}")
     z = np.concatenate([zigzag(layer.q).ravel() for layer in layers])
     cuts = range(0, z.size, RICE_CHUNK)
     parts = [_rice_quotients(b, z[at:at + RICE_CHUNK], k) for at in cuts]
@@ -550,7 +550,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     decoders += rice_decoders(index, shared, [layer for layer in layers if layer.decoder is None], sites, outputs)
     nodes = [n for d in decoders for n in d.nodes]
     after: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
-    mapping = _Builder(index, shared, "map")
+    mapping = Builder(index, shared, "map")
     for layer in layers:
         if layer.spec.tensor in outputs:
             _decode_after(index, mapping, layer, outputs[layer.spec.tensor], sites[layer.spec.tensor], after, result)
@@ -583,7 +583,7 @@ def _decode_sites(index: GraphIndex, layers: list[MixedLayer], in_subgraphs: set
     return sites
 
 
-def _decode_after(index: GraphIndex, b: _Builder, layer: MixedLayer, codes: str, site: str,
+def _decode_after(index: GraphIndex, b: Builder, layer: MixedLayer, codes: str, site: str,
                   after: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]], result: ConversionResult) -> None:
     """Point every consumer of the layer's weight at `codes` and multiply its output by the step.
 
