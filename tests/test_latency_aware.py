@@ -115,3 +115,16 @@ def test_demotion_shares():
 def test_latency_aware_is_a_boolean():
     with pytest.raises(ConfigError, match="latency_aware"):
         parse_config(CONFIG + "[full_quant_param]\nlatency_aware=sometimes\n")
+
+
+def test_a_graph_that_cannot_be_timed_keeps_the_plan(monkeypatch):
+    """silero-vad with --inputShape: its If/LSTM does not load at the fixed shapes; timing is advice, not a gate."""
+    from ptqlite.errors import ConversionError
+
+    def refuse(*args):
+        raise ConversionError("onnxruntime cannot load the model to time it (rank 3 expected)")
+
+    monkeypatch.setattr(latency, "measure", refuse)
+    result = convert(conv_chain(), parse_config(CONFIG), samples=_samples(), progress=False)
+    assert len(result.quantized) == 4
+    assert any(note.startswith("latency-aware planning skipped: onnxruntime cannot load") for note in result.notes)

@@ -351,3 +351,18 @@ def test_model_refused_with_the_fixed_shapes_is_converted_on_its_own(work, tmp_p
             "conversion works on its own shapes and reads the calibration data at the given ones") in stdout
     assert "verified in ONNX Runtime against the float model on 8 calibration samples:" in stdout
     assert dims(onnx.load(str(out / "m.onnx")).graph.input[0]) == ["batch", "seq", HIDDEN]
+
+
+def test_float_model_refused_at_the_fixed_shapes_is_compared_with_its_own_shapes():
+    """silero-vad with --inputShape: at the fixed shapes its If/LSTM does not load in ONNX Runtime, at its own shapes
+    it runs the same inputs; the gate compares there instead of skipping the comparison."""
+    model = reshaping_model()
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    fixed.graph.node[0].op_type = "NoSuchOp"  # stands for the shapes that break inference
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 3, HIDDEN)).astype(np.float32)}
+    other = {"x": np.random.default_rng(1).normal(size=(3, 7, HIDDEN)).astype(np.float32)}
+    result = verify(fixed, model, [feeds], "1 calibration sample", 0.9, (model, other, f"x:3,7,{HIDDEN}"))
+    assert not result.skipped and not result.collapsed
+    without_fallback = verify(fixed, model, [feeds], "1 calibration sample", 0.9)
+    assert without_fallback.skipped.startswith("the float model does not load")

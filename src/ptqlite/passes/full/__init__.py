@@ -32,6 +32,7 @@ from onnx import TensorProto
 from ...config import QuantConfig
 from ...embedding import int8_gather_tables
 from ...equalize import capped_tensors, equalize
+from ...errors import PtqError
 from ...model import ensure_opset
 from ...plan import WeightPlan, int8_rules, plan_weights
 from ...prepare import prepare, tensor_types
@@ -193,7 +194,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
     in float) that runs no slower than the prepared float graph; the layers it put back to float."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
-    feeds = next(iter(samples))
+    feeds: dict = {}
 
     def candidate(demoted: set[str]):
         cand_plan = plan if not demoted else plan_graph(prepared, types, weight_plan.quantized, preset,
@@ -213,10 +214,21 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
         _write(written, cand_plan, cand_params, preset, config, original_info, ranks)
         return cand_plan, cand_params, latency.measure(prepared, written, feeds)
 
-    tried = [(set(), candidate(set()))]  # (layers in float, (plan, params, timing))
+    try:
+        feeds.update(next(iter(samples)))
+        tried = [(set(), candidate(set()))]  # (layers in float, (plan, params, timing))
+    except (PtqError, StopIteration) as exc:
+        # Timing is advice: a graph onnxruntime will not load or run as timed (control flow that does not survive
+        # the fixed --inputShape shapes, say) keeps every planned layer int8 (the verification step judges it).
+        reason = str(exc).splitlines()[0] if str(exc) else "no calibration sample to time on"
+        result.notes.append(f"latency-aware planning skipped: {reason}")
+        return plan, params, set()
     if tried[0][1][2].ratio > 1.0:
         for demoted in latency.demotions(latency.smallest_first(prepared, plan)):
-            tried.append((demoted, candidate(demoted)))
+            try:
+                tried.append((demoted, candidate(demoted)))
+            except PtqError:  # as above: this candidate cannot be timed, so it is not chosen
+                break
             if tried[-1][1][2].ratio <= 1.0:
                 break
     demoted, (best_plan, best_params, timing) = min(tried, key=lambda t: t[1][2].ratio)
