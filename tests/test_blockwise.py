@@ -252,3 +252,36 @@ def test_block_relative_error_matches_the_dequantized_weight():
         q = quantize_blocks(w, 4, axis, 16)
         direct = float(np.sum((q.dequantized().astype(np.float64) - w) ** 2))
         assert q.squared_error == pytest.approx(direct, rel=1e-4)
+
+
+def test_every_listed_revision_exists_in_onnx():
+    """Each op of the direct-raise table really has a revision at that opset (guards against a typo that would
+    let a changed op through)."""
+    from onnx import defs
+
+    from ptqlite.opset import _REDUCE_18, _TYPES_OR_DEFAULTS
+
+    for version, ops in _TYPES_OR_DEFAULTS.items():
+        for op in ops:
+            assert defs.get_schema(op, version).since_version == version, (op, version)
+    for op in _REDUCE_18:
+        assert defs.get_schema(op, 18).since_version == 18, op
+
+
+def test_opset_raise_rewrites_reduce_inside_if_bodies():
+    def branch(name, op):
+        node = helper.make_node(op, ["x"], [f"{name}_y"], name=f"{name}_reduce", axes=[-1], keepdims=1)
+        return helper.make_graph([node], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                                  [3, 1])])
+    nodes = [helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("a", "ReduceMean"),
+                              else_branch=branch("b", "ReduceMax"))]
+    graph = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                             helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    want = [run(model, {"c": np.array(flag), "x": x})[0] for flag in (True, False)]
+    assert raise_opset(model, 21) == "direct"
+    onnx.checker.check_model(model, full_check=True)
+    for flag, expected in zip((True, False), want):
+        np.testing.assert_array_equal(run(model, {"c": np.array(flag), "x": x})[0], expected)
