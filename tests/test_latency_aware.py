@@ -128,3 +128,11 @@ def test_a_graph_that_cannot_be_timed_keeps_the_plan(monkeypatch):
     result = convert(conv_chain(), parse_config(CONFIG), samples=_samples(), progress=False)
     assert len(result.quantized) == 4
     assert any(note.startswith("latency-aware planning skipped: onnxruntime cannot load") for note in result.notes)
+
+
+def test_all_layers_float_is_said_as_such(monkeypatch):
+    _timings(monkeypatch, [1.6, 1.5, 1.4, 1.3, 1.0])  # only the all-float candidate is as fast as float
+    result = convert(conv_chain(), parse_config(CONFIG), samples=_samples(), progress=False)
+    assert not result.quantized
+    assert any(w.startswith("FULL_QUANT kept all 4 weighted layers float: their int8 form ran slower")
+               for w in result.warnings)

@@ -212,6 +212,11 @@ def nothing_quantized(config: QuantConfig, result: ConversionResult) -> str | No
     if mode == "FULL_QUANT":
         if any(n.op_type == "QuantizeLinear" for n in result.model.graph.node):
             return None
+        slower = [s for s in result.skipped if s.reason.startswith("kept float by latency-aware planning")]
+        if slower:
+            return (f"FULL_QUANT kept all {len(slower)} weighted layers float: their int8 form ran slower than float on "
+                    "this CPU (latency-aware planning); [full_quant_param] latency_aware=false keeps them int8, "
+                    "WEIGHT_QUANT makes the file smaller at float speed")
         preset = target_preset(config.full.target_device)
         return (f"FULL_QUANT found nothing to run in int8: no node of this model is one of the ops target_device "
                 f"{preset.name} quantizes ({'/'.join(sorted(preset.compute_ops))}); the output equals the float "
