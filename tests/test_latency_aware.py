@@ -136,3 +136,9 @@ def test_all_layers_float_is_said_as_such(monkeypatch):
     assert not result.quantized
     assert any(w.startswith("FULL_QUANT kept all 4 weighted layers float: their int8 form ran slower")
                for w in result.warnings)
+
+
+def test_within_the_noise_margin_int8_is_kept(monkeypatch):
+    calls = _timings(monkeypatch, [1.04])
+    result = convert(conv_chain(), parse_config(CONFIG), samples=_samples(), progress=False)
+    assert len(calls) == 1 and len(result.quantized) == 4

@@ -223,7 +223,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
         reason = str(exc).splitlines()[0] if str(exc) else "no calibration sample to time on"
         result.notes.append(f"latency-aware planning skipped: {reason}")
         return plan, params, set()
-    if tried[0][1][2].ratio > 1.0:
+    if tried[0][1][2].ratio > latency.SLOWER:
         for demoted in latency.demotions(latency.smallest_first(prepared, plan)):
             try:
                 tried.append((demoted, candidate(demoted)))
