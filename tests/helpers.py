@@ -242,3 +242,21 @@ INVALID = [
     ("data_preprocess_param", "center_crop_height", "224px", "expected an integer in [1, 65535]"),
     ("dynamic_quant_param", "quant_strategy", "alwc", "expected one of ALWC, ACWL"),
 ]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """ptqlite's command line in this process: exit code, stdout, stderr."""
+    from ptqlite import cli
+
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str) -> str:
+    """The one `ptqlite: error:` line a user error prints, without its prefix (fails on anything else)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ptqlite: error: ")
+    return lines[0].removeprefix("ptqlite: error: ")
+

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from helpers import INVALID
+from helpers import INVALID, one_error_line
+from helpers import run_cli as run
 
-from ptqlite import cli
 from ptqlite.config import parse_config
 from ptqlite.convert import pass_for
 from ptqlite.passes import dynamic, full, mixed_bit, weight
@@ -43,17 +43,8 @@ def flags(model, config, output, *extra: str) -> list[str]:
     return ["--fmk=ONNX", f"--modelFile={model}", f"--outputFile={output}", f"--configFile={config}", *extra]
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ptqlite: error: ")
-    return lines[0].removeprefix("ptqlite: error: ")
 
 
 # ---------------------------------------------------------------- bad config values

@@ -10,10 +10,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from helpers import cosine, run
+from helpers import cosine, one_error_line, run
+from helpers import run_cli as main
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqlite import cli, parse_config
+from ptqlite import parse_config
 from ptqlite.convert import convert
 from ptqlite.errors import VerificationError
 from ptqlite.verify import FLOORS, compare, verify
@@ -67,17 +68,8 @@ def flags(model, config, output, *extra: str) -> list[str]:
     return ["--fmk=ONNX", f"--modelFile={model}", f"--outputFile={output}", f"--configFile={config}", *extra]
 
 
-def main(argv, capsys) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ptqlite: error: ")
-    return lines[0].removeprefix("ptqlite: error: ")
 
 
 @pytest.fixture
