@@ -35,9 +35,10 @@ from measure import run_child, session
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# WEIGHT_QUANT ON_THE_FLY block-wise (bench/minilm_int4.py uses it too)
 PTQ_CONFIG = """[common_quant_param]
 quant_type=WEIGHT_QUANT
-bit_num=4
+bit_num={bits}
 min_quant_weight_size=0
 min_quant_weight_channel=0
 {skip}
@@ -137,7 +138,7 @@ def model_bytes(path: Path) -> int:
 
 def convert_ptqlite(src: Path, out: Path, block: int, skip: str = "") -> dict:
     cfg = out.with_suffix(".cfg")
-    cfg.write_text(PTQ_CONFIG.format(block=block, skip=f"skip_quant_node={skip}" if skip else ""))
+    cfg.write_text(PTQ_CONFIG.format(bits=4, block=block, skip=f"skip_quant_node={skip}" if skip else ""))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run = run_child([sys.executable, "-m", "ptqlite.cli", "convert", "--fmk=ONNX", f"--modelFile={src}",
                      f"--configFile={cfg}", f"--outputFile={out}", "--quiet"], env=env)

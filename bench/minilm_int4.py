@@ -21,22 +21,12 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llm_int4 import PTQ_CONFIG
 from minilm import NAMES, ROOT, build_float
 
 from ptqlite.config import parse_config
 from ptqlite.convert import convert
 from ptqlite.model import save_model
-
-PTQ = """[common_quant_param]
-quant_type=WEIGHT_QUANT
-bit_num={bits}
-min_quant_weight_size=0
-min_quant_weight_channel=0
-{skip}
-[weight_quant_param]
-dequant_strategy=ON_THE_FLY
-block_size={block}
-"""
 
 
 def embeddings(path: Path, tokens: dict[str, np.ndarray], rows: slice, level: str, batch: int = 32) -> np.ndarray:
@@ -63,7 +53,7 @@ def embeddings(path: Path, tokens: dict[str, np.ndarray], rows: slice, level: st
 
 
 def ptqlite_variant(model: onnx.ModelProto, out: Path, bits: int, block: int, skip: str = "") -> float:
-    text = PTQ.format(bits=bits, block=block, skip=f"skip_quant_node={skip}" if skip else "")
+    text = PTQ_CONFIG.format(bits=bits, block=block, skip=f"skip_quant_node={skip}" if skip else "")
     start = time.perf_counter()
     save_model(convert(model, parse_config(text, "minilm_int4")).model, out)
     return time.perf_counter() - start
