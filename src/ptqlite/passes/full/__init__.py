@@ -106,13 +106,17 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
         result.notes.append(f"bias correction of {len(corrected)} layers over {stats.samples} samples")
 
     if options.latency_aware and preset.provider == "CPUExecutionProvider":
-        plan, params, demoted = _never_slower_than_float(model, types, weight_plan, preset, skip, plan, params,
-                                                         ranges, to_correct, samples, progress, result, config,
-                                                         original_info, ranks)
+        plan, params, demoted, timed = _never_slower_than_float(model, types, weight_plan, preset, skip, plan,
+                                                                params, ranges, to_correct, samples, progress,
+                                                                result, config, original_info, ranks)
     else:
-        demoted = set()
+        demoted, timed = set(), None
     _record_corrections(model, params)
-    summary, tables, kept = _write(model, plan, params, preset, config, original_info, ranks)
+    if timed is None:
+        summary, tables, kept = _write(model, plan, params, preset, config, original_info, ranks)
+    else:  # the graph written for timing is the output: not written twice
+        written, (summary, tables, kept) = timed
+        model.CopyFrom(written)
     result.quantized += [weight.record for weight in (*params.weights.values(), *params.weight_only.values())]
     result.skipped += _unused_weights(weight_plan, params, plan, demoted)
     result.quantized += tables
@@ -191,7 +195,8 @@ def _write(model: onnx.ModelProto, plan: GraphPlan, params: QuantParams, preset,
 def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, params, ranges, to_correct, samples,
                              progress, result, config, original_info, ranks):
     """The plan and parameters of the first candidate (all int8 first, then growing shares of the smallest layers
-    in float) that runs no slower than the prepared float graph; the layers it put back to float."""
+    in float) that runs no slower than the prepared float graph; the layers it put back to float; and that
+    candidate's written graph with _write's results (None when nothing could be timed)."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     feeds: dict = {}
@@ -211,18 +216,18 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
                 pos: params.biases.get(pos, bias) for pos, bias in cand_params.biases.items()})
         written = onnx.ModelProto()
         written.CopyFrom(prepared)
-        _write(written, cand_plan, cand_params, preset, config, original_info, ranks)
-        return cand_plan, cand_params, latency.measure(prepared, written, feeds)
+        outcome = _write(written, cand_plan, cand_params, preset, config, original_info, ranks)
+        return cand_plan, cand_params, latency.measure(prepared, written, feeds), (written, outcome)
 
     try:
         feeds.update(next(iter(samples)))
-        tried = [(set(), candidate(set()))]  # (layers in float, (plan, params, timing))
+        tried = [(set(), candidate(set()))]  # (layers in float, (plan, params, timing, written))
     except (PtqError, StopIteration) as exc:
         # Timing is advice: a graph onnxruntime will not load or run as timed (control flow that does not survive
         # the fixed --inputShape shapes, say) keeps every planned layer int8 (the verification step judges it).
         reason = str(exc).splitlines()[0] if str(exc) else "no calibration sample to time on"
         result.notes.append(f"latency-aware planning skipped: {reason}")
-        return plan, params, set()
+        return plan, params, set(), None
     if tried[0][1][2].ratio > latency.SLOWER:
         for demoted in latency.demotions(latency.smallest_first(prepared, plan)):
             try:
@@ -231,7 +236,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
                 break
             if tried[-1][1][2].ratio <= 1.0:
                 break
-    demoted, (best_plan, best_params, timing) = min(tried, key=lambda t: t[1][2].ratio)
+    demoted, (best_plan, best_params, timing, written) = min(tried, key=lambda t: t[1][2].ratio)
     first = tried[0][1][2]
     if demoted:
         result.notes.append(f"latency-aware planning: int8 ran {first.ratio:.2f}x float on this machine; "
@@ -241,7 +246,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
     else:
         result.notes.append(f"latency-aware planning: int8 runs {first.ratio:.2f}x float on this machine "
                             "(1 thread, first calibration sample)")
-    return best_plan, best_params, demoted
+    return best_plan, best_params, demoted, written
 
 
 def _unused_weights(weight_plan: WeightPlan, params, plan: GraphPlan, demoted: set[str]) -> list[SkippedTensor]:
