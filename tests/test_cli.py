@@ -264,3 +264,65 @@ def test_no_arguments_prints_the_subcommands(capsys):
 ])
 def test_each_quant_mode_runs_its_pass(text, module):
     assert pass_for(parse_config(f"[common_quant_param]\n{text}\n")) is module.run
+
+
+# ---------------------------------------------------------------- flags in any position, --version, unknown flags
+
+
+@pytest.mark.parametrize("position", ["before", "after", "bare"])
+@pytest.mark.parametrize("flag, level", [("-v", "INFO"), ("--verbose", "INFO"), ("-vv", "DEBUG")])
+def test_verbose_in_any_position(work, capsys, caplog, position, flag, level):
+    model, config, out = work
+    argv = flags(model, config, out / "m")
+    argv = {"before": [flag, "convert", *argv], "after": ["convert", *argv, flag], "bare": [*argv, flag]}[position]
+    with caplog.at_level("DEBUG", logger="ptqlite"):
+        code, stdout, _ = run(argv, capsys)
+    assert code == 0 and "quantized" in stdout
+    assert (out / "m.onnx").is_file()
+    assert any(r.levelname == "INFO" for r in caplog.records)  # what each stage decided
+    assert any(r.levelname == "DEBUG" for r in caplog.records) == (level == "DEBUG")
+
+
+def test_version(capsys):
+    import ptqlite
+
+    code, stdout, err = run(["--version"], capsys)
+    assert code == 0 and err == ""
+    assert stdout == f"ptqlite {ptqlite.__version__}\n"
+    assert run(["convert", "--version"], capsys)[1] == stdout
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("--modelfile=x", "unknown flag --modelfile for ptqlite convert; did you mean --modelFile?"),
+    ("--OUTPUTFILE=x", "unknown flag --OUTPUTFILE for ptqlite convert; did you mean --outputFile?"),
+    ("--confgFile=x", "unknown flag --confgFile for ptqlite convert; did you mean --configFile?"),
+    ("--modelFiles", "unknown flag --modelFiles for ptqlite convert; did you mean --modelFile?"),
+])
+def test_unknown_or_miscased_flag_is_named_with_a_suggestion(work, capsys, bad, message):
+    model, config, out = work
+    argv = [a for a in flags(model, config, out / "m") if not a.lower().startswith(bad.split("=")[0].lower())]
+    for command in (["convert"], []):  # with and without the subcommand
+        code, stdout, err = run([*command, *argv, bad], capsys)
+        assert code == 2 and stdout == ""
+        assert one_error_line(err) == message  # not "the following arguments are required"
+    assert list(out.iterdir()) == []
+
+
+def test_unknown_flag_without_a_near_one_lists_the_flags(work, capsys):
+    model = work[0]
+    code, _, err = run(["benchmark", f"--modelFile={model}", "--xyz=3"], capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert line.startswith("unknown flag --xyz for ptqlite benchmark; expected one of --help, --verbose, --modelFile,")
+
+
+def test_unknown_subcommand_suggests_the_near_one(capsys):
+    code, _, err = run(["analyse", "--fmk=ONNX"], capsys)
+    assert code == 2
+    assert one_error_line(err) == "unknown subcommand 'analyse'; did you mean analyze?"
+
+
+def test_python_dash_m_ptqlite(work):
+    proc = _process(sys.executable, "-m", "ptqlite", "--version", cwd=work[2])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ptqlite ")

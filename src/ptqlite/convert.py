@@ -111,7 +111,9 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     name_unnamed_nodes(work)
     weights = weight_tensors(work)
     named = _copy(work) if report_folder else None  # the reports match tensors by the names the pass sees
+    log.info("%s", describe_mode(config))
     result = quant_pass(work, config, **options)
+    _log_decisions(result)
     _account_for_every_weight(result, weights, config)
     result.notes += notes + result_notes
     warning = nothing_quantized(config, result)
@@ -131,6 +133,41 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
             publish_reports(result)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def describe_mode(config: QuantConfig) -> str:
+    """The mode and the options that decide what the pass does, in one line (logged with -v)."""
+    common = config.common
+    if config.is_mixed_bit:
+        mixed = config.mixed_bit
+        return (f"WEIGHT_QUANT mixed bit: init_scale {mixed.init_scale:g}"
+                f"{', auto_tune searches it' if mixed.auto_tune else ''}, bias_correction "
+                f"{str(config.weight.bias_correction).lower()}")
+    if config.quant_type == "WEIGHT_QUANT":
+        weight = config.weight
+        blocks = f", blocks of {weight.block_size}" if weight.block_size else ""
+        return (f"WEIGHT_QUANT fixed {common.bit_num} bit: {'per channel' if weight.per_channel else 'per tensor'}"
+                f"{blocks}, dequant_strategy {weight.dequant_strategy}, bias_correction "
+                f"{str(weight.bias_correction).lower()}, enable_encode {str(common.enable_encode).lower()}")
+    if config.quant_type == "FULL_QUANT":
+        full = config.full
+        return (f"FULL_QUANT int8: target_device {full.target_device}, activations {full.activation_quant_method}, "
+                f"weights {'per channel' if full.per_channel else 'per tensor'}, bias_correction "
+                f"{str(full.bias_correction).lower()}, latency_aware {str(full.latency_aware).lower()}")
+    return f"DYNAMIC_QUANT int8: quant_strategy {config.dynamic.quant_strategy}"
+
+
+def _log_decisions(result: ConversionResult) -> None:
+    """-v: what the pass decided (its notes and the counts); -vv: every tensor too."""
+    log.info("%s: %d weights quantized, %d kept float", result.quant_type, len(result.quantized),
+             len(result.skipped))
+    for note in result.notes:
+        log.info("%s", note)
+    for q in result.quantized:
+        log.debug("quantized %s (%s %s): %d bit %s, %s, %d -> %d bytes, relative error %.4f", q.tensor, q.op_type,
+                  ", ".join(q.nodes), q.bits, q.scheme, q.storage, q.bytes_before, q.bytes_after, q.relative_error)
+    for s in result.skipped:
+        log.debug("kept float %s (%s %s): %s", s.tensor, s.op_type, ", ".join(s.nodes), s.reason)
 
 
 def _account_for_every_weight(result: ConversionResult, weights: dict[str, tuple[str, tuple[str, ...]]],

@@ -21,6 +21,7 @@ after the Gather, so the table stays int8 in memory as well as on disk.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,8 @@ from ..qmath import (
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 from ..targets import target
+
+log = logging.getLogger(__name__)
 
 _OPS = ("MatMul", "Gemm", "Gather")
 # The integer kernels DYNAMIC_QUANT's graph runs on: onnxruntime's CPU provider.
@@ -214,6 +217,8 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     specs = {s.tensor: s for s in plan.quantized}
+    log.info("%s weight plan (%s): %d weights to int8, %d stay float", config.quant_type, "/".join(ops),
+             len(plan.quantized), len(plan.skipped))
     int8_weights = strategy == "ALWC" and alwc_weights == "int8"
     rw = _Rewriter(model, strategy, int8_weights)
 

@@ -503,7 +503,7 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
             skipped.append(SkippedTensor(spec.tensor, spec.op_type, spec.nodes,
                                          "quantized storage would not be smaller than float"))
             continue
-        log.info("%s: %s, %d bits, relative error %.4f, %s", spec.tensor, layer.measure, layer.bits,
+        log.debug("%s: %s, %d bits, relative error %.4f, %s", spec.tensor, layer.measure, layer.bits,
                  layer.relative_error, layer.storage)
         layers.append(layer)
     return layers, skipped

@@ -89,6 +89,8 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     plan = plan_weights(model, weight_quant_rules(config, options.per_channel))
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
+    log.info("weight plan: %d weights to quantize to %d bit, %d stay float (size, channel, dtype or skip rules)",
+             len(plan.quantized), common.bit_num, len(plan.skipped))
     block = options.block_size if on_the_fly else 0
     if on_the_fly:
         _raise_opset_for_storage(model, common.bit_num, block, result)

@@ -23,6 +23,7 @@ else (docs/full_quant.md explains every choice):
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -53,6 +54,8 @@ from .graph_plan import (
 from .params import QuantParams, activation_params, quant_params, weight_params
 from .rewrite import keep_bias_adds_apart, rewrite
 from .statistics import CHANNEL_MAX, RANGE, Statistics, StatRequest, collect
+
+log = logging.getLogger(__name__)
 
 __all__ = ["activation_params", "channel_max", "plan_graph", "run", "weight_params"]
 
@@ -94,9 +97,12 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in weight_plan.skipped]
 
     plan = plan_graph(model, types, weight_plan.quantized, preset, skip)
+    log.info("graph plan: %d of %d weights int8, %d activations to calibrate with %s", len(weight_plan.quantized),
+             len(weight_plan.specs), len(plan.tensors), method)
     to_correct = correctable_nodes(model, plan) if options.bias_correction else []
     stats = collect(model, _range_requests(plan, method) + mean_requests(model, to_correct), samples, progress)
     result.notes += stats.notes
+    log.info("calibration: %d samples measured", stats.samples)
     plan, ranges = _refine_plan(model, plan, stats, types, weight_plan, preset, skip, method,
                                               samples, progress, result)
 
