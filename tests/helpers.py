@@ -184,6 +184,11 @@ def masked_attention_model(seed: int = 12, d: int = 16, big: float = float(np.fi
 INVALID = [
     ("common_quant_param", "quant_type", "weight_quant", "expected one of WEIGHT_QUANT, FULL_QUANT, DYNAMIC_QUANT"),
     ("common_quant_param", "quant_type", "NONE", "expected one of WEIGHT_QUANT, FULL_QUANT, DYNAMIC_QUANT"),
+    ("common_quant_param", "skip_quant_op_type", "conv",
+     "expected ONNX op types (exact case), e.g. Conv,Gemm; 'conv' is not one (did you mean Conv?)"),
+    ("common_quant_param", "skip_quant_op_type", "Conv,Convolution",
+     "expected ONNX op types (exact case), e.g. Conv,Gemm; 'Convolution' is not one"),
+    ("common_quant_param", "skip_quant_op_type", ",", "expected comma-separated ONNX op types, e.g. Conv,Gemm"),
     ("common_quant_param", "bit_num", "17", "expected an integer in [0, 16]"),
     ("common_quant_param", "bit_num", "-1", "expected an integer in [0, 16]"),
     ("common_quant_param", "bit_num", "8.0", "expected an integer in [0, 16]"),

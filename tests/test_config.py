@@ -34,7 +34,7 @@ def with_section(section: str, head: str = WEIGHT) -> str:
 
 ALL_KEYS = {
     "common_quant_param": {"quant_type", "bit_num", "min_quant_weight_size", "min_quant_weight_channel",
-                           "skip_quant_node", "debug_info_save_path", "enable_encode"},
+                           "skip_quant_node", "debug_info_save_path", "enable_encode", "skip_quant_op_type"},
     "mixed_bit_weight_quant_param": {"init_scale", "auto_tune"},
     "weight_quant_param": {"per_channel", "bias_correction", "dequant_strategy", "block_size"},
     "full_quant_param": {"activation_quant_method", "bias_correction", "per_channel", "target_device"},

@@ -37,9 +37,10 @@ class CommonQuantParam:
     bit_num: int = 8
     min_quant_weight_size: int = 0
     min_quant_weight_channel: int = 16
-    skip_quant_node: tuple[str, ...] = ()
+    skip_quant_node: tuple[str, ...] = ()  # exact node names and fnmatch patterns (extension)
     debug_info_save_path: str = ""
     enable_encode: bool = True
+    skip_quant_op_type: tuple[str, ...] = ()  # extension: every node of these op types stays float
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,24 @@ def _name_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _op_types(text: str) -> tuple[str, ...]:
+    import difflib
+
+    from onnx import defs
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError("expected comma-separated ONNX op types, e.g. Conv,Gemm")
+    known = sorted({schema.name for schema in defs.get_all_schemas()})
+    for name in names:
+        if name not in known:
+            by_case = [k for k in known if k.lower() == name.lower()]
+            near = by_case or difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ValueError(f"expected ONNX op types (exact case), e.g. Conv,Gemm; '{name}' is not one{hint}")
+    return names
+
+
 def _vector(text: str) -> tuple[float, ...]:
     match = re.fullmatch(r"\[(.*)\]", text)
     if not match:
@@ -231,6 +250,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "skip_quant_node": ("skip_quant_node", _name_list),
         "debug_info_save_path": ("debug_info_save_path", _directory),
         "enable_encode": ("enable_encode", _bool),
+        "skip_quant_op_type": ("skip_quant_op_type", _op_types),
     },
     "mixed_bit_weight_quant_param": {
         "init_scale": ("init_scale", _float_open(0.0, 1.0)),

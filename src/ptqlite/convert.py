@@ -22,7 +22,7 @@ from .model import (
     too_large_for_one_file,
 )
 from .paths import check_output_folder, publish_folder, remove_quietly, stage_folder, write_error
-from .plan import WEIGHT_SLOTS, weight_tensors
+from .plan import WEIGHT_SLOTS, expand_skips, weight_tensors
 from .result import ConversionResult, SkippedTensor
 from .runtime import cpu_session
 from .targets import target as target_preset
@@ -109,6 +109,7 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     lift_subgraph_constants(work)
     # Unnamed nodes (common in converted models) get their first output's name, so skip_quant_node can list them.
     name_unnamed_nodes(work)
+    config = expand_skips(work, config)  # patterns and op types -> the node names every pass reads
     weights = weight_tensors(work)
     named = _copy(work) if report_folder else None  # the reports match tensors by the names the pass sees
     log.info("%s", describe_mode(config))

@@ -5,7 +5,9 @@ The plan is pure data: the passes read it, and the report prints it.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import fnmatch
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -130,6 +132,41 @@ class WeightRules:
     # at most min_channels output channels, stays float.
     min_size: int | None = None
     min_channels: int | None = None
+
+
+def expand_skips(model: onnx.ModelProto, config: QuantConfig) -> QuantConfig:
+    """The config with skip_quant_node as exact node names: an entry that names a node is that node (so names
+    with `*`, `?` or `[` keep their meaning); else an entry with those characters is an fnmatch pattern over every
+    node name (subgraphs included); skip_quant_op_type adds every node of those op types. Entries matching nothing
+    are warned about (plan_weights warns about unknown exact names)."""
+    common = config.common
+    if not common.skip_quant_op_type and not any(_is_pattern(e) for e in common.skip_quant_node):
+        return config
+    nodes = [node for node, _ in all_nodes(model.graph)]
+    names = [n.name for n in nodes if n.name]
+    known = set(names)
+    expanded: list[str] = []
+    for entry in common.skip_quant_node:
+        if entry in known or not _is_pattern(entry):
+            expanded.append(entry)
+            continue
+        matched = [name for name in names if fnmatch.fnmatchcase(name, entry)]
+        if not matched:
+            log.warning("skip_quant_node: the pattern '%s' matches no node name", entry)
+        log.info("skip_quant_node: '%s' matches %d nodes", entry, len(matched))
+        expanded += matched
+    for op_type in common.skip_quant_op_type:
+        matched = [n.name for n in nodes if n.op_type == op_type and n.name]
+        if not matched:
+            log.warning("skip_quant_op_type: no node of this model is a %s", op_type)
+        log.info("skip_quant_op_type: %d %s nodes stay float", len(matched), op_type)
+        expanded += matched
+    common = dataclasses.replace(common, skip_quant_node=tuple(dict.fromkeys(expanded)))
+    return dataclasses.replace(config, common=common)
+
+
+def _is_pattern(entry: str) -> bool:
+    return any(c in entry for c in "*?[")
 
 
 def weight_quant_rules(config: QuantConfig, per_channel: bool) -> WeightRules:
