@@ -86,9 +86,9 @@ def test_missing_config_file(work, capsys):
 
 def test_unknown_fmk_lists_the_supported_ones(work, capsys):
     model, config, out = work
-    code, _, err = run(["--fmk=TFLITE", *flags(model, config, out / "m")[1:]], capsys)
+    code, _, err = run(["--fmk=KERAS", *flags(model, config, out / "m")[1:]], capsys)
     assert code == 2
-    assert one_error_line(err) == "--fmk=TFLITE: expected one of ONNX, PYTORCH"
+    assert one_error_line(err) == "--fmk=KERAS: expected one of ONNX, PYTORCH, TF, TFLITE"
     assert list(out.iterdir()) == []
 
 

@@ -30,6 +30,7 @@ import onnx
 from . import convert as _convert_module
 from .config import QuantConfig, config_from_dict, load_config, parse_config
 from .errors import DataError, UsageError
+from .frontends import fmk_for_path
 from .model import load_model, parse_input_shapes
 from .result import ConversionResult
 from .runtime import model_input_specs
@@ -81,8 +82,8 @@ def quantize(model: ModelLike, config: ConfigLike, calibration: Any = None, *,
 def _model(model: ModelLike) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
-    if isinstance(model, (str, Path)):
-        return load_model(model)
+    if isinstance(model, (str, Path)):  # .tflite, .pb or a SavedModel folder: the TF front-ends (ptqlite[tf])
+        return load_model(model, fmk_for_path(model))
     raise TypeError(f"model: expected a path or an onnx.ModelProto, got {type(model).__name__}")
 
 

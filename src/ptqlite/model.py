@@ -13,15 +13,17 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ConversionError, ModelError, UsageError
+from .frontends import TF_FMKS, check_frontend, load_tensorflow
 from .opset import raise_opset
 from .paths import check_input_file, remove_quietly, remove_stale_temps, temp_path, write_error
 
-SUPPORTED_FMKS = ("ONNX", "PYTORCH")
+SUPPORTED_FMKS = ("ONNX", "PYTORCH", *TF_FMKS)
 _TWO_GB = 2**31 - 1
 
 
 def check_fmk(fmk: str) -> None:
-    """Fail with the supported front-ends unless `fmk` is one of them."""
+    """Fail with the supported front-ends unless `fmk` is one of them (CAFFE, MINDIR: how to export to ONNX)."""
+    check_frontend(fmk)
     if fmk not in SUPPORTED_FMKS:
         raise UsageError(f"--fmk={fmk}: expected one of {', '.join(SUPPORTED_FMKS)}")
 
@@ -33,16 +35,13 @@ def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list
     working copy only, so the output keeps the model's own shapes: docs/spec.md, "--inputShape")."""
     path = Path(path)
     check_fmk(fmk)
-    check_input_file(str(path), "--modelFile")
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
-    if fmk == "PYTORCH":
-        model = _load_torchscript(path, input_shapes)
+    if fmk in TF_FMKS:  # a SavedModel is a folder: the front-end checks the path itself
+        model = load_tensorflow(path, fmk)
     else:
-        try:
-            model = onnx.load(str(path))
-        except Exception as exc:  # noqa: BLE001  (onnx raises many types for a corrupt file)
-            raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
+        check_input_file(str(path), "--modelFile")
+        if not path.is_file():
+            raise ModelError(f"{path}: model file not found")
+        model = _load_torchscript(path, input_shapes) if fmk == "PYTORCH" else _load_onnx(path)
     if not model.graph.node:
         raise ModelError(f"{path}: the model graph has no nodes")
     if input_shapes:
@@ -50,6 +49,13 @@ def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list
         if apply_shapes:
             set_input_shapes(model, input_shapes)
     return model
+
+
+def _load_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001  (onnx raises many types for a corrupt file)
+        raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
 
 
 def _load_torchscript(path: Path, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
@@ -230,8 +236,11 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
 
 
 def stored_bytes(path: str | Path) -> int:
-    """Bytes a model takes on disk: the file plus the external-data files its tensors name."""
+    """Bytes a model takes on disk: the file plus the external-data files its tensors name (a SavedModel
+    folder: all its files)."""
     path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     total = path.stat().st_size
     try:
         model = onnx.load(str(path), load_external_data=False)
