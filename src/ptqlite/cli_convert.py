@@ -7,7 +7,8 @@ import os
 import shlex
 from pathlib import Path
 
-from .config import load_config
+from . import lite_flags
+from .config import QuantConfig, load_config
 from .convert import convert, discard_reports, publish_reports
 from .errors import UsageError
 from .model import (
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on (default): run the output next to the float model before writing it; off: skip")
     parser.add_argument("--verifyFloor", default="",
                         help="a min output cosine below this number in (0, 1] is an error instead of a warning")
+    lite_flags.add_arguments(parser)
 
 
 def load_inputs(args: argparse.Namespace, apply_shapes: bool = True):
@@ -83,6 +85,37 @@ def analyze_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def check_lite_options(lite: lite_flags.LiteOptions, config: QuantConfig) -> None:
+    """The converter_lite flags that depend on the config's mode."""
+    for flag, value in (("--inputDataType", lite.input_type), ("--outputDataType", lite.output_type)):
+        if value and config.quant_type != "FULL_QUANT":
+            raise UsageError(f"{flag}={value}: needs quant_type=FULL_QUANT in the config ({config.quant_type} keeps "
+                             "float activations, so there are no integer codes at the model's boundary)")
+
+
+def integer_boundaries(result: ConversionResult, model, config: QuantConfig, lite: lite_flags.LiteOptions,
+                       shapes, input_format: str | None) -> None:
+    """--inputDataType/--outputDataType INT8/UINT8: integer graph inputs/outputs, their scales in the notes."""
+    from .data import calibration_set
+    from .io_types import METADATA_KEY, quantize_io
+    from .model import set_input_shapes
+    from .runtime import cpu_session
+
+    shaped = model
+    if shapes:
+        shaped = type(model)()
+        shaped.CopyFrom(model)
+        set_input_shapes(shaped, shapes)
+    samples = calibration_set(config, shaped, input_format)
+    done = quantize_io(result.model, lite.input_type, lite.output_type, samples)
+    cpu_session(result.model, "with integer inputs/outputs", spinning=False)  # a load check of what is written
+    result.notes += [b.describe() for b in done]
+    if done:
+        result.notes.append(f"callers quantize inputs as clamp(round(x / scale) + zero_point) and read outputs as "
+                            f"(y - zero_point) * scale; the parameters are in metadata_props '{METADATA_KEY}' "
+                            "(JSON); the verification compared the model before this change of its boundary")
+
+
 def output_path(text: str) -> Path:
     """`--outputFile=out/m` writes out/m.onnx; a name already ending in .onnx is kept."""
     path = Path(text)
@@ -102,13 +135,20 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--outputFile={args.outputFile}: would overwrite the input model; choose another path")
         check_output_file(out, "--outputFile")
     verify, floor = verify_options(args)
+    lite = lite_flags.read(args)
     shapes = parse_input_shapes(args.inputShape) if args.inputShape else None
     config, model = load_inputs(args, apply_shapes=False)
+    check_lite_options(lite, config)
     result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
                      defer_reports=True, input_shapes=shapes, verify=verify, verify_floor=floor,
-                     analyze_command=analyze_command(args))
+                     analyze_command=analyze_command(args), float16=lite.fp16)
     if shapes and args.fmk == "PYTORCH":
         result.notes.append("the TorchScript model is traced at the --inputShape shapes, so the output has them too")
+    if lite.optimize == "ascend_oriented" and config.quant_type == "FULL_QUANT" and config.full.target_device != "ASCEND":
+        result.notes.append(f"--optimize=ascend_oriented: the ASCEND int8 preset comes from target_device=ASCEND in "
+                            f"[full_quant_param]; this config uses {config.full.target_device}")
+    if lite.input_type or lite.output_type:
+        integer_boundaries(result, model, config, lite, shapes, args.inputDataFormat or None)
     try:
         if not discard:
             save_model(result.model, out)

@@ -62,7 +62,7 @@ def pass_for(config: QuantConfig) -> QuantPass:
 def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Path | None = None,
             validate: bool = True, defer_reports: bool = False, input_shapes: dict[str, list[int]] | None = None,
             verify: bool = True, verify_floor: float | None = None, analyze_command: str | None = None,
-            **options: Any) -> ConversionResult:
+            float16: bool = False, **options: Any) -> ConversionResult:
     """Quantize a copy of `model` as `config` says; `model` itself is left untouched.
 
     The input rules (validate.py) are checked first unless validate=False (for callers that convert the same,
@@ -71,7 +71,8 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     publish_reports(result) (the CLI publishes them after the model is written). `input_shapes` (--inputShape)
     fix input shapes for calibration and the pass's analysis only: the output keeps the model's own input and
     output shapes. `verify` runs the gate of verify.py before the result is returned (a collapse below
-    `verify_floor` is an error when a floor is given, else a warning suggesting `analyze_command`). Other options
+    `verify_floor` is an error when a floor is given, else a warning suggesting `analyze_command`). `float16`
+    (--fp16=on) stores the model's float32 constants that stay unquantized as float16 (fp16.py). Other options
     are passed to the pass (e.g. input_format="NHWC" for calibration images, progress=False, samples=[...]).
     """
     started = time.perf_counter()
@@ -122,6 +123,8 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
         result.warnings.append(warning)
         log.warning("%s", warning)
     fixed = restore_io_shapes(result.model, model, result.notes) if input_shapes and runnable is not model else None
+    if float16:
+        _store_float16(result, runnable)
     if verify:
         from .verify import run_gate
 
@@ -134,6 +137,18 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
             publish_reports(result)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _store_float16(result: ConversionResult, source: onnx.ModelProto) -> None:
+    from .fp16 import float32_constants, store_float16
+
+    count, saved, too_large = store_float16(result.model, float32_constants(source))
+    note = (f"fp16: {count} float32 constants left unquantized are stored as float16 ({saved} bytes less)" if count
+            else "fp16: no float32 constant is left unquantized, so nothing is stored as float16")
+    if too_large:
+        note += f"; {len(too_large)} stay float32 (values beyond float16's range: {', '.join(too_large[:3])})"
+    result.notes.append(note)
+    log.info("%s", note)
 
 
 def describe_mode(config: QuantConfig) -> str:
