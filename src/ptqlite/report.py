@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import csv
 import html
+import itertools
 import logging
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,10 @@ PARAM_HEADER = ("NodeName", "NodeType", "TensorName", "ElementsNum", "Dims", "Sc
 HISTOGRAM_LAYERS = 6
 SUGGESTED_SKIPS = 3  # layers named in report.html's skip_quant_node suggestion
 _HIST_BINS = 64
+# The report's sessions run in one worker thread beside the comparisons (the other core): one intra-op thread
+# each, so that neither waits for threads the other keeps busy.
+_RUN_THREADS = 1
+_COMPARE_THREADS = 2  # the tensors of a round are compared on this many threads
 _PURPOSE = "for the debug report"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
@@ -85,12 +91,13 @@ class _Flat:
     """A tensor flattened, in float64 and sorted (a float32 sort is several times faster than np.quantile's
     partition): what the statistics of its row need, computed once per round."""
 
-    __slots__ = ("_norm2", "_ordered", "finite", "raw", "wide")
+    __slots__ = ("_norm2", "_ordered", "_total", "finite", "raw", "wide")
 
     def __init__(self, x: np.ndarray):
         self.raw = np.asarray(x).ravel()
         self.wide = self.raw.astype(np.float64)
-        self.finite = self.raw.size > 0 and bool(np.isfinite(self.wide.sum()))  # a finite sum: no NaN/Inf
+        self._total = float(self.wide.sum()) if self.raw.size else 0.0
+        self.finite = self.raw.size > 0 and bool(np.isfinite(self._total))  # a finite sum: no NaN/Inf
         self._ordered: np.ndarray | None = None
         self._norm2: float | None = None
 
@@ -114,7 +121,7 @@ class _Flat:
             a, b = float(s[low]), float(s[min(low + 1, n - 1)])
             gamma = position - low
             quartiles.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
-        mean = x.sum() / n
+        mean = self._total / n  # the sum the finiteness check took
         centred = x - mean
         zeros = int(s.searchsorted(0, "right") - s.searchsorted(0, "left"))
         return (float(s[0]), *quartiles, float(s[-1]), float(mean), float(np.sqrt(np.einsum("i,i->", centred, centred) / n)),
@@ -331,24 +338,43 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
         notes = [*notes, local_note]
     # QuantizeLinear/DequantizeLinear computed as written (no int8 kernels): the local copies then see the same
     # arithmetic as the exposed quantized graph, whatever int8 instructions this CPU has.
-    quant_probe = Probe(quant_model, [e.counterpart for e in entries], _PURPOSE, qdq_fusion=False)
+    quant_probe = Probe(quant_model, [e.counterpart for e in entries], _PURPOSE, qdq_fusion=False,
+                        threads=_RUN_THREADS)
     # Exposing intermediate tensors can stop the runtime from fusing quantized kernels, so a graph with
     # quantized ops also runs as is for output_summary.csv: the outputs as users will see them.
-    quant_session = cpu_session(quant_model, _PURPOSE, spinning=False) if _has_quantized_ops(quant_model) else None
+    quant_session = (cpu_session(quant_model, _PURPOSE, spinning=False, threads=_RUN_THREADS)
+                     if _has_quantized_ops(quant_model) else None)
     want_histograms = HISTOGRAM_LAYERS > 0
     weight_rows: dict[int, tuple[list[str], list[str], float, float]] = {}
+    samples = iter(inputs)
+
+    def next_round() -> tuple[dict, dict, dict] | None:
+        """The next sample read and run through the three sessions (None when there is none left)."""
+        feeds = next(samples, None)
+        if feeds is None:
+            return None
+        float_values = float_probe.run(feeds)
+        quant_values = quant_probe.run(feeds)
+        plain = quant_values
+        if quant_session is not None:
+            plain = dict(zip([o.name for o in quant_session.get_outputs()],
+                             quant_session.run(None, session_feeds(quant_session, feeds)), strict=True))
+        return float_values, quant_values, plain
 
     summary_path = folder / "output_summary.csv"
-    with open(summary_path, "w", newline="") as summary_file:
+    # The sessions run round i+1 in a worker thread while this one compares the values of round i (onnxruntime
+    # and numpy's sorts and sums release the GIL): two rounds' values are in memory at a time.
+    with (open(summary_path, "w", newline="") as summary_file, ThreadPoolExecutor(1) as worker,
+          ThreadPoolExecutor(_COMPARE_THREADS) as comparing):
         summary = csv.writer(summary_file, lineterminator="\n")
         summary.writerow(SUMMARY_HEADER)
-        for index, feeds in enumerate(inputs):
-            float_values = float_probe.run(feeds)
-            quant_values = quant_probe.run(feeds)
-            plain = quant_values
-            if quant_session is not None:
-                plain = dict(zip([o.name for o in quant_session.get_outputs()],
-                                 quant_session.run(None, session_feeds(quant_session, feeds)), strict=True))
+        pending = worker.submit(next_round)
+        for index in itertools.count():
+            values = pending.result()
+            if values is None:
+                break
+            pending = worker.submit(next_round)
+            float_values, quant_values, plain = values
             for name in output_names:
                 origin = float_values.get(name, float_probe.constant(name))
                 result_value = plain.get(name, quant_probe.constant(name))
@@ -357,10 +383,10 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
                 report.output_cosines.append((index, name, cos))
             path = folder / f"round_{index}.csv"
             _write_round(path, entries, float_probe, quant_probe, float_values, quant_values, weight_rows,
-                         want_histograms and index == 0)
+                         want_histograms and index == 0, comparing)
             report.files.append(path)
             report.rounds += 1
-            del float_values, quant_values, plain
+            del values, float_values, quant_values, plain
     report.files.insert(0, summary_path)
     report.files.append(_write_params(folder / "quant_param.csv", result))
     notes = list(notes)
@@ -377,9 +403,10 @@ def _float_probe(reference: onnx.ModelProto, quant_model: onnx.ModelProto, entri
     wanted = [e.tensor for e in entries if e.kind == "Activation"] + output_names
     try:
         local = local_values(reference, quant_model, [e.counterpart for e in entries if e.kind == "Activation"])
-        probe = Probe(local.model, wanted + list(local.names.values()), _PURPOSE, qdq_fusion=False)
+        probe = Probe(local.model, wanted + list(local.names.values()), _PURPOSE, qdq_fusion=False,
+                      threads=_RUN_THREADS)
     except ConversionError as exc:
-        return Probe(reference, wanted, _PURPOSE), f"no local error columns: {exc}"
+        return Probe(reference, wanted, _PURPOSE, threads=_RUN_THREADS), f"no local error columns: {exc}"
     for entry in entries:
         if entry.kind == "Activation" and entry.counterpart in local.names:
             entry.local = local.names[entry.counterpart]
@@ -393,44 +420,55 @@ def _has_quantized_ops(model: onnx.ModelProto) -> bool:
 
 
 def _write_round(path: Path, entries: list[_Entry], float_probe: Probe, quant_probe: Probe,
-                 float_values: dict, quant_values: dict, weight_rows: dict, histograms: bool) -> None:
+                 float_values: dict, quant_values: dict, weight_rows: dict, histograms: bool,
+                 pool: ThreadPoolExecutor) -> None:
+    def compare(item: tuple[int, _Entry]):
+        return _compare(*item, float_probe, quant_probe, float_values, quant_values, weight_rows, histograms)
+
+    # The entries are compared on the pool's threads (numpy's sorts and sums release the GIL), written in order.
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(ROUND_HEADER + LOCAL_HEADER)
-        for number, entry in enumerate(entries):
-            local_cos = None
-            if entry.kind == "Weight" and number in weight_rows:  # weights are the same every round
-                origin_row, dequant_row, cos, clip = weight_rows[number]
-                local_cos = cos
-            else:
-                origin = (float_probe.constant(entry.tensor) if entry.kind == "Weight"
-                          else float_values.get(entry.tensor))
-                dequant = _mapped(entry, quant_values.get(entry.counterpart), quant_probe)
-                if origin is None or dequant is None or not _comparable(origin, dequant):
-                    continue
-                flat_origin, flat_dequant = _Flat(origin), _Flat(dequant)
-                cos, clip = flat_origin.cosine(flat_dequant), flat_origin.clip(flat_dequant)
-                if entry.kind == "Weight":
-                    local_cos = cos  # a weight is what its node reads, alone or not
-                elif entry.local is not None:
-                    local = _mapped(entry, float_values.get(entry.local), None)
-                    if local is not None and _comparable(origin, local):
-                        local_cos = flat_origin.cosine(_Flat(local))
-                head = [entry.node, entry.op_type, entry.tensor, entry.inout]
-                local_node = entry.node if entry.kind == "Weight" else entry.local_node
-                origin_row = [*head, "Origin", entry.kind, *map(_fmt, flat_origin.stats()), _fmt(0.0), _fmt(1.0),
-                              _fmt(1.0), local_node]
-                dequant_row = [*head, "Dequant", entry.kind, *map(_fmt, flat_dequant.stats()), _fmt(clip),
-                               _fmt(cos), "", local_node]
-                if entry.kind == "Weight":
-                    weight_rows[number] = (origin_row, dequant_row, cos, clip)
-                if histograms:
-                    entry.histogram = flat_origin.histogram(flat_dequant)
-                del flat_origin, flat_dequant
-            dequant_row[-2] = _fmt(local_cos) if local_cos is not None else ""
+        for entry, compared in zip(entries, pool.map(compare, enumerate(entries)), strict=True):
+            if compared is None:
+                continue
+            origin_row, dequant_row, cos, clip, local_cos = compared
             writer.writerow(origin_row)
-            writer.writerow(dequant_row)
+            writer.writerow([*dequant_row[:-2], _fmt(local_cos) if local_cos is not None else "", dequant_row[-1]])
             entry.add(cos, clip, local_cos)
+
+
+def _compare(number: int, entry: _Entry, float_probe: Probe, quant_probe: Probe, float_values: dict,
+             quant_values: dict, weight_rows: dict, histogram: bool):
+    """The Origin and Dequant rows of one entry (the Dequant row's local cosine left empty), its cosine, clip and
+    local cosine (None when there is none); None when the entry has nothing to compare this round."""
+    if entry.kind == "Weight" and number in weight_rows:  # weights are the same every round
+        origin_row, dequant_row, cos, clip = weight_rows[number]
+        return origin_row, dequant_row, cos, clip, cos
+    origin = float_probe.constant(entry.tensor) if entry.kind == "Weight" else float_values.get(entry.tensor)
+    dequant = _mapped(entry, quant_values.get(entry.counterpart), quant_probe)
+    if origin is None or dequant is None or not _comparable(origin, dequant):
+        return None
+    flat_origin, flat_dequant = _Flat(origin), _Flat(dequant)
+    cos, clip = flat_origin.cosine(flat_dequant), flat_origin.clip(flat_dequant)
+    local_cos = None
+    if entry.kind == "Weight":
+        local_cos = cos  # a weight is what its node reads, alone or not
+    elif entry.local is not None:
+        local = _mapped(entry, float_values.get(entry.local), None)
+        if local is not None and _comparable(origin, local):
+            local_cos = flat_origin.cosine(_Flat(local))
+    head = [entry.node, entry.op_type, entry.tensor, entry.inout]
+    local_node = entry.node if entry.kind == "Weight" else entry.local_node
+    origin_row = [*head, "Origin", entry.kind, *map(_fmt, flat_origin.stats()), _fmt(0.0), _fmt(1.0), _fmt(1.0),
+                  local_node]
+    dequant_row = [*head, "Dequant", entry.kind, *map(_fmt, flat_dequant.stats()), _fmt(clip), _fmt(cos), "",
+                   local_node]
+    if entry.kind == "Weight":
+        weight_rows[number] = (origin_row, dequant_row, cos, clip)
+    if histogram:
+        entry.histogram = flat_origin.histogram(flat_dequant)
+    return origin_row, dequant_row, cos, clip, local_cos
 
 
 def _mapped(entry: _Entry, value: np.ndarray | None, probe: Probe | None) -> np.ndarray | None:

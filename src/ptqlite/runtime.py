@@ -97,12 +97,14 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 class Probe:
     """A session that returns the requested values of a model (initializers and graph inputs read directly)."""
 
-    def __init__(self, model: onnx.ModelProto, names: Iterable[str], purpose: str, qdq_fusion: bool = True):
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str], purpose: str, qdq_fusion: bool = True,
+                 threads: int | None = None):
         self.constants = {t.name: t for t in model.graph.initializer}
         self.inputs = {i.name for i in model.graph.input} - set(self.constants)
         wanted = [n for n in names if n not in self.constants and n not in self.inputs]
         # Between runs the caller compares values in Python: spinning worker threads would only steal its CPU.
-        self.session = cpu_session(with_outputs(model, wanted), purpose, spinning=False, qdq_fusion=qdq_fusion)
+        self.session = cpu_session(with_outputs(model, wanted), purpose, spinning=False, qdq_fusion=qdq_fusion,
+                                   threads=threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

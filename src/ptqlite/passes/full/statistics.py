@@ -82,16 +82,31 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], samples, pr
     digest = model_digest(model)
     missing = [r for r in requests if (digest, r) not in store]
     if missing:
-        count, measured = _measure(model, missing, samples, progress, desc)
+        # Variants of a plan ask for the ranges of other tensors (a Conv's own output once the Clip after it
+        # stays float): the pass that measures a range measures every float activation's, with the same
+        # observer, so that later variants find theirs kept instead of each costing a pass over the samples.
+        extra = [StatRequest(name, RANGE, method) for method in dict.fromkeys(r.method for r in missing
+                                                                               if r.kind == RANGE)
+                 for name in _activations(model) if (digest, StatRequest(name, RANGE, method)) not in store]
+        count, measured = _measure(model, list(dict.fromkeys(missing + extra)), samples, progress, desc,
+                                   optional=set(extra) - set(missing))
         store[digest, "samples"] = count
         store.update(((digest, r), value) for r, value in measured.items())
     return _assemble(store[digest, "samples"], {r: store[digest, r] for r in requests}, requests)
 
 
+def _activations(model: onnx.ModelProto) -> list[str]:
+    """The graph inputs and node outputs of the main graph (which of them are float shows when they are run)."""
+    constants = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in constants]
+    return names + [o for node in model.graph.node for o in node.output if o]
+
+
 def _measure(model: onnx.ModelProto, requests: list[StatRequest], samples, progress: bool | None,
-             desc: str) -> tuple[int, dict[StatRequest, object]]:
+             desc: str, optional: set[StatRequest] = frozenset()) -> tuple[int, dict[StatRequest, object]]:
     """One pass: the sample count and, per request, its observer (RANGE), (peak, values per channel)
-    (CHANNEL_MAX) or channel mean sum (CHANNEL_MEAN)."""
+    (CHANNEL_MAX) or channel mean sum (CHANNEL_MEAN). `optional` RANGE requests are measured only on float
+    tensors (left out of the result otherwise)."""
     inputs = {i.name for i in model.graph.input}
     names = list(dict.fromkeys(r.tensor for r in requests if r.tensor not in inputs))
     observers = {r.tensor: make_observer(r.method) for r in requests if r.kind == RANGE}
@@ -100,11 +115,15 @@ def _measure(model: onnx.ModelProto, requests: list[StatRequest], samples, progr
     sums: dict[str, np.ndarray | float] = {r.tensor: 0.0 for r in requests if r.kind == CHANNEL_MEAN}
     session = _probe_session(model, names) if names else None
     count = 0
+    skipped: set[StatRequest] = set()
     for sample in _progress(samples, progress, desc):
         values = dict(zip(names, _run(session, names, sample))) if session else {}
         for request in requests:
             name = request.tensor
             value = sample[name] if name in inputs else values[name]
+            if request in optional and not (isinstance(value, np.ndarray) and value.dtype == np.float32):
+                skipped.add(request)
+                continue
             if request.kind == RANGE:
                 observers[name].update(value)
             elif request.kind == CHANNEL_MAX:
@@ -120,6 +139,8 @@ def _measure(model: onnx.ModelProto, requests: list[StatRequest], samples, progr
         raise DataError("no calibration samples: FULL_QUANT needs at least one")
     measured: dict[StatRequest, object] = {}
     for r in requests:
+        if r in skipped:
+            continue
         if r.kind == RANGE:
             measured[r] = observers[r.tensor]
         elif r.kind == CHANNEL_MAX:
