@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...model import GraphIndex
+from ...model import GraphIndex, attribute
 from ...prepare import drop_unused_initializers
 from ...qmath import QParams, round_half_away
 from ...targets import WEIGHTED_OPS, Target
@@ -74,9 +74,18 @@ class _Writer:
         body: list[onnx.NodeProto] = []
         outputs = {o.name for o in graph.output}
 
-        def add_qdq(tensor: str, into: list[onnx.NodeProto]) -> None:
+        quantized: dict[str, str] = {}  # activation -> its QuantizeLinear output
+
+        def add_qdq(tensor: str, into: list[onnx.NodeProto], q: str | None = None) -> None:
+            """A QuantizeLinear/DequantizeLinear pair on `tensor`; only the DequantizeLinear when `q` is the
+            integer tensor already (a Pad run on the codes)."""
             scale, zero = self._qdq_constants(tensor, self.params.activations[tensor], self.preset.activation_type)
+            if q is not None:
+                into.append(self._dequantize_node(q, scale, zero, self._name(f"{tensor}_dequantized"), None))
+                read_as[tensor] = into[-1].output[0]
+                return
             q = self._name(f"{tensor}_quantized")
+            quantized[tensor] = q
             if tensor in outputs:
                 # A graph output keeps its name: the producer writes a new name, the DequantizeLinear the old one.
                 source, dq = self._name(f"{tensor}_float"), tensor
@@ -109,16 +118,49 @@ class _Writer:
                 body += self._write_bias(pos, node, original)
             else:
                 body += self._write_constants(node)
+            produced = list(node.output)
+            codes = self._pad_on_codes(node, role, original, quantized, outputs)
             body.append(node)
-            for out in list(node.output):
+            for out in produced:
                 if out in plan.tensors:
-                    add_qdq(out, body)
+                    add_qdq(out, body, codes)
         del graph.node[:]
         graph.node.extend(head + body)
         kept = [t for t in graph.initializer if t.name not in self.params.weight_only]  # now DequantizeLinear outputs
         del graph.initializer[:]
         graph.initializer.extend(kept + self.new_inits)
         drop_unused_initializers(self.graph)
+
+    def _pad_on_codes(self, node: onnx.NodeProto, role: str, original: list[str], quantized: dict[str, str],
+                      outputs: set[str]) -> str | None:
+        """A constant-mode Pad between the QDQ pairs of one set of parameters is written on the integer codes,
+        padding with the code of its value (the zero point for 0), and only a DequantizeLinear follows: the same
+        integers as QuantizeLinear(Pad(DequantizeLinear(q))), which onnxruntime computes. OpenVINO 2026.4 moves
+        the DequantizeLinear below a float Pad and, where it pads the channel axis, pads with code 0 whatever the
+        zero point (ResNet20 ASCEND preset, int8 activations with zero point -128: output cosine 0.31 to onnxruntime).
+        Returns the new integer output, or None where the Pad stays as it is."""
+        if role != "shared" or node.op_type != "Pad" or attribute(node, "mode", b"constant") != b"constant":
+            return None
+        source, out = original[0], node.output[0]
+        params, before = self.params.activations.get(out), self.params.activations.get(source)
+        if source not in quantized or out in outputs or params is None or before is None or not (
+                np.array_equal(params.scale.astype(np.float32), before.scale.astype(np.float32))
+                and np.array_equal(params.zero_point, before.zero_point)):
+            return None
+        value = 0.0
+        if len(original) > 2 and original[2]:
+            if original[2] not in self.index.initializers:
+                return None
+            value = float(self.index.array(original[2]).ravel()[0])
+        dtype = helper.tensor_dtype_to_np_dtype(self.preset.activation_type)
+        scale, zero = float(params.scale.ravel()[0]), int(params.zero_point.ravel()[0])
+        code = np.clip(np.rint(np.float32(value) / np.float32(scale)) + zero, params.qmin, params.qmax)
+        node.input[0] = quantized[source]
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = self._init(np.array(code, dtype), f"{out}_pad_code")
+        node.output[0] = self._name(f"{out}_quantized")
+        return node.output[0]
 
     def _fold_activations(self) -> None:
         """Drop a Relu/Clip after an int8 op when its output quantizer clamps identically (zero point at the
