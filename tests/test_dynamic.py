@@ -170,8 +170,10 @@ def test_block_structure(strategy):
         assert name not in inits, f"float {name} should be gone"
     dtypes = {t.name: t.data_type for t in quantized.graph.initializer}
     assert dtypes["table_quantized"] == TensorProto.INT8
-    # ALWC: int8 weights with pair-safe scales; ACWL: q + 128 as uint8 (exact uint8 x uint8 kernel)
-    assert dtypes["Wq_quantized"] == (TensorProto.INT8 if strategy == "ALWC" else TensorProto.UINT8)
+    # int8 weights whose neighbouring K pairs fit int16 (ALWC: widened per-column scales; ACWL: trimmed pairs)
+    assert dtypes["Wq_quantized"] == TensorProto.INT8
+    # ACWL: one QuantizeLinear per MatMul (each has its own equalizer), none for ALWC
+    assert kinds.count("QuantizeLinear") == (6 if strategy == "ACWL" else 0)
     assert {q.tensor for q in result.quantized} == {"Wq", "Wk", "Wv", "Wo", "W1", "W2", "table"}
     assert not result.skipped
     float_bytes = sum(t.ByteSize() for t in transformer_block().graph.initializer)
@@ -187,6 +189,16 @@ def test_alwc_fuses_into_integer_kernels(tmp_path):
     fused = optimized.count("DynamicQuantizeMatMul") + optimized.count("MatMulIntegerToFloat")
     assert fused == 6
     assert "MatMulInteger" not in optimized
+
+
+def test_acwl_fuses_into_integer_kernels(tmp_path):
+    """ACWL's product, cast and per-row scale become MatMulIntegerToFloat; its bias Adds stay outside."""
+    quantized = convert(transformer_block(), config("ACWL")).model
+    run_model(quantized, {"ids": np.zeros((1, 4), np.int64)}, optimized_path=tmp_path / "opt.onnx")
+    optimized = onnx.load(str(tmp_path / "opt.onnx"))
+    fused = [n for n in optimized.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 6 and "MatMulInteger" not in ops(optimized)
+    assert all(len(n.input) <= 6 for n in fused), "a bias joined the fused kernel, which would scale it per row"
 
 
 def test_acwl_bias_is_not_scaled_per_row():
@@ -280,6 +292,43 @@ def test_acwl_close_to_float_for_every_row(batch, seq, k, n, seed):
 
 
 @pytest.mark.parametrize("k", [64, 63])
+def test_acwl_no_int16_saturation(k):
+    """ACWL on activations and weights that reach the largest codes: its int8 pairs must stay exact."""
+    w = np.full((k, 8), 1.0, np.float32)
+    w[:, 1] = -1.0
+    w[0, 3] = 4.0  # one large weight: its pair is trimmed, the rest keeps the narrow scale
+    x = np.full((1, 4, k), 1.0, np.float32)
+    quantized = convert(matmul_model(w), config("ACWL")).model
+    y = run_model(quantized, {"x": x})
+    stored = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    codes = next(v for n, v in stored.items() if n.endswith("_quantized")).astype(np.float64)
+    d = next(v for n, v in stored.items() if n.endswith("_equalizer")).astype(np.float64)
+    w_scale = next(v for n, v in stored.items() if n.endswith("_w_scale")).item()
+    assert np.abs(codes.reshape(-1, 2, 8) if k % 2 == 0 else codes).max() <= 127
+    # exact integer result of the stored codes: per-row symmetric activation codes (half to even, as
+    # QuantizeLinear rounds) against the int8 weight codes; a saturated int16 pair sum would miss it by far
+    xe = x.astype(np.float64) * d
+    row = np.abs(xe).max(-1, keepdims=True) / 127
+    expected = (np.round(xe / row) @ codes) * row * w_scale
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(y, x @ w, rtol=0.05, atol=0.05 * np.abs(x @ w).max())
+
+
+def test_pair_trimming_touches_only_pairs_over_128():
+    from ptqlite.passes.dynamic import acwl_int8
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 6)).astype(np.float32)
+    w[4, 2], w[5, 2] = 3.0, 2.9  # one same-sign pair far above the rest
+    codes, params = acwl_int8(w)
+    pairs = codes.reshape(-1, 2, 6).sum(axis=1)
+    assert np.abs(pairs).max() <= 128 and np.abs(codes).max() <= 127
+    plain = np.clip(np.round(w / params.scale), -127, 127)
+    changed = codes != plain
+    assert changed.sum() <= 2 and not changed[:4].any() and not changed[6:].any()
+
+
+@pytest.mark.parametrize("k", [64, 63])
 def test_no_int16_saturation(k):
     """Large activations against large weights: uint8 x int8 kernels without VNNI saturate 16-bit pair sums.
     The pair-safe int8 scales must give the exact integer result, and so must the uint8 storage."""
@@ -296,9 +345,10 @@ def test_no_int16_saturation(k):
     np.testing.assert_allclose(exact, x @ w, rtol=1e-5, atol=1e-5)
 
 
-def test_alwc_int8_pair_sums_fit_int16():
-    """Every same-sign pair of neighbouring K codes of every ALWC weight sums to at most 128 in magnitude."""
-    quantized = convert(transformer_block(), config("ALWC")).model
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_int8_pair_sums_fit_int16(strategy):
+    """Every same-sign pair of neighbouring K codes of every weight sums to at most 128 in magnitude."""
+    quantized = convert(transformer_block(), config(strategy)).model
     for name in ("Wq", "Wk", "Wv", "Wo", "W1", "W2"):
         stored = next(t for t in quantized.graph.initializer if t.name == f"{name}_quantized")
         codes = numpy_helper.to_array(stored)

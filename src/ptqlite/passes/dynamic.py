@@ -3,17 +3,20 @@
 Each MatMul/Gemm with a constant weight B becomes
 
     ALWC (default): DynamicQuantizeLinear(x) -> MatMulInteger(x_u8, W_s8) -> Cast -> Mul(x_scale * w_scale[N])
-    ACWL:           per-row scale s = max|x| / 127 over the last axis; x_u8 = Round(x / s) + 128
-                    -> MatMulInteger(x_u8, W_u8) -> Cast -> Mul(s * w_scale)
+    ACWL:           x' = x * d (d per input channel, the weight's rows divided by it); per-row scale
+                    s = max|x'| / 127 over the last axis; x_u8 = QuantizeLinear(x', s, 128) (per axis on x'
+                    seen as [rows, K]; Mul/Round/Add/Cast below opset 13) -> MatMulInteger(x_u8, W_s8) -> Cast -> Mul(s * w_scale)
 
-ONNX Runtime fuses these into its DynamicQuantizeMatMul / MatMulIntegerToFloat kernels. The weight codes are
-symmetric int8 in [-127, 127] (per output channel for ALWC, per tensor for ACWL). On x86 CPUs without VNNI the
+ONNX Runtime fuses these into its DynamicQuantizeMatMul / MatMulIntegerToFloat kernels (ACWL: the per-row scale
+is applied inside MatMulIntegerToFloat). The weight codes are symmetric
+int8 in [-127, 127] (per output channel for ALWC, per tensor for ACWL). On x86 CPUs without VNNI the
 uint8 x int8 kernel adds the products of neighbouring K positions in saturating 16-bit arithmetic, so ALWC
 widens a column's scale where two same-sign neighbouring codes could sum above 128 (as FULL_QUANT's CPU preset
-does) and keeps the faster int8 kernel exact. ACWL's one per-tensor weight scale would take the worst pair of
-the whole tensor: it stores q + 128 as uint8 (zero point 128), whose uint8 x uint8 product is exact (see
-docs/dynamic_quant.md). The `alwc_weights="uint8"` option gives ALWC that storage too (for comparisons). A
-MatMul of two activations stays float.
+does) and keeps the faster int8 kernel exact. ACWL's one per-tensor scale would take the worst pair of the whole
+tensor; it takes the scale between max|w| / 127 and that widened one whose codes, with the few pairs still over
+128 trimmed, are closest to the weight (see docs/dynamic_quant.md). The `alwc_weights="uint8"` option stores
+q + 128 as uint8 for ALWC (exact uint8 x uint8 kernel, for comparisons). A MatMul of two activations stays
+float.
 
 Gather embedding tables get int8 codes with one symmetric scale per row; the gathered rows are dequantized
 after the Gather, so the table stays int8 in memory as well as on disk.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .. import embedding
 from ..config import QuantConfig
@@ -62,19 +65,56 @@ class _IntWeight:
     params: QParams
     w_hat: np.ndarray  # the float weight the integer path computes with, layout [.., K, N]
     equalizer: str | None = None  # ACWL: per-input-channel factor applied to x (the weight was divided by it)
+    extra_bytes: int = 0  # stored besides codes and scale (ACWL: the equalizer)
 
 
-def _row_equalizer(w: np.ndarray) -> np.ndarray:
-    """ACWL: d[k] = sqrt(max |w[k, :]|), normalised to a geometric mean of 1.
+def row_equalizer(w: np.ndarray) -> np.ndarray:
+    """ACWL: d[k] = max |w[k, :]|, normalised to a geometric mean of 1.
 
     One scale for a whole weight is dominated by its largest rows (in BERT one input channel of a feed-forward
     weight reaches 175 standard deviations). Dividing row k by d[k] and multiplying activation column k by
-    d[k] leaves x @ w unchanged and splits that spread evenly between the weight and the per-row activation
-    scale.
+    d[k] leaves x @ w unchanged; every row of w / d then has the same largest magnitude, so the one weight
+    scale fits all rows, and the per-row activation scale takes the spread instead. On MiniLM this gave a
+    higher embedding cosine than sqrt(max |w[k, :]|) (0.9959 against 0.9943, docs/results.md).
     """
     peak = np.abs(w).max(axis=1).astype(np.float64)
-    d = np.sqrt(np.where(peak > 0, peak, 1.0))
+    d = np.where(peak > 0, peak, 1.0)
     return d / np.exp(np.log(d).mean())
+
+
+def _trim_pairs(codes: np.ndarray) -> np.ndarray:
+    """Codes [.., K, N] (K even) with every same-sign pair at K positions 2i, 2i+1 summing to at most 128 in
+    magnitude: the excess comes off the smaller code of the pair."""
+    codes = codes.copy()
+    a, b = codes[..., 0::2, :], codes[..., 1::2, :]
+    total = a + b
+    excess = np.sign(total) * np.maximum(np.abs(total) - 128, 0)
+    first = np.abs(a) <= np.abs(b)
+    a -= np.where(first, excess, 0)
+    b -= np.where(first, 0, excess)
+    return codes
+
+
+def acwl_int8(w: np.ndarray) -> tuple[np.ndarray, QParams]:
+    """ACWL's per-tensor int8 codes [.., K, N] whose neighbouring same-sign K pairs fit the int16 sums of the
+    uint8 x int8 kernel, and their parameters.
+
+    Widening the single scale until no pair exceeds 128 (ALWC's rule per column) costs every weight up to a
+    bit; trimming the few pairs over 128 instead costs only those. Candidates between the two are tried and
+    the codes closest to `w` kept. An odd K (pairing not known) takes the widened scale."""
+    params = symmetric_params(w, 8, None, narrow=True)
+    wide = _pair_safe(w, params)
+    if w.shape[-2] % 2 or w.ndim < 2:
+        return quantize(w, wide), wide
+    base, top = float(params.scale.reshape(())), float(wide.scale.reshape(()))
+    best = None
+    for scale in np.unique(np.geomspace(base, max(top, base), 6)):
+        p = QParams(np.full_like(params.scale, scale), params.zero_point, params.qmin, params.qmax)
+        codes = _trim_pairs(quantize(w, p))
+        error = float(np.sum((codes * scale - w.astype(np.float64)) ** 2))
+        if best is None or error < best[0]:
+            best = (error, codes, p)
+    return best[1], best[2]
 
 
 class _Rewriter(GraphBuilder):
@@ -88,8 +128,11 @@ class _Rewriter(GraphBuilder):
         self.pair_safe = int8_weights and _PRESET.int16_pair_sums
         self.opset = opset_version(model)
         self.constants: dict[tuple, str] = {}
-        self.weights: dict[tuple[str, bool], _IntWeight] = {}
+        self.weights: dict[tuple[str, bool, str], _IntWeight] = {}
         self.tables = TableWriter(self)
+        # ACWL: (graph, activation, equalizer) -> its quantized form (uint8 codes, per-row scale), made once
+        self.activations: dict[tuple, tuple[str, str]] = {}
+        self.outputs: set[str] = set()  # ACWL products, whose bias Add must not join ONNX Runtime's fusion
 
     def shared(self, array: np.ndarray) -> str:
         """A small constant (zero points, 1/127) stored once per model."""
@@ -108,16 +151,19 @@ class _Rewriter(GraphBuilder):
                 w = np.ascontiguousarray(w.T)
             equalizer = None
             if self.strategy == "ALWC":
-                axis = w.ndim - 1
+                params = symmetric_params(w, 8, w.ndim - 1, narrow=True)
+                if self.pair_safe:
+                    params = _pair_safe(w, params)
+                codes = quantize(w, params)
             else:
-                axis = None
                 if w.ndim == 2:
-                    equalizer = _row_equalizer(w)
-                    w = w / equalizer[:, None]
-            params = symmetric_params(w, 8, axis, narrow=True)
-            if self.pair_safe:
-                params = _pair_safe(w, params)
-            codes = quantize(w, params)
+                    equalizer = row_equalizer(w)
+                    w = w / equalizer[:, None].astype(np.float32)
+                if self.pair_safe:
+                    codes, params = acwl_int8(w)
+                else:
+                    params = symmetric_params(w, 8, None, narrow=True)
+                    codes = quantize(w, params)
             w_hat = dequantize(codes, params)
             base = tensor.replace("::", "_").strip("/")
             if self.int8_weights:
@@ -128,15 +174,16 @@ class _Rewriter(GraphBuilder):
                 # was slower on some runs).
                 zero = np.full(w.shape[-1], _ZERO, np.uint8) if w.ndim == 2 else np.array(_ZERO, np.uint8)
                 zero_name = self.shared(zero)
-            eq_name = None
+            eq_name, extra_bytes = None, 0
             if equalizer is not None:
                 eq_name = self.const(equalizer.astype(np.float32), f"{base}_equalizer")
+                extra_bytes = 4 * equalizer.size
                 w_hat = w_hat * equalizer[:, None].astype(np.float32)
-            self.weights[key] = _IntWeight(q_name, zero_name, params, w_hat, eq_name)
+            self.weights[key] = _IntWeight(q_name, zero_name, params, w_hat, eq_name, extra_bytes)
         return self.weights[key]
 
     def quantized_matmul(
-        self, x: str, tensor: str, transpose: bool, output: str, prefix: str, alpha: float = 1.0
+        self, x: str, tensor: str, transpose: bool, output: str, prefix: str, alpha: float = 1.0, graph: int = 0
     ) -> list[onnx.NodeProto]:
         """Nodes computing alpha * x @ W (W = tensor, transposed if asked) with integer arithmetic."""
         weight = self.matmul_weight(tensor, transpose)
@@ -164,21 +211,47 @@ class _Rewriter(GraphBuilder):
             )
             scale = add("Mul", [x_scale, w_scale_name])
         else:
-            if weight.equalizer is not None:
-                x = add("Mul", [x, weight.equalizer])
-            amax = add("Max", [self.reduce_abs_max(x, prefix, nodes), self.shared(_TINY)])
-            inverse = add("Div", [self.shared(np.float32(127)), amax])
-            rounded = add("Round", [add("Mul", [x, inverse])])
-            x_q = add("Cast", [add("Add", [rounded, self.shared(np.float32(_ZERO))])], to=TensorProto.UINT8)
-            acc = add("MatMulInteger", [x_q, q_name, self.shared(np.uint8(_ZERO)), zero_name])
-            # The output scale is made by a Div, not a Mul: ONNX Runtime 1.32 would otherwise fuse the product
-            # (and a following bias Add) into MatMulIntegerToFloat, which then scales the bias by the
-            # per-row scale too.
-            scale = add(
-                "Div", [amax, self.const((127 / w_scale).astype(np.float32).reshape(()), f"{prefix}_w_scale")]
-            )
+            key = (graph, x, weight.equalizer)
+            if key not in self.activations:
+                self.activations[key] = self.row_quantize(x, weight, prefix, nodes)
+            x_q, x_scale = self.activations[key]
+            acc = add("MatMulInteger", [x_q, q_name, self.shared(np.uint8(_ZERO))] + ([zero_name] if zero_name else []))
+            # Mul(row scale, weight scale), the row scale first: ONNX Runtime fuses MatMulInteger, Cast and
+            # this product into MatMulIntegerToFloat, which applies the per-row scale of its first input.
+            # A constant bias Add right after would be fused too and scaled by the row scale: run() turns
+            # such an Add into a Sub (self.outputs).
+            w_scale_name = self.const(w_scale.reshape(()), f"{prefix}_w_scale")
+            scale = add("Mul", [x_scale, w_scale_name])
+            self.outputs.add(output)
         add("Mul", [add("Cast", [acc], to=TensorProto.FLOAT), scale], out=output)
         return nodes
+
+    def row_quantize(self, x: str, weight: _IntWeight, prefix: str, nodes: list[onnx.NodeProto]) -> tuple[str, str]:
+        """ACWL: x (times its equalizer) as uint8 codes q + 128 with one symmetric scale per row, and that
+        scale ([.., 1], max |x| / 127)."""
+
+        def add(op, inputs, **attrs):
+            node, name = self.node(op, inputs, prefix, **attrs)
+            nodes.append(node)
+            return name
+
+        if weight.equalizer is not None:
+            x = add("Mul", [x, weight.equalizer])
+        amax = add("Max", [self.reduce_abs_max(x, prefix, nodes), self.shared(_TINY)])
+        scale = add("Div", [amax, self.shared(np.float32(127))])
+        if self.opset >= 13:
+            # One QuantizeLinear, per axis over x seen as [rows, K] (its zero point has the scale's shape).
+            # Not the blocked form of opset 21: onnxruntime 1.32 rejects it when there is a single row.
+            k = weight.w_hat.shape[-2]
+            rows = add("Reshape", [x, self.shared(np.array([-1, k], np.int64))])
+            flat = add("Reshape", [scale, self.shared(np.array([-1], np.int64))])
+            zero = add("Cast", [add("Add", [add("Mul", [flat, self.shared(np.float32(0))]),
+                                            self.shared(np.float32(_ZERO))])], to=TensorProto.UINT8)
+            codes = add("QuantizeLinear", [rows, flat, zero], axis=0)
+            return add("Reshape", [codes, add("Shape", [x])]), scale
+        inverse = add("Div", [self.shared(np.float32(127)), amax])
+        rounded = add("Round", [add("Mul", [x, inverse])])
+        return add("Cast", [add("Add", [rounded, self.shared(np.float32(_ZERO))])], to=TensorProto.UINT8), scale
 
     def reduce_abs_max(self, x: str, prefix: str, nodes: list[onnx.NodeProto]) -> str:
         node, magnitude = self.node("Abs", [x], prefix)
@@ -219,14 +292,16 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
     specs = {s.tensor: s for s in plan.quantized}
     log.info("%s weight plan (%s): %d weights to int8, %d stay float", config.quant_type, "/".join(ops),
              len(plan.quantized), len(plan.skipped))
-    int8_weights = strategy == "ALWC" and alwc_weights == "int8"
+    int8_weights = strategy == "ACWL" or alwc_weights == "int8"
     rw = _Rewriter(model, strategy, int8_weights)
+    graphs = iter(range(1 << 30))  # an id per graph rewritten: an ACWL activation is quantized once per graph
 
     kept_float: dict[str, str] = {}  # weight -> why one of its users stays float
     done: dict[str, QuantizedTensor] = {}
 
     def rewrite(graph_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         new_nodes: list[onnx.NodeProto] = []
+        graph = next(graphs)
         for node in graph_nodes:
             for sub in subgraphs(node):  # If/Loop/Scan bodies read the new constants from the outer scope
                 rewritten = rewrite(list(sub.node))
@@ -247,7 +322,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
                 nodes, w_hat, params = rw.tables.gather(node, weight)
                 scheme, storage = embedding.SCHEME, embedding.STORAGE
             else:
-                nodes, w_hat, params, extra_bytes = _matmul_nodes(rw, node, weight)
+                nodes, w_hat, params, extra_bytes = _matmul_nodes(rw, node, weight, graph)
                 scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
                 scheme += f"; activations {_ACTIVATION_SCHEME[strategy]}"
                 storage = "MatMulInteger uint8 (zero point 128)"
@@ -291,6 +366,8 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
     model.graph.initializer.extend(kept + rw.initializers)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
+    if rw.outputs:
+        _keep_bias_outside_fusion(model.graph, rw)
     if set(ops) - {"Gather"}:
         result.notes.append(
             f"quant_strategy={strategy}: activations {_ACTIVATION_SCHEME[strategy]}, quantized at run time"
@@ -300,7 +377,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
 
 _ACTIVATION_SCHEME = {
     "ALWC": "uint8 asymmetric per-tensor (runtime min/max)",
-    "ACWL": "int8 symmetric per-row (runtime max |x| of each row)",
+    "ACWL": "int8 symmetric per-row (runtime max |x| of each row, after the per-input-channel equalizer)",
 }
 
 
@@ -334,16 +411,16 @@ def _stored_transposed(node: onnx.NodeProto, shape: tuple[int, ...]) -> bool:
     return node.op_type != "Gather" and weight_layout(node, 1, shape).input_axis == len(shape) - 1
 
 
-def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str):
+def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str, graph: int = 0):
     prefix = node.name or rw.index.unique_name(node.op_type)
     transpose = _stored_transposed(node, tuple(rw.index.initializers[weight].dims))
     if node.op_type == "MatMul":
-        nodes = rw.quantized_matmul(node.input[0], weight, transpose, node.output[0], prefix)
+        nodes = rw.quantized_matmul(node.input[0], weight, transpose, node.output[0], prefix, graph=graph)
     else:
         alpha, beta = float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0))
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
         product = node.output[0] if not bias or beta == 0 else rw.index.unique_name(f"{prefix}/product")
-        nodes = rw.quantized_matmul(node.input[0], weight, transpose, product, prefix, alpha)
+        nodes = rw.quantized_matmul(node.input[0], weight, transpose, product, prefix, alpha, graph)
         if bias and beta != 0:
             if beta != 1.0:
                 if bias in rw.index.initializers:
@@ -356,6 +433,48 @@ def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str):
             add, _ = rw.node("Add", [product, bias], prefix, output=node.output[0])
             nodes.append(add)
     quantized = rw.matmul_weight(weight, transpose)  # memoised: the codes quantized_matmul used
-    # ACWL stores one float equalisation factor per input channel besides the codes and the scale.
-    extra = 4 * quantized.w_hat.shape[-2] if quantized.equalizer else 0
-    return nodes, quantized.w_hat, quantized.params, extra
+    return nodes, quantized.w_hat, quantized.params, quantized.extra_bytes
+
+
+def _all_nodes(nodes):
+    for node in nodes:
+        yield node
+        for sub in subgraphs(node):
+            yield from _all_nodes(sub.node)
+
+
+def _keep_bias_outside_fusion(graph: onnx.GraphProto, rw: _Rewriter) -> None:
+    """ACWL: an Add of a constant right after a per-row-scaled product becomes Sub of the negated constant.
+
+    ONNX Runtime would fuse that Add into MatMulIntegerToFloat as its bias and scale the bias by the per-row
+    scale as well (measured with onnxruntime 1.32); x - (-b) is exactly x + b and is not fused."""
+    uses: dict[str, int] = {}
+    for node in _all_nodes(graph.node):
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    initializers = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        product = [i for i, name in enumerate(node.input) if name in rw.outputs]
+        if len(product) != 1:
+            continue
+        y, other = node.input[product[0]], node.input[1 - product[0]]
+        if uses.get(y) != 1 or y in outputs or not _constant(other, graph, initializers):
+            continue
+        if other in initializers:
+            negated = numpy_helper.from_array(-numpy_helper.to_array(initializers[other]),
+                                              rw.index.unique_name(f"{other}_negated"))
+            graph.initializer.append(negated)
+            negated_name = negated.name
+        else:
+            neg, negated_name = rw.node("Neg", [other], node.name or "bias")
+            graph.node.insert(list(graph.node).index(node), neg)
+        node.op_type = "Sub"
+        del node.input[:]
+        node.input.extend([y, negated_name])
+
+
+def _constant(name: str, graph: onnx.GraphProto, initializers: dict) -> bool:
+    return name in initializers or any(n.op_type == "Constant" and name in n.output for n in graph.node)
