@@ -1,5 +1,5 @@
 """The Python API: model paths or protos, configs as dicts / INI text / paths / dataclasses, in-memory calibration
-in every form, and the README example, run as it is written."""
+in every form (the README's example runs in test_readme.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import numpy as np
 import onnx
 import pytest
-from helpers import RESNET20, ROOT, conv_model, cosine, run
+from helpers import RESNET20, conv_model, cosine, run
 
 import ptqlite
 from ptqlite.errors import ConfigError, DataError
@@ -129,15 +129,3 @@ def test_empty_calibration_and_multi_input_arrays_say_why():
     data = ptqlite.CalibrationData([np.zeros((1, 4), np.float32)], two_inputs)
     with pytest.raises(DataError, match="2 inputs"):
         list(data)
-
-
-def test_readme_python_example_runs(tmp_path, monkeypatch):
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Python API"):]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    monkeypatch.chdir(ROOT)
-    (ROOT / "out").mkdir(exist_ok=True)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 -- the README's own example
-    assert isinstance(namespace["full"], onnx.ModelProto) and len(namespace["result"].quantized) > 10
-    assert (ROOT / "out" / "resnet20_full_quant.onnx").is_file()
