@@ -16,6 +16,7 @@ from ptqlite.convert import convert
 from ptqlite.errors import ConfigError
 from ptqlite.passes.full import latency
 
+REAL_MEASURE = latency.measure  # taken at import, before conftest's fixed timing replaces it for each test
 CONFIG = ("[common_quant_param]\nquant_type=FULL_QUANT\nbit_num=8\n[data_preprocess_param]\ncalibrate_path=x:/n\n"
           "calibrate_size=8\ninput_type=BIN\n")
 
@@ -44,7 +45,7 @@ def _samples():
 def _timings(monkeypatch, ratios):
     calls = []
 
-    def measure(float_model, quantized, feeds):
+    def measure(float_model, quantized, feeds, own_shapes=None):
         calls.append(quantized)
         return latency.Timing(1.0, ratios[min(len(calls), len(ratios)) - 1])
 
@@ -142,3 +143,85 @@ def test_within_the_noise_margin_int8_is_kept(monkeypatch):
     calls = _timings(monkeypatch, [1.04])
     result = convert(conv_chain(), parse_config(CONFIG), samples=_samples(), progress=False)
     assert len(calls) == 1 and len(result.quantized) == 4
+
+
+def _if_reads_outer_gemm() -> onnx.ModelProto:
+    """x -> Conv -> Flatten -> h; If(sum(h) > 0): then Gemm(h, W_then), else Gemm(h, W_else), both weights outer
+    initializers read inside the branches (stored int8 weight-only by FULL_QUANT)."""
+    r = np.random.default_rng(2)
+    branches = []
+    for side in ("then", "else"):
+        branches.append(helper.make_graph(
+            [helper.make_node("Gemm", ["h", f"W_{side}"], [f"y_{side}"], name=f"gemm_{side}")], side, [],
+            [helper.make_tensor_value_info(f"y_{side}", T.FLOAT, [1, 24])]))
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["h"], name="flatten"),
+             helper.make_node("ReduceSum", ["h"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branches[0],
+                              else_branch=branches[1])]
+    inits = [nh.from_array((r.normal(size=(8, 3, 3, 3)) * 0.3).astype(np.float32), "wc"),
+             nh.from_array((r.normal(size=(8 * 16 * 16, 24)) * 0.05).astype(np.float32), "W_then"),
+             nh.from_array((r.normal(size=(8 * 16 * 16, 24)) * 0.05).astype(np.float32), "W_else"),
+             nh.from_array(np.float32(0.0), "zero")]
+    graph = helper.make_graph(nodes, "if_gemm", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 24])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_weights_inside_bodies_go_back_to_float_first(monkeypatch):
+    """silero-vad: its weights are all inside If branches, stored int8 behind a DequantizeLinear that runs on every
+    call, so FULL_QUANT ran 1.3-1.5x float and demoting main-graph layers could not help. Those weights are now the
+    first candidate to go back to float."""
+    calls = _timings(monkeypatch, [1.3, 0.98])
+    model, samples = _if_reads_outer_gemm(), _samples()
+    result = convert(model, parse_config(CONFIG), samples=samples, progress=False)
+    assert len(calls) == 2
+    reasons = {t.tensor: t.reason for t in result.skipped}
+    assert {"W_then", "W_else"} <= set(reasons) and "latency-aware" in reasons["W_then"]
+    assert {t.tensor for t in result.quantized} == {"wc"}  # the main-graph Conv stays int8
+    assert any("2 of 3 weighted layers kept float (those inside If/Loop/Scan bodies first" in note
+               for note in result.notes)
+    initializers = {t.name: t for t in result.model.graph.initializer}
+    assert initializers["W_then"].data_type == T.FLOAT
+    assert cosine(run(model, samples[0])[0], run(result.model, samples[0])[0]) > 0.99
+
+
+def _lstm_if(shape: list | None = None) -> onnx.ModelProto:
+    """An If whose branch that never runs at batch 1 feeds an LSTM a Squeeze() of rank 2 once the dims are fixed:
+    ONNX Runtime loads the model with symbolic dims and refuses it with [1, 8, 5] (silero-vad's If over its 8k and
+    16k branches, "First input tensor must have rank 3")."""
+    r = np.random.default_rng(0)
+    hidden, features = 4, 8
+    then_g = helper.make_graph([helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+                                helper.make_node("LSTM", ["t", "W", "R"], ["y1"], hidden_size=hidden)], "then", [],
+                               [helper.make_tensor_value_info("y1", T.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Squeeze", ["x"], ["s"]),
+                                helper.make_node("LSTM", ["s", "W", "R"], ["y2"], hidden_size=hidden)], "else", [],
+                               [helper.make_tensor_value_info("y2", T.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["xin", "Wc"], ["xc"]), helper.make_node("Relu", ["xc"], ["xr"]),
+             helper.make_node("Transpose", ["xr"], ["x"], perm=[0, 2, 1]),
+             helper.make_node("Shape", ["x"], ["sh"]), helper.make_node("Gather", ["sh", "zero"], ["b"], axis=0),
+             helper.make_node("Equal", ["b", "one"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    inits = [nh.from_array(np.array(0, np.int64), "zero"), nh.from_array(np.array(1, np.int64), "one"),
+             nh.from_array(r.normal(0, .3, (1, 4 * hidden, features)).astype(np.float32), "W"),
+             nh.from_array(r.normal(0, .3, (1, 4 * hidden, hidden)).astype(np.float32), "R"),
+             nh.from_array(r.normal(0, .3, (features, features, 1)).astype(np.float32), "Wc")]
+    graph = helper.make_graph(nodes, "rnn_if",
+                              [helper.make_tensor_value_info("xin", T.FLOAT, shape or ["B", features, "T"])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_graph_refused_at_the_fixed_shapes_is_timed_at_its_own(monkeypatch):
+    """Timing used to fail on such graphs ("latency-aware planning skipped"), so the planning could not act."""
+    from ptqlite.errors import ConversionError
+
+    monkeypatch.setattr(latency, "measure", REAL_MEASURE)
+    own, fixed = _lstm_if(), _lstm_if([1, 8, 5])
+    feeds = {"xin": np.random.default_rng(3).normal(size=(1, 8, 5)).astype(np.float32)}
+    with pytest.raises(ConversionError, match="to time it"):
+        latency.measure(fixed, fixed, feeds)
+    timing = latency.measure(fixed, fixed, feeds, own_shapes=own)
+    assert timing.float_ms > 0 and timing.quantized_ms > 0

@@ -114,7 +114,8 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     weights = weight_tensors(work)
     named = _copy(work) if report_folder else None  # the reports match tensors by the names the pass sees
     log.info("%s", describe_mode(config))
-    result = quant_pass(work, config, **options)
+    # With --inputShape the pass also gets the model's own shapes, for graphs that ONNX Runtime runs only with them
+    result = quant_pass(work, config, **options, own_shapes=model if runnable is not model else None)
     _log_decisions(result)
     _account_for_every_weight(result, weights, config)
     result.notes += notes + result_notes

@@ -19,9 +19,12 @@ HISTOGRAM_BINS = 2048
 QUANTIZED_BINS = 128
 OUTLIER_QUANTILES = (0.0001, 0.9999)
 # A clipped range (KL, REMOVAL_OUTLIER) is kept only when its mean squared error on the tensor's own histogram is
-# at most FALLBACK_FACTOR times MAX_MIN's (4: one bit of signal-to-noise ratio); the error is measured on a grid of
-# ERROR_LEVELS codes (8 bits).
+# at most MAX_MIN's, or at most FALLBACK_FACTOR times MAX_MIN's (4: one bit of signal-to-noise ratio) while it
+# clips only outliers: at most OUTLIER_SHARE of the values on each side, the share REMOVAL_OUTLIER's quantiles
+# cut (a larger clipped share is a population that carries signal, such as a detector's objects); the error is
+# measured on a grid of ERROR_LEVELS codes (8 bits).
 FALLBACK_FACTOR = 4.0
+OUTLIER_SHARE = OUTLIER_QUANTILES[0]
 ERROR_LEVELS = 256
 
 
@@ -186,6 +189,23 @@ class Histogram:
                 setattr(self, name, merged)
             self.exponent = needed
 
+    def clipped_shares(self, lo: float, hi: float) -> tuple[float, float]:
+        """The fractions of the values (zeros included) below lo and above hi, values spread evenly inside a bin
+        whose last one ends at the extreme seen (as in range_error), so that MAX_MIN's own range clips nothing."""
+        total = self.zeros + int(self.hist.sum())
+        if not total:
+            return 0.0, 0.0
+        lower = np.arange(self.bins, dtype=np.float64) * self.bin_width
+        shares = []
+        for counts, limit, extreme in ((self.negative, max(-lo, 0.0), -self.lo),
+                                       (self.hist - self.negative, max(hi, 0.0), self.hi)):
+            upper = np.minimum(lower + self.bin_width, np.maximum(extreme, lower))
+            span = upper - lower
+            beyond = np.where(span > 0, np.clip((upper - limit) / np.where(span > 0, span, 1.0), 0.0, 1.0),
+                              lower > limit)
+            shares.append(float(np.dot(counts, beyond)) / total)
+        return shares[0], shares[1]
+
     def error(self, lo: float, hi: float, power: int = 2) -> float:
         """Mean |x - dequantize(quantize(x))|**power per value (zeros included) for the range [lo, hi]: rounding
         inside, clipping outside; see range_error."""
@@ -276,18 +296,26 @@ class OutlierRemovalObserver:
         return (self.histogram.lo, self.histogram.hi) if self.fell_back else found
 
 
-def accepts(histogram: Histogram, found: tuple[float, float], factor: float = FALLBACK_FACTOR) -> bool:
+def accepts(histogram: Histogram, found: tuple[float, float], factor: float = FALLBACK_FACTOR,
+            share: float = OUTLIER_SHARE) -> bool:
     """Whether a clipped range `found` may replace MAX_MIN's (the extremes seen): its mean squared error on the
-    tensor's own histogram, clipping included, must be at most `factor` times MAX_MIN's.
+    tensor's own histogram, clipping included, must be at most MAX_MIN's, or at most `factor` times MAX_MIN's
+    when it clips at most `share` of the values on each side.
 
     Squared error, because the layers after a tensor are mostly linear: what they see of a clipped value grows
     with the square of the cut, so rare large values that carry the signal (a detector's objects) weigh what they
-    weigh in the outputs; a handful of outliers among many values stays within the factor, so KL still clips
-    them and the bulk gets finer steps."""
+    weigh in the outputs. The factor is for outliers only: a handful among many values (at most 0.01% on a
+    side, what REMOVAL_OUTLIER cuts) may cost up to `factor` times more, so KL still clips them and the bulk gets
+    finer steps; a larger clipped share is a population the later layers read (YOLOv8's SiLU activations:
+    0.02-0.06% of their values clipped at 1.5 to 4 times MAX_MIN's error, and the detector lost 11 of 13
+    boxes), so it must beat MAX_MIN outright."""
     seen = histogram.lo, histogram.hi
     if found == seen:
         return True
-    return histogram.error(*found) <= factor * histogram.error(*seen)
+    error, baseline = histogram.error(*found), histogram.error(*seen)
+    if error <= baseline:
+        return True
+    return error <= factor * baseline and max(histogram.clipped_shares(*found)) <= share
 
 
 def fallback_notes(method: str, observers: Iterable[Observer]) -> list[str]:

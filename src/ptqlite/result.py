@@ -46,6 +46,10 @@ class OutputCheck:
     min: float
     non_finite: int = 0  # samples where the output has NaN/Inf where the float model's is finite
     shape_mismatch: int = 0  # samples where the output's shape differs from the float model's
+    # The lowest cosine of a slice along a short axis (verify.slice_cosines) and where, e.g. "axis 1 index 8 of 22";
+    # None when the output has no such axis (or is not float)
+    slice_min: float | None = None
+    slice_where: str = ""
     collapsed: bool = False
 
 

@@ -32,7 +32,9 @@ def _options(threads: int | None = None, spinning: bool = True, profile_prefix: 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # FATAL only: every error a session meets is raised to ptqlite, which reports it in its own words (or, when
+    # the gate probes other shapes, expects it); the runtime's own log line would reach the terminal beside them.
+    options.log_severity_level = 4
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:

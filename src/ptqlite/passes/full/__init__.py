@@ -64,9 +64,11 @@ MIN_SMOOTHING_ROWS = 64
 
 
 def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None, progress: bool | None = None,
-        samples: Iterable[dict[str, np.ndarray]] | None = None, **_) -> ConversionResult:
+        samples: Iterable[dict[str, np.ndarray]] | None = None, own_shapes: onnx.ModelProto | None = None,
+        **_) -> ConversionResult:
     """Full quantization of `model` in place. `samples` (re-iterable, one dict of batch-1 inputs per sample)
-    replaces the calibration files of [data_preprocess_param] when given."""
+    replaces the calibration files of [data_preprocess_param] when given. `own_shapes`: the model before
+    --inputShape fixed its shapes (latency-aware planning times with its shapes where the fixed ones fail)."""
     options = config.full
     preset = target(options.target_device)
     method = options.activation_quant_method
@@ -114,7 +116,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     if options.latency_aware and preset.provider == "CPUExecutionProvider":
         plan, params, demoted, timed = _never_slower_than_float(model, types, weight_plan, preset, skip, plan,
                                                                 params, ranges, to_correct, samples, progress,
-                                                                result, config, original_info, ranks)
+                                                                result, config, original_info, ranks, own_shapes)
     else:
         demoted, timed = set(), None
     _record_corrections(model, params)
@@ -199,13 +201,15 @@ def _write(model: onnx.ModelProto, plan: GraphPlan, params: QuantParams, preset,
 
 
 def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, params, ranges, to_correct, samples,
-                             progress, result, config, original_info, ranks):
+                             progress, result, config, original_info, ranks, own_shapes=None):
     """The plan and parameters of the first candidate (all int8 first, then growing shares of the smallest layers
     in float) that runs no slower than the prepared float graph; the layers it put back to float; and that
     candidate's written graph with _write's results (None when nothing could be timed)."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     feeds: dict = {}
+    # Nodes inside If/Loop/Scan bodies whose weights are int8 weight-only: the first to go back to float
+    body_nodes = {n for name in params.weight_only for n in weight_plan_nodes(weight_plan, name)}
 
     def candidate(demoted: set[str]):
         cand_plan = plan if not demoted else plan_graph(prepared, types, weight_plan.quantized, preset,
@@ -219,11 +223,14 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
             cand_params = quant_params(prepared, cand_plan, cand_ranges, preset, zero_bias_positions=to_correct)
             # A layer's correction was measured on its own (float input), so it holds in any plan.
             cand_params = dataclasses.replace(cand_params, biases={
-                pos: params.biases.get(pos, bias) for pos, bias in cand_params.biases.items()})
+                pos: params.biases.get(pos, bias) for pos, bias in cand_params.biases.items()}, weight_only={
+                name: w for name, w in cand_params.weight_only.items()
+                if not set(weight_plan_nodes(weight_plan, name)) & demoted})
         written = onnx.ModelProto()
         written.CopyFrom(prepared)
         outcome = _write(written, cand_plan, cand_params, preset, config, original_info, ranks)
-        return cand_plan, cand_params, latency.measure(prepared, written, feeds), (written, outcome)
+        return (cand_plan, cand_params, latency.measure(prepared, written, feeds, own_shapes),
+                (written, outcome))
 
     try:
         feeds.update(next(iter(samples)))
@@ -235,7 +242,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
         result.notes.append(f"latency-aware planning skipped: {reason}")
         return plan, params, set(), None
     if tried[0][1][2].ratio > latency.SLOWER:
-        for demoted in latency.demotions(latency.smallest_first(prepared, plan)):
+        for demoted in latency.demotions(latency.smallest_first(prepared, plan), body_nodes):
             try:
                 tried.append((demoted, candidate(demoted)))
             except PtqError:  # as above: this candidate cannot be timed, so it is not chosen
@@ -246,13 +253,20 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
     first = tried[0][1][2]
     if demoted:
         result.notes.append(f"latency-aware planning: int8 ran {first.ratio:.2f}x float on this machine; "
-                            f"{len(demoted)} of {len(latency.smallest_first(prepared, plan))} weighted layers "
-                            f"kept float (the smallest), now {timing.ratio:.2f}x float "
+                            f"{len(demoted)} of {len(latency.smallest_first(prepared, plan)) + len(body_nodes)} "
+                            "weighted layers kept float ("
+                            + ("those inside If/Loop/Scan bodies first, then " if body_nodes else "")
+                            + f"the smallest), now {timing.ratio:.2f}x float "
                             "([full_quant_param] latency_aware=false keeps every layer int8)")
     else:
         result.notes.append(f"latency-aware planning: int8 runs {first.ratio:.2f}x float on this machine "
                             "(1 thread, first calibration sample)")
     return best_plan, best_params, demoted, written
+
+
+def weight_plan_nodes(weight_plan: WeightPlan, tensor: str) -> tuple[str, ...]:
+    """The nodes that read planned weight `tensor` (none when it is not planned)."""
+    return next((spec.nodes for spec in weight_plan.quantized if spec.tensor == tensor), ())
 
 
 def _unused_weights(weight_plan: WeightPlan, params, plan: GraphPlan, demoted: set[str]) -> list[SkippedTensor]:
