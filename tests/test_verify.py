@@ -17,7 +17,15 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqlite import parse_config
 from ptqlite.convert import convert
 from ptqlite.errors import VerificationError
-from ptqlite.verify import FLOORS, SLICE_FLOOR, compare, describe, slice_cosines, verify
+from ptqlite.verify import (
+    FLOORS,
+    SLICE_FLOOR,
+    SYNTHETIC_LOW_BIT_FLOOR,
+    compare,
+    describe,
+    slice_cosines,
+    verify,
+)
 
 HIDDEN = 32
 SEQ_SHAPE = "x:1,4,32"
@@ -199,8 +207,8 @@ def test_collapse_warns_with_the_cause_and_the_analyze_command(work, tmp_path, c
     warning = caplog.text
     assert "the quantized model's output collapsed against the float model on 4 synthetic inputs: 'y'" in warning
     # 4 bits or fewer on synthetic inputs: the stricter floor
-    assert ("below the floor 0.975 for WEIGHT_QUANT at bit_num=1 on synthetic inputs; likely cause: bit_num=1 is "
-            "too few bits") in warning
+    assert (f"below the floor {SYNTHETIC_LOW_BIT_FLOOR:g} for WEIGHT_QUANT at bit_num=1 on synthetic inputs; likely "
+            "cause: bit_num=1 is too few bits") in warning
     assert (f"find the layers responsible with: ptqlite analyze --fmk=ONNX --modelFile={model} "
             f"--configFile={config} --inputShape={SEQ_SHAPE}") in warning
 
@@ -454,19 +462,38 @@ def test_slice_rules():
     assert slice_cosines(zero, [m + 1e-3 for m in zero])[0] > 0.99
 
 
-def test_few_bits_on_synthetic_inputs_are_held_to_a_stricter_floor(work, tmp_path):
+def _tanh_mlp(layers: int = 2, width: int = 64) -> onnx.ModelProto:
+    """x [1, 8, width] -> (MatMul -> Tanh) x layers."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        inits.append(numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Tanh", [f"m{i}"], [f"t{i}"])]
+        x = f"t{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 8, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_few_bits_on_synthetic_inputs_are_held_to_a_stricter_floor(tmp_path):
     """A text recogniser at 4 bits: 0.973 on the old synthetic inputs, 0.84 on rendered text, and no warning. At 4
-    bits or fewer, synthetic inputs (now also standard normal) must reach 0.975; calibration data keeps the
-    mode's own floor."""
-    _, data, _ = work
-    three_bits = "[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=3\n"
-    synthetic = convert(reshaping_model(), parse_config(three_bits), input_shapes={"x": [1, 4, HIDDEN]})
+    bits or fewer, synthetic inputs (now also standard normal) must reach SYNTHETIC_LOW_BIT_FLOOR; calibration data
+    keeps the mode's own floor."""
+    four_bits = "[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=4\n"
+    synthetic = convert(_tanh_mlp(), parse_config(four_bits))
     check = synthetic.verification.outputs[0]
-    assert synthetic.verification.inputs == "4 synthetic inputs" and synthetic.verification.floor == 0.975
-    assert FLOORS["WEIGHT_QUANT"] < check.min < 0.975 and check.collapsed
-    assert "below the floor 0.975 for WEIGHT_QUANT at bit_num=3 on synthetic inputs" in synthetic.warnings[0]
-    with_data = three_bits + f"[data_preprocess_param]\ncalibrate_path=x:{data}\ncalibrate_size=8\ninput_type=BIN\n"
-    real = convert(reshaping_model(), parse_config(with_data), input_shapes={"x": [1, 4, HIDDEN]})
+    assert synthetic.verification.inputs == "4 synthetic inputs"
+    assert synthetic.verification.floor == SYNTHETIC_LOW_BIT_FLOOR
+    assert FLOORS["WEIGHT_QUANT"] + 0.01 < check.min < SYNTHETIC_LOW_BIT_FLOOR - 0.03 and check.collapsed
+    assert check.slice_min > SLICE_FLOOR  # the stricter floor, not the slices, finds it
+    assert (f"below the floor {SYNTHETIC_LOW_BIT_FLOOR:g} for WEIGHT_QUANT at bit_num=4 on synthetic inputs"
+            in synthetic.warnings[0])
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        np.random.default_rng(i).normal(size=(1, 8, 64)).astype(np.float32).tofile(data / f"{i}.bin")
+    with_data = four_bits + f"[data_preprocess_param]\ncalibrate_path=x:{data}\ncalibrate_size=8\ninput_type=BIN\n"
+    real = convert(_tanh_mlp(), parse_config(with_data))
     assert real.verification.inputs == "8 calibration samples" and real.verification.floor == FLOORS["WEIGHT_QUANT"]
-    eight_bits = convert(reshaping_model(), parse_config(CONFIGS["weight_8bit"]), input_shapes={"x": [1, 4, HIDDEN]})
+    eight_bits = convert(_tanh_mlp(), parse_config(CONFIGS["weight_8bit"]))
     assert eight_bits.verification.floor == FLOORS["WEIGHT_QUANT"] and not eight_bits.warnings

@@ -47,10 +47,10 @@ log = logging.getLogger(__name__)
 VERIFY_SAMPLES = 8
 SYNTHETIC_SAMPLES = 2  # of each kind
 NORMAL_VALUES = SyntheticValues(seed=0, float_range=None, id_range=None)
-# A text recogniser at 4 bits measured 0.973 (uniform) and 0.957 (normal) on synthetic inputs but 0.78-0.84 on
-# rendered text; ResNet20 at 4 bits, healthy, 0.98-0.99 on both. docs/spec.md ("Verification") has the figures.
+# A text recogniser at 4 bits measured 0.962 on the synthetic inputs but 0.78-0.84 on rendered text; ResNet20 at
+# 4 bits, healthy, 0.970-0.987. docs/spec.md ("Verification") has the figures.
 LOW_BITS = 4
-SYNTHETIC_LOW_BIT_FLOOR = 0.975
+SYNTHETIC_LOW_BIT_FLOOR = 0.965
 # Min output cosine below which an output counts as collapsed, per mode: well below the lowest min cosine of any
 # bundled or bench config on ResNet20 and MobileNet V2 (bench/verify_cosines.py) and of MiniLM (docs/results.md);
 # docs/spec.md "Verification" gives the figures.
