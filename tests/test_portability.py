@@ -285,27 +285,50 @@ MINILM_CONFIGS = {
     "8 bit": (8, False),
     "4 bit": (4, True),
     "mixed bit 0.02": (0, True),
-    "DYNAMIC_QUANT ALWC": (None, True),
+    "DYNAMIC_QUANT ALWC": ("ALWC", True),
+    "DYNAMIC_QUANT ACWL": ("ACWL", True),
 }
 
 
 @pytest.mark.parametrize("label", MINILM_CONFIGS)
-def test_minilm_runs_alike_in_openvino(request, tmp_path, label):
+def test_minilm_runs_alike_in_openvino(tmp_path, label):
     bits, slow = MINILM_CONFIGS[label]
     if not (ROOT.parent / "shared" / "bench").is_dir() or not MINILM.is_file():
         pytest.skip("needs ../shared/bench and the MiniLM model built by bench/minilm.py (.cache/minilm)")
     if slow and not SLOW:
         pytest.skip("slow (conversion of MiniLM); set PTQLITE_SLOW_TESTS=1 to run it")
-    if bits is None:
-        # Not a weight-storage decoder: OpenVINO runs DynamicQuantizeLinear / MatMulInteger otherwise (output
-        # cosine to ONNX Runtime 0.9962; to float 0.98587 against ONNX Runtime's 0.98621). Not investigated yet.
-        request.applymarker(pytest.mark.xfail(reason="DYNAMIC_QUANT ALWC on MiniLM differs in OpenVINO", strict=False))
+    to_each_other, to_float = 0.9999, 1e-4
+    if isinstance(bits, str):
+        # Activations quantized at run time: one code that OpenVINO's float ops (LayerNorm, Softmax, Erf, its
+        # DynamicQuantizeLinear's (max - min) * (1/255)) move across a rounding boundary changes every later
+        # per-tensor or per-row range. Measured on this input: ALWC 0.9962, ACWL 0.9992 to onnxruntime, and
+        # onnxruntime against itself with 1-ulp LayerNorm weights as low as 0.9934 / 0.9986 (docs/results.md,
+        # "Portable outputs"); the cosines to float stay within 1e-3 of each other.
         config = parse_config("[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n"
-                              "[dynamic_quant_param]\nquant_strategy=ALWC\n")
+                              f"[dynamic_quant_param]\nquant_strategy={bits}\n")
+        to_each_other, to_float = 0.99, 1e-3
     else:
         config = _weight_config(bits, "[mixed_bit_weight_quant_param]\ninit_scale=0.02\n" if bits == 0 else "")
     float_model = onnx.load(MINILM)
-    _compare_outputs(float_model, convert(onnx.load(MINILM), config).model, _minilm_feeds(), tmp_path)
+    _compare_outputs(float_model, convert(onnx.load(MINILM), config).model, _minilm_feeds(), tmp_path,
+                     to_each_other, to_float)
+
+
+@pytest.mark.parametrize("strategy", ["ALWC", "ACWL"])
+def test_dynamic_matmul_runs_alike_in_openvino(tmp_path, strategy):
+    """The DYNAMIC_QUANT pattern itself (on identical float inputs) computes alike; OpenVINO's
+    DynamicQuantizeLinear scale, (max - min) * (1/255) instead of (max - min) / 255, moves a few codes (ALWC)."""
+    rng = np.random.default_rng(7)
+    w = helper.make_tensor("w", TensorProto.FLOAT, (64, 96), (rng.standard_normal((64, 96)) * 0.1).astype(np.float32))
+    b = helper.make_tensor("b", TensorProto.FLOAT, (96,), rng.standard_normal(96).astype(np.float32))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b])
+    float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    config = parse_config("[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n"
+                          f"[dynamic_quant_param]\nquant_strategy={strategy}\n")
+    x = rng.standard_normal((2, 16, 64)).astype(np.float32)
+    _compare_outputs(float_model, convert(float_model, config).model, {"x": x}, tmp_path, 0.99999)
 
 
 # ---------------------------------------------------------------- FULL_QUANT graph forms
