@@ -227,3 +227,14 @@ def test_a_quantized_tflite_model_is_refused_as_already_quantized(tf_models, tmp
     path.write_bytes(converter.convert())
     with pytest.raises(ModelError, match="quantiz"):
         convert(path, parse_config(WEIGHT_CFG, "q.cfg"))
+
+
+def test_quiet_tflite_conversion_prints_nothing(tf_models, tmp_path, capfd):
+    """TensorFlow's native notices (the TFLite interpreter that tf2onnx runs writes to fd 2) are dropped."""
+    from ptqlite import cli
+
+    (tmp_path / "q.cfg").write_text(WEIGHT_CFG)
+    code = cli.main(["convert", "--fmk=TFLITE", f"--modelFile={tf_models.tflite}", f"--outputFile={tmp_path}/net",
+                     f"--configFile={tmp_path}/q.cfg", "--quiet"])
+    out, err = capfd.readouterr()
+    assert code == 0 and out == "" and err == ""

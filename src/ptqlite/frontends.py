@@ -5,8 +5,11 @@ export the model to ONNX instead (docs/frontends.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +30,7 @@ EXPORT_HINTS = {
 }
 OPSET = 17  # the opset --fmk=PYTORCH exports too; every pass handles it
 _TFLITE_ID = b"TFL3"  # the flatbuffer file identifier, bytes 4..8 of every .tflite file
+_NATIVE_NOTICES = ("INFO: Created TensorFlow Lite", "WARNING: All log messages before absl::InitializeLog()")
 _NOT_OUTPUTS = {"Const", "NoOp", "Placeholder", "PlaceholderWithDefault", "Assert", "SaveV2", "RestoreV2"}
 
 
@@ -107,7 +111,7 @@ def _import_converter(fmk: str):
 def _checked(path: Path, kind: str, convert) -> onnx.ModelProto:
     """Run the conversion; a converter failure or an op it left unconverted is one line naming the file."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_notices_dropped():
             warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice, which tf2onnx uses
             model = convert()
     except PtqError:  # a refusal of ours, already one line
@@ -121,6 +125,25 @@ def _checked(path: Path, kind: str, convert) -> onnx.ModelProto:
         raise ModelError(f"{path}: tf2onnx has no ONNX conversion for {', '.join(unknown)} in the {kind}; "
                          "see docs/frontends.md for the supported ops")
     return model
+
+
+@contextlib.contextmanager
+def _native_notices_dropped():
+    """TensorFlow's C++ code writes notices straight to file descriptor 2 (the TFLite interpreter tf2onnx runs
+    prints "INFO: Created TensorFlow Lite XNNPACK delegate"): collect what it writes and pass on all but those."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as collected:
+        os.dup2(collected.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            collected.seek(0)
+            text = collected.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not line.startswith(_NATIVE_NOTICES)]
+            sys.stderr.write("".join(kept))
 
 
 def _convert_saved_model(tf2onnx, folder: Path) -> onnx.ModelProto:
