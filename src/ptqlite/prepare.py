@@ -1,5 +1,6 @@
-"""Graph preparation before full quantization: fold what is constant, fold BatchNormalization into Conv, and
-infer tensor types, so that activations are quantized where the runtime will compute them.
+"""Graph preparation before full quantization: fold what is constant, fold BatchNormalization into Conv, give
+each Conv/Gemm its own bias, and infer tensor types, so that activations are quantized where the runtime will
+compute them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def prepare(model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> dict
     for `ranks`)."""
     fold_constants(model)
     fold_batch_norm(model)
+    unshare_biases(model)
     fold_pads(model)
     return tensor_types(model, ranks)
 
@@ -177,6 +179,30 @@ def fold_batch_norm(model: onnx.ModelProto) -> int:
         graph.node.extend(keep)
         drop_unused_initializers(graph)
     return folded
+
+
+def unshare_biases(model: onnx.ModelProto) -> int:
+    """Give each Conv / ConvTranspose / Gemm its own bias initializer. Converters store identical constants once
+    (tf2onnx makes every all-zero bias of a TFLite model one tensor), but an int8 bias is requantized with its
+    own node's scales, so a shared bias kept every node reading it float. Returns the number of copies made."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    readers = {name: len(uses) for name, uses in index.consumers.items()}
+    copies = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3:
+            continue
+        bias = node.input[2]
+        if bias not in index.initializers or readers.get(bias, 0) < 2:
+            continue
+        copy = TensorProto()
+        copy.CopyFrom(index.initializers[bias])
+        copy.name = index.unique_name(f"{bias}_{node.name or node.output[0]}")
+        graph.initializer.append(copy)
+        node.input[2] = copy.name
+        readers[bias] -= 1  # the last reader keeps the original
+        copies += 1
+    return copies
 
 
 def tensor_types(model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> dict[str, int]:
