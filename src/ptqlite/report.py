@@ -66,7 +66,7 @@ _HIST_BINS = 64
 # The report's sessions run in one worker thread beside the comparisons (the other core): one intra-op thread
 # each, so that neither waits for threads the other keeps busy.
 _RUN_THREADS = 1
-_COMPARE_THREADS = 2  # the tensors of a round are compared on this many threads
+_PARALLEL_VALUES = 1 << 20  # a round with fewer float values than this is compared on one thread
 _PURPOSE = "for the debug report"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
@@ -123,7 +123,8 @@ class _Flat:
             quartiles.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
         mean = self._total / n  # the sum the finiteness check took
         centred = x - mean
-        zeros = int(s.searchsorted(0, "right") - s.searchsorted(0, "left"))
+        zero = s.dtype.type(0)  # a key of another type (a Python 0) would make numpy cast the whole array first
+        zeros = int(s.searchsorted(zero, "right") - s.searchsorted(zero, "left"))
         return (float(s[0]), *quartiles, float(s[-1]), float(mean), float(np.sqrt(np.einsum("i,i->", centred, centred) / n)),
                 zeros / n)
 
@@ -365,7 +366,7 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     # The sessions run round i+1 in a worker thread while this one compares the values of round i (onnxruntime
     # and numpy's sorts and sums release the GIL): two rounds' values are in memory at a time.
     with (open(summary_path, "w", newline="") as summary_file, ThreadPoolExecutor(1) as worker,
-          ThreadPoolExecutor(_COMPARE_THREADS) as comparing):
+          ThreadPoolExecutor(1) as comparing):
         summary = csv.writer(summary_file, lineterminator="\n")
         summary.writerow(SUMMARY_HEADER)
         pending = worker.submit(next_round)
@@ -422,20 +423,47 @@ def _has_quantized_ops(model: onnx.ModelProto) -> bool:
 def _write_round(path: Path, entries: list[_Entry], float_probe: Probe, quant_probe: Probe,
                  float_values: dict, quant_values: dict, weight_rows: dict, histograms: bool,
                  pool: ThreadPoolExecutor) -> None:
-    def compare(item: tuple[int, _Entry]):
-        return _compare(*item, float_probe, quant_probe, float_values, quant_values, weight_rows, histograms)
+    def compare(numbers: list[int]) -> list:
+        return [_compare(n, entries[n], float_probe, quant_probe, float_values, quant_values, weight_rows,
+                         histograms) for n in numbers]
 
-    # The entries are compared on the pool's threads (numpy's sorts and sums release the GIL), written in order.
+    # Two shares of about the same number of values: one compared on the pool's thread, one here (numpy's sorts
+    # and sums release the GIL); a round of small tensors is compared here alone (threads would only add
+    # overhead). Rows are written in graph order.
+    sizes = [_size(n, e, float_probe, float_values, weight_rows) for n, e in enumerate(entries)]
+    shares: tuple[list[int], list[int]] = ([], [])
+    loads = [0, 0]
+    parallel = sum(sizes) >= _PARALLEL_VALUES
+    for n in sorted(range(len(entries)), key=lambda n: -sizes[n]):
+        side = 1 if parallel and loads[1] < loads[0] else 0
+        shares[side].append(n)
+        loads[side] += sizes[n]
+    other = pool.submit(compare, shares[1]) if shares[1] else None
+    results = dict(zip(shares[0], compare(shares[0]), strict=True))
+    if other is not None:
+        results.update(zip(shares[1], other.result(), strict=True))
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(ROUND_HEADER + LOCAL_HEADER)
-        for entry, compared in zip(entries, pool.map(compare, enumerate(entries)), strict=True):
+        for number, entry in enumerate(entries):
+            compared = results[number]
             if compared is None:
                 continue
             origin_row, dequant_row, cos, clip, local_cos = compared
             writer.writerow(origin_row)
             writer.writerow([*dequant_row[:-2], _fmt(local_cos) if local_cos is not None else "", dequant_row[-1]])
             entry.add(cos, clip, local_cos)
+
+
+def _size(number: int, entry: _Entry, float_probe: Probe, float_values: dict, weight_rows: dict) -> int:
+    """How many values comparing the entry reads (0 for a weight whose rows are kept from round 0)."""
+    if entry.kind == "Weight":
+        if number in weight_rows:
+            return 0
+        tensor = float_probe.constants.get(entry.tensor)
+        return int(np.prod(tensor.dims)) if tensor is not None else 0
+    value = float_values.get(entry.tensor)
+    return int(value.size) if isinstance(value, np.ndarray) else 0
 
 
 def _compare(number: int, entry: _Entry, float_probe: Probe, quant_probe: Probe, float_values: dict,
@@ -497,12 +525,14 @@ def _write_params(path: Path, result: ConversionResult) -> Path:
             channels = max([a.size for a in arrays if a is not None] or [1])
             dims = "[" + " ".join(str(d) for d in q.shape) + "]"
             elements = int(np.prod(q.shape)) if q.shape else 1
-            for c in range(channels):
-                values = ["" if a is None or a.size == 0 else _fmt(float(a[c if a.size > 1 else 0])) for a in arrays]
-                if arrays[1] is not None and arrays[1].size:  # zero points are integers
-                    values[1] = str(int(arrays[1][c if arrays[1].size > 1 else 0]))
-                writer.writerow([";".join(q.nodes), q.op_type, q.tensor, elements, dims, values[0], values[1],
-                                 q.bits, values[2], values[3]])
+            # each column as its strings, once per tensor (a per-tensor value repeated on every channel's row)
+            texts = [[""] * channels if a is None or a.size == 0 else
+                     [str(int(v)) for v in a.tolist()] if i == 1 else [_fmt(v) for v in a.tolist()]
+                     for i, a in enumerate(arrays)]
+            texts = [t if len(t) == channels else t[:1] * channels for t in texts]
+            head = [";".join(q.nodes), q.op_type, q.tensor, elements, dims]
+            writer.writerows([*head, scale, zero, q.bits, var, mean]
+                             for scale, zero, var, mean in zip(*texts, strict=True))
     return path
 
 
