@@ -87,15 +87,37 @@ def tensor_stats(x: np.ndarray) -> tuple[float, ...]:
     return (*(float(v) for v in quartiles), float(x.mean()), float(x.std()), float(np.mean(x == 0)))
 
 
+class Scratch:
+    """Buffers reused from tensor to tensor by one thread's comparisons: a fresh array of a few MB per tensor
+    costs more in page faults (the allocator hands large blocks back to the system) than the arithmetic on it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def take(self, role: str, size: int, dtype) -> np.ndarray:
+        """A buffer of `size` elements of `dtype` for `role` (its content is whatever the last user left)."""
+        key = (role, np.dtype(dtype))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[key] = np.empty(size, dtype)
+        return buffer[:size]
+
+
 class _Flat:
     """A tensor flattened, in float64 and sorted (a float32 sort is several times faster than np.quantile's
-    partition): what the statistics of its row need, computed once per round."""
+    partition): what the statistics of its row need, computed once per round. With a Scratch, the float64 copy
+    and the sorted values live in its buffers for `role` (valid until the next _Flat of that role)."""
 
-    __slots__ = ("_norm2", "_ordered", "_total", "finite", "raw", "wide")
+    __slots__ = ("_norm2", "_ordered", "_role", "_scratch", "_total", "finite", "raw", "wide")
 
-    def __init__(self, x: np.ndarray):
+    def __init__(self, x: np.ndarray, scratch: Scratch | None = None, role: str = ""):
         self.raw = np.asarray(x).ravel()
-        self.wide = self.raw.astype(np.float64)
+        self._scratch, self._role = scratch, role
+        if scratch is None:
+            self.wide = self.raw.astype(np.float64)
+        else:
+            self.wide = scratch.take(role + "/wide", self.raw.size, np.float64)
+            np.copyto(self.wide, self.raw)
         self._total = float(self.wide.sum()) if self.raw.size else 0.0
         self.finite = self.raw.size > 0 and bool(np.isfinite(self._total))  # a finite sum: no NaN/Inf
         self._ordered: np.ndarray | None = None
@@ -105,8 +127,18 @@ class _Flat:
     def ordered(self) -> np.ndarray | None:
         """The values sorted (None when some are NaN/Inf)."""
         if self._ordered is None and self.finite:
-            self._ordered = np.sort(self.raw)
+            if self._scratch is None:
+                self._ordered = np.sort(self.raw)
+            else:  # np.sort is this: a copy sorted in place
+                self._ordered = self._scratch.take(self._role + "/sorted", self.raw.size, self.raw.dtype)
+                np.copyto(self._ordered, self.raw)
+                self._ordered.sort()
         return self._ordered
+
+    def _centred(self, mean: float) -> np.ndarray:
+        if self._scratch is None:
+            return self.wide - mean
+        return np.subtract(self.wide, mean, out=self._scratch.take("centred", self.wide.size, np.float64))
 
     def stats(self) -> tuple[float, ...]:
         """tensor_stats(x), the same numbers (quartiles interpolated as numpy's default, sums in float64)."""
@@ -122,7 +154,7 @@ class _Flat:
             gamma = position - low
             quartiles.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
         mean = self._total / n  # the sum the finiteness check took
-        centred = x - mean
+        centred = self._centred(mean)
         zero = s.dtype.type(0)  # a key of another type (a Python 0) would make numpy cast the whole array first
         zeros = int(s.searchsorted(zero, "right") - s.searchsorted(zero, "left"))
         return (float(s[0]), *quartiles, float(s[-1]), float(mean), float(np.sqrt(np.einsum("i,i->", centred, centred) / n)),
@@ -348,6 +380,7 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     want_histograms = HISTOGRAM_LAYERS > 0
     weight_rows: dict[int, tuple[list[str], list[str], float, float]] = {}
     samples = iter(inputs)
+    scratches = (Scratch(), Scratch())  # one per comparing thread, kept from round to round
 
     def next_round() -> tuple[dict, dict, dict] | None:
         """The next sample read and run through the three sessions (None when there is none left)."""
@@ -384,7 +417,7 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
                 report.output_cosines.append((index, name, cos))
             path = folder / f"round_{index}.csv"
             _write_round(path, entries, float_probe, quant_probe, float_values, quant_values, weight_rows,
-                         want_histograms and index == 0, comparing)
+                         want_histograms and index == 0, comparing, scratches)
             report.files.append(path)
             report.rounds += 1
             del values, float_values, quant_values, plain
@@ -422,10 +455,10 @@ def _has_quantized_ops(model: onnx.ModelProto) -> bool:
 
 def _write_round(path: Path, entries: list[_Entry], float_probe: Probe, quant_probe: Probe,
                  float_values: dict, quant_values: dict, weight_rows: dict, histograms: bool,
-                 pool: ThreadPoolExecutor) -> None:
-    def compare(numbers: list[int]) -> list:
+                 pool: ThreadPoolExecutor, scratches: tuple[Scratch, Scratch]) -> None:
+    def compare(numbers: list[int], scratch: Scratch) -> list:
         return [_compare(n, entries[n], float_probe, quant_probe, float_values, quant_values, weight_rows,
-                         histograms) for n in numbers]
+                         histograms, scratch) for n in numbers]
 
     # Two shares of about the same number of values: one compared on the pool's thread, one here (numpy's sorts
     # and sums release the GIL); a round of small tensors is compared here alone (threads would only add
@@ -438,8 +471,8 @@ def _write_round(path: Path, entries: list[_Entry], float_probe: Probe, quant_pr
         side = 1 if parallel and loads[1] < loads[0] else 0
         shares[side].append(n)
         loads[side] += sizes[n]
-    other = pool.submit(compare, shares[1]) if shares[1] else None
-    results = dict(zip(shares[0], compare(shares[0]), strict=True))
+    other = pool.submit(compare, shares[1], scratches[1]) if shares[1] else None
+    results = dict(zip(shares[0], compare(shares[0], scratches[0]), strict=True))
     if other is not None:
         results.update(zip(shares[1], other.result(), strict=True))
     with open(path, "w", newline="") as handle:
@@ -467,7 +500,7 @@ def _size(number: int, entry: _Entry, float_probe: Probe, float_values: dict, we
 
 
 def _compare(number: int, entry: _Entry, float_probe: Probe, quant_probe: Probe, float_values: dict,
-             quant_values: dict, weight_rows: dict, histogram: bool):
+             quant_values: dict, weight_rows: dict, histogram: bool, scratch: Scratch | None = None):
     """The Origin and Dequant rows of one entry (the Dequant row's local cosine left empty), its cosine, clip and
     local cosine (None when there is none); None when the entry has nothing to compare this round."""
     if entry.kind == "Weight" and number in weight_rows:  # weights are the same every round
@@ -477,7 +510,7 @@ def _compare(number: int, entry: _Entry, float_probe: Probe, quant_probe: Probe,
     dequant = _mapped(entry, quant_values.get(entry.counterpart), quant_probe)
     if origin is None or dequant is None or not _comparable(origin, dequant):
         return None
-    flat_origin, flat_dequant = _Flat(origin), _Flat(dequant)
+    flat_origin, flat_dequant = _Flat(origin, scratch, "origin"), _Flat(dequant, scratch, "dequant")
     cos, clip = flat_origin.cosine(flat_dequant), flat_origin.clip(flat_dequant)
     local_cos = None
     if entry.kind == "Weight":
@@ -485,7 +518,7 @@ def _compare(number: int, entry: _Entry, float_probe: Probe, quant_probe: Probe,
     elif entry.local is not None:
         local = _mapped(entry, float_values.get(entry.local), None)
         if local is not None and _comparable(origin, local):
-            local_cos = flat_origin.cosine(_Flat(local))
+            local_cos = flat_origin.cosine(_Flat(local, scratch, "local"))
     head = [entry.node, entry.op_type, entry.tensor, entry.inout]
     local_node = entry.node if entry.kind == "Weight" else entry.local_node
     origin_row = [*head, "Origin", entry.kind, *map(_fmt, flat_origin.stats()), _fmt(0.0), _fmt(1.0), _fmt(1.0),
