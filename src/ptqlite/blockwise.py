@@ -11,6 +11,7 @@ error on one element for a smaller error on all the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ class BlockQuant:
     block: int
     bits: int
     squared_error: float  # sum over the tensor of (dequantized - w)^2
+    squared_norm: float  # sum over the tensor of w^2 (float64, by chunk)
 
     def expand(self, params: np.ndarray) -> np.ndarray:
         """Per-block parameters repeated to the weight's shape."""
@@ -46,12 +48,14 @@ class BlockQuant:
         return (self.codes - self.expand(self.zero_point)).astype(np.float32) * self.expand(self.scale)
 
 
-def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: bool = True) -> BlockQuant:
+def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: bool = True,
+                    release: Callable[[int, int], None] | None = None) -> BlockQuant:
     """Asymmetric block-wise quantization of `w` along `axis` (0 always representable, as the per-channel scheme).
 
     The weight is viewed as [before, length, after] (no transposed copy): blocks are slices [block, after] of it,
     reduced over their middle axis, and processed in chunks small enough for the CPU caches, since the search
-    passes over each chunk a few dozen times."""
+    passes over each chunk a few dozen times. `release(start, stop)` is told each range of `w`'s flat elements
+    that is no longer read (a streaming conversion drops its memory-mapped pages)."""
     qmin, qmax = qrange(bits)
     axis %= w.ndim
     shape = w.shape
@@ -59,14 +63,17 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
     after = int(np.prod(shape[axis + 1:]))
     blocks = -(-length // block)
     x = np.asarray(w, np.float32).reshape(before, length, after)
-    if blocks * block != length:  # zeros are coded exactly (0 is always in range): padding adds no error
+    padded = blocks * block != length
+    if padded:  # zeros are coded exactly (0 is always in range): padding adds no error
         x = np.concatenate([x, np.zeros((before, blocks * block - length, after), np.float32)], axis=1)
+        if release is not None:
+            release(0, w.size)
     # blocks along the last axis: [n, block] (numpy reduces a contiguous last axis fastest), else [n, block, after]
     x = x.reshape(before * blocks, block) if after == 1 else x.reshape(before * blocks, block, after)
     scale = np.empty((x.shape[0], 1, after)[:x.ndim], np.float32)
     zero = np.empty_like(scale)
     codes = np.empty(x.shape, np.int8 if bits <= 8 else np.int16)
-    total = 0.0
+    total = norm = 0.0
     step = max(1, _CHUNK // (block * after))
     for start in range(0, x.shape[0], step):
         part = slice(start, start + step)
@@ -74,9 +81,13 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
         scale[part], zero[part] = s, z
         codes[part] = _quantized(x[part], s, z, qmin, qmax)
         total += float(e.sum(dtype=np.float64))
+        norm += float(np.square(x[part], dtype=np.float64).sum())
+        if release is not None and not padded and x.base is not None:
+            release(start * block * after, min(x.shape[0], start + step) * block * after)
     codes = codes.reshape(before, blocks * block, after)[:, :length].reshape(shape)
     params = (*shape[:axis], blocks, *shape[axis + 1:])
-    return BlockQuant(codes, scale.reshape(params), zero.reshape(params).astype(np.int64), axis, block, bits, total)
+    return BlockQuant(codes, scale.reshape(params), zero.reshape(params).astype(np.int64), axis, block, bits, total,
+                      norm)
 
 
 _CHUNK = 1 << 17  # values per chunk (512 KiB of float32)

@@ -9,11 +9,20 @@ from pathlib import Path
 
 from . import lite_flags
 from .config import QuantConfig, load_config
-from .convert import convert, discard_reports, publish_reports
+from .convert import (
+    convert,
+    discard_output,
+    discard_reports,
+    publish_output,
+    publish_reports,
+    streaming_refusal,
+)
 from .errors import UsageError
 from .model import (
     SUPPORTED_FMKS,
     check_fmk,
+    external_locations,
+    iter_tensors,
     load_model,
     parse_input_shapes,
     save_model,
@@ -23,6 +32,7 @@ from .model import (
 )
 from .paths import check_input_file, check_not_special, check_output_file, is_devnull
 from .result import ConversionResult, Verification
+from .stream import has_external_data
 from .verify import SYNTHETIC_NOTE, describe, is_synthetic
 
 
@@ -47,13 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lite_flags.add_arguments(parser)
 
 
-def load_inputs(args: argparse.Namespace, apply_shapes: bool = True):
-    """The config and the model; --inputShape is checked and, with apply_shapes, written into the model."""
+def load_inputs(args: argparse.Namespace, apply_shapes: bool = True, lazy=None):
+    """The config and the model; --inputShape is checked and, with apply_shapes, written into the model.
+    `lazy(config)` true: the model's external data stays in its files (a streaming conversion)."""
     check_fmk(args.fmk)  # before the config, so a wrong framework is the error a user sees first
     shapes = parse_input_shapes(args.inputShape) if args.inputShape else None
     check_input_file(args.configFile, "--configFile")  # a FIFO would block the read
     config = load_config(args.configFile)
-    model = load_model(args.modelFile, args.fmk, shapes, apply_shapes=apply_shapes)
+    model = load_model(args.modelFile, args.fmk, shapes, apply_shapes=apply_shapes,
+                       lazy=bool(lazy and lazy(config)))
     return config, model
 
 
@@ -137,11 +149,18 @@ def run(args: argparse.Namespace) -> int:
     verify, floor = verify_options(args)
     lite = lite_flags.read(args)
     shapes = parse_input_shapes(args.inputShape) if args.inputShape else None
-    config, model = load_inputs(args, apply_shapes=False)
+    # Streaming (stream.py): the weights stay in the input's data files and are read one at a time; the output
+    # is written while the pass runs. Not for a dry run, which has no folder to write the data file in.
+    config, model = load_inputs(args, apply_shapes=False, lazy=lambda c: not discard and args.fmk == "ONNX"
+                                and not streaming_refusal(c, shapes, args.modelFile, lite.fp16))
     check_lite_options(lite, config)
+    streamed = has_external_data(model, iter_tensors)
+    if not discard:
+        _check_input_data_kept(model, Path(args.modelFile), out)
     result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
                      defer_reports=True, input_shapes=shapes, verify=verify, verify_floor=floor,
-                     analyze_command=analyze_command(args), float16=lite.fp16)
+                     analyze_command=analyze_command(args), float16=lite.fp16,
+                     stream_to=out if streamed else None)
     if shapes and args.fmk == "PYTORCH":
         result.notes.append("the TorchScript model is traced at the --inputShape shapes, so the output has them too")
     if lite.optimize == "ascend_oriented" and config.quant_type == "FULL_QUANT" and config.full.target_device != "ASCEND":
@@ -150,14 +169,29 @@ def run(args: argparse.Namespace) -> int:
     if lite.input_type or lite.output_type:
         integer_boundaries(result, model, config, lite, shapes, args.inputDataFormat or None)
     try:
-        if not discard:
+        if result.staged_output is not None:
+            publish_output(result)
+        elif not discard:
             save_model(result.model, out)
         publish_reports(result)  # only once the model is in place
     finally:
+        discard_output(result)
         discard_reports(result)
     if not args.quiet:
         print(summary(result, Path(args.modelFile), None if discard else out))
     return 0
+
+
+def _check_input_data_kept(model, source: Path, out: Path) -> None:
+    """Refuse an output whose data file would replace one of the input's external-data files."""
+    data = out.with_name(out.name + ".data")
+    if not data.exists():
+        return
+    for location in external_locations(model):
+        own = source.parent / location
+        if own.exists() and os.path.samefile(own, data):
+            raise UsageError(f"--outputFile={out}: its data file {data} is the input model's external data; "
+                             "choose another output name")
 
 
 def _mb(size: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -11,10 +12,12 @@ from typing import Any
 import onnx
 
 from .config import QuantConfig
-from .errors import ConversionError
+from .errors import ConversionError, UsageError
 from .model import (
     check_input_shapes,
     constants_to_initializers,
+    iter_initializers,
+    iter_tensors,
     lift_subgraph_constants,
     name_unnamed_nodes,
     restore_io_shapes,
@@ -25,6 +28,7 @@ from .paths import check_output_folder, publish_folder, remove_quietly, stage_fo
 from .plan import WEIGHT_SLOTS, expand_skips, weight_tensors
 from .result import ConversionResult, SkippedTensor
 from .runtime import cpu_session
+from .stream import StagedOutput, reading_from
 from .targets import target as target_preset
 from .validate import checked_samples, one_line, validate_model
 
@@ -62,7 +66,7 @@ def pass_for(config: QuantConfig) -> QuantPass:
 def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Path | None = None,
             validate: bool = True, defer_reports: bool = False, input_shapes: dict[str, list[int]] | None = None,
             verify: bool = True, verify_floor: float | None = None, analyze_command: str | None = None,
-            float16: bool = False, **options: Any) -> ConversionResult:
+            float16: bool = False, stream_to: str | Path | None = None, **options: Any) -> ConversionResult:
     """Quantize a copy of `model` as `config` says; `model` itself is left untouched.
 
     The input rules (validate.py) are checked first unless validate=False (for callers that convert the same,
@@ -74,7 +78,52 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     `verify_floor` is an error when a floor is given, else a warning suggesting `analyze_command`). `float16`
     (--fp16=on) stores the model's float32 constants that stay unquantized as float16 (fp16.py). Other options
     are passed to the pass (e.g. input_format="NHWC" for calibration images, progress=False, samples=[...]).
+
+    `stream_to` (a streaming conversion, stream.py): `model` was loaded from `model_path` without its external
+    data (model.load_model(lazy=True)); the output is written to temp files beside `stream_to` while the pass runs
+    and the gate checks it there; publish_output(result) renames them into place (discard_output on failure).
+    Only where streaming_refusal(...) is "".
     """
+    if stream_to is not None:
+        refusal = streaming_refusal(config, input_shapes, model_path, float16)
+        if refusal:
+            raise UsageError(f"cannot stream this conversion: {refusal}")
+        staged = StagedOutput(Path(stream_to))
+        try:
+            result = _convert(model, config, model_path, validate, defer_reports, input_shapes, verify,
+                              verify_floor, analyze_command, float16, staged, options)
+        except BaseException:
+            staged.discard()
+            raise
+        result.staged_output = staged
+        return result
+    return _convert(model, config, model_path, validate, defer_reports, input_shapes, verify, verify_floor,
+                    analyze_command, float16, None, options)
+
+
+def streaming_refusal(config: QuantConfig, input_shapes: dict[str, list[int]] | None,
+                      model_path: str | Path | None, float16: bool = False) -> str:
+    """Why a conversion cannot stream ("" when it can): WEIGHT_QUANT with a fixed bit width and DYNAMIC_QUANT read
+    each weight once; FULL_QUANT and mixed bit run the float model in memory, debug reports need it whole,
+    --inputShape runs it with other shapes, and --fp16 rewrites the weights it does not quantize."""
+    if config.quant_type not in ("WEIGHT_QUANT", "DYNAMIC_QUANT") or config.is_mixed_bit:
+        mode = "WEIGHT_QUANT mixed bit" if config.is_mixed_bit else config.quant_type
+        return f"{mode} runs the float model in memory"
+    if config.common.debug_info_save_path:
+        return "the debug reports run the float model in memory"
+    if input_shapes:
+        return "--inputShape runs the float model in memory with the given shapes"
+    if model_path is None:
+        return "the model was not loaded from a file"
+    if float16:
+        return "--fp16=on rewrites every float weight"
+    return ""
+
+
+def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path | None, validate: bool,
+             defer_reports: bool, input_shapes: dict[str, list[int]] | None, verify: bool,
+             verify_floor: float | None, analyze_command: str | None, float16: bool, staged: StagedOutput | None,
+             options: dict[str, Any]) -> ConversionResult:
     started = time.perf_counter()
     quant_pass = pass_for(config)
     source = str(model_path) if model_path else f"model '{model.graph.name or '(unnamed graph)'}'"
@@ -114,8 +163,11 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     weights = weight_tensors(work)
     named = _copy(work) if report_folder else None  # the reports match tensors by the names the pass sees
     log.info("%s", describe_mode(config))
-    # With --inputShape the pass also gets the model's own shapes, for graphs that ONNX Runtime runs only with them
-    result = quant_pass(work, config, **options, own_shapes=model if runnable is not model else None)
+    base = Path(model_path).parent if staged is not None else None
+    with reading_from(base, staged.sink) if staged is not None else contextlib.nullcontext():
+        # With --inputShape the pass also gets the model's own shapes, for graphs that ONNX Runtime runs only
+        # with them
+        result = quant_pass(work, config, **options, own_shapes=model if runnable is not model else None)
     _log_decisions(result)
     _account_for_every_weight(result, weights, config)
     result.notes += notes + result_notes
@@ -126,11 +178,16 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     fixed = restore_io_shapes(result.model, model, result.notes) if input_shapes and runnable is not model else None
     if float16:
         _store_float16(result, runnable)
+    quant_file = None
+    if staged is not None:  # the output's files, under temp names: the gate loads it from there
+        with reading_from(base, staged.sink):
+            quant_file = str(staged.finish(result.model, base, iter_tensors, iter_initializers))
+        runnable = str(model_path)
     if verify:
         from .verify import run_gate
 
         run_gate(model, reference, runnable, result, config, options, verify_floor, analyze_command, input_shapes,
-                 fixed)
+                 fixed, quant_file)
     if report_folder:
         result.float_model = result.float_model or named
         _write_reports(result.float_model, result, config, options, Path(report_folder))
@@ -249,6 +306,20 @@ def publish_reports(result: ConversionResult) -> None:
         publish_folder(staging, target, is_report_file)
     except OSError as exc:
         raise write_error(target, "the debug reports", exc) from None
+
+
+def publish_output(result: ConversionResult) -> None:
+    """Rename the files of a streaming conversion into place (data file first)."""
+    if result.staged_output is not None:
+        staged, result.staged_output = result.staged_output, None
+        staged.publish(result.model, iter_tensors)
+
+
+def discard_output(result: ConversionResult) -> None:
+    """Remove the temp files of a streaming conversion that was not published."""
+    if result.staged_output is not None:
+        result.staged_output.discard()
+        result.staged_output = None
 
 
 def discard_reports(result: ConversionResult) -> None:

@@ -15,6 +15,7 @@ from .model import GraphIndex, attribute, subgraphs
 from .plan import int8_rules, plan_weights
 from .qmath import QParams, dequantize, quantize, relative_error, symmetric_params
 from .result import QuantizedTensor, SkippedTensor
+from .stream import spill
 
 SCHEME = "symmetric per-row axis 0"
 STORAGE = "Gather int8, rows dequantized after gathering"
@@ -29,7 +30,8 @@ class GraphBuilder:
 
     def const(self, array: np.ndarray, base: str) -> str:
         name = self.index.unique_name(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # a streaming conversion writes it to the output's data file now
+        self.initializers.append(*spill([numpy_helper.from_array(np.ascontiguousarray(array), name)]))
         return name
 
     def node(self, op: str, inputs: list[str], prefix: str, output: str | None = None, **attrs) -> tuple:
@@ -42,10 +44,11 @@ class TableWriter:
 
     def __init__(self, builder: GraphBuilder):
         self.builder = builder
-        self.tables: dict[str, tuple[str, str, QParams, np.ndarray]] = {}
+        self.tables: dict[str, tuple[str, str, QParams, float]] = {}
 
-    def gather(self, node: onnx.NodeProto, tensor: str) -> tuple[list[onnx.NodeProto], np.ndarray, QParams]:
-        """Nodes replacing `node` (a Gather of rows of `tensor`), the dequantized table and its parameters."""
+    def gather(self, node: onnx.NodeProto, tensor: str) -> tuple[list[onnx.NodeProto], float, QParams]:
+        """Nodes replacing `node` (a Gather of rows of `tensor`), the relative error of the dequantized table
+        (not the table itself: a float copy per table until the pass ends) and its parameters."""
         b = self.builder
         if tensor not in self.tables:
             table = b.index.array(tensor)
@@ -54,8 +57,8 @@ class TableWriter:
             base = tensor.replace("::", "_").strip("/")
             q_name = b.const(codes.astype(np.int8), f"{base}_quantized")
             s_name = b.const(params.scale.astype(np.float32), f"{base}_scale")
-            self.tables[tensor] = (q_name, s_name, params, dequantize(codes, params))
-        q_name, s_name, params, table_hat = self.tables[tensor]
+            self.tables[tensor] = (q_name, s_name, params, relative_error(table, dequantize(codes, params)))
+        q_name, s_name, params, error = self.tables[tensor]
         prefix = node.name or b.index.unique_name("Gather")
         ids = node.input[1]
         g_codes, codes_out = b.node("Gather", [q_name, ids], prefix, axis=0)
@@ -63,7 +66,7 @@ class TableWriter:
         cast, cast_out = b.node("Cast", [codes_out], prefix, to=TensorProto.FLOAT)
         # scale rows are [V, 1, ...]: gathered they broadcast over each row's elements
         mul, _ = b.node("Mul", [cast_out, scale_out], prefix, output=node.output[0])
-        return [g_codes, g_scale, cast, mul], table_hat, params
+        return [g_codes, g_scale, cast, mul], error, params
 
 
 def unsupported_gather(node: onnx.NodeProto) -> str:
@@ -73,10 +76,10 @@ def unsupported_gather(node: onnx.NodeProto) -> str:
     return ""
 
 
-def table_record(tensor: str, spec, table: np.ndarray, table_hat: np.ndarray, params: QParams) -> QuantizedTensor:
+def table_record(tensor: str, spec, table: np.ndarray, error: float, params: QParams) -> QuantizedTensor:
     return QuantizedTensor(tensor, "Gather", spec.nodes, spec.shape, 8, SCHEME, STORAGE, bytes_before=table.nbytes,
                            bytes_after=table.size + 4 * params.scale.size,
-                           relative_error=relative_error(table, table_hat), scale=params.scale.ravel(),
+                           relative_error=error, scale=params.scale.ravel(),
                            zero_point=params.zero_point.ravel())
 
 
@@ -105,10 +108,10 @@ def int8_gather_tables(model: onnx.ModelProto, config: QuantConfig
                     kept_float.setdefault(tensor, reason)
                 nodes.append(node)
                 continue
-            new_nodes, table_hat, params = writer.gather(node, tensor)
+            new_nodes, error, params = writer.gather(node, tensor)
             nodes += new_nodes
             if tensor not in done:
-                done[tensor] = table_record(tensor, specs[tensor], index.array(tensor), table_hat, params)
+                done[tensor] = table_record(tensor, specs[tensor], index.array(tensor), error, params)
         return nodes
 
     nodes = rewrite(list(model.graph.node))

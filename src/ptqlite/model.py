@@ -16,6 +16,7 @@ from .errors import ConversionError, ModelError, UsageError
 from .frontends import TF_FMKS, check_frontend, load_tensorflow
 from .opset import raise_opset
 from .paths import check_input_file, remove_quietly, remove_stale_temps, temp_path, write_error
+from .stream import is_external, read_array
 
 SUPPORTED_FMKS = ("ONNX", "PYTORCH", *TF_FMKS)
 _TWO_GB = 2**31 - 1
@@ -29,10 +30,12 @@ def check_fmk(fmk: str) -> None:
 
 
 def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list[int]] | None = None,
-               apply_shapes: bool = True) -> onnx.ModelProto:
+               apply_shapes: bool = True, lazy: bool = False) -> onnx.ModelProto:
     """Read a model with the front-end for `fmk`; the file itself is never modified. `input_shapes` are checked
     against the model's inputs and, with `apply_shapes`, written into it (convert() instead applies them to its
-    working copy only, so the output keeps the model's own shapes: docs/spec.md, "--inputShape")."""
+    working copy only, so the output keeps the model's own shapes: docs/spec.md, "--inputShape"). With `lazy`
+    (ONNX), tensors in external data stay there: the model holds their references only (a streaming
+    conversion reads them one at a time, stream.py)."""
     path = Path(path)
     check_fmk(fmk)
     if fmk in TF_FMKS:  # a SavedModel is a folder: the front-end checks the path itself
@@ -41,7 +44,7 @@ def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list
         check_input_file(str(path), "--modelFile")
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
-        model = _load_torchscript(path, input_shapes) if fmk == "PYTORCH" else _load_onnx(path)
+        model = _load_torchscript(path, input_shapes) if fmk == "PYTORCH" else _load_onnx(path, lazy)
     if not model.graph.node:
         raise ModelError(f"{path}: the model graph has no nodes")
     if input_shapes:
@@ -51,9 +54,9 @@ def load_model(path: str | Path, fmk: str = "ONNX", input_shapes: dict[str, list
     return model
 
 
-def _load_onnx(path: Path) -> onnx.ModelProto:
+def _load_onnx(path: Path, lazy: bool = False) -> onnx.ModelProto:
     try:
-        return onnx.load(str(path))
+        return onnx.load(str(path), load_external_data=not lazy)
     except Exception as exc:  # noqa: BLE001  (onnx raises many types for a corrupt file)
         raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
 
@@ -235,6 +238,11 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    """The external-data files the model's tensors name (relative to the model file's folder)."""
+    return {entry.value for t in iter_tensors(model.graph) for entry in t.external_data if entry.key == "location"}
+
+
 def stored_bytes(path: str | Path) -> int:
     """Bytes a model takes on disk: the file plus the external-data files its tensors name (a SavedModel
     folder: all its files)."""
@@ -246,8 +254,7 @@ def stored_bytes(path: str | Path) -> int:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001  (the size of the file itself is still right)
         return total
-    locations = {entry.value for t in iter_tensors(model.graph) for entry in t.external_data
-                 if entry.key == "location"}
+    locations = external_locations(model)
     return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
@@ -426,7 +433,11 @@ class GraphIndex:
         self._used = _all_names(graph)
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[name])
+        """The initializer's values; one in external data (a streaming conversion) is a read-only memory map."""
+        tensor = self.initializers[name]
+        if is_external(tensor):
+            return read_array(tensor)
+        return numpy_helper.to_array(tensor)
 
     def unique_name(self, base: str) -> str:
         name, counter = base, 1

@@ -140,7 +140,15 @@ def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
 def pack_int4(values: np.ndarray) -> bytes:
     """Signed or unsigned 4-bit values (each in [-8, 15]) as ONNX int4/uint4 raw data: two per byte, the first
     element in the low nibble, an odd count padded with a zero nibble."""
-    nibbles = (np.asarray(values).ravel().astype(np.int16) & 0xF).astype(np.uint8)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+    flat = np.asarray(values).ravel()
+    packed = np.empty((flat.size + 1) // 2, np.uint8)
+    step = 1 << 22  # values at a time: the temporaries stay small beside a large weight's codes
+    for start in range(0, flat.size, step):
+        part = flat[start:start + step]
+        # the low 4 bits of the two's complement (int8 codes are viewed as bytes, not widened)
+        nibbles = part.view(np.uint8) & np.uint8(0xF) if part.dtype == np.int8 else (
+            part.astype(np.int16) & 0xF).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed[start // 2:start // 2 + nibbles.size // 2] = nibbles[0::2] | (nibbles[1::2] << 4)
+    return packed.tobytes()

@@ -85,6 +85,8 @@ class ConversionResult:
     # (temp folder, debug_info_save_path) while the debug reports wait for the model to be written
     pending_reports: tuple[Path, Path] | None = None
     verification: Verification | None = None  # None: convert() ran with verify=False
+    # A streaming conversion's output files under temp names until convert.publish_output (a stream.StagedOutput)
+    staged_output: object | None = None
     # (node name, input slot) -> (scale, offset): what that node reads in the quantized model, times scale plus
     # offset (None: 0), is the float model's value there. Activation smoothing divides an input by s and multiplies
     # the weight rows by s; WEIGHT_QUANT feeds MatMul/Gather the codes and maps their outputs instead.

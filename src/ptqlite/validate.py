@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ConversionError, DataError, ModelError
-from .model import iter_graphs, too_large_for_one_file
+from .model import iter_graphs, iter_tensors, stored_bytes, too_large_for_one_file
 from .plan import WEIGHT_SLOTS
 from .runtime import cpu_session
+from .stream import all_finite_external, external_bytes, has_external_data, loads_whole, over_whole_load
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None 
     checks of models over 2 GB use (protobuf cannot serialise those in memory)."""
     notes: list[str] = []
     _check_opsets(model, source)
+    if path is not None and has_external_data(model, iter_tensors):
+        return _validate_streamed(model, source, Path(path))
     large = too_large_for_one_file(model)
     if large and path is None:
         notes.append("the ONNX checker and the ONNX Runtime load check did not run: the model is over 2 GB and "
@@ -58,6 +61,26 @@ def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None 
     check_weights_finite(model, source)
     _check_runtime(model if not large else str(path), source)
     return notes
+
+
+
+
+def _validate_streamed(model: onnx.ModelProto, source: str, path: Path) -> list[str]:
+    """The input rules for a model whose weights stayed in external data: the checker reads the model file
+    (it checks the data files exist and hold the tensors), NaN/Inf are scanned tensor by tensor from memory maps,
+    and ONNX Runtime loads the model only up to stream.WHOLE_LOAD_BYTES."""
+    for value in model.graph.input:
+        if _shapeless(value):
+            raise ModelError(f"{source}: input '{value.name}' has no shape; give one with --inputShape, e.g. "
+                             f"--inputShape=\"{value.name}:1,3,224,224\"")
+    _check_onnx(str(path), source)
+    refuse_quantized(model, source)
+    check_weights_finite(model, source, path.parent)
+    size = stored_bytes(path)
+    if not loads_whole(size):
+        return [f"the ONNX Runtime load check of the input did not run: {over_whole_load(size)}"]
+    _check_runtime(str(path), source)
+    return []
 
 
 def _check_opsets(model: onnx.ModelProto, source: str) -> None:
@@ -146,37 +169,47 @@ def refuse_quantized(model: onnx.ModelProto, source: str) -> None:
                      "quantizes float models: convert the float original instead")
 
 
-def check_weights_finite(model: onnx.ModelProto, source: str) -> None:
+def check_weights_finite(model: onnx.ModelProto, source: str, base: Path | None = None) -> None:
     """NaN in any float constant, or ±Inf in a constant that a weighted or normalisation op reads, refuses the
-    model: quantization turns it into a scale of NaN or Inf and the whole layer's output with it."""
+    model: quantization turns it into a scale of NaN or Inf and the whole layer's output with it. Tensors in
+    external data are scanned from their data files (in `base`, the model file's folder), a chunk at a time;
+    without `base` they are not checked."""
     weight_names = {name for g in iter_graphs(model.graph) for n in g.node if n.op_type in _WEIGHT_READERS
                     for name in n.input}
     for graph in iter_graphs(model.graph):
         where = "" if graph is model.graph else f" (in subgraph '{graph.name}')"
         for tensor in graph.initializer:
-            _check_tensor(tensor, tensor.name, tensor.name in weight_names, source, where)
+            _check_tensor(tensor, tensor.name, tensor.name in weight_names, source, where, base)
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     name = node.output[0] if node.op_type == "Constant" and node.output else f"{node.name}.{attr.name}"
-                    _check_tensor(attr.t, name, name in weight_names, source, where)
+                    _check_tensor(attr.t, name, name in weight_names, source, where, base)
 
 
-def _check_tensor(tensor: onnx.TensorProto, name: str, is_weight: bool, source: str, where: str) -> None:
-    if tensor.data_type not in _FLOAT_TYPES or tensor.data_location == TensorProto.EXTERNAL:
+def _check_tensor(tensor: onnx.TensorProto, name: str, is_weight: bool, source: str, where: str,
+                  base: Path | None) -> None:
+    if tensor.data_type not in _FLOAT_TYPES:
         return
-    values = numpy_helper.to_array(tensor)
-    if values.dtype not in (np.float32, np.float64, np.float16):
-        values = values.astype(np.float32)  # bfloat16
-    if values.size == 0 or _all_finite(values):
-        return
-    nan = int(np.isnan(values).sum())
-    inf = int(np.isinf(values).sum())
+    if tensor.data_location == TensorProto.EXTERNAL:
+        if base is None:
+            return
+        size = external_bytes(tensor) // np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        nan, inf = all_finite_external(tensor, base)
+    else:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype not in (np.float32, np.float64, np.float16):
+            values = values.astype(np.float32)  # bfloat16
+        if values.size == 0 or _all_finite(values):
+            return
+        size = values.size
+        nan = int(np.isnan(values).sum())
+        inf = int(np.isinf(values).sum())
     if nan:
-        raise ModelError(f"{source}: weight '{name}'{where} has {nan} NaN value(s) of {values.size}; expected "
+        raise ModelError(f"{source}: weight '{name}'{where} has {nan} NaN value(s) of {size}; expected "
                          "finite numbers (the float model itself computes NaN there)")
     if inf and is_weight:
-        raise ModelError(f"{source}: weight '{name}'{where} has {inf} infinite value(s) of {values.size}; "
+        raise ModelError(f"{source}: weight '{name}'{where} has {inf} infinite value(s) of {size}; "
                          "expected finite numbers")
 
 

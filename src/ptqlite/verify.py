@@ -30,7 +30,7 @@ import onnx
 
 from .config import QuantConfig
 from .errors import ConversionError, VerificationError
-from .model import EXTERNAL_DATA_THRESHOLD, IoShapes, graph_inputs, tensor_bytes
+from .model import EXTERNAL_DATA_THRESHOLD, IoShapes, graph_inputs, stored_bytes, tensor_bytes
 from .result import ConversionResult, OutputCheck, Verification
 from .runtime import (
     REFERENCE_VALUES,
@@ -41,6 +41,7 @@ from .runtime import (
     session_feeds,
     synthetic_inputs,
 )
+from .stream import loads_whole, over_whole_load
 
 log = logging.getLogger(__name__)
 
@@ -236,15 +237,16 @@ def _other_shape_problem(quant, original: onnx.ModelProto, feeds: dict[str, np.n
     return ""
 
 
-def verify(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
-           source: str, floor: float,
+def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | str,
+           inputs: list[dict[str, np.ndarray]], source: str, floor: float,
            other_shape: tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None = None) -> Verification:
-    """Load `quant_model` and compare it with `float_model` on `inputs`. Raises VerificationError when the quantized
+    """Load `quant_model` and compare it with `float_model` on `inputs` (either may be a model file: a streaming
+    conversion; a float model file over stream.WHOLE_LOAD_BYTES is not loaded, the output is run once). Raises VerificationError when the quantized
     model does not load, does not run where the float model runs, or lacks one of the float model's outputs.
     `other_shape` (the original float model, one sample at other input shapes, their text) also runs both there
     and records a failure or a different output shape in shape_problem."""
     result = Verification(source, len(inputs), floor)
-    if _too_large(quant_model):
+    if isinstance(quant_model, onnx.ModelProto) and _too_large(quant_model):
         result.skipped = "the output is over 2 GB, which ONNX Runtime cannot load from memory"
         return result
     try:
@@ -258,7 +260,13 @@ def verify(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, inputs: l
             either = f" (nor does the float model: {_runtime_message(float_exc)})"
         raise VerificationError(f"the quantized model does not load in ONNX Runtime, so nothing was written: "
                           f"{message}{either}") from None
-    if _too_large(float_model):
+    if isinstance(float_model, str) and not loads_whole(stored_bytes(float_model)):
+        # a streaming conversion: the float model would take its whole size in memory
+        _run_once(quant, inputs, source)
+        result.skipped = (f"{over_whole_load(stored_bytes(float_model))}, so the output was loaded and run once, "
+                          "not compared with it")
+        return result
+    if isinstance(float_model, onnx.ModelProto) and _too_large(float_model):
         result.skipped = "the float model is over 2 GB, so the output was only loaded, not compared"
         return result
     try:
@@ -325,6 +333,17 @@ def verify(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, inputs: l
     return result
 
 
+def _run_once(quant, inputs: list[dict[str, np.ndarray]], source: str) -> None:
+    """Run the output on the first input; a failure is a VerificationError."""
+    if not inputs:
+        return
+    try:
+        quant.run(None, session_feeds(quant, inputs[0]))
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"the quantized model fails in ONNX Runtime on sample 0 of the {source}, so "
+                                f"nothing was written: {_one_line(exc)}") from None
+
+
 def likely_cause(config: QuantConfig) -> str:
     """What most often makes `config`'s mode collapse, and what to try."""
     if config.quant_type == "FULL_QUANT":
@@ -377,18 +396,20 @@ def collapse_message(verification: Verification, config: QuantConfig, analyze_co
 
 def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: onnx.ModelProto,
              result: ConversionResult, config: QuantConfig, options: dict, floor: float | None,
-             analyze_command: str | None, input_shapes: dict[str, list[int]] | None, fixed: IoShapes | None) -> None:
+             analyze_command: str | None, input_shapes: dict[str, list[int]] | None, fixed: IoShapes | None,
+             quant_file: str | None = None) -> None:
     """The gate as convert() runs it on `result` (`reference`: the float model with the fixed shapes, which the
     inputs are made for; `runnable`: the float model that runs, `reference` unless ONNX Runtime refuses it with
     the fixed shapes; `fixed`: what restore_io_shapes replaced, None when nothing was). The output must load and
     run in ONNX Runtime; a collapse is a warning, or an error when `floor` was given. With --inputShape the output, which has the
     model's own shapes again, also runs at other shapes; an output that works only at the fixed shapes keeps
-    them, and a note says why."""
+    them, and a note says why. A streaming conversion gives `runnable` as the float model's file and the output
+    as `quant_file` (its temp file), so neither model is held in memory beside ONNX Runtime's sessions."""
     inputs, source = verification_inputs(reference, config, options.get("input_format"), options.get("samples"))
     limit = default_floor(config, is_synthetic_source(source)) if floor is None else floor
     other = other_shape_inputs(original, input_shapes) if fixed is not None else None
     try:
-        result.verification = verify(runnable, result.model, inputs, source, limit,
+        result.verification = verify(runnable, quant_file or result.model, inputs, source, limit,
                                      (original, *other) if other else None)
         problem = result.verification.shape_problem
     except VerificationError as exc:

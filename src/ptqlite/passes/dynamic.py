@@ -63,7 +63,9 @@ class _IntWeight:
     q_name: str  # int8 codes q, or uint8 codes q + 128, layout [.., K, N]
     zero_name: str  # "" for int8 codes (zero point 0)
     params: QParams
-    w_hat: np.ndarray  # the float weight the integer path computes with, layout [.., K, N]
+    relative_error: float  # of the float weight the integer path computes with (kept instead of that weight,
+    # which would hold a float copy of every weight until the pass ends)
+    rows: int  # K
     equalizer: str | None = None  # ACWL: per-input-channel factor applied to x (the weight was divided by it)
     extra_bytes: int = 0  # stored besides codes and scale (ACWL: the equalizer)
 
@@ -149,6 +151,7 @@ class _Rewriter(GraphBuilder):
             w = self.index.array(tensor).astype(np.float32)
             if transpose:
                 w = np.ascontiguousarray(w.T)
+            original = w
             equalizer = None
             if self.strategy == "ALWC":
                 params = symmetric_params(w, 8, w.ndim - 1, narrow=True)
@@ -179,7 +182,8 @@ class _Rewriter(GraphBuilder):
                 eq_name = self.const(equalizer.astype(np.float32), f"{base}_equalizer")
                 extra_bytes = 4 * equalizer.size
                 w_hat = w_hat * equalizer[:, None].astype(np.float32)
-            self.weights[key] = _IntWeight(q_name, zero_name, params, w_hat, eq_name, extra_bytes)
+            self.weights[key] = _IntWeight(q_name, zero_name, params, relative_error(original, w_hat),
+                                           w.shape[-2] if w.ndim >= 2 else 1, eq_name, extra_bytes)
         return self.weights[key]
 
     def quantized_matmul(
@@ -242,7 +246,7 @@ class _Rewriter(GraphBuilder):
         if self.opset >= 13:
             # One QuantizeLinear, per axis over x seen as [rows, K] (its zero point has the scale's shape).
             # Not the blocked form of opset 21: onnxruntime 1.32 rejects it when there is a single row.
-            k = weight.w_hat.shape[-2]
+            k = weight.rows
             rows = add("Reshape", [x, self.shared(np.array([-1, k], np.int64))])
             flat = add("Reshape", [scale, self.shared(np.array([-1], np.int64))])
             zero = add("Cast", [add("Add", [add("Mul", [flat, self.shared(np.float32(0))]),
@@ -319,10 +323,10 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
                 continue
             extra_bytes = 0  # stored besides codes and scales
             if node.op_type == "Gather":
-                nodes, w_hat, params = rw.tables.gather(node, weight)
+                nodes, error, params = rw.tables.gather(node, weight)
                 scheme, storage = embedding.SCHEME, embedding.STORAGE
             else:
-                nodes, w_hat, params, extra_bytes = _matmul_nodes(rw, node, weight, graph)
+                nodes, error, params, extra_bytes = _matmul_nodes(rw, node, weight, graph)
                 scheme = "symmetric per-channel axis -1 (N)" if strategy == "ALWC" else "symmetric per-tensor"
                 scheme += f"; activations {_ACTIVATION_SCHEME[strategy]}"
                 storage = "MatMulInteger uint8 (zero point 128)"
@@ -331,7 +335,6 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
             new_nodes += nodes
             if weight not in done:
                 w = rw.index.array(weight)
-                w_ref = w.T if _stored_transposed(node, w.shape) else w
                 done[weight] = QuantizedTensor(
                     weight,
                     node.op_type,
@@ -342,7 +345,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
                     storage,
                     bytes_before=w.nbytes,
                     bytes_after=w.size + 4 * params.scale.size + extra_bytes,
-                    relative_error=relative_error(w_ref, w_hat),
+                    relative_error=error,
                     scale=params.scale.ravel(),
                     zero_point=params.zero_point.ravel(),
                 )
@@ -433,7 +436,7 @@ def _matmul_nodes(rw: _Rewriter, node: onnx.NodeProto, weight: str, graph: int =
             add, _ = rw.node("Add", [product, bias], prefix, output=node.output[0])
             nodes.append(add)
     quantized = rw.matmul_weight(weight, transpose)  # memoised: the codes quantized_matmul used
-    return nodes, quantized.w_hat, quantized.params, quantized.extra_bytes
+    return nodes, quantized.relative_error, quantized.params, quantized.extra_bytes
 
 
 def _all_nodes(nodes):
@@ -464,7 +467,8 @@ def _keep_bias_outside_fusion(graph: onnx.GraphProto, rw: _Rewriter) -> None:
         if uses.get(y) != 1 or y in outputs or not _constant(other, graph, initializers):
             continue
         if other in initializers:
-            negated = numpy_helper.from_array(-numpy_helper.to_array(initializers[other]),
+            negated = numpy_helper.from_array(-rw.index.array(other) if other in rw.index.initializers
+                                              else -numpy_helper.to_array(initializers[other]),
                                               rw.index.unique_name(f"{other}_negated"))
             graph.initializer.append(negated)
             negated_name = negated.name

@@ -26,6 +26,7 @@ from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph
 from ..plan import WeightSpec, plan_weights, weight_quant_rules
 from ..qmath import asymmetric_params, dequantize, pack_int4, qrange, quantize, reduce_axes, relative_error
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
+from ..stream import release_pages, spill, streaming
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,20 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
         w = index.array(spec.tensor)
         axis = block_axis(spec) if block else None
         if axis is not None:
-            bq = quantize_blocks(w, spec.bits, axis, block)
+            bq = quantize_blocks(w, spec.bits, axis, block, release=lambda a, b, w=w: release_pages(w, a, b))
+            float_bytes = w.nbytes
+            del w  # a streaming conversion unmaps the float weight before the codes are packed
             rows = gathers_rows(index, spec.tensor, in_subgraphs)
             if rows:
                 nodes, inits = _blocked_gathered_rows(index, spec, bq, after)
             else:
                 nodes, inits = _blocked_dequantize_linear(index, spec, bq)
             new_nodes += nodes
-            new_inits += inits
             removed.add(spec.tensor)
-            result.quantized.append(_record_blocks(spec, bq, w, sum(_nbytes(t) for t in inits),
+            result.quantized.append(_record_blocks(spec, bq, float_bytes, sum(_nbytes(t) for t in inits),
                                                    rows=rows))
+            del bq
+            new_inits += spill(inits)  # a streaming conversion writes them to the output's data file now
             continue
         qw = quantize_weight(w, spec.bits, spec.axis, spec.correction_axis, options.bias_correction)
         if on_the_fly:
@@ -138,9 +142,10 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
                                                             decoder.offset.astype(np.float32))
                 inits = inits + _decode_after(index, shared, spec.tensor, decoder, where, after)
         new_nodes += nodes
-        new_inits += inits
         removed.add(spec.tensor)
         result.quantized.append(_record(spec, qw, storage, w, dequantized, sum(_nbytes(t) for t in inits)))
+        del w, qw, dequantized
+        new_inits += spill(inits)
     mapping = [n for nodes in after.values() for n in nodes]
     # shared values (the decoders' lookup tables) first: they read constants only
     new_nodes = shared.nodes_used_by(new_nodes + mapping) + new_nodes
@@ -390,20 +395,24 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
     return nodes, [q_tensor, s_tensor, z_tensor]
 
 
-def _record_blocks(spec: WeightSpec, bq: BlockQuant, w: np.ndarray, stored: int, rows: bool = False) -> QuantizedTensor:
+def _record_blocks(spec: WeightSpec, bq: BlockQuant, float_bytes: int, stored: int,
+                   rows: bool = False) -> QuantizedTensor:
     dtype = TensorProto.DataType.Name(_storage_type(bq.bits)[0]).lower()
     storage = f"DequantizeLinear {dtype} block {bq.block}" + (" of the gathered rows" if rows else "")
+    # The per-block parameters (an eighth of the float weight's bytes at block 32) are kept for the debug
+    # reports, which a streaming conversion does not write: there they would add up to a part of the model.
+    keep = not streaming()
     return QuantizedTensor(
         spec.tensor, spec.op_type, spec.nodes, spec.shape, spec.bits,
         f"asymmetric block {bq.block} along axis {bq.axis}", storage,
-        bytes_before=w.nbytes, bytes_after=stored, relative_error=_relative(w, bq.squared_error),
-        scale=bq.scale.ravel(), zero_point=bq.zero_point.ravel(),
+        bytes_before=float_bytes, bytes_after=stored, relative_error=_relative(bq.squared_norm, bq.squared_error),
+        scale=bq.scale.ravel() if keep else None, zero_point=bq.zero_point.ravel() if keep else None,
     )
 
 
-def _relative(w: np.ndarray, squared_error: float) -> float:
-    """||w - w'|| / ||w|| from the summed squared error (as qmath.relative_error, without the dequantized copy)."""
-    denom = float(np.sum(np.square(w, dtype=np.float64)))
+def _relative(denom: float, squared_error: float) -> float:
+    """||w - w'|| / ||w|| from the summed squares of w and of the error (as qmath.relative_error, without the
+    dequantized copy)."""
     return float(np.sqrt(squared_error / denom)) if denom > 0 else float(squared_error > 0)
 
 

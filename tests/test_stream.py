@@ -1,0 +1,245 @@
+"""Streaming conversion (stream.py): a model with external data is converted without loading its weights; the
+output equals the in-memory conversion's, the input files are never touched, nothing is left behind on a
+failure, and the conversion's peak memory does not grow with the number of layers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqlite import cli, stream
+from ptqlite.config import parse_config
+from ptqlite.convert import convert
+from ptqlite.passes import weight as weight_pass
+from ptqlite.paths import TEMP_TAG
+
+ROOT = Path(__file__).resolve().parents[1]
+_COMMON = "[common_quant_param]\nquant_type={mode}\nbit_num={bits}\nmin_quant_weight_size=0\nmin_quant_weight_channel=0\n"
+CONFIGS = {
+    "on_the_fly_block32": _COMMON.format(mode="WEIGHT_QUANT", bits=4)
+    + "[weight_quant_param]\ndequant_strategy=ON_THE_FLY\nblock_size=32\n",
+    "on_the_fly_int4": _COMMON.format(mode="WEIGHT_QUANT", bits=4) + "[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n",
+    "default_8bit": _COMMON.format(mode="WEIGHT_QUANT", bits=8),
+    "default_4bit": _COMMON.format(mode="WEIGHT_QUANT", bits=4),
+    "dynamic_alwc": _COMMON.format(mode="DYNAMIC_QUANT", bits=8) + "[dynamic_quant_param]\nquant_strategy=ALWC\n",
+    "dynamic_acwl": _COMMON.format(mode="DYNAMIC_QUANT", bits=8) + "[dynamic_quant_param]\nquant_strategy=ACWL\n",
+}
+
+
+def decoder(layers: int = 2, hidden: int = 64, ffn: int = 128, vocab: int = 256, seed: int = 0) -> onnx.ModelProto:
+    """Embedding Gather, per layer an RMSNorm-like scale and q/o and gate/up/down MatMuls with residuals, lm_head."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def w(name, rows, cols):
+        inits.append(numpy_helper.from_array((rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32),
+                                             name))
+        return name
+
+    def node(op, inputs, out):
+        nodes.append(helper.make_node(op, inputs, [out], name=out))
+        return out
+
+    h = node("Gather", [w("embed", vocab, hidden), "ids"], "h0")
+    for i in range(layers):
+        inits.append(numpy_helper.from_array((1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32), f"g{i}"))
+        x = node("Mul", [h, f"g{i}"], f"l{i}.norm")
+        a = node("MatMul", [node("MatMul", [x, w(f"l{i}.q", hidden, hidden)], f"l{i}.q.out"),
+                            w(f"l{i}.o", hidden, hidden)], f"l{i}.o.out")
+        h = node("Add", [h, a], f"l{i}.res1")
+        gate = node("MatMul", [h, w(f"l{i}.gate", hidden, ffn)], f"l{i}.gate.out")
+        silu = node("Mul", [gate, node("Sigmoid", [gate], f"l{i}.sig")], f"l{i}.silu")
+        up = node("MatMul", [h, w(f"l{i}.up", hidden, ffn)], f"l{i}.up.out")
+        down = node("MatMul", [node("Mul", [silu, up], f"l{i}.swiglu"), w(f"l{i}.down", ffn, hidden)], f"l{i}.down.out")
+        h = node("Add", [h, down], f"l{i}.res2")
+    node("MatMul", [h, w("lm_head", hidden, vocab)], "logits")
+    graph = helper.make_graph(nodes, "decoder", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", vocab])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def save_external(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def graph_only(model: onnx.ModelProto) -> bytes:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.initializer[:]
+    return copy.SerializeToString(deterministic=True)
+
+
+@pytest.fixture
+def work(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    save_external(decoder(), src / "model.onnx")
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def convert_cli(work: Path, name: str, capsys, *extra: str) -> tuple[int, str, str]:
+    config = work / f"{name}.cfg"
+    config.write_text(CONFIGS[name])
+    code = cli.main(["--fmk=ONNX", f"--modelFile={work / 'in' / 'model.onnx'}", f"--configFile={config}",
+                     f"--outputFile={work / 'out' / name}", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_streamed_output_equals_the_in_memory_conversion(work, capsys, name, monkeypatch):
+    streamed = []
+    real = stream.StagedOutput.finish
+    monkeypatch.setattr(stream.StagedOutput, "finish", lambda self, *a: streamed.append(1) or real(self, *a))
+    before = {p.name: sha(p) for p in (work / "in").iterdir()}
+    code, out, err = convert_cli(work, name, capsys)
+    assert code == 0, err
+    assert streamed, "the CLI did not stream a model with external data"
+    assert {p.name: sha(p) for p in (work / "in").iterdir()} == before  # the input files are unchanged
+    target = work / "out" / f"{name}.onnx"
+    assert sorted(p.name for p in (work / "out").iterdir()) == [target.name, target.name + ".data"]
+    got = onnx.load(str(target))  # with its external data
+    # the same conversion in memory, from the model loaded whole
+    expected = convert(onnx.load(str(work / "in" / "model.onnx")), parse_config(CONFIGS[name]), verify=False).model
+    assert graph_only(got) == graph_only(expected)
+    assert [t.name for t in got.graph.initializer] == [t.name for t in expected.graph.initializer]
+    for a, b in zip(got.graph.initializer, expected.graph.initializer, strict=True):
+        assert tensor_bytes(a) == tensor_bytes(b), a.name
+    assert "cosine" in out  # the gate compared it with the float model (small enough to load whole)
+
+
+def test_streamed_output_runs_like_the_in_memory_one(work, capsys):
+    import onnxruntime as ort
+
+    code, _, err = convert_cli(work, "on_the_fly_block32", capsys)
+    assert code == 0, err
+    expected = convert(onnx.load(str(work / "in" / "model.onnx")), parse_config(CONFIGS["on_the_fly_block32"]),
+                       verify=False).model
+    feed = {"ids": np.array([[1, 7, 200, 3]], np.int64)}
+    got = ort.InferenceSession(str(work / "out" / "on_the_fly_block32.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    want = ort.InferenceSession(expected.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_failure_during_a_streaming_conversion_leaves_no_file(work, capsys, monkeypatch, fault):
+    calls = []
+    real = weight_pass.quantize_blocks
+
+    def fail_later(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the output's data file already holds the first weights
+            assert any(TEMP_TAG in p.name for p in (work / "out").iterdir())
+            raise fault("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weight_pass, "quantize_blocks", fail_later)
+    before = {p.name: sha(p) for p in (work / "in").iterdir()}
+    if fault is KeyboardInterrupt:
+        code, _, err = convert_cli(work, "on_the_fly_block32", capsys)
+        assert code == 130, err
+    else:
+        with pytest.raises(RuntimeError):
+            convert_cli(work, "on_the_fly_block32", capsys)
+    assert list((work / "out").iterdir()) == []
+    assert {p.name: sha(p) for p in (work / "in").iterdir()} == before
+
+
+def test_a_collapse_refused_by_the_floor_leaves_no_file(work, capsys):
+    code, _, err = convert_cli(work, "on_the_fly_int4", capsys, "--verifyFloor=1")
+    assert code == 1, err
+    assert list((work / "out").iterdir()) == []
+
+
+def test_nan_in_external_data_is_refused_by_tensor(tmp_path, capsys):
+    model = decoder()
+    for tensor in model.graph.initializer:
+        if tensor.name == "l1.up":
+            values = numpy_helper.to_array(tensor).copy()
+            values[3, 5] = np.nan
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    save_external(model, tmp_path / "model.onnx")
+    (tmp_path / "w.cfg").write_text(CONFIGS["default_8bit"])
+    code = cli.main(["--fmk=ONNX", f"--modelFile={tmp_path / 'model.onnx'}", f"--configFile={tmp_path / 'w.cfg'}",
+                     f"--outputFile={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "weight 'l1.up' has 1 NaN value(s) of 8192" in err
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.data").exists()
+
+
+def test_output_data_file_that_is_the_input_data_is_refused(tmp_path, capsys):
+    save_external(decoder(), tmp_path / "model.onnx")
+    (tmp_path / "w.cfg").write_text(CONFIGS["default_8bit"])
+    os.rename(tmp_path / "model.onnx.data", tmp_path / "out.onnx.data")
+    onnx_model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    for tensor in onnx_model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "out.onnx.data"
+    onnx.save(onnx_model, tmp_path / "model.onnx")
+    digest = sha(tmp_path / "out.onnx.data")
+    code = cli.main(["--fmk=ONNX", f"--modelFile={tmp_path / 'model.onnx'}", f"--configFile={tmp_path / 'w.cfg'}",
+                     f"--outputFile={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is the input model's external data" in err
+    assert sha(tmp_path / "out.onnx.data") == digest
+
+
+# The child's own peak (VmHWM starts afresh at exec; ru_maxrss would carry the test process's). The ONNX Runtime
+# load of the input is turned off: it holds the whole model by design, and only runs up to stream.WHOLE_LOAD_BYTES.
+_PEAK = """import sys
+from ptqlite import cli, stream
+stream.WHOLE_LOAD_BYTES = 0
+code = cli.main(["--fmk=ONNX", "--modelFile=" + sys.argv[1], "--configFile=" + sys.argv[2],
+                 "--outputFile=" + sys.argv[3], "--verify=off", "--quiet"])
+print([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
+sys.exit(code)
+"""
+
+
+def test_streaming_peak_memory_does_not_grow_with_the_layers(tmp_path):
+    """Peak RSS of the conversion (a child process, --verify=off: the gate's session is the output's runtime
+    memory) on 2 and 24 layers of the same width: the larger model has 130 MB more weights; the peaks differ by
+    far less (the whole model loaded would add all of it)."""
+    config = tmp_path / "b.cfg"
+    config.write_text(CONFIGS["on_the_fly_block32"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
+    peaks, sizes = {}, {}
+    for layers in (2, 24):
+        folder = tmp_path / str(layers)
+        folder.mkdir()
+        path = save_external(decoder(layers, hidden=384, ffn=1024, vocab=512), folder / "model.onnx")
+        sizes[layers] = (folder / "model.onnx.data").stat().st_size
+        done = subprocess.run([sys.executable, "-c", _PEAK, str(path), str(config), str(folder / "out")],
+                              capture_output=True, text=True, env=env, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr
+        peaks[layers] = int(done.stdout.split()[-1]) * 1024
+    grown = sizes[24] - sizes[2]
+    assert grown > 120e6
+    assert peaks[24] - peaks[2] < 0.2 * grown, (peaks, sizes)
