@@ -57,7 +57,10 @@ def _run(command: str, env: dict[str, str], timeout: int = 300) -> subprocess.Co
 
 def _make(target: str, env: dict[str, str]) -> None:
     """The recipe of `make target` as make prints it, without the steps that create and fill .venv."""
-    recipe = _run(f"make -n {target}", env).stdout.splitlines()
+    # Under `make test` this runs as a sub-make: without the parent's variables and with --no-print-directory,
+    # make prints only the recipe (no "make[1]: Entering directory" lines).
+    quiet = {k: v for k, v in env.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    recipe = _run(f"make -n --no-print-directory {target}", quiet).stdout.splitlines()
     assert recipe, f"make {target} has an empty recipe"
     python = shlex.quote(sys.executable)
     for line in recipe:
