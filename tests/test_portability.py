@@ -384,3 +384,24 @@ def test_full_quant_presets_on_resnet20_run_alike_in_openvino(tmp_path, monkeypa
     quantized = convert(onnx.load(RESNET20), parse_config(text.replace("calibrate_size=100", "calibrate_size=20"))).model
     x = np.random.default_rng(2).uniform(-2, 2, (4, 3, 32, 32)).astype(np.float32)
     _compare_outputs(onnx.load(RESNET20), quantized, {"input": x}, tmp_path, 0.999, to_float=1e-3)
+
+
+def test_block_embedding_rows_run_alike_in_openvino(tmp_path):
+    """ON_THE_FLY block-wise Gather tables: OpenVINO 2026.4 refused the block-wise DequantizeLinear of the gathered
+    rows ("DequantizeLinear cannot operate with dynamic shapes of input X"; MiniLM 4 bit block 32 did not
+    compile); the rows are now decoded by Cast, Sub and Mul on [rows, blocks, block]."""
+    rng = np.random.default_rng(8)
+    table = helper.make_tensor("embed", TensorProto.FLOAT, (300, 64), (rng.standard_normal((300, 64))).astype(np.float32))
+    graph = helper.make_graph([helper.make_node("Gather", ["embed", "ids"], ["y"], axis=0)], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table])
+    float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    config = parse_config("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=4\nmin_quant_weight_size=0\n"
+                          "min_quant_weight_channel=0\n[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n"
+                          "block_size=32\n")
+    quantized = convert(float_model, config).model
+    ids = rng.integers(0, 300, (2, 7)).astype(np.int64)
+    if openvino is None:
+        pytest.skip(NO_OPENVINO)
+    np.testing.assert_array_equal(openvino_run(quantized, {"ids": ids}, tmp_path)[0],
+                                  session(quantized).run(None, {"ids": ids})[0])

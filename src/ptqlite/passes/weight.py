@@ -365,8 +365,8 @@ def gathers_rows(index: GraphIndex, tensor: str, in_subgraphs: set[str]) -> bool
 def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
                            after: dict[str, list[onnx.NodeProto]]):
     """An embedding table with block-wise scales along its rows: the table is gathered as integers and only the
-    gathered rows are dequantized (DequantizeLinear of the rows with their gathered scales and zero points), so
-    no float copy of the table is made per run. int4 has no Gather, so int4 codes are cast to int8 by a Cast that
+    gathered rows are decoded ((codes - zero point) * scale with their gathered scales and zero points), so no
+    float copy of the table is made per run. int4 has no Gather, so int4 codes are cast to int8 by a Cast that
     ONNX Runtime folds at load: the file holds int4, memory int8."""
     dtype, np_type = _storage_type(bq.bits)
     prefix = spec.tensor.replace("::", "_").strip("/")
@@ -382,17 +382,40 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
         q_tensor, rows_of = numpy_helper.from_array(bq.codes.astype(np_type), q_name), q_name
     z_tensor = numpy_helper.from_array(bq.zero_point.astype(np_type), z_name)
     s_tensor = numpy_helper.from_array(bq.scale.astype(np.float32), s_name)
+    width = int(bq.codes.shape[-1])
+    blocks = int(bq.scale.shape[-1])
+    shapes = {kind: index.unique_name(f"{prefix}_{kind}_shape") for kind in ("blocks", "scales", "row")}
+    shape_tensors = [numpy_helper.from_array(np.array(v, np.int64), shapes[k]) for k, v in
+                     (("blocks", [-1, blocks, bq.block]), ("scales", [-1, blocks, 1]), ("row", [width]))]
     for node, _ in index.consumers[spec.tensor]:
         out, ids = node.output[0], node.input[1]
         node.input[0] = rows_of
         node.output[0] = index.unique_name(f"{out}_codes")
-        gathered = [helper.make_node("Gather", [table, ids], [index.unique_name(f"{out}_{kind}")], axis=0,
-                                     name=index.unique_name(f"{node.name}/{kind}"))
-                    for table, kind in ((s_name, "scale"), (z_name, "zero_point"))]
-        dq = helper.make_node("DequantizeLinear", [node.output[0], gathered[0].output[0], gathered[1].output[0]],
-                              [out], axis=-1, block_size=bq.block, name=index.unique_name(f"{node.name}/Dequantize"))
-        after[node.output[0]] = [*gathered, dq]
-    return nodes, [q_tensor, s_tensor, z_tensor]
+        after[node.output[0]] = _decode_gathered_blocks(index, node.name, node.output[0], ids, out,
+                                                        (s_name, z_name), shapes)
+    return nodes, [q_tensor, s_tensor, z_tensor, *shape_tensors]
+
+
+def _decode_gathered_blocks(index: GraphIndex, name: str, codes: str, ids: str, out: str,
+                            tables: tuple[str, str], shapes: dict[str, str]) -> list[onnx.NodeProto]:
+    """(codes - zero point) * scale per block of the gathered rows `codes`, as DequantizeLinear with block_size
+    computes it, on rows reshaped to [rows, blocks, block]: OpenVINO 2026.4 reads a block-wise DequantizeLinear
+    only on inputs of static shape, and gathered rows have the shape of the ids."""
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op, inputs, kind, **attrs):
+        nodes.append(helper.make_node(op, inputs, [index.unique_name(f"{out}_{kind}")],
+                                      name=index.unique_name(f"{name}/{kind}"), **attrs))
+        return nodes[-1].output[0]
+
+    scale, zero = (add("Reshape", [add("Gather", [table, ids], kind, axis=0), shapes["scales"]], f"{kind}_3d")
+                   for table, kind in zip(tables, ("scale", "zero_point")))
+    as_float = add("Cast", [add("Reshape", [codes, shapes["blocks"]], "codes_3d")], "codes_float", to=TensorProto.FLOAT)
+    centred = add("Sub", [as_float, add("Cast", [zero], "zero_float", to=TensorProto.FLOAT)], "centred")
+    rows = add("Mul", [centred, scale], "rows")
+    row_shape = add("Concat", [add("Shape", [ids], "ids_shape"), shapes["row"]], "rows_shape", axis=0)
+    nodes.append(helper.make_node("Reshape", [rows, row_shape], [out], name=index.unique_name(f"{name}/rows")))
+    return nodes
 
 
 def _record_blocks(spec: WeightSpec, bq: BlockQuant, float_bytes: int, stored: int,
