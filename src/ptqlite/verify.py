@@ -12,11 +12,11 @@ run next to the float model, and each graph output is compared.
 - An output that does not load or does not run where the float model runs is a VerificationError (exit 1).
 - Slices: the whole-output cosine is dominated by the output's largest values (a detector's box coordinates in
   pixels beside its 0..1 class scores), so each float output is also cut along every short axis (2 to MAX_SLICES
-  entries, at least MIN_SLICE_VALUES values per entry and sample) and each slice is compared on its own, pooled
-  over the samples; the worst slice is recorded.
+  entries, at least MIN_SLICE_VALUES values per entry and sample); each slice whose float norm is under
+  SMALL_SLICE of the largest slice's is compared on its own, pooled over the samples; the worst is recorded.
 - An output collapses when its min cosine is below the floor (FLOORS per mode unless --verifyFloor gives one), its
-  worst slice is below SLICE_FLOOR, its agreement is below AGREEMENT_FLOOR, or it turns finite values non-finite. convert() warns about a collapse,
-  or fails with a floor given explicitly. docs/spec.md ("Verification") has the rule and how the floors were chosen.
+  worst slice is below SLICE_FLOOR, its agreement is below AGREEMENT_FLOOR, or it turns finite values
+  non-finite. convert() warns about a collapse, or fails with a floor given explicitly. docs/spec.md ("Verification") has the rule and how the floors were chosen.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ AGREEMENT_FLOOR = 0.5
 MAX_SLICES = 128
 MIN_SLICE_VALUES = 16
 SLICE_FLOOR = 0.8
+# Only slices whose float norm is under SMALL_SLICE times the largest slice's are scored on their own: the others
+# already weigh in the whole-output cosine.
+SMALL_SLICE = 0.1
 _PURPOSE = "to verify the output"
 
 
@@ -156,8 +159,9 @@ def compare(reference, value) -> tuple[str, float, bool, bool]:
 
 
 def slice_cosines(references: list[np.ndarray], values: list[np.ndarray]) -> tuple[float, str] | None:
-    """The lowest cosine of any slice of a float output along a short axis (see MAX_SLICES), each slice's values
-    pooled over the samples, and where it is ("axis 1 index 8 of 22"); None when the output has no such axis.
+    """The lowest cosine of any small slice of a float output along a short axis (see MAX_SLICES and
+    SMALL_SLICE), each slice's values pooled over the samples, and where it is ("axis 1 index 8 of 22"); None when
+    the output has no such slice.
     Samples whose shapes differ, or with NaN/Inf where the float output is finite, are left to compare(); the float
     output's own NaN/Inf and slices that are all zero in float are not scored."""
     pairs = [(np.asarray(r), np.asarray(v)) for r, v in zip(references, values, strict=True)]
@@ -179,11 +183,14 @@ def slice_cosines(references: list[np.ndarray], values: list[np.ndarray]) -> tup
             dot += np.sum(a * b, axis=1)
             ref_sq += np.sum(a * a, axis=1)
             out_sq += np.sum(b * b, axis=1)
-        scored = ref_sq > 0
+        norms = np.sqrt(ref_sq)
+        # Only slices far smaller than the largest are hidden in the whole-output cosine (a detector's scores
+        # beside its pixel coordinates); slices of similar size (the tokens of a transformer) are weighed there.
+        scored = (ref_sq > 0) & (norms < SMALL_SLICE * norms.max())
         if not scored.any():
             continue
-        norms = np.sqrt(ref_sq * out_sq)
-        cosines = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+        both = np.sqrt(ref_sq * out_sq)
+        cosines = np.where(both > 0, dot / np.where(both > 0, both, 1.0), 0.0)
         index = int(np.flatnonzero(scored)[np.argmin(cosines[scored])])
         value = float(np.clip(cosines[index], -1.0, 1.0))
         if worst is None or value < worst[0]:
