@@ -22,8 +22,8 @@ TF_FMKS = ("TF", "TFLITE")
 # One line each (exit 2): what to do instead, since ptqlite cannot read these.
 EXPORT_HINTS = {
     "CAFFE": "--fmk=CAFFE: ptqlite cannot read Caffe models (no maintained Caffe-to-ONNX converter exists); "
-             "convert the model to ONNX first (e.g. load it in PyTorch or MMdnn and export ONNX), then pass "
-             "--fmk=ONNX (docs/frontends.md)",
+             "convert the model to ONNX first (load its weights in a framework that exports ONNX, e.g. PyTorch), "
+             "then pass --fmk=ONNX (docs/frontends.md)",
     "MINDIR": "--fmk=MINDIR: ptqlite cannot read MindIR files (MindSpore exports ONNX only from the network "
               "itself); run mindspore.export(net, input, file_name='model', file_format='ONNX') on the network "
               "and pass --fmk=ONNX (docs/frontends.md)",
