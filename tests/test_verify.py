@@ -20,7 +20,6 @@ from ptqlite.errors import VerificationError
 from ptqlite.verify import (
     FLOORS,
     SLICE_FLOOR,
-    SYNTHETIC_LOW_BIT_FLOOR,
     compare,
     describe,
     slice_cosines,
@@ -204,10 +203,8 @@ def test_collapse_warns_with_the_cause_and_the_analyze_command(work, tmp_path, c
     assert code == 0 and (out / "m.onnx").exists()
     assert re.search(r"output 'y': cosine mean 0\.\d{6}, min 0\.\d{6} COLLAPSED", stdout), stdout
     warning = caplog.text
-    assert "the quantized model's output collapsed against the float model on 4 synthetic inputs: 'y'" in warning
-    # 4 bits or fewer on synthetic inputs: the stricter floor
-    assert (f"below the floor {SYNTHETIC_LOW_BIT_FLOOR:g} for WEIGHT_QUANT at bit_num=1 on synthetic inputs; likely "
-            "cause: bit_num=1 is too few bits") in warning
+    assert "the quantized model's output collapsed against the float model on 2 synthetic inputs: 'y'" in warning
+    assert "below the floor 0.9 for WEIGHT_QUANT; likely cause: bit_num=1 is too few bits" in warning
     assert (f"find the layers responsible with: ptqlite analyze --fmk=ONNX --modelFile={model} "
             f"--configFile={config} --inputShape={SEQ_SHAPE}") in warning
 
@@ -241,7 +238,7 @@ def test_synthetic_inputs_are_named_in_the_summary(work, tmp_path, capsys):
     model, data, out = work
     code, stdout, _ = main(flags(model, write_config(tmp_path, "weight_8bit", data), out / "m"), capsys)
     assert code == 0
-    assert "verified in ONNX Runtime against the float model on 4 synthetic inputs:\n" in stdout
+    assert "verified in ONNX Runtime against the float model on 2 synthetic inputs:\n" in stdout
     assert "  note: the config has no calibration data, so the gate ran on synthetic inputs" in stdout
 
 
@@ -333,7 +330,7 @@ def test_public_api_options(tmp_path):
     onnx.save(reshaping_model(), path)
     result = ptqlite.convert(path, CONFIGS["dynamic"], input_shapes="x:1,4,32", progress=False)
     assert dims(result.model.graph.input[0]) == ["batch", "seq", HIDDEN]
-    assert result.verification.inputs == "4 synthetic inputs" and result.verification.outputs[0].min > 0.99
+    assert result.verification.inputs == "2 synthetic inputs" and result.verification.outputs[0].min > 0.99
     assert ptqlite.convert(path, CONFIGS["dynamic"], verify=False).verification is None
     with pytest.raises(ptqlite.PtqError, match=r"verify_floor=1.5: expected a number in \(0, 1\]"):
         ptqlite.convert(path, CONFIGS["dynamic"], verify_floor=1.5)
@@ -477,25 +474,24 @@ def _tanh_mlp(layers: int = 2, width: int = 64) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_few_bits_on_synthetic_inputs_are_held_to_a_stricter_floor(tmp_path):
-    """A text recogniser at 4 bits: 0.973 on the old synthetic inputs, 0.84 on rendered text, and no warning. At 4
-    bits or fewer, synthetic inputs (now also standard normal) must reach SYNTHETIC_LOW_BIT_FLOOR; calibration data
-    keeps the mode's own floor."""
+def test_few_bits_checked_on_synthetic_inputs_only_are_warned_about(tmp_path):
+    """A text recogniser at 4 bits: 0.973 on the synthetic inputs, 0.84 on rendered text, and no word of it. At 4
+    bits or fewer a check on synthetic inputs alone now says that it cannot vouch for the output (no floor there
+    separates that recogniser from healthy 4-bit classifiers at 0.91-0.93); with calibration data it is silent."""
     four_bits = "[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=4\n"
     synthetic = convert(_tanh_mlp(), parse_config(four_bits))
     check = synthetic.verification.outputs[0]
-    assert synthetic.verification.inputs == "4 synthetic inputs"
-    assert synthetic.verification.floor == SYNTHETIC_LOW_BIT_FLOOR
-    assert FLOORS["WEIGHT_QUANT"] + 0.01 < check.min < SYNTHETIC_LOW_BIT_FLOOR - 0.03 and check.collapsed
-    assert check.slice_min is None  # no small slices: the stricter floor finds it
-    assert (f"below the floor {SYNTHETIC_LOW_BIT_FLOOR:g} for WEIGHT_QUANT at bit_num=4 on synthetic inputs"
-            in synthetic.warnings[0])
+    assert synthetic.verification.inputs == "2 synthetic inputs" and not check.collapsed
+    assert synthetic.verification.floor == FLOORS["WEIGHT_QUANT"]
+    (warning,) = synthetic.warnings
+    assert warning.startswith(f"bit_num=4 was verified on synthetic inputs only (min output cosine {check.min:.4f})")
+    assert "calibrate_path" in warning and "ptqlite analyze" in warning
     data = tmp_path / "data"
     data.mkdir()
     for i in range(8):
         np.random.default_rng(i).normal(size=(1, 8, 64)).astype(np.float32).tofile(data / f"{i}.bin")
     with_data = four_bits + f"[data_preprocess_param]\ncalibrate_path=x:{data}\ncalibrate_size=8\ninput_type=BIN\n"
     real = convert(_tanh_mlp(), parse_config(with_data))
-    assert real.verification.inputs == "8 calibration samples" and real.verification.floor == FLOORS["WEIGHT_QUANT"]
+    assert real.verification.inputs == "8 calibration samples" and not real.warnings
     eight_bits = convert(_tanh_mlp(), parse_config(CONFIGS["weight_8bit"]))
-    assert eight_bits.verification.floor == FLOORS["WEIGHT_QUANT"] and not eight_bits.warnings
+    assert eight_bits.verification.inputs == "2 synthetic inputs" and not eight_bits.warnings
