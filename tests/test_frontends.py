@@ -238,3 +238,30 @@ def test_quiet_tflite_conversion_prints_nothing(tf_models, tmp_path, capfd):
                      f"--configFile={tmp_path}/q.cfg", "--quiet"])
     out, err = capfd.readouterr()
     assert code == 0 and out == "" and err == ""
+
+
+def test_dynamic_batch_tflite_with_input_shape_named_like_tflite(tmp_path, capsys):
+    """A Keras model without a fixed batch: the ONNX input keeps a symbolic batch, and --inputShape takes the
+    TFLite tensor name with its ':0' (the last ':' separates the dims)."""
+    tf = pytest.importorskip("tensorflow", reason=TF_REASON)
+    pytest.importorskip("tf2onnx", reason=TF_REASON)
+    import keras
+
+    keras.utils.set_random_seed(1)
+    image = keras.Input(SHAPE[1:], name="image")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu")(image))
+    net = keras.Model(image, keras.layers.Dense(4)(x))
+    net.export(str(tmp_path / "saved"), verbose=False)
+    path = tmp_path / "dyn.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "saved")).convert())
+    (name,) = [i.name for i in load_model(path, "TFLITE").graph.input]
+    assert name.endswith(":0")
+    batch = load_model(path, "TFLITE").graph.input[0].type.tensor_type.shape.dim[0]
+    assert not batch.HasField("dim_value") or batch.dim_value == 0  # symbolic
+    (tmp_path / "q.cfg").write_text(WEIGHT_CFG)
+    code, out, err = run_cli(["convert", "--fmk=TFLITE", f"--modelFile={path}", f"--outputFile={tmp_path}/o",
+                              f"--configFile={tmp_path}/q.cfg", f"--inputShape={name}:1,16,16,3"], capsys)
+    assert code == 0, err
+    assert f"also runs at {name}:2,16,16,3" in out
+    x = np.random.default_rng(0).uniform(0, 1, (3, *SHAPE[1:])).astype(np.float32)
+    assert cosine(run(tmp_path / "o.onnx", {name: x})[0], np.asarray(net(x))) > 0.999
