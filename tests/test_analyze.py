@@ -176,17 +176,31 @@ target_device=DSP
     assert analysis.skip_cosine >= 0.97
 
 
-def test_target_already_met_prints_no_empty_skip_line(setup, capsys):
+def test_target_already_met_prints_no_empty_skip_line(setup, capsys, caplog):
     model_path, config_path = setup
-    code = cli.main(["analyze", "--fmk=ONNX", f"--modelFile={model_path}", f"--configFile={config_path}",
-                     "--samples", "1", "--targetCosine", "0.5", "--sweep", "only"])
+    with caplog.at_level("DEBUG", logger="ptqlite"):
+        code = cli.main(["analyze", "--fmk=ONNX", f"--modelFile={model_path}", f"--configFile={config_path}",
+                         "--samples", "1", "--targetCosine", "0.5", "--sweep", "only", "-vv"])
     captured = capsys.readouterr()
     assert code == 0
     assert "skip_quant_node=" not in captured.out
     assert "already reaches 0.5 with every layer quantized: nothing to skip" in captured.out
-    # a progress line per conversion, with a bar and an estimate of the time left
-    progress = [line for line in captured.err.splitlines() if line.startswith("analyze: [")]
+    # off a terminal no progress lines on stderr; with -vv one log line per conversion, with a bar and an ETA
+    assert "analyze: [" not in captured.err
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("analyze: [")]
     assert len(progress) >= 5 and all("ETA" in line and "conversions" in line for line in progress)
+
+
+def test_progress_line_on_a_terminal(setup, capsys, monkeypatch):
+    import sys
+
+    model_path, config_path = setup
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.main(["analyze", "--fmk=ONNX", f"--modelFile={model_path}", f"--configFile={config_path}",
+                     "--samples", "1", "--targetCosine", "0.5", "--sweep", "only"]) == 0
+    err = capsys.readouterr().err
+    redrawn = [part for part in err.split("\r") if part.startswith("analyze: [")]
+    assert len(redrawn) >= 5 and all("ETA" in part and "conversions" in part for part in redrawn)
 
 
 def test_full_quant_variants_measure_statistics_once(monkeypatch):

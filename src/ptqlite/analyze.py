@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import logging
 import math
 import sys
 import time
@@ -32,6 +33,8 @@ from .report import report_inputs
 from .runtime import cosine_similarity, cpu_session, session_feeds
 from .targets import WEIGHTED_OPS
 from .targets import target as target_preset
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -315,10 +318,10 @@ def format_analysis(analysis: Analysis, top: int, target: float) -> str:
 
 
 def _progress_printer() -> Callable[[str], None]:
-    """On a terminal one line redrawn in place, else a line per conversion."""
+    """On a terminal one line redrawn in place; elsewhere (a log, a pipe) nothing but the -vv log."""
     if sys.stderr.isatty():
         return lambda text: print(f"\ranalyze: {text[:150]:<150}", end="", file=sys.stderr, flush=True)
-    return lambda text: print(f"analyze: {text}", file=sys.stderr, flush=True)
+    return lambda text: log.debug("analyze: %s", text)
 
 
 def run(args: argparse.Namespace) -> int:

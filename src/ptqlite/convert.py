@@ -284,7 +284,8 @@ def _write_reports(model: onnx.ModelProto, result: ConversionResult, config: Qua
 
     staging = stage_folder(target)
     try:
-        debug_report(model, result, config, options.get("input_format"), options.get("samples"), folder=staging)
+        debug_report(model, result, config, options.get("input_format"), options.get("samples"), folder=staging,
+                     progress=options.get("progress"))
     except OSError as exc:
         remove_quietly(staging)
         raise write_error(target, "the debug reports", exc) from None

@@ -11,7 +11,6 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -26,7 +25,6 @@ from .validate import check_sample_finite
 LAYOUTS = ("NCHW", "NHWC")
 _RESIZE = {"LINEAR": cv2.INTER_LINEAR, "NEAREST": cv2.INTER_NEAREST, "CUBIC": cv2.INTER_CUBIC}
 _SECTION = "[data_preprocess_param]"
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,15 +118,6 @@ def calibration_set(config: QuantConfig, model: onnx.ModelProto, input_format: s
             _check_bin_sizes(spec)
         specs.append(spec)
     return CalibrationSet(tuple(specs), param.calibrate_size, param)
-
-
-def progress(items: Iterable[T], total: int | None = None, desc: str = "calibration",
-             enabled: bool | None = None) -> Iterator[T]:
-    """Wrap an iterable in a tqdm bar on stderr. enabled=None shows it only on a terminal."""
-    from tqdm import tqdm
-
-    disable = None if enabled is None else not enabled
-    yield from tqdm(items, total=total, desc=desc, unit="sample", disable=disable, leave=False)
 
 
 # ---------------------------------------------------------------- validation helpers

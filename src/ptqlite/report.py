@@ -350,8 +350,11 @@ class DebugReport:
 
 def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
                   result: ConversionResult, inputs: Iterable[dict[str, np.ndarray]],
-                  notes: Iterable[str] = ()) -> DebugReport:
-    """Write output_summary.csv, round_<i>.csv, quant_param.csv, report.html and notes.txt into `folder`."""
+                  notes: Iterable[str] = (), progress: bool | None = None) -> DebugReport:
+    """Write output_summary.csv, round_<i>.csv, quant_param.csv, report.html and notes.txt into `folder`;
+    `progress` shows a bar over the rounds (None: on a terminal)."""
+    from .progress import progress_bar
+
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -398,8 +401,10 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     summary_path = folder / "output_summary.csv"
     # The sessions run round i+1 in a worker thread while this one compares the values of round i (onnxruntime
     # and numpy's sorts and sums release the GIL): two rounds' values are in memory at a time.
+    rounds = len(inputs) if hasattr(inputs, "__len__") else None
     with (open(summary_path, "w", newline="") as summary_file, ThreadPoolExecutor(1) as worker,
-          ThreadPoolExecutor(1) as comparing):
+          ThreadPoolExecutor(1) as comparing,
+          progress_bar(rounds, "debug reports", progress, unit="round") as bar):
         summary = csv.writer(summary_file, lineterminator="\n")
         summary.writerow(SUMMARY_HEADER)
         pending = worker.submit(next_round)
@@ -420,6 +425,7 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
                          want_histograms and index == 0, comparing, scratches)
             report.files.append(path)
             report.rounds += 1
+            bar.update(1)
             del values, float_values, quant_values, plain
     report.files.insert(0, summary_path)
     report.files.append(_write_params(folder / "quant_param.csv", result))
@@ -715,7 +721,7 @@ def _write_html(path: Path, report: DebugReport, result: ConversionResult, notes
 def debug_report(float_model: onnx.ModelProto, result: ConversionResult, config: QuantConfig,
                  input_format: str | None = None,
                  samples: Iterable[dict[str, np.ndarray]] | None = None,
-                 folder: str | Path | None = None) -> DebugReport:
+                 folder: str | Path | None = None, progress: bool | None = None) -> DebugReport:
     """The convert() hook: reports for `result` on `samples` when convert() was given them (Python API), else on
     the config's calibration data, else on one synthetic sample. Written into `folder` (default:
     debug_info_save_path; convert() passes a temp folder that it moves into place once all is written)."""
@@ -723,7 +729,7 @@ def debug_report(float_model: onnx.ModelProto, result: ConversionResult, config:
     inputs = samples if samples is not None else report_inputs(float_model, config, input_format, notes)
     result.notes += [n for n in notes if n not in result.notes]
     return write_reports(folder or config.common.debug_info_save_path, float_model, result.model, result, inputs,
-                         notes)
+                         notes, progress)
 
 
 def is_report_file(name: str) -> bool:

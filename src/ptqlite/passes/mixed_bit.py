@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..autotune import TARGET_COSINE, OutputComparer, evaluation_inputs, search_scale
+from ..autotune import MAX_COARSE, MAX_FINE, TARGET_COSINE, OutputComparer, evaluation_inputs, search_scale
 from ..config import QuantConfig
 from ..encoding import (
     MIN_OPSET,
@@ -487,15 +487,18 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
 
 
 def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: float,
-                     index: GraphIndex | None = None,
-                     shared: SharedConstants | None = None) -> tuple[list[MixedLayer], list[SkippedTensor]]:
-    """Every planned weight of `model` at target error `init_scale` (the model is not changed)."""
+                     index: GraphIndex | None = None, shared: SharedConstants | None = None,
+                     progress: bool | None = None) -> tuple[list[MixedLayer], list[SkippedTensor]]:
+    """Every planned weight of `model` at target error `init_scale` (the model is not changed); `progress`
+    shows a bar over the layers (None: on a terminal)."""
+    from ..progress import progress as bar
+
     plan = plan_weights(model, weight_quant_rules(config, per_channel=True))
     index = index or GraphIndex(model.graph)
     shared = shared or SharedConstants(index, opset_version(model))
     skipped = [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     layers = []
-    for spec in plan.quantized:
+    for spec in bar(plan.quantized, len(plan.quantized), "mixed-bit search", progress, unit="layer"):
         w = index.array(spec.tensor)
         layer = quantize_layer(index, shared, spec, w, init_scale, config.weight.per_channel,
                                config.weight.bias_correction)
@@ -510,17 +513,25 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
 
 
 def tune_init_scale(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None,
-                    samples=None) -> tuple[float, list[str]]:
+                    samples=None, progress: bool | None = None) -> tuple[float, list[str]]:
     """auto_tune: search init_scale for `model` (not changed) on `samples` (in-memory calibration samples) or
-    what evaluation_inputs finds; returns it and notes for the conversion result."""
+    what evaluation_inputs finds; returns it and notes for the conversion result. `progress`: a bar over the
+    evaluations (at most MAX_COARSE + MAX_FINE; None: on a terminal)."""
+    from ..progress import progress_bar
+
     inputs, described = evaluation_inputs(model, config, input_format, samples)
     compare = OutputComparer(model, inputs)
 
-    def evaluate(scale: float) -> float:
-        layers, _ = quantize_weights(model, config, scale)
-        return compare(substitute(model, layers))
+    with progress_bar(MAX_COARSE + MAX_FINE, "auto_tune", progress, unit="evaluation") as bar:
+        def evaluate(scale: float) -> float:
+            layers, _ = quantize_weights(model, config, scale, progress=False)
+            cosine = compare(substitute(model, layers))
+            bar.update(1)
+            bar.set_postfix_str(f"init_scale {scale:.4g}: cosine {cosine:.5f}")
+            log.debug("auto_tune: init_scale %.4g gives output cosine %.5f", scale, cosine)
+            return cosine
 
-    found = search_scale(evaluate, config.mixed_bit.init_scale)
+        found = search_scale(evaluate, config.mixed_bit.init_scale)
     tried = ", ".join(f"{s:.4g}->{c:.5f}" for s, c in found.history)
     notes = [(f"auto_tune: init_scale={found.init_scale:.4g} gives mean output cosine {found.cosine:.5f} "
               f"(target {TARGET_COSINE}) on {described}"),
@@ -529,19 +540,22 @@ def tune_init_scale(model: onnx.ModelProto, config: QuantConfig, input_format: s
 
 
 def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None, samples=None,
-        **_: object) -> ConversionResult:
+        progress: bool | None = None, **_: object) -> ConversionResult:
     """Mixed-bit weight quantization of `model` in place; auto_tune compares outputs on `samples` when given."""
     result = ConversionResult(model, config.quant_type)
     init_scale = config.mixed_bit.init_scale
     if config.mixed_bit.auto_tune:
-        init_scale, notes = tune_init_scale(model, config, input_format, samples)
+        init_scale, notes = tune_init_scale(model, config, input_format, samples, progress)
         result.notes += notes
     else:
         result.notes.append(f"mixed bit: init_scale={init_scale:g} (target relative error per layer)")
     ensure_opset(model, MIN_OPSET)
     index = GraphIndex(model.graph)
     shared = SharedConstants(index, opset_version(model))
-    layers, result.skipped = quantize_weights(model, config, init_scale, index, shared)
+    layers, result.skipped = quantize_weights(model, config, init_scale, index, shared, progress)
+    log.info("mixed bit at init_scale %.4g: %d layers quantized (%s bits), %d stay float", init_scale, len(layers),
+             ", ".join(f"{b}: {sum(1 for x in layers if x.bits == b)}" for b in sorted({x.bits for x in layers})),
+             len(result.skipped))
     split_layers = [layer for layer in layers if layer.split is not None]
     sites = _decode_sites(index, layers, subgraph_inputs(model.graph))
     outputs: dict[str, str] = {}
