@@ -70,3 +70,27 @@ def test_cli_off_a_terminal_prints_no_bars(capsys, tmp_path):
     code, _, err = run(["--fmk=ONNX", f"--modelFile={model}", f"--outputFile={tmp_path / 'q'}",
                         f"--configFile={config}"], capsys)
     assert code == 0 and err == ""
+
+
+# ---------------------------------------------------------------- -v: what each stage decided
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"common_quant_param": {"quant_type": "WEIGHT_QUANT", "bit_num": 4, "min_quant_weight_channel": 0}},
+     ["WEIGHT_QUANT fixed 4 bit: per channel", "weight plan: 3 weights to quantize to 4 bit"]),
+    ({"common_quant_param": {"quant_type": "WEIGHT_QUANT", "bit_num": 0, "min_quant_weight_channel": 0}},
+     ["WEIGHT_QUANT mixed bit: init_scale 0.02", "mixed bit at init_scale 0.02: 3 layers quantized"]),
+    ({"common_quant_param": {"quant_type": "FULL_QUANT"}},
+     ["FULL_QUANT int8: target_device CPU, activations MAX_MIN", "graph plan: 3 of 3 weights int8",
+      "calibration: 4 samples measured"]),
+    ({"common_quant_param": {"quant_type": "DYNAMIC_QUANT"}},
+     ["DYNAMIC_QUANT int8: quant_strategy ALWC", "DYNAMIC_QUANT weight plan (MatMul/Gemm/Gather): 1 weights to int8"]),
+], ids=["fixed", "mixed", "full", "dynamic"])
+def test_info_log_says_what_each_stage_decided(caplog, config, expected):
+    with caplog.at_level("DEBUG", logger="ptqlite"):
+        result = ptqlite.convert(conv_model(), config, calibration=_images(), progress=False)
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    for line in expected:
+        assert any(m.startswith(line) for m in info), (line, info)
+    debug = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
+    assert sum(m.startswith("quantized ") for m in debug) == len(result.quantized)  # -vv: every tensor
