@@ -223,3 +223,27 @@ def test_full_quant_variants_measure_statistics_once(monkeypatch):
     plain = [convert(model, _with_skip(config, skip), samples=feeds).model for skip in ((), ("conv2",), ())]
     assert len(passes) > calls  # without reuse() every conversion measures again
     assert [m.SerializeToString() for m in first] == [m.SerializeToString() for m in plain]  # same models
+
+
+def test_variants_planning_other_tensors_need_no_new_pass(monkeypatch):
+    """The pass that measures ranges measures every float activation's: an "only this layer" variant, which plans
+    tensors the full conversion did not (a Conv's own output when the Relu after it stays float), finds its
+    ranges kept instead of paying another pass over the samples."""
+    from helpers import conv_model, full_config, samples
+
+    from ptqlite.passes.full import statistics
+
+    passes = []
+    measure = statistics._measure
+    monkeypatch.setattr(statistics, "_measure", lambda *a, **k: passes.append(a[3:]) or measure(*a, **k))
+    model, feeds = conv_model(), samples((1, 3, 16, 16), count=2)
+    config = _with_skip(full_config(), ())
+    with statistics.reuse():
+        convert(model, config, samples=feeds)
+        first = len(passes)
+        only = [convert(model, _with_skip(config, [n for n in ("conv1", "conv2", "fc") if n != keep]),
+                        samples=feeds).model for keep in ("conv1", "conv2")]
+    assert first >= 1 and len(passes) == first
+    plain = [convert(model, _with_skip(config, [n for n in ("conv1", "conv2", "fc") if n != keep]),
+                     samples=feeds).model for keep in ("conv1", "conv2")]
+    assert [m.SerializeToString() for m in only] == [m.SerializeToString() for m in plain]

@@ -394,3 +394,34 @@ def test_weight_quant_matmul_and_gather_weights_compare_in_float_units(tmp_path)
     rows = [r for r in _rows(tmp_path / "debug" / "round_0.csv")[1:] if r[5] == "Weight" and r[4] == "Dequant"]
     cosines = {r[2]: float(r[15]) for r in rows}
     assert set(cosines) == {"table", "w"} and min(cosines.values()) > 0.9999
+
+
+def test_threaded_comparison_writes_the_same_files(tmp_path, monkeypatch):
+    """A round of many values is compared in two shares on two threads; the files equal the one-thread ones."""
+    from helpers import conv_model, full_config, samples
+
+    model, feeds = conv_model(), samples((1, 3, 16, 16), count=3)
+    folders = []
+    for name, threshold in (("one", 1 << 40), ("two", 1)):  # 1: every round is split between two threads
+        monkeypatch.setattr(report, "_PARALLEL_VALUES", threshold)
+        folder = tmp_path / name
+        convert(model, full_config(common=f"debug_info_save_path={folder}\n"), samples=feeds, progress=False)
+        folders.append(folder)
+    names = sorted(p.name for p in folders[0].iterdir())
+    assert "round_2.csv" in names and names == sorted(p.name for p in folders[1].iterdir())
+    for name in names:
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
+
+
+def test_scratch_buffers_give_the_same_statistics():
+    """_Flat with reused buffers (a large tensor, then smaller ones in the same buffers) matches _Flat without."""
+    rng = np.random.default_rng(3)
+    scratch = report.Scratch()
+    for size in (5000, 17, 1200, 1):
+        origin = np.maximum(rng.standard_normal(size).astype(np.float32), 0)  # many exact zeros
+        dequant = np.round(origin * 8) / 8
+        plain, plain_d = report._Flat(origin), report._Flat(dequant)
+        reused, reused_d = report._Flat(origin, scratch, "origin"), report._Flat(dequant, scratch, "dequant")
+        assert reused.stats() == plain.stats() and reused_d.stats() == plain_d.stats()
+        assert reused.clip(reused_d) == plain.clip(plain_d) and reused.cosine(reused_d) == plain.cosine(plain_d)
+        assert plain.stats()[7] == np.mean(origin == 0)  # the zero count (searched with a float32 zero)
