@@ -8,10 +8,12 @@ q/k/v MatMuls -> multi-head attention (no mask, no rotary: the weights are what 
 residual, RMSNorm -> SwiGLU (gate, up, down MatMuls) -> residual; final RMSNorm and an lm_head MatMul. Weights are
 Gaussian with a few heavy outliers per matrix, as trained weights have.
 
-Columns: file size (model + data), peak RSS of a child process that loads the model and runs it once (seq 1),
+Columns: file size (model + data files), peak RSS of a child process that loads the model and runs it once (seq 1),
 its RSS after that run, latency at seq 1 / 32 / 128 (1 thread, every model loaded in one process and taking
 turns run by run, median per model, as a ratio to float), cosine of the logits to float's (mean over a few random
-sequences of 32 tokens), conversion time and peak RSS of the converting child process.
+sequences of 32 tokens), conversion time and peak RSS of the converting child process (the kernel's rusage of
+that process alone; ptqlite's includes its input checks and verification gate, MatMulNBitsQuantizer's its
+onnx.load and save).
 MatMulNBitsQuantizer quantizes MatMul weights only (the embedding table stays float); the ptqlite rows quantize the
 embedding table too unless marked "embedding float" (skip_quant_node).
 """
@@ -136,9 +138,25 @@ def model_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def convert_ptqlite(src: Path, out: Path, block: int, skip: str = "") -> dict:
+W8_CONFIG = """[common_quant_param]
+quant_type=WEIGHT_QUANT
+bit_num=8
+min_quant_weight_size=0
+min_quant_weight_channel=0
+"""
+DYNAMIC_CONFIG = """[common_quant_param]
+quant_type=DYNAMIC_QUANT
+min_quant_weight_size=0
+min_quant_weight_channel=0
+[dynamic_quant_param]
+quant_strategy=ALWC
+"""
+
+
+def convert_ptqlite(src: Path, out: Path, block: int, skip: str = "", config: str = "") -> dict:
+    """The CLI in a child process (a model with external data is converted streaming); time and peak RSS."""
     cfg = out.with_suffix(".cfg")
-    cfg.write_text(PTQ_CONFIG.format(bits=4, block=block, skip=f"skip_quant_node={skip}" if skip else ""))
+    cfg.write_text(config or PTQ_CONFIG.format(bits=4, block=block, skip=f"skip_quant_node={skip}" if skip else ""))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run = run_child([sys.executable, "-m", "ptqlite.cli", "convert", "--fmk=ONNX", f"--modelFile={src}",
                      f"--configFile={cfg}", f"--outputFile={out}", "--quiet"], env=env)
@@ -201,6 +219,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--work", default="", help="folder for the models (default: a temporary one)")
     parser.add_argument("--json", default="", help="also write the figures here")
+    parser.add_argument("--variants", default="", help="comma-separated numbers of the rows to run (default: all; "
+                        "0 block 32, 1 block 32 embedding float, 2 per channel, 3 MatMulNBits, 4 MatMulNBits "
+                        "accuracy_level=4, 5 ptqlite WEIGHT_QUANT 8 bit, 6 ptqlite DYNAMIC_QUANT ALWC)")
     args = parser.parse_args()
     ffn = args.ffn or int(np.ceil(args.hidden * 8 / 3 / 256) * 256)
     work = Path(args.work or tempfile.mkdtemp(prefix="llm_int4_"))
@@ -219,8 +240,13 @@ def main() -> None:
         ("ptqlite ON_THE_FLY 4 bit per channel", lambda out: convert_ptqlite(src, out, 0)),
         ("MatMulNBits int4 block 32", lambda out: convert_ort(src, out, 32, "none")),
         ("MatMulNBits int4 block 32, accuracy_level=4", lambda out: convert_ort(src, out, 32, "4")),
+        ("ptqlite WEIGHT_QUANT 8 bit (default strategy)", lambda out: convert_ptqlite(src, out, 0, config=W8_CONFIG)),
+        ("ptqlite DYNAMIC_QUANT ALWC", lambda out: convert_ptqlite(src, out, 0, config=DYNAMIC_CONFIG)),
     ]
+    chosen = {int(v) for v in args.variants.split(",") if v.strip()} if args.variants else set(range(len(variants)))
     for number, (name, make) in enumerate(variants):
+        if number not in chosen:
+            continue
         out = work / f"v{number}.onnx"
         rows[name] = make(out)
         paths[name] = out

@@ -288,3 +288,18 @@ def test_opset_raise_rewrites_reduce_inside_if_bodies():
     onnx.checker.check_model(model, full_check=True)
     for flag, expected in zip((True, False), want):
         np.testing.assert_array_equal(run(model, {"c": np.array(flag), "x": x})[0], expected)
+
+
+def test_block_search_gives_the_same_codes_on_any_number_of_threads(monkeypatch):
+    """The chunks of a weight are searched on the CPU's cores; the result must not depend on how many."""
+    from ptqlite import blockwise
+
+    w = np.random.default_rng(3).standard_normal((512, 640)).astype(np.float32)
+    monkeypatch.setattr(blockwise, "_THREADS", 4)
+    many = blockwise.quantize_blocks(w, 4, 0, 32)
+    monkeypatch.setattr(blockwise, "_THREADS", 1)
+    one = blockwise.quantize_blocks(w, 4, 0, 32)
+    np.testing.assert_array_equal(many.codes, one.codes)
+    np.testing.assert_array_equal(many.scale, one.scale)
+    np.testing.assert_array_equal(many.zero_point, one.zero_point)
+    assert many.squared_error == one.squared_error and many.squared_norm == one.squared_norm

@@ -11,7 +11,9 @@ error on one element for a smaller error on all the others.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,17 +75,31 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
     scale = np.empty((x.shape[0], 1, after)[:x.ndim], np.float32)
     zero = np.empty_like(scale)
     codes = np.empty(x.shape, np.int8 if bits <= 8 else np.int16)
-    total = norm = 0.0
     step = max(1, _CHUNK // (block * after))
-    for start in range(0, x.shape[0], step):
+
+    def chunk(start: int) -> tuple[float, float]:
         part = slice(start, start + step)
         s, z, e = _search(x[part], qmin, qmax, search)
         scale[part], zero[part] = s, z
         codes[part] = _quantized(x[part], s, z, qmin, qmax)
-        total += float(e.sum(dtype=np.float64))
-        norm += float(np.square(x[part], dtype=np.float64).sum())
+        sums = float(e.sum(dtype=np.float64)), float(np.square(x[part], dtype=np.float64).sum())
         if release is not None and not padded and x.base is not None:
             release(start * block * after, min(x.shape[0], start + step) * block * after)
+        return sums
+
+    starts = range(0, x.shape[0], step)
+    # Chunks are independent and numpy releases the GIL in its loops: the CPU's cores share them. The sums are
+    # added in chunk order, so the result does not depend on the number of threads.
+    workers = min(_THREADS, len(starts))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            sums = list(pool.map(chunk, starts))
+    else:
+        sums = [chunk(start) for start in starts]
+    total = norm = 0.0
+    for error, squares in sums:
+        total += error
+        norm += squares
     codes = codes.reshape(before, blocks * block, after)[:, :length].reshape(shape)
     params = (*shape[:axis], blocks, *shape[axis + 1:])
     return BlockQuant(codes, scale.reshape(params), zero.reshape(params).astype(np.int64), axis, block, bits, total,
@@ -91,6 +107,7 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
 
 
 _CHUNK = 1 << 17  # values per chunk (512 KiB of float32)
+_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _search(x: np.ndarray, qmin: int, qmax: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
