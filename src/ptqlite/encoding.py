@@ -401,19 +401,26 @@ def plan_split(z: np.ndarray) -> SplitPlan:
     """The k, gap and value widths that store unsigned values `z` in the fewest bytes (every k from 0 up)."""
     z = np.asarray(z, dtype=np.int64).ravel()
     top = int(z.max()).bit_length() if z.size else 0
+    if top < 31:
+        z = z.astype(np.int32)  # half the memory traffic of the shifts and scans below
     best: SplitPlan | None = None
+    candidates = None  # positions where z >> j != 0 for the last j looked at: a superset for every k > j
     for k in range(top + 1):
         low_bytes = packed_bytes(z.size, k) if k else 0
         if best is not None and low_bytes >= best.stored_bytes:
             continue  # the low bits alone cost more (widths above 8 can be cheaper again: 9 = 8 + 1)
-        high = z >> k
-        positions = np.flatnonzero(high)
+        if candidates is None:
+            positions = np.flatnonzero(z >> k)
+        else:
+            positions = candidates[(z[candidates] >> k) != 0]
+        candidates = positions
         if positions.size == 0:
             plan = SplitPlan(k, 1, 1, low_bytes)
         else:
             # Distinct gaps and values with their counts: each width is then priced on a few numbers.
-            gaps, gap_counts = np.unique(np.diff(positions, prepend=0), return_counts=True)
-            values, value_counts = np.unique(high[positions], return_counts=True)
+            # (np.bincount: the same distinct values and counts as np.unique, without sorting the entries)
+            gaps, gap_counts = _distinct(np.diff(positions, prepend=0))
+            values, value_counts = _distinct(z[positions] >> k)
             plan = None
             for gap_bits in range(1, bits_for(int(gaps[-1]) + 1) + 1):
                 fillers = int(np.sum(gap_counts * (np.maximum(gaps - 1, 0) // ((1 << gap_bits) - 1))))
@@ -427,6 +434,13 @@ def plan_split(z: np.ndarray) -> SplitPlan:
             best = plan
     assert best is not None
     return best
+
+
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct non-negative integers of `values`, ascending, and how often each occurs."""
+    counts = np.bincount(values)
+    present = np.flatnonzero(counts)
+    return present, counts[present]
 
 
 def split_entries(high: np.ndarray, gap_bits: int, value_bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -67,14 +67,23 @@ def _reconstruct(q: np.ndarray, step: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * step.astype(np.float32)
 
 
-def channel_errors(w: np.ndarray, step: np.ndarray, axis: int | None) -> np.ndarray:
-    """Relative error per slice along `axis` (one value for axis None), shaped like `step`."""
+def channel_errors(w: np.ndarray, step: np.ndarray, axis: int | None,
+                   energy: np.ndarray | None = None) -> np.ndarray:
+    """Relative error per slice along `axis` (one value for axis None), shaped like `step`. `energy` (the sums
+    of w * w over the slices) may be given when the caller computes it once for many steps."""
     axes = reduce_axes(w.ndim, axis)
     w64 = np.asarray(w, np.float64)  # no copy when search_step passes its float64 weight
-    q = round_half_away(w64 / step)
-    diff = w64 - _reconstruct(q, step)
-    energy = np.sum(w64 * w64, axis=axes, keepdims=True)
-    err = np.sum(diff * diff, axis=axes, keepdims=True)
+    if energy is None:
+        energy = np.sum(w64 * w64, axis=axes, keepdims=True)
+    # The same arithmetic as w - _reconstruct(round_half_away(w / step), step), in place: these run on whole
+    # weights at every step of the search, and their temporaries set the conversion's peak memory.
+    q = round_half_away(np.divide(w64, step))
+    decoded = q.astype(np.float32)
+    decoded *= step.astype(np.float32)
+    diff = np.subtract(w64, decoded, out=q)
+    del decoded
+    np.square(diff, out=diff)
+    err = np.sum(diff, axis=axes, keepdims=True)
     # An all-zero slice is exact when it decodes to zeros, and fully wrong otherwise.
     ratio = np.sqrt(err / np.where(energy > 0, energy, 1.0))
     return np.where(energy > 0, ratio, (err > 0).astype(np.float64))
@@ -104,11 +113,13 @@ def search_step(w: np.ndarray, target: float, axis: int | None,
     low = np.zeros(shape)  # largest step known to meet the target (0: none yet)
     high = np.full(shape, np.inf)  # smallest step known to miss it
     done = np.zeros(shape, dtype=bool)
+    slices = error_axis if axis is None and error_axis is not None else axis
+    energy = np.sum(w64 * w64, axis=reduce_axes(w.ndim, slices), keepdims=True)
     for _ in range(SEARCH_ITERATIONS):
         if axis is None and error_axis is not None:
-            err = channel_errors(w64, step, error_axis).max().reshape(shape)
+            err = channel_errors(w64, step, error_axis, energy).max().reshape(shape)
         else:
-            err = channel_errors(w64, step, axis)
+            err = channel_errors(w64, step, axis, energy)
         ok = err <= target
         low = np.where(~done & ok & (step > low), step, low)
         high = np.where(~done & ~ok & (step < high), step, high)
@@ -131,7 +142,7 @@ def search_step(w: np.ndarray, target: float, axis: int | None,
 def zigzag(q: np.ndarray) -> np.ndarray:
     """Signed codes -> unsigned, small magnitudes first: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ..."""
     q = np.asarray(q, dtype=np.int64)
-    return np.where(q >= 0, 2 * q, -2 * q - 1)
+    return (q << 1) ^ (q >> 63)  # 2q for q >= 0, -2q - 1 below (the sign bit spread over all bits)
 
 
 def rice_parameter(z: np.ndarray) -> int:
@@ -307,16 +318,17 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
             outputs[layer.spec.tensor] = decoders[-1].output
             continue
         b = Builder(index, shared, f"split k={k}")
-        values = [zigzag(layer.q) for layer in group]
-        flat = split_codes(b, np.concatenate([z.ravel() for z in values]), SplitPlan(k, gap_bits, value_bits, 0))
+        joined = np.concatenate([zigzag(layer.q).ravel() for layer in group])
+        flat = split_codes(b, joined, SplitPlan(k, gap_bits, value_bits, 0))
+        del joined
+        tops = [int(zigzag(layer.q).max()) for layer in group]
         parts = [b.name() for _ in group]
         sizes = shared.get(np.array([layer.q.size for layer in group], np.int64))
         b.decoder.nodes.append(helper.make_node("Split", [flat, sizes], parts))
-        for layer, z, part in zip(group, values, parts):
+        for layer, top, part in zip(group, tops, parts):
             position = b.node("Cast", [b.node("Reshape", [part, b.shape_of(layer.q.shape)])], to=TensorProto.INT32)
             site = sites.get(layer.spec.tensor, "load")
-            out = _gather_weight(b, _unzigzag_table(b, 0, int(z.max())), position, layer.step, layer.spec.tensor,
-                                 site)
+            out = _gather_weight(b, _unzigzag_table(b, 0, top), position, layer.step, layer.spec.tensor, site)
             if site != "load":
                 outputs[layer.spec.tensor] = out
         decoders.append(b.decoder)
@@ -377,7 +389,9 @@ class MixedLayer:
     bits: int  # width of the codes' range (what fixed-width storage would need)
     step: np.ndarray  # per channel or scalar (fallback: the 8-bit scale)
     q: np.ndarray  # signed codes (fallback: unsigned 8-bit codes)
-    decoded: np.ndarray  # float32 weight the decoder rebuilds
+    # float32 weight the decoder rebuilds; None where that is q * step (split, Rice), made when asked for: a
+    # model's layers are all held until the graph is written, and this copy would double their memory
+    stored_decoded: np.ndarray | None
     relative_error: float
     stored_bytes: int  # bytes of its data in the file (Rice: its share of the shared stream, plus its steps)
     decoder: Decoder | None = None  # None: Rice-coded, decoded by rice_decoders()
@@ -386,6 +400,13 @@ class MixedLayer:
     zero_point: np.ndarray | None = None
     correction_var: np.ndarray | None = None
     correction_mean: np.ndarray | None = None
+
+    @property
+    def decoded(self) -> np.ndarray:
+        """The float32 weight the decoder rebuilds."""
+        if self.stored_decoded is not None:
+            return self.stored_decoded
+        return _reconstruct(self.q, self.step)
 
     @property
     def encoding(self) -> str:
@@ -439,25 +460,31 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
         q = round_half_away(w.astype(np.float64) / step).astype(np.int64)
         bits = bits_for(int(q.max() - q.min()) + 1)
         reconstructed = _reconstruct(q, step32)
+        error = relative_error(w, reconstructed)
+        del reconstructed
+        # what the layer keeps: the codes in the narrowest type that holds them (at most MAX_CODE_BITS wide)
+        kept = q.astype(np.int16 if bits <= 15 and q.min() > -(1 << 15) else np.int32)
         # Rice: the model shares one decoding graph per k, so a layer costs its bits and its steps.
         z = zigzag(q)
         k = rice_parameter(z)
         rice_bytes = -(-rice_bits(z, k) // 8) + step32.nbytes
         if (rice_bytes + RICE_LAYER_BYTES) / (1 - RICE_MARGIN) < best_key:
-            weigh(MixedLayer(spec, measure, bits, step32, q, reconstructed, relative_error(w, reconstructed),
+            weigh(MixedLayer(spec, measure, bits, step32, kept, None, error,
                              rice_bytes, rice_k=k, zero_point=np.zeros(step.size, np.int64)))
         if shared.opset >= SPLIT_OPSET:
             plan = plan_split(z)
             if plan.stored_bytes + step32.nbytes < best_key:
                 decoder = split_decoder(index, shared, spec.tensor, q, step32, plan)
-                weigh(MixedLayer(spec, measure, bits, step32, q, reconstructed, relative_error(w, reconstructed),
+                weigh(MixedLayer(spec, measure, bits, step32, kept, None, error,
                                  decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64),
                                  split=plan))
         # Skip the fixed-width forms when even their lower bound (indices into the distinct codes, or only the
         # nonzero codes) cannot beat the best so far: building them costs time, auto_tune quantizes many times.
-        distinct = np.unique(q).size
+        if bits > MAX_CODE_BITS:
+            continue
+        distinct = int(np.count_nonzero(np.bincount((q - q.min()).ravel())))  # np.unique(q).size, no sort
         bound = min(q.size * bits_for(distinct), int(np.count_nonzero(q)) * bits) // 8
-        if bits > MAX_CODE_BITS or bound >= best_key:
+        if bound >= best_key:
             continue
         # The fixed-width forms of encoding.py, codes shifted to start at 0 per step.
         low = q.min(axis=reduce_axes(q.ndim, axis), keepdims=True)
@@ -467,7 +494,7 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
                                 offset, -low)
         if decoder.stored_bytes < best_key:
             decoded = ((q - low).astype(np.float32) * step32 + offset).astype(np.float32)
-            weigh(MixedLayer(spec, measure, bits, step32, q, decoded, relative_error(w, decoded),
+            weigh(MixedLayer(spec, measure, bits, step32, kept, decoded, relative_error(w, decoded),
                              decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64)))
     if best is not None:
         return best
