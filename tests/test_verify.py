@@ -495,3 +495,14 @@ def test_few_bits_checked_on_synthetic_inputs_only_are_warned_about(tmp_path):
     assert real.verification.inputs == "8 calibration samples" and not real.warnings
     eight_bits = convert(_tanh_mlp(), parse_config(CONFIGS["weight_8bit"]))
     assert eight_bits.verification.inputs == "2 synthetic inputs" and not eight_bits.warnings
+
+
+def test_samples_compared_before_one_the_float_model_rejects_still_count():
+    model = _concat_with_batch_one_model()
+    rng = np.random.default_rng(6)
+    inputs = [{"x": rng.normal(size=(1, 4)).astype(np.float32)}, {"x": rng.normal(size=(2, 4)).astype(np.float32)}]
+    checked = verify(model, model, inputs, "2 given samples", 0.9)
+    assert checked.samples == 1 and checked.outputs[0].min == pytest.approx(1.0)
+    assert checked.skipped.startswith("the float model does not run on sample 1 of the 2 given samples")
+    first = verify(model, model, inputs[::-1], "2 given samples", 0.9)
+    assert first.outputs == [] and first.skipped.startswith("the float model does not run on the 2 given samples")
