@@ -405,3 +405,12 @@ def test_block_embedding_rows_run_alike_in_openvino(tmp_path):
         pytest.skip(NO_OPENVINO)
     np.testing.assert_array_equal(openvino_run(quantized, {"ids": ids}, tmp_path)[0],
                                   session(quantized).run(None, {"ids": ids})[0])
+
+
+def test_acwl_resnet20_runs_alike_in_openvino(tmp_path):
+    """ACWL's row codes: a per-axis QuantizeLinear with a scale computed at run time compiled in OpenVINO 2026.4
+    but failed when run (FakeQuantize bounds [rows] against data [rows, K]); Mul, Round, Add and Cast run."""
+    config = parse_config("[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n"
+                          "[dynamic_quant_param]\nquant_strategy=ACWL\n")
+    x = np.random.default_rng(2).uniform(-2, 2, (4, 3, 32, 32)).astype(np.float32)
+    _compare_outputs(onnx.load(RESNET20), convert(onnx.load(RESNET20), config).model, {"input": x}, tmp_path)

@@ -4,8 +4,8 @@ Each MatMul/Gemm with a constant weight B becomes
 
     ALWC (default): DynamicQuantizeLinear(x) -> MatMulInteger(x_u8, W_s8) -> Cast -> Mul(x_scale * w_scale[N])
     ACWL:           x' = x * d (d per input channel, the weight's rows divided by it); per-row scale
-                    s = max|x'| / 127 over the last axis; x_u8 = QuantizeLinear(x', s, 128) (per axis on x'
-                    seen as [rows, K]; Mul/Round/Add/Cast below opset 13) -> MatMulInteger(x_u8, W_s8) -> Cast -> Mul(s * w_scale)
+                    s = max|x'| / 127 over the last axis; x_u8 = Cast(Round(x' * 127 / max|x'|) + 128)
+                    -> MatMulInteger(x_u8, W_s8) -> Cast -> Mul(s * w_scale)
 
 ONNX Runtime fuses these into its DynamicQuantizeMatMul / MatMulIntegerToFloat kernels (ACWL: the per-row scale
 is applied inside MatMulIntegerToFloat). The weight codes are symmetric
@@ -243,16 +243,9 @@ class _Rewriter(GraphBuilder):
             x = add("Mul", [x, weight.equalizer])
         amax = add("Max", [self.reduce_abs_max(x, prefix, nodes), self.shared(_TINY)])
         scale = add("Div", [amax, self.shared(np.float32(127))])
-        if self.opset >= 13:
-            # One QuantizeLinear, per axis over x seen as [rows, K] (its zero point has the scale's shape).
-            # Not the blocked form of opset 21: onnxruntime 1.32 rejects it when there is a single row.
-            k = weight.rows
-            rows = add("Reshape", [x, self.shared(np.array([-1, k], np.int64))])
-            flat = add("Reshape", [scale, self.shared(np.array([-1], np.int64))])
-            zero = add("Cast", [add("Add", [add("Mul", [flat, self.shared(np.float32(0))]),
-                                            self.shared(np.float32(_ZERO))])], to=TensorProto.UINT8)
-            codes = add("QuantizeLinear", [rows, flat, zero], axis=0)
-            return add("Reshape", [codes, add("Shape", [x])]), scale
+        # Mul, Round, Add and Cast, not one per-axis QuantizeLinear of x as [rows, K]: OpenVINO 2026.4 fails to run
+        # a QuantizeLinear whose per-axis scale is computed at run time (FakeQuantize bounds [rows] against data
+        # [rows, K]); onnxruntime runs both as fast (docs/dynamic_quant.md).
         inverse = add("Div", [self.shared(np.float32(127)), amax])
         rounded = add("Round", [add("Mul", [x, inverse])])
         return add("Cast", [add("Add", [rounded, self.shared(np.float32(_ZERO))])], to=TensorProto.UINT8), scale
