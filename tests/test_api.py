@@ -3,6 +3,7 @@ in every form (the README's example runs in test_readme.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 from helpers import RESNET20, conv_model, cosine, run
 
 import ptqlite
-from ptqlite.errors import ConfigError, DataError
+from ptqlite.errors import ConfigError, DataError, PtqError, UsageError
+from ptqlite.io_types import METADATA_KEY
+from ptqlite.progress import known_total
 
 FULL = {"common_quant_param": {"quant_type": "FULL_QUANT", "bit_num": 8}}
 INI_FULL = "[common_quant_param]\nquant_type=FULL_QUANT\nbit_num=8\n"
@@ -129,3 +132,94 @@ def test_empty_calibration_and_multi_input_arrays_say_why():
     data = ptqlite.CalibrationData([np.zeros((1, 4), np.float32)], two_inputs)
     with pytest.raises(DataError, match="2 inputs"):
         list(data)
+
+
+# ---------------------------------------------------------------- converter_lite's flags as keywords
+
+
+def test_fp16_keyword_stores_the_unquantized_float_parts_in_float16():
+    model = conv_model()
+    config = {"common_quant_param": {"quant_type": "WEIGHT_QUANT", "bit_num": 8, "skip_quant_node": ["conv2"]}}
+    f32 = ptqlite.quantize(model, config)
+    f16 = ptqlite.quantize(model, config, fp16=True)
+    halves = {t.name: t for t in f16.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    assert "w2_fp16" in halves and not any(t.data_type == onnx.TensorProto.FLOAT16 for t in f32.graph.initializer)
+    w2 = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(halves["w2_fp16"]), w2.astype(np.float16))
+    assert f16.ByteSize() < f32.ByteSize() - w2.size * 2 + 200  # the Cast node costs a few bytes
+    sample = {"x": _batches(1, 1, seed=3)[0]}
+    a, b = run(f32, sample)[0], run(f16, sample)[0]
+    assert cosine(a, b) > 0.99999
+    np.testing.assert_allclose(b, a, rtol=0, atol=2e-3 * float(np.abs(a).max()))
+
+
+@pytest.mark.parametrize("input_type, output_type", [("UINT8", "INT8"), ("INT8", "FLOAT32")])
+def test_integer_inputs_and_outputs_from_in_memory_calibration(input_type, output_type):
+    model = conv_model()
+    qdq = ptqlite.quantize(model, FULL, calibration=_batches(), progress=False)
+    result = ptqlite.convert(model, FULL, calibration=_batches(), progress=False, input_data_type=input_type,
+                             output_data_type=output_type)
+    q = result.model
+    assert onnx.checker.check_model(q, full_check=True) is None
+    types = {"INT8": onnx.TensorProto.INT8, "UINT8": onnx.TensorProto.UINT8, "FLOAT32": onnx.TensorProto.FLOAT}
+    assert q.graph.input[0].type.tensor_type.elem_type == types[input_type]
+    assert q.graph.output[0].type.tensor_type.elem_type == types[output_type]
+    params = {p["kind"]: p for p in json.loads({m.key: m.value for m in q.metadata_props}[METADATA_KEY])}
+    assert set(params) == ({"input", "output"} if output_type != "FLOAT32" else {"input"})
+    assert params["input"]["dtype"] == input_type.lower()
+    assert any(n.startswith(f"input 'x' is {input_type.lower()}: float = (x - ") for n in result.notes)
+    x = _batches(1, 1, seed=7)[0]
+    i = params["input"]
+    lo, hi = (-128, 127) if input_type == "INT8" else (0, 255)
+    codes = np.clip(np.round(x / i["scale"]) + i["zero_point"], lo, hi).astype(input_type.lower())
+    y = run(q, {"x": codes})[0]
+    expected = run(qdq, {"x": x})[0]  # the same model with float boundaries
+    if output_type == "FLOAT32":
+        assert y.dtype == np.float32
+        np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
+    else:
+        o = params["output"]
+        assert y.dtype == np.int8
+        y = (y.astype(np.float32) - o["zero_point"]) * o["scale"]
+        assert np.abs(y - np.clip(expected, (-128 - o["zero_point"]) * o["scale"], (127 - o["zero_point"]) * o["scale"])
+                      ).max() <= o["scale"] * 0.5 + 1e-4
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"input_data_type": "FLOAT16"}, "input_data_type=FLOAT16: expected one of DEFAULT, FLOAT32, INT8, UINT8"),
+    ({"output_data_type": "int8"}, "output_data_type=int8: expected one of DEFAULT, FLOAT32, INT8, UINT8"),
+    ({"fp16": "on"}, "fp16='on': expected True or False"),
+    ({"output_data_type": "INT8", "config": {"common_quant_param": {"quant_type": "WEIGHT_QUANT"}}},
+     ("output_data_type=INT8: needs quant_type=FULL_QUANT in the config (WEIGHT_QUANT keeps float activations, so "
+      "there are no integer codes at the model's boundary)")),
+])
+def test_converter_lite_keywords_refused_in_one_line(options, message):
+    config = options.pop("config", FULL)
+    with pytest.raises(UsageError) as error:
+        ptqlite.convert(conv_model(), config, calibration=_batches(), progress=False, **options)
+    assert isinstance(error.value, PtqError) and str(error.value) == message
+
+
+# ---------------------------------------------------------------- progress bars
+
+
+def test_progress_bars_know_their_total_for_a_list(monkeypatch, tmp_path):
+    import ptqlite.progress
+
+    totals: list[tuple[str, int | None]] = []
+    real = ptqlite.progress.progress_bar
+
+    def recording(total, desc, enabled=None, unit="step"):
+        totals.append((desc, total))
+        return real(total, desc, False, unit)
+
+    monkeypatch.setattr(ptqlite.progress, "progress_bar", recording)
+    config = {"common_quant_param": {"quant_type": "FULL_QUANT", "bit_num": 8,
+                                     "debug_info_save_path": str(tmp_path / "reports")}}
+    ptqlite.convert(conv_model(), config, calibration=_batches(count=3, batch=4), progress=True)
+    assert totals and ("debug reports", 12) in totals  # 3 batches of 4 split into 12 samples
+    assert all(total == 12 for desc, total in totals if desc != "debug reports"), totals
+    # a callable gives no length up front: the bars know the total once one pass has counted the samples
+    data = ptqlite.CalibrationData(lambda: iter(_batches(count=3, batch=4)), conv_model())
+    assert known_total(data) is None
+    assert len(list(data)) == 12 and known_total(data) == 12

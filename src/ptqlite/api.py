@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from . import convert as _convert_module
+from . import lite_flags
 from .config import QuantConfig, config_from_dict, load_config, parse_config
 from .errors import DataError, UsageError
 from .frontends import fmk_for_path
@@ -43,17 +44,23 @@ def convert(model: ModelLike, config: ConfigLike, calibration: Any = None, *,
             transform: Callable[[Any], Any] | None = None, input_format: str | None = None,
             progress: bool | None = None, alwc_weights: str = "int8",
             input_shapes: str | Mapping[str, Sequence[int]] | None = None, verify: bool = True,
-            verify_floor: float | None = None) -> ConversionResult:
+            verify_floor: float | None = None, fp16: bool = False, input_data_type: str = "FLOAT32",
+            output_data_type: str = "FLOAT32") -> ConversionResult:
     """Quantize `model` as `config` says; the model (file or object) is never modified. See the module doc for
     the accepted forms. `input_format` ("NHWC"/"NCHW") is how calibration images lay out a 4-D input when read
     from files; `progress` shows bars (default: on a terminal); `alwc_weights` is DYNAMIC_QUANT's ALWC weight
     storage ("int8" or "uint8"). `input_shapes` ({name: dims} or --inputShape's text) fix input shapes for
     calibration and analysis only; the output keeps the model's own. `verify` runs the verification gate
     (result.verification; docs/spec.md "Verification"); `verify_floor` in (0, 1] makes a collapse below it a
-    ConversionError instead of a warning."""
+    ConversionError instead of a warning. converter_lite's flags, with their values and messages: `fp16`
+    (--fp16=on) stores the float32 constants left unquantized as float16; `input_data_type` /
+    `output_data_type` "INT8" or "UINT8" (--inputDataType / --outputDataType, FULL_QUANT only) make the float
+    graph inputs / outputs integer codes, their scales in result.notes and metadata_props (io_types.py)."""
     path = Path(model) if isinstance(model, (str, Path)) else None
     proto = _model(model)
     quant_config = _config(config, samples_given=calibration is not None)
+    lite = lite_flags.from_keywords(fp16, input_data_type, output_data_type)
+    lite_flags.check_for_config(lite, quant_config, keywords=True)
     if verify_floor is not None and not 0.0 < verify_floor <= 1.0:  # also refuses nan
         raise UsageError(f"verify_floor={verify_floor}: expected a number in (0, 1]")
     shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, str) else input_shapes
@@ -65,18 +72,23 @@ def convert(model: ModelLike, config: ConfigLike, calibration: Any = None, *,
         options["alwc_weights"] = alwc_weights
     if calibration is not None:
         options["samples"] = CalibrationData(calibration, proto, transform)
-    return _convert_module.convert(proto, quant_config, model_path=path, **options)
+    result = _convert_module.convert(proto, quant_config, model_path=path, float16=lite.fp16, **options)
+    if lite.input_type or lite.output_type:
+        lite_flags.integer_boundaries(result, proto, quant_config, lite, options["input_shapes"], input_format,
+                                      options.get("samples"))
+    return result
 
 
 def quantize(model: ModelLike, config: ConfigLike, calibration: Any = None, *,
              transform: Callable[[Any], Any] | None = None, input_format: str | None = None,
              progress: bool | None = None, alwc_weights: str = "int8",
              input_shapes: str | Mapping[str, Sequence[int]] | None = None, verify: bool = True,
-             verify_floor: float | None = None) -> onnx.ModelProto:
+             verify_floor: float | None = None, fp16: bool = False, input_data_type: str = "FLOAT32",
+             output_data_type: str = "FLOAT32") -> onnx.ModelProto:
     """Like convert(), returning only the quantized model."""
     return convert(model, config, calibration, transform=transform, input_format=input_format, progress=progress,
-                   alwc_weights=alwc_weights, input_shapes=input_shapes, verify=verify,
-                   verify_floor=verify_floor).model
+                   alwc_weights=alwc_weights, input_shapes=input_shapes, verify=verify, verify_floor=verify_floor,
+                   fp16=fp16, input_data_type=input_data_type, output_data_type=output_data_type).model
 
 
 def _model(model: ModelLike) -> onnx.ModelProto:
@@ -114,6 +126,22 @@ class CalibrationData:
         self.source = source
         self.transform = transform
         self.inputs = model_input_specs(model)
+        self.count: int | None = None  # samples in one full pass, once one was read
+
+    def __length_hint__(self) -> int:
+        """The sample count for the progress bars' totals: exact after a full pass; before one, for a sized
+        source (a list, a Dataset-like object), its length times the samples its first item splits into."""
+        if self.count is not None:
+            return self.count
+        if callable(self.source) or not hasattr(self.source, "__len__"):
+            return NotImplemented
+        size = len(self.source)
+        if size == 0:
+            return 0
+        first = self.source[0] if isinstance(self.source, Sequence) else next(iter(self.source))
+        if self.transform is not None:
+            first = self.transform(first)
+        return size * len(self._samples(first, 0))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         items = self.source() if callable(self.source) else self.source
@@ -126,6 +154,7 @@ class CalibrationData:
                 yield sample
         if count == 0:
             raise DataError("calibration: no samples (the iterable or the callable's iterator was empty)")
+        self.count = count
 
     def _samples(self, item: Any, index: int) -> list[dict[str, np.ndarray]]:
         if isinstance(item, Mapping):

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from . import lite_flags
-from .config import QuantConfig, load_config
+from .config import load_config
 from .convert import (
     convert,
     discard_output,
@@ -97,37 +97,6 @@ def analyze_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def check_lite_options(lite: lite_flags.LiteOptions, config: QuantConfig) -> None:
-    """The converter_lite flags that depend on the config's mode."""
-    for flag, value in (("--inputDataType", lite.input_type), ("--outputDataType", lite.output_type)):
-        if value and config.quant_type != "FULL_QUANT":
-            raise UsageError(f"{flag}={value}: needs quant_type=FULL_QUANT in the config ({config.quant_type} keeps "
-                             "float activations, so there are no integer codes at the model's boundary)")
-
-
-def integer_boundaries(result: ConversionResult, model, config: QuantConfig, lite: lite_flags.LiteOptions,
-                       shapes, input_format: str | None) -> None:
-    """--inputDataType/--outputDataType INT8/UINT8: integer graph inputs/outputs, their scales in the notes."""
-    from .data import calibration_set
-    from .io_types import METADATA_KEY, quantize_io
-    from .model import set_input_shapes
-    from .runtime import cpu_session
-
-    shaped = model
-    if shapes:
-        shaped = type(model)()
-        shaped.CopyFrom(model)
-        set_input_shapes(shaped, shapes)
-    samples = calibration_set(config, shaped, input_format)
-    done = quantize_io(result.model, lite.input_type, lite.output_type, samples)
-    cpu_session(result.model, "with integer inputs/outputs", spinning=False)  # a load check of what is written
-    result.notes += [b.describe() for b in done]
-    if done:
-        result.notes.append(f"callers quantize inputs as clamp(round(x / scale) + zero_point) and read outputs as "
-                            f"(y - zero_point) * scale; the parameters are in metadata_props '{METADATA_KEY}' "
-                            "(JSON); the verification compared the model before this change of its boundary")
-
-
 def output_path(text: str) -> Path:
     """`--outputFile=out/m` writes out/m.onnx; a name already ending in .onnx is kept."""
     path = Path(text)
@@ -153,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     # is written while the pass runs. Not for a dry run, which has no folder to write the data file in.
     config, model = load_inputs(args, apply_shapes=False, lazy=lambda c: not discard and args.fmk == "ONNX"
                                 and not streaming_refusal(c, shapes, args.modelFile, lite.fp16))
-    check_lite_options(lite, config)
+    lite_flags.check_for_config(lite, config)
     streamed = has_external_data(model, iter_tensors)
     if not discard:
         _check_input_data_kept(model, Path(args.modelFile), out)
@@ -167,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         result.notes.append(f"--optimize=ascend_oriented: the ASCEND int8 preset comes from target_device=ASCEND in "
                             f"[full_quant_param]; this config uses {config.full.target_device}")
     if lite.input_type or lite.output_type:
-        integer_boundaries(result, model, config, lite, shapes, args.inputDataFormat or None)
+        lite_flags.integer_boundaries(result, model, config, lite, shapes, args.inputDataFormat or None)
     try:
         if result.staged_output is not None:
             publish_output(result)

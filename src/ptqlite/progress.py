@@ -4,8 +4,9 @@ is a terminal unless the caller says otherwise (the Python API's `progress=`), s
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -17,6 +18,12 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "calibrat
         for item in items:
             yield item
             bar.update(1)
+
+
+def known_total(items: Any) -> int | None:
+    """How many items `items` will give, for a bar's total and ETA: len() or __length_hint__, None if unknown."""
+    total = operator.length_hint(items, -1)
+    return None if total < 0 else total
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool | None = None, unit: str = "step"):

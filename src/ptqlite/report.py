@@ -353,7 +353,7 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
                   notes: Iterable[str] = (), progress: bool | None = None) -> DebugReport:
     """Write output_summary.csv, round_<i>.csv, quant_param.csv, report.html and notes.txt into `folder`;
     `progress` shows a bar over the rounds (None: on a terminal)."""
-    from .progress import progress_bar
+    from .progress import known_total, progress_bar
 
     folder = Path(folder)
     try:
@@ -401,7 +401,7 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     summary_path = folder / "output_summary.csv"
     # The sessions run round i+1 in a worker thread while this one compares the values of round i (onnxruntime
     # and numpy's sorts and sums release the GIL): two rounds' values are in memory at a time.
-    rounds = len(inputs) if hasattr(inputs, "__len__") else None
+    rounds = known_total(inputs)
     with (open(summary_path, "w", newline="") as summary_file, ThreadPoolExecutor(1) as worker,
           ThreadPoolExecutor(1) as comparing,
           progress_bar(rounds, "debug reports", progress, unit="round") as bar):

@@ -8,6 +8,7 @@ changes the model.
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -245,6 +246,10 @@ class _Checked:
         for index, sample in enumerate(self.samples):
             check_sample_finite(sample, f"calibration sample {index}")
             yield sample
+
+    def __length_hint__(self) -> int:  # the samples' count where known, for the progress bars
+        total = operator.length_hint(self.samples, -1)
+        return NotImplemented if total < 0 else total
 
 
 class _SizedChecked(_Checked):

@@ -176,6 +176,7 @@ def _run(session: ort.InferenceSession, names: list[str], sample: dict[str, np.n
 
 
 def _progress(samples, progress: bool | None, desc: str):
+    from ...progress import known_total
     from ...progress import progress as bar
 
-    return bar(samples, total=len(samples) if hasattr(samples, "__len__") else None, desc=desc, enabled=progress)
+    return bar(samples, total=known_total(samples), desc=desc, enabled=progress)
