@@ -213,3 +213,23 @@ def test_quantized_outputs_become_their_codes_exactly(dtype):
         for name, got, want in zip("yz", exact.run(None, {"x": codes}), plain.run(None, feed), strict=True):
             b = by["output" + name]
             np.testing.assert_allclose((got.astype(np.float32) - b.zero_point) * b.scale, want, rtol=0, atol=1e-6)
+
+
+def test_python_api_keywords_give_the_cli_model(work, capsys, tmp_path):
+    """fp16=True, input_data_type/output_data_type: the same code and the same model as the flags."""
+    import ptqlite
+
+    model, _, out = work
+    config = _full_config(tmp_path, size=4)
+    assert run(flags(model, config, out / "cli", "--fp16=on", "--inputDataType=UINT8", "--outputDataType=INT8"),
+               capsys)[0] == 0
+    api = ptqlite.quantize(str(model), config, progress=False, fp16=True, input_data_type="UINT8",
+                           output_data_type="INT8")
+    assert api.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    assert api.SerializeToString() == onnx.load(out / "cli.onnx").SerializeToString()
+    weight = tmp_path / "skip.cfg"  # a skipped layer: float parts that --fp16=on stores as float16
+    weight.write_text(WEIGHT_CFG + "skip_quant_node=/layer3/layer3.2/conv2/Conv\n")
+    assert run(flags(model, weight, out / "cli16", "--fp16=on"), capsys)[0] == 0
+    api = ptqlite.quantize(str(model), weight, fp16=True)
+    assert any(t.data_type == TensorProto.FLOAT16 for t in api.graph.initializer)
+    assert api.SerializeToString() == onnx.load(out / "cli16.onnx").SerializeToString()
