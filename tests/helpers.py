@@ -249,6 +249,17 @@ INVALID = [
 ]
 
 
+def cli_workspace(tmp_path: Path, config_text: str, config_name: str) -> tuple[Path, Path, Path]:
+    """A copy of the bundled model, a config with `config_text` and an empty output folder, for CLI tests."""
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(RESNET20, model)
+    config = tmp_path / config_name
+    config.write_text(config_text)
+    out = tmp_path / "out"
+    out.mkdir()
+    return model, config, out
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """ptqlite's command line in this process: exit code, stdout, stderr."""
     from ptqlite import cli

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from helpers import INVALID, one_error_line
+from helpers import INVALID, cli_workspace, one_error_line
 from helpers import run_cli as run
 
 from ptqlite.config import parse_config
@@ -29,14 +28,7 @@ def digest(path: Path) -> str:
 
 @pytest.fixture
 def work(tmp_path):
-    """A copy of the bundled model, a valid config and an empty output folder."""
-    model = tmp_path / "model.onnx"
-    shutil.copyfile(MODEL, model)
-    config = tmp_path / "w4.cfg"
-    config.write_text(WEIGHT_CFG)
-    out = tmp_path / "out"
-    out.mkdir()
-    return model, config, out
+    return cli_workspace(tmp_path, WEIGHT_CFG, "w4.cfg")
 
 
 def flags(model, config, output, *extra: str) -> list[str]:

@@ -5,13 +5,12 @@ graph inputs and outputs of FULL_QUANT models, with their scales)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import EXAMPLES, RESNET20, cosine, one_error_line, samples, session
+from helpers import EXAMPLES, cli_workspace, cosine, one_error_line, samples, session
 from helpers import run_cli as run
 from onnx import TensorProto, helper, numpy_helper
 
@@ -25,13 +24,7 @@ WEIGHT_CFG = "[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=8\n"
 
 @pytest.fixture
 def work(tmp_path):
-    model = tmp_path / "model.onnx"
-    shutil.copyfile(RESNET20, model)
-    config = tmp_path / "w8.cfg"
-    config.write_text(WEIGHT_CFG)
-    out = tmp_path / "out"
-    out.mkdir()
-    return model, config, out
+    return cli_workspace(tmp_path, WEIGHT_CFG, "w8.cfg")
 
 
 def flags(model, config, output, *extra: str, quiet: bool = True) -> list[str]:
