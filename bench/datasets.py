@@ -12,6 +12,15 @@ CIFAR_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
 CIFAR_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
 
 
+def cifar_data_section(calibrate_size: int = 100) -> str:
+    """[data_preprocess_param] for the bundled ResNet20: its calibration images, normalised as CIFAR_MEAN/CIFAR_STD
+    (in 0-255 units)."""
+    folder = Path(__file__).resolve().parents[1] / "examples" / "calib" / "input"
+    return (f"[data_preprocess_param]\ncalibrate_path=input:{folder}\ncalibrate_size={calibrate_size}\n"
+            "input_type=IMAGE\nimage_to_format=RGB\nnormalize_mean=[123.675,116.28,103.53]\n"
+            "normalize_std=[58.395,57.12,57.375]\n")
+
+
 def cifar(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 test copy as normalised NCHW float32 and int labels."""
     data = np.load(SHARED / "cifar10" / "test2000_uint8_nhwc.npz")

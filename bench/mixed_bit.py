@@ -18,7 +18,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from datasets import SHARED, cifar, top1
+from datasets import SHARED, cifar, cifar_data_section, top1
 
 from ptqlite.autotune import OutputComparer
 from ptqlite.config import parse_config
@@ -28,21 +28,13 @@ from ptqlite.model import save_model
 
 MODEL = SHARED / "models" / "resnet56_cifar10.onnx"
 OUT = ROOT / ".cache" / "bench_mixed_bit"
-CALIB = ROOT / "examples" / "calib" / "input"
 COMMON = """[common_quant_param]
 quant_type=WEIGHT_QUANT
 bit_num=0
 min_quant_weight_size=0
 min_quant_weight_channel=0
 """
-DATA = f"""[data_preprocess_param]
-calibrate_path=input:{CALIB}
-calibrate_size=100
-input_type=IMAGE
-image_to_format=RGB
-normalize_mean=[123.675,116.28,103.53]
-normalize_std=[58.395,57.12,57.375]
-"""
+DATA = cifar_data_section()
 
 
 def main() -> int:

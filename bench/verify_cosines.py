@@ -26,15 +26,8 @@ from ptqlite.verify import FLOORS, default_floor, mode_label, verification_input
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-DATA = """
-[data_preprocess_param]
-calibrate_path=input:{folder}
-calibrate_size=100
-input_type=IMAGE
-image_to_format=RGB
-normalize_mean=[123.675, 116.28, 103.53]
-normalize_std=[58.395, 57.12, 57.375]
-"""
+sys.path.insert(0, str(ROOT / "bench"))
+from datasets import cifar_data_section
 
 
 def configs() -> list[tuple[str, str]]:
@@ -51,10 +44,9 @@ def main() -> int:
     logging.disable(logging.WARNING)  # a config with its own data section: the appended one is dropped, warned
     if args.model == "resnet20":
         model = onnx.load(str(EXAMPLES / "models" / "resnet20_cifar10.onnx"))
-        data = DATA.format(folder=EXAMPLES / "calib" / "input").replace("=100", f"={args.calibrate}")
+        data = cifar_data_section(args.calibrate)
         chosen = configs()
     else:
-        sys.path.insert(0, str(ROOT / "bench"))
         import full_quant
 
         bench = full_quant.BENCHES[args.model]
