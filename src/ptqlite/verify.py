@@ -258,11 +258,11 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
             either = f" (nor does the float model: {_runtime_message(float_exc)})"
         raise VerificationError(f"the quantized model does not load in ONNX Runtime, so nothing was written: "
                           f"{message}{either}") from None
-    if isinstance(float_model, str) and not loads_whole(stored_bytes(float_model)):
+    float_bytes = stored_bytes(float_model) if isinstance(float_model, str) else 0
+    if not loads_whole(float_bytes):
         # a streaming conversion: the float model would take its whole size in memory
         _run_once(quant, inputs, source)
-        result.skipped = (f"{over_whole_load(stored_bytes(float_model))}, so the output was loaded and run once, "
-                          "not compared with it")
+        result.skipped = f"{over_whole_load(float_bytes)}, so the output was loaded and run once, not compared with it"
         return result
     if isinstance(float_model, onnx.ModelProto) and _too_large(float_model):
         result.skipped = "the float model is over 2 GB, so the output was only loaded, not compared"
