@@ -92,7 +92,8 @@ def _with_skip(config: QuantConfig, skip: Sequence[str]) -> QuantConfig:
     # Timing decides latency-aware planning: layers it would put back to float would blur what a skip does, and
     # differ from run to run.
     full = dataclasses.replace(config.full, latency_aware=False)
-    return dataclasses.replace(config, common=common, full=full)
+    dynamic = dataclasses.replace(config.dynamic, latency_aware=False)
+    return dataclasses.replace(config, common=common, full=full, dynamic=dynamic)
 
 
 class _Progress:
@@ -178,7 +179,8 @@ def analyze(model: onnx.ModelProto, config: QuantConfig, *, target: float = 0.99
     inputs = list(itertools.islice(report_inputs(model, config, input_format, notes), max(samples, 0)))
     if not inputs:
         raise UsageError("analyze needs at least one sample: --samples must be >= 1")
-    if config.quant_type == "FULL_QUANT" and config.full.latency_aware:
+    if (config.full.latency_aware if config.quant_type == "FULL_QUANT" else
+            config.dynamic.latency_aware if config.quant_type == "DYNAMIC_QUANT" else False):
         notes.append("latency-aware planning is off for these conversions (timing would decide which layers stay "
                      "float); convert with the printed line to see its effect")
     with _reused_statistics(config):

@@ -86,6 +86,7 @@ class DataPreprocessParam:
 @dataclass(frozen=True)
 class DynamicQuantParam:
     quant_strategy: str = "ALWC"
+    latency_aware: bool = True  # extension (docs/spec.md)
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
     },
     "dynamic_quant_param": {
         "quant_strategy": ("quant_strategy", _choice(*DYNAMIC_STRATEGIES)),
+        "latency_aware": ("latency_aware", _bool),
     },
 }
 _FREE_FORM_SECTIONS = ("ascend_context",)

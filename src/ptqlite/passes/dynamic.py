@@ -25,6 +25,7 @@ after the Gather, so the table stays int8 in memory as well as on disk.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,21 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import embedding
+from .. import latency as timer
 from ..config import QuantConfig
 from ..embedding import GraphBuilder, TableWriter
-from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraphs
+from ..errors import PtqError
+from ..model import (
+    GraphIndex,
+    attribute,
+    ensure_opset,
+    graph_inputs,
+    iter_graphs,
+    iter_initializers,
+    opset_version,
+    set_input_shapes,
+    subgraphs,
+)
 from ..plan import WeightSpec, gemm_rows, int8_rules, plan_weights, weight_layout
 from ..qmath import (
     QParams,
@@ -56,6 +69,8 @@ _PRESET = target("CPU")
 _ZERO = 128
 # Keeps the per-row scale of an all-zero row finite (x / s is then 0, as it should be).
 _TINY = np.float32(1e-30)
+# The reason given for a layer that latency-aware planning keeps float (FULL_QUANT gives the same).
+DEMOTED = "kept float by latency-aware planning: int8 ran slower than float on this machine"
 
 
 @dataclass
@@ -122,10 +137,13 @@ def acwl_int8(w: np.ndarray) -> tuple[np.ndarray, QParams]:
 class _Rewriter(GraphBuilder):
     """Builds the replacement nodes and constants for one model."""
 
-    def __init__(self, model: onnx.ModelProto, strategy: str, int8_weights: bool):
+    def __init__(self, model: onnx.ModelProto, strategy: str, int8_weights: bool, codes: dict | None = None):
         super().__init__(model.graph)
         self.strategy = strategy
         self.int8_weights = int8_weights
+        # (tensor, transposed) -> (int8 codes, params, equalizer, relative error), kept only when given: latency-aware
+        # planning rewrites the model once per candidate, and each weight is quantized once for all of them
+        self.codes = codes
         # int8 codes meet the u8*s8 kernel, whose pair sums the preset may ask to keep inside int16
         self.pair_safe = int8_weights and _PRESET.int16_pair_sums
         self.opset = opset_version(model)
@@ -148,43 +166,56 @@ class _Rewriter(GraphBuilder):
         """Integer codes [.., K, N] and their parameters, quantized once per (tensor, layout)."""
         key = (tensor, transpose)
         if key not in self.weights:
-            w = self.index.array(tensor).astype(np.float32)
-            if transpose:
-                w = np.ascontiguousarray(w.T)
-            original = w
-            equalizer = None
-            if self.strategy == "ALWC":
-                params = symmetric_params(w, 8, w.ndim - 1, narrow=True)
-                if self.pair_safe:
-                    params = _pair_safe(w, params)
-                codes = quantize(w, params)
-            else:
-                if w.ndim == 2:
-                    equalizer = row_equalizer(w)
-                    w = w / equalizer[:, None].astype(np.float32)
-                if self.pair_safe:
-                    codes, params = acwl_int8(w)
-                else:
-                    params = symmetric_params(w, 8, None, narrow=True)
-                    codes = quantize(w, params)
-            w_hat = dequantize(codes, params)
+            quantized = self.codes.get(key) if self.codes is not None else None
+            if quantized is None:
+                quantized = self.quantize_weight(tensor, transpose)
+                if self.codes is not None:
+                    self.codes[key] = quantized
+            codes, params, equalizer, error = quantized
+            shape = codes.shape
             base = tensor.replace("::", "_").strip("/")
             if self.int8_weights:
-                q_name, zero_name = self.const(codes.astype(np.int8), f"{base}_quantized"), ""
+                q_name, zero_name = self.const(codes, f"{base}_quantized"), ""
             else:
-                q_name = self.const((codes + _ZERO).astype(np.uint8), f"{base}_quantized")
+                q_name = self.const((codes.astype(np.int16) + _ZERO).astype(np.uint8), f"{base}_quantized")
                 # A zero point per column takes ONNX Runtime's fast uint8 x uint8 path (a scalar one
                 # was slower on some runs).
-                zero = np.full(w.shape[-1], _ZERO, np.uint8) if w.ndim == 2 else np.array(_ZERO, np.uint8)
+                zero = np.full(shape[-1], _ZERO, np.uint8) if len(shape) == 2 else np.array(_ZERO, np.uint8)
                 zero_name = self.shared(zero)
             eq_name, extra_bytes = None, 0
             if equalizer is not None:
                 eq_name = self.const(equalizer.astype(np.float32), f"{base}_equalizer")
                 extra_bytes = 4 * equalizer.size
-                w_hat = w_hat * equalizer[:, None].astype(np.float32)
-            self.weights[key] = _IntWeight(q_name, zero_name, params, relative_error(original, w_hat),
-                                           w.shape[-2] if w.ndim >= 2 else 1, eq_name, extra_bytes)
+            self.weights[key] = _IntWeight(q_name, zero_name, params, error, shape[-2] if len(shape) >= 2 else 1,
+                                           eq_name, extra_bytes)
         return self.weights[key]
+
+    def quantize_weight(self, tensor: str, transpose: bool):
+        """int8 codes [.., K, N] in [-127, 127], their parameters, ACWL's equalizer (None for ALWC) and the relative error of the
+        weight the integer path computes with."""
+        w = self.index.array(tensor).astype(np.float32)
+        if transpose:
+            w = np.ascontiguousarray(w.T)
+        original = w
+        equalizer = None
+        if self.strategy == "ALWC":
+            params = symmetric_params(w, 8, w.ndim - 1, narrow=True)
+            if self.pair_safe:
+                params = _pair_safe(w, params)
+            codes = quantize(w, params)
+        else:
+            if w.ndim == 2:
+                equalizer = row_equalizer(w)
+                w = w / equalizer[:, None].astype(np.float32)
+            if self.pair_safe:
+                codes, params = acwl_int8(w)
+            else:
+                params = symmetric_params(w, 8, None, narrow=True)
+                codes = quantize(w, params)
+        w_hat = dequantize(codes, params)
+        if equalizer is not None:
+            w_hat = w_hat * equalizer[:, None].astype(np.float32)
+        return codes.astype(np.int8), params, equalizer, relative_error(original, w_hat)
 
     def quantized_matmul(
         self, x: str, tensor: str, transpose: bool, output: str, prefix: str, alpha: float = 1.0, graph: int = 0
@@ -275,14 +306,125 @@ def _pair_safe(w: np.ndarray, params: QParams) -> QParams:
 
 
 def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8", ops: tuple[str, ...] = _OPS,
+        samples: Iterable[dict[str, np.ndarray]] | None = None, own_shapes: onnx.ModelProto | None = None,
         **_) -> ConversionResult:
     """Dynamic quantization of `model` in place (quant_strategy ALWC or ACWL).
 
     `alwc_weights`: "int8" (default; pair-safe scales, uint8 x int8 kernel) or "uint8" (q + 128, exact
     uint8 x uint8 kernel at any scale, slower on CPUs without VNNI). `ops` limits the rewrite to these op
-    types (FULL_QUANT uses it for the embedding tables of Gather)."""
-    strategy = config.dynamic.quant_strategy
+    types (FULL_QUANT uses it for the embedding tables of Gather). With [dynamic_quant_param] latency_aware (the
+    default) the MatMul/Gemm layers whose int8 form makes the model slower than float on this machine stay float
+    (`samples`: the first one is timed when given; `own_shapes`: the model before --inputShape, for graphs that
+    ONNX Runtime loads only with their own shapes)."""
     ensure_opset(model, 11)
+    if not config.dynamic.latency_aware or not set(ops) & {"MatMul", "Gemm"}:
+        return _quantize(model, config, alwc_weights, ops)[0]
+    skipped = _untimed(model)
+    if skipped:
+        result = _quantize(model, config, alwc_weights, ops)[0]
+        result.notes.append(f"latency-aware planning skipped: {skipped}")
+        return result
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    codes: dict = {}  # each weight quantized once for every candidate
+
+    def candidate(demoted: set[str]) -> tuple[ConversionResult, list[tuple[str, str]]]:
+        work = onnx.ModelProto()
+        work.CopyFrom(float_model)
+        return _quantize(work, config, alwc_weights, ops, demoted, codes)
+
+    best = _never_slower_than_float(float_model, candidate, samples, own_shapes)
+    model.CopyFrom(best.model)
+    best.model = model
+    return best
+
+
+def _untimed(model: onnx.ModelProto) -> str:
+    """Why latency-aware planning does not time this model ("" when it does)."""
+    from ..stream import WHOLE_LOAD_BYTES, streaming
+
+    if streaming():
+        return "a streaming conversion (weights in external data) does not load the model whole to time it"
+    size = sum(t.ByteSize() for t in iter_initializers(model.graph))
+    if size > WHOLE_LOAD_BYTES:
+        return (f"the model holds {size / 1e9:.2f} GB of weights, over the {WHOLE_LOAD_BYTES / 2**30:.0f} GiB "
+                "that are timed (large MatMuls gain most from int8)")
+    return ""
+
+
+def _never_slower_than_float(float_model: onnx.ModelProto, candidate, samples, own_shapes) -> ConversionResult:
+    """The first candidate (every layer int8, then growing shares of the MatMul/Gemm layers with the fewest
+    multiply-adds in float) whose model runs no slower than `float_model`, else the fastest one; its notes say
+    what was measured and kept float."""
+    described = "first calibration sample"
+    try:
+        feeds = next(iter(samples)) if samples is not None else None
+    except StopIteration:
+        feeds = None
+    if feeds is None:
+        feeds = timer.timing_feeds(float_model)
+        described = timer.describe(feeds)
+    first, layers = candidate(set())
+    try:
+        tried = [(set(), first, timer.measure(float_model, first.model, feeds, own_shapes))]
+    except PtqError as exc:
+        # Timing is advice: a graph that does not run as timed (an input whose synthetic values it refuses, say)
+        # keeps every layer int8 (the verification step judges it).
+        first.notes.append(f"latency-aware planning skipped: {str(exc).splitlines()[0]}")
+        return first
+    order = smallest_first(float_model, layers, feeds)
+    if tried[0][2].ratio > timer.SLOWER:
+        for demoted in timer.demotions(order):
+            result = candidate(demoted)[0]
+            try:
+                tried.append((demoted, result, timer.measure(float_model, result.model, feeds, own_shapes)))
+            except PtqError:  # this candidate cannot be timed, so it is not chosen
+                break
+            if tried[-1][2].ratio <= 1.0:
+                break
+    demoted, best, timing = min(tried, key=lambda t: t[2].ratio)
+    ratio = tried[0][2].ratio
+    if demoted:
+        best.notes.append(f"latency-aware planning: int8 ran {ratio:.2f}x float on this machine (1 thread, "
+                          f"{described}); {len(demoted)} of {len(order)} MatMul/Gemm layers kept float (the "
+                          f"smallest), now {timing.ratio:.2f}x float ([dynamic_quant_param] latency_aware=false "
+                          "keeps every layer int8)")
+    else:
+        best.notes.append(f"latency-aware planning: int8 runs {ratio:.2f}x float on this machine (1 thread, "
+                          f"{described})")
+    return best
+
+
+def smallest_first(model: onnx.ModelProto, layers: list[tuple[str, str]], feeds: dict[str, np.ndarray]) -> list[str]:
+    """Names of the rewritten MatMul/Gemm nodes (`layers`: (node, weight) pairs), fewest multiply-adds first:
+    weight elements x output rows, from shape inference at the timed input shapes (1 where it knows none)."""
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(model)
+    set_input_shapes(shaped, {name: list(np.shape(v)) for name, v in feeds.items()
+                              if name in {i.name for i in graph_inputs(shaped)}})
+    try:
+        shaped = onnx.shape_inference.infer_shapes(shaped)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types; the weight size alone orders then
+        log.debug("no shapes to order the layers by (%s)", str(exc).splitlines()[0] if str(exc) else exc)
+    rows: dict[str, int] = {}
+    for graph in iter_graphs(shaped.graph):
+        for vi in (*graph.value_info, *graph.output):
+            dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
+            rows[vi.name] = int(np.prod(dims[:-1])) if dims else 1
+    outputs = {node.name: node.output[0] for node in _all_nodes(shaped.graph.node)}
+    sizes = {t.name: int(np.prod(t.dims)) for t in iter_initializers(model.graph)}
+    costs = [(sizes.get(weight, 0) * max(rows.get(outputs.get(name, ""), 1), 1), pos, name)
+             for pos, (name, weight) in enumerate(layers)]
+    return [name for _, _, name in sorted(costs)]
+
+
+def _quantize(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str, ops: tuple[str, ...],
+              demoted: set[str] | frozenset = frozenset(),
+              codes: dict | None = None) -> tuple[ConversionResult, list[tuple[str, str]]]:
+    """The rewrite of `model` in place, the nodes in `demoted` left float (latency-aware planning; `codes`
+    memoises each weight's quantization across calls), and the (node, weight) of every MatMul/Gemm layer it could
+    rewrite (demoted ones too), in graph order."""
+    strategy = config.dynamic.quant_strategy
     plan = plan_weights(model, int8_rules(config, ops))
     result = ConversionResult(model, config.quant_type)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
@@ -290,11 +432,12 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
     log.info("%s weight plan (%s): %d weights to int8, %d stay float", config.quant_type, "/".join(ops),
              len(plan.quantized), len(plan.skipped))
     int8_weights = strategy == "ACWL" or alwc_weights == "int8"
-    rw = _Rewriter(model, strategy, int8_weights)
+    rw = _Rewriter(model, strategy, int8_weights, codes)
     graphs = iter(range(1 << 30))  # an id per graph rewritten: an ACWL activation is quantized once per graph
 
     kept_float: dict[str, str] = {}  # weight -> why one of its users stays float
     done: dict[str, QuantizedTensor] = {}
+    layers: list[tuple[str, str]] = []  # (node, weight) of every MatMul/Gemm rewritten or demoted
 
     def rewrite(graph_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         new_nodes: list[onnx.NodeProto] = []
@@ -310,6 +453,10 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
                 continue
             spec = specs[weight]
             reason = _unsupported(node, weight, rw.index)
+            if not reason and node.op_type != "Gather" and node.name:
+                layers.append((node.name, weight))
+                if node.name in demoted:
+                    reason = DEMOTED
             if reason:
                 kept_float.setdefault(weight, reason)
                 new_nodes.append(node)
@@ -368,7 +515,9 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
         result.notes.append(
             f"quant_strategy={strategy}: activations {_ACTIVATION_SCHEME[strategy]}, quantized at run time"
         )
-    return result
+    return result, layers
+
+
 
 
 _ACTIVATION_SCHEME = {

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ... import latency as timer
 from ...config import QuantConfig
 from ...embedding import int8_gather_tables
 from ...equalize import capped_tensors, equalize
@@ -40,7 +41,6 @@ from ...prepare import prepare, tensor_types
 from ...result import ConversionResult, SkippedTensor
 from ...smooth import MIN_SPREAD, smooth, smoothing_groups
 from ...targets import WEIGHTED_OPS, target
-from . import latency
 from .bias_correction import correct_biases, mean_requests
 from .graph_plan import (
     CONCAT_SPREAD,
@@ -51,6 +51,7 @@ from .graph_plan import (
     plan_graph,
     wide_concats,
 )
+from .latency import smallest_first
 from .params import QuantParams, activation_params, quant_params, weight_params
 from .rewrite import keep_bias_adds_apart, rewrite
 from .statistics import CHANNEL_MAX, RANGE, Statistics, StatRequest, collect
@@ -229,7 +230,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
         written = onnx.ModelProto()
         written.CopyFrom(prepared)
         outcome = _write(written, cand_plan, cand_params, preset, config, original_info, ranks)
-        return (cand_plan, cand_params, latency.measure(prepared, written, feeds, own_shapes),
+        return (cand_plan, cand_params, timer.measure(prepared, written, feeds, own_shapes),
                 (written, outcome))
 
     try:
@@ -241,8 +242,8 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
         reason = str(exc).splitlines()[0] if str(exc) else "no calibration sample to time on"
         result.notes.append(f"latency-aware planning skipped: {reason}")
         return plan, params, set(), None
-    if tried[0][1][2].ratio > latency.SLOWER:
-        for demoted in latency.demotions(latency.smallest_first(prepared, plan), body_nodes):
+    if tried[0][1][2].ratio > timer.SLOWER:
+        for demoted in timer.demotions(smallest_first(prepared, plan), body_nodes):
             try:
                 tried.append((demoted, candidate(demoted)))
             except PtqError:  # as above: this candidate cannot be timed, so it is not chosen
@@ -253,7 +254,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
     first = tried[0][1][2]
     if demoted:
         result.notes.append(f"latency-aware planning: int8 ran {first.ratio:.2f}x float on this machine; "
-                            f"{len(demoted)} of {len(latency.smallest_first(prepared, plan)) + len(body_nodes)} "
+                            f"{len(demoted)} of {len(smallest_first(prepared, plan)) + len(body_nodes)} "
                             "weighted layers kept float ("
                             + ("those inside If/Loop/Scan bodies first, then " if body_nodes else "")
                             + f"the smallest), now {timing.ratio:.2f}x float "

@@ -1,0 +1,107 @@
+"""Timing a quantized graph against its float graph on the machine that converts, for latency-aware planning
+("never slower than float"; FULL_QUANT in passes/full, DYNAMIC_QUANT in passes/dynamic.py): one intra-op thread
+each, interleaved run by run, the median of each; the rule that counts a graph as slower; the growing sets of
+layers put back to float; and the inputs DYNAMIC_QUANT times on when it has no calibration sample.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from .errors import ConversionError
+from .model import graph_inputs, restore_io_shapes
+from .runtime import BENCHMARK_VALUES, InputSpec, cpu_session, synthetic_inputs, time_interleaved
+
+# Shares of the int8 weighted layers put back to float, smallest first, until the graph is no slower.
+SHARES = (0.25, 0.5, 0.75, 1.0)
+# The int8 graph counts as slower than float only beyond this ratio: interleaved medians on a shared machine move
+# by a few % from run to run, and a decision taken on noise would make the output depend on the machine's load.
+SLOWER = 1.05
+# Wall time spent timing one pair of graphs, and the bounds on the number of interleaved runs.
+BUDGET_S = 0.4
+MIN_RUNS, MAX_RUNS = 15, 300
+# DYNAMIC_QUANT without a sample: a dynamic dimension is timed at this size (a transformer's sequence length, an
+# image side, a number of frames), except the first axis of an input of rank 2 or more, the batch, timed at 1.
+# Sequence 1 would time a transformer where the MatMuls are tiny and int8 always loses.
+DYNAMIC_DIM = 128
+
+
+@dataclass(frozen=True)
+class Timing:
+    float_ms: float  # median per run
+    quantized_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.quantized_ms / self.float_ms if self.float_ms > 0 else 1.0
+
+
+def measure(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dict[str, np.ndarray],
+            own_shapes: onnx.ModelProto | None = None) -> Timing:
+    """Median run times of both graphs on `feeds` (one intra-op thread each, interleaved). `own_shapes` (the
+    model as given, before --inputShape) gives both graphs its input and output shapes when ONNX Runtime refuses
+    them with the fixed ones."""
+    try:
+        sessions = [cpu_session(m, "to time it", threads=1) for m in (float_model, quantized)]
+    except ConversionError:
+        if own_shapes is None:
+            raise
+        sessions = [cpu_session(with_shapes_of(m, own_shapes), "to time it", threads=1)
+                    for m in (float_model, quantized)]
+    names = [{i.name for i in s.get_inputs()} for s in sessions]
+    inputs = {k: v for k, v in feeds.items() if k in names[0]}
+    start = time.perf_counter()
+    time_interleaved(sessions, inputs, loops=2, warmup=1)
+    per_pair = max((time.perf_counter() - start) / 3, 1e-6)
+    runs = int(np.clip(BUDGET_S / per_pair, MIN_RUNS, MAX_RUNS))
+    _, latencies = time_interleaved(sessions, inputs, loops=runs, warmup=0)
+    return Timing(float(np.median(latencies[0])), float(np.median(latencies[1])))
+
+
+def with_shapes_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with `original`'s input and output shapes (as the output is written)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    restore_io_shapes(copy, original, [])
+    return copy
+
+
+def demotions(names: list[str], first: set[str] | frozenset = frozenset()) -> list[set[str]]:
+    """The growing sets of layers to try in float: the layers `first` alone (FULL_QUANT: those inside If/Loop/Scan
+    bodies, int8 weight-only), then with each share of SHARES of `names` (smallest first; no repeats)."""
+    sets: list[set[str]] = [set(first)] if first else []
+    for share in SHARES:
+        chosen = set(names[:max(1, round(share * len(names)))]) | set(first)
+        if chosen and (not sets or chosen != sets[-1]):
+            sets.append(chosen)
+    return sets
+
+
+def timing_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs DYNAMIC_QUANT times on without a sample: the model's own static dims (--inputShape fixes them
+    before the pass), each dynamic one at DYNAMIC_DIM, the batch at 1."""
+    specs = []
+    for value in graph_inputs(model):
+        tensor_type = value.type.tensor_type
+        dims = list(tensor_type.shape.dim)
+        shape = tuple(d.dim_value if d.dim_value > 0 else 1 if axis == 0 and len(dims) >= 2 else DYNAMIC_DIM
+                      for axis, d in enumerate(dims))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type or TensorProto.FLOAT)
+        specs.append(InputSpec(value.name, shape, np.dtype(dtype)))
+    return specs
+
+
+def timing_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """One input at timing_specs' shapes, with the benchmark's values (token ids 1..999, masks ones, token types
+    zeros, floats standard normal; docs/benchmark.md)."""
+    return synthetic_inputs(timing_specs(model), BENCHMARK_VALUES)[0]
+
+
+def describe(feeds: dict[str, np.ndarray]) -> str:
+    """'input_ids 1x128, attention_mask 1x128' for the summary."""
+    return ", ".join(f"{name} {'x'.join(map(str, np.shape(v))) or 'scalar'}" for name, v in feeds.items())

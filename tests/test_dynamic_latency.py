@@ -1,0 +1,205 @@
+"""DYNAMIC_QUANT latency-aware planning: where the int8 model times slower than float, the MatMul/Gemm layers
+with the fewest multiply-adds go back to float until it does not. The timings are patched here (conftest fixes
+them for every other test); the inputs it times on are checked as built."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from helpers import cosine, run
+from onnx import TensorProto as T
+from onnx import helper
+from onnx import numpy_helper as nh
+
+from ptqlite import cli, latency
+from ptqlite.config import parse_config
+from ptqlite.convert import convert
+from ptqlite.errors import ConfigError, DataError
+from ptqlite.passes import dynamic
+
+CONFIG = ("[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\nmin_quant_weight_size=0\n"
+          "min_quant_weight_channel=0\n[dynamic_quant_param]\nquant_strategy={}\n")
+# MatMul weights of 128, 256, 2048 and 1024 elements: smallest first is mm0, mm1, mm3, mm2.
+WIDTHS = (16, 8, 32, 64, 16)
+
+
+def matmul_chain(shape=("batch", "seq", 16)) -> onnx.ModelProto:
+    r = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i, (k, n) in enumerate(itertools.pairwise(WIDTHS)):
+        inits.append(nh.from_array((r.normal(size=(k, n)) / np.sqrt(k)).astype(np.float32), f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"m{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}"))
+        prev = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", T.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info(prev, T.FLOAT, [*shape[:-1], WIDTHS[-1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _timings(monkeypatch, ratios):
+    """Patched timing: the n-th measurement returns ratios[n] (the last one repeated); returns the calls."""
+    calls = []
+
+    def measure(float_model, quantized, feeds, own_shapes=None):
+        calls.append((quantized, feeds))
+        return latency.Timing(1.0, ratios[min(len(calls), len(ratios)) - 1])
+
+    monkeypatch.setattr(latency, "measure", measure)
+    return calls
+
+
+def _convert(strategy="ALWC", extra="", **options):
+    return convert(matmul_chain(), parse_config(CONFIG.format(strategy) + extra), progress=False, **options)
+
+
+def _integer_weights(model: onnx.ModelProto) -> set[str]:
+    return {n.input[1].removesuffix("_quantized") for n in model.graph.node if n.op_type == "MatMulInteger"}
+
+
+@pytest.mark.parametrize("strategy", ["ALWC", "ACWL"])
+def test_smallest_layers_go_back_to_float_until_no_slower(monkeypatch, strategy):
+    calls = _timings(monkeypatch, [1.3, 1.1, 0.9])  # all int8, 1 layer float, 2 layers float
+    result = _convert(strategy)
+    assert len(calls) == 3
+    reasons = {t.tensor: t.reason for t in result.skipped}
+    assert set(reasons) == {"W0", "W1"} and all(r.startswith("kept float by latency-aware") for r in reasons.values())
+    assert {t.tensor for t in result.quantized} == {"W2", "W3"}
+    assert _integer_weights(result.model) == {"W2", "W3"}
+    assert {n.input[1] for n in result.model.graph.node if n.op_type == "MatMul"} == {"W0", "W1"}
+    assert any("1.30x float" in note and "2 of 4 MatMul/Gemm layers kept float" in note and "now 0.90x" in note
+               for note in result.notes)
+    x = np.random.default_rng(1).normal(size=(1, 128, 16)).astype(np.float32)
+    assert cosine(run(matmul_chain(), {"x": x})[0], run(result.model, {"x": x})[0]) > 0.99
+
+
+def test_int8_that_is_faster_is_kept_and_the_shapes_are_said(monkeypatch):
+    calls = _timings(monkeypatch, [0.6])
+    result = _convert()
+    assert len(calls) == 1 and len(result.quantized) == 4
+    # no sample: batch 1, the dynamic sequence at latency.DYNAMIC_DIM, static dims as the model has them
+    assert calls[0][1]["x"].shape == (1, latency.DYNAMIC_DIM, 16)
+    assert any(note == "latency-aware planning: int8 runs 0.60x float on this machine (1 thread, x 1x128x16)"
+               for note in result.notes)
+
+
+def test_input_shape_fixes_the_timed_shapes(monkeypatch):
+    calls = _timings(monkeypatch, [0.6])
+    convert(matmul_chain(), parse_config(CONFIG.format("ALWC")), input_shapes={"x": [2, 7, 16]}, progress=False)
+    assert calls[0][1]["x"].shape == (2, 7, 16)
+
+
+def test_a_given_sample_is_timed(monkeypatch):
+    calls = _timings(monkeypatch, [0.6])
+    samples = [{"x": np.full((1, 5, 16), 0.5, np.float32)}]
+    result = _convert(samples=samples)
+    assert np.array_equal(calls[0][1]["x"], samples[0]["x"])
+    assert any("(1 thread, first calibration sample)" in note for note in result.notes)
+
+
+def test_the_fastest_candidate_wins_when_none_is_as_fast_as_float(monkeypatch):
+    _timings(monkeypatch, [1.3, 1.2, 1.05, 1.1, 1.2])
+    result = _convert()
+    assert {t.tensor for t in result.quantized} == {"W2", "W3"}  # the 1.05x candidate: two layers float
+
+
+def test_within_the_noise_margin_int8_is_kept(monkeypatch):
+    calls = _timings(monkeypatch, [1.04])
+    result = _convert()
+    assert len(calls) == 1 and len(result.quantized) == 4
+
+
+def test_all_layers_float_is_said_as_such(monkeypatch):
+    _timings(monkeypatch, [1.6, 1.5, 1.4, 1.3, 1.0])
+    result = _convert()
+    assert not result.quantized and not _integer_weights(result.model)
+    assert any(w.startswith("DYNAMIC_QUANT kept all 4 MatMul/Gemm weights float: their int8 form ran slower")
+               for w in result.warnings)
+
+
+def test_off_means_never_timed_and_the_same_output(monkeypatch):
+    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("timed although latency_aware=false"))
+    off = _convert(extra="latency_aware=false\n")
+    assert len(off.quantized) == 4 and not any("latency" in note for note in off.notes)
+    monkeypatch.setattr(latency, "measure", lambda *a: latency.Timing(1.0, 0.5))
+    on = _convert()
+    assert on.model.SerializeToString(deterministic=True) == off.model.SerializeToString(deterministic=True)
+
+
+def test_latency_aware_is_a_boolean():
+    with pytest.raises(ConfigError, match="latency_aware"):
+        parse_config(CONFIG.format("ALWC") + "latency_aware=sometimes\n")
+    assert parse_config(CONFIG.format("ALWC")).dynamic.latency_aware is True
+
+
+def test_a_model_that_cannot_be_timed_keeps_every_layer_int8(monkeypatch):
+    def refuse(*args):
+        raise DataError("the model cannot run on the given inputs (sr must be 8000 or 16000)")
+
+    monkeypatch.setattr(latency, "measure", refuse)
+    result = _convert()
+    assert len(result.quantized) == 4
+    assert any(note.startswith("latency-aware planning skipped: the model cannot run") for note in result.notes)
+
+
+def test_a_streaming_conversion_is_not_timed(tmp_path, monkeypatch, capsys):
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("a streaming conversion was timed"))
+    model = matmul_chain()
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="model.onnx.data",
+                                   size_threshold=0)
+    onnx.save_model(model, str(tmp_path / "model.onnx"))
+    config = tmp_path / "c.cfg"
+    config.write_text(CONFIG.format("ALWC"))
+    code = cli.main(["--fmk=ONNX", f"--modelFile={tmp_path / 'model.onnx'}", f"--configFile={config}",
+                     f"--outputFile={tmp_path / 'out'}", "-v"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "latency-aware planning skipped: a streaming conversion" in captured.out + captured.err
+
+
+def test_smallest_first_counts_output_rows():
+    """A 16x16 weight applied to 128 rows costs more than a 16x64 one applied to one row."""
+    r = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["a"], name="rows128"),
+             helper.make_node("Gemm", ["y", "B"], ["b"], name="row1")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", T.FLOAT, [1, "seq", 16]),
+                                             helper.make_tensor_value_info("y", T.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("a", T.FLOAT, None),
+                               helper.make_tensor_value_info("b", T.FLOAT, None)],
+                              [nh.from_array(r.normal(size=(16, 16)).astype(np.float32), "A"),
+                               nh.from_array(r.normal(size=(16, 64)).astype(np.float32), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = latency.timing_feeds(model)
+    assert dynamic.smallest_first(model, [("rows128", "A"), ("row1", "B")], feeds) == ["row1", "rows128"]
+
+
+def test_timing_inputs_without_a_sample():
+    inputs = [helper.make_tensor_value_info("input_ids", T.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", T.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("token_type_ids", T.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("wave", T.FLOAT, ["samples"]),
+              helper.make_tensor_value_info("image", T.FLOAT, ["n", 3, 32, 32])]
+    graph = helper.make_graph([], "inputs", inputs, [])
+    feeds = latency.timing_feeds(helper.make_model(graph))
+    assert {k: v.shape for k, v in feeds.items()} == {"input_ids": (1, 128), "attention_mask": (1, 128),
+                                                     "token_type_ids": (1, 128), "wave": (128,),
+                                                     "image": (1, 3, 32, 32)}
+    ids = feeds["input_ids"]
+    assert ids.dtype == np.int64 and ids.min() >= 1 and ids.max() < 1000 and len(np.unique(ids)) > 10
+    assert (feeds["attention_mask"] == 1).all() and (feeds["token_type_ids"] == 0).all()
+
+
+def test_embedding_tables_of_full_quant_are_not_timed_by_the_dynamic_pass(monkeypatch):
+    """FULL_QUANT runs the dynamic pass for Gather tables only: nothing there to time."""
+    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("Gather-only rewrite timed"))
+    table = nh.from_array(np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], name="g")], "emb",
+                              [helper.make_tensor_value_info("ids", T.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 8])], [table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = dynamic.run(model, parse_config(CONFIG.format("ALWC")), ops=("Gather",))
+    assert [t.tensor for t in result.quantized] == ["table"]
