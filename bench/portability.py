@@ -9,6 +9,10 @@ For each model and mode: convert (Python API, in-memory calibration for FULL_QUA
   a user would) run the same inputs;
 - cosine of OpenVINO's output to ONNX Runtime's over all inputs together, and the smallest per input;
 - cosine to the float model's output (ONNX Runtime's; the float model agrees across runtimes to 1e-12) in each;
+- ONNX Runtime with graph optimisation off (QuantizeLinear/DequantizeLinear as the ONNX spec's float arithmetic,
+  no int8 kernels) against its default session, and OpenVINO against that: how far two correct executions of the
+  same file already lie apart; for FULL_QUANT also OpenVINO with its low-precision transformations off
+  (`LP_TRANSFORMS_MODE`: QDQ as float FakeQuantize, not its int8 kernels) against that;
 - ResNet20 only: the reference evaluator (onnx 1.23's has DequantizeLinear from opset 19 only, so QDQ outputs
   run as a copy converted to opset 21) (`onnx.reference.ReferenceEvaluator`) on the first input, cosine to ONNX
   Runtime's output.
@@ -132,6 +136,16 @@ def run_row(path: Path, text: str, feeds, calib, reference: bool, work: Path, co
     so.log_severity_level = 3
     session = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
     ort_out = [session.run(None, f)[0] for f in feeds]
+    # The same file in onnxruntime with graph optimisation off: QuantizeLinear/DequantizeLinear run as the ONNX
+    # spec writes them (float arithmetic), not fused into int8 kernels. Its distance to the default session is how
+    # far two correct executions of the file may already lie apart.
+    so_plain = ort.SessionOptions()
+    so_plain.log_severity_level = 3
+    so_plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(out), so_plain, providers=["CPUExecutionProvider"])
+    plain_out = [plain.run(None, f)[0] for f in feeds]
+    row["ort_plain"] = cosine(np.concatenate(ort_out), np.concatenate(plain_out))
+    row["ort_plain_min"] = min(cosine(a, b) for a, b in zip(ort_out, plain_out))
     try:
         compiled = core.compile_model(core.read_model(str(out)), "CPU")
         ov_out = [np.asarray(compiled(f)[compiled.outputs[0]]) for f in feeds]
@@ -141,6 +155,13 @@ def run_row(path: Path, text: str, feeds, calib, reference: bool, work: Path, co
     row["openvino"] = "runs"
     row["ort_ov"] = cosine(np.concatenate(ort_out), np.concatenate(ov_out))
     row["ort_ov_min"] = min(cosine(a, b) for a, b in zip(ort_out, ov_out))
+    row["plain_ov"] = cosine(np.concatenate(plain_out), np.concatenate(ov_out))
+    if "FULL_QUANT" in text:
+        # OpenVINO with its low-precision transformations off (a CPU plugin property it accepts but does not list):
+        # QuantizeLinear/DequantizeLinear run as float FakeQuantize instead of its own int8 kernels.
+        exact = core.compile_model(core.read_model(str(out)), "CPU", {"LP_TRANSFORMS_MODE": False})
+        exact_out = [np.asarray(exact(f)[exact.outputs[0]]) for f in feeds]
+        row["plain_ov_nolpt"] = cosine(np.concatenate(plain_out), np.concatenate(exact_out))
     row["ort_out"], row["ov_out"] = ort_out, ov_out
     if reference:
         from onnx.reference import ReferenceEvaluator
@@ -160,7 +181,8 @@ def run_row(path: Path, text: str, feeds, calib, reference: bool, work: Path, co
 
 
 def table(name: str, rows: dict[str, dict], reference: bool) -> str:
-    head = "| mode | storage forms | OpenVINO | cos OV vs ORT (all / min per input) | cos vs float ORT / OV |"
+    head = ("| mode | storage forms | OpenVINO | cos OV vs ORT (all / min per input) | cos vs float ORT / OV |"
+            " ORT vs ORT unoptimised (all / min) | OV vs ORT unoptimised | OV without LP transforms vs ORT unoptimised |")
     head += " reference vs ORT |" if reference else ""
     lines = [f"### {name}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for mode, r in rows.items():
@@ -169,6 +191,11 @@ def table(name: str, rows: dict[str, dict], reference: bool) -> str:
             cells += [f"{r['ort_ov']:.6f} / {r['ort_ov_min']:.6f}", f"{r['ort_float']:.6f} / {r['ov_float']:.6f}"]
         else:
             cells += ["", ""]
+        if "ort_plain" in r:
+            cells += [f"{r['ort_plain']:.6f} / {r['ort_plain_min']:.6f}", f"{r.get('plain_ov', float('nan')):.6f}"]
+        else:
+            cells += ["", ""]
+        cells.append(f"{r['plain_ov_nolpt']:.6f}" if "plain_ov_nolpt" in r else "")
         if reference:
             cells.append(f"{r['ref_ort']:.6f}{r.get('ref_note', '')}" if "ref_ort" in r else "")
         lines.append("| " + " | ".join(cells) + " |")
