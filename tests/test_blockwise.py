@@ -8,7 +8,7 @@ import pytest
 from helpers import cosine, run, session
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqlite.blockwise import quantize_blocks
+from ptqlite.blockwise import float16_grid, quantize_blocks
 from ptqlite.config import parse_config
 from ptqlite.convert import convert
 from ptqlite.errors import ConversionError
@@ -92,14 +92,56 @@ def test_on_the_fly_block_32_int4_matmul(tmp_path):
     inits = {t.name: t for t in out.graph.initializer}
     codes = inits["w1_quantized"]
     assert codes.data_type == TensorProto.INT4 and not codes.int32_data and len(codes.raw_data) == K * N // 2
-    assert tuple(inits["w1_scale"].dims) == (K // 32, N)
+    # the scales are stored as float16, cast to float32 for the DequantizeLinear
+    scale = inits["w1_scale_float16"]
+    assert scale.data_type == TensorProto.FLOAT16 and tuple(scale.dims) == (K // 32, N) and "w1_scale" not in inits
+    casts = [n for n in out.graph.node if n.op_type == "Cast"]
+    assert [(n.input[0], n.output[0]) for n in casts if n.output[0] == "w1_scale"] == [("w1_scale_float16",
+                                                                                      "w1_scale")]
     for want, got in zip(run(model, FEEDS), run(out, FEEDS)):
         assert cosine(want, got) > 0.98  # three stacked 4-bit layers of random weights
-    # ONNX Runtime fuses DequantizeLinear + MatMul into its 4-bit kernel
+    # ONNX Runtime folds the Casts, then fuses DequantizeLinear + MatMul into its 4-bit kernel with float32 scales
     optimized = tmp_path / "opt.onnx"
     session(out, optimized_path=optimized)
-    ops = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
-    assert ops["MatMulNBits"] == 2 and ops["MatMul"] == 0
+    opt = onnx.load(optimized)
+    ops = collections.Counter(n.op_type for n in opt.graph.node)
+    assert ops["MatMulNBits"] == 2 and ops["MatMul"] == 0 and ops["Cast"] == 0
+    opt_inits = {t.name: t for t in opt.graph.initializer}
+    fused_scales = [opt_inits[n.input[2]] for n in opt.graph.node if n.op_type == "MatMulNBits"]
+    assert [t.data_type for t in fused_scales] == [TensorProto.FLOAT] * 2
+
+
+def test_block_scales_are_searched_on_the_float16_grid():
+    """The stored float16 scales are the ones the search measured: codes chosen for the rounded scale, and the
+    float16 file decodes to exactly the weight the search's error describes."""
+    w = _weights(K, N)
+    half = quantize_blocks(w, 4, 0, 32, scale_grid=float16_grid)
+    assert np.array_equal(half.scale.astype(np.float16).astype(np.float32), half.scale)
+    full = quantize_blocks(w, 4, 0, 32)
+    assert not np.array_equal(full.scale.astype(np.float16).astype(np.float32), full.scale)
+    error = {name: float(np.linalg.norm(q.dequantized() - w) / np.linalg.norm(w)) for name, q in
+             (("half", half), ("full", full))}
+    assert error["half"] < 1.002 * error["full"]  # 11 bits of mantissa cost under 0.2% of the error
+    # the weight the converted model computes is the search's (float16 scales cast to float32 exactly)
+    model = matmul_model()
+    out = convert(model, config()).model
+    probe = onnx.ModelProto()
+    probe.CopyFrom(out)
+    probe.graph.output.append(helper.make_tensor_value_info("w1", TensorProto.FLOAT, None))
+    model_w1 = numpy_helper.to_array({t.name: t for t in model.graph.initializer}["w1"])
+    want = quantize_blocks(model_w1, 4, 0, 32, scale_grid=float16_grid).dequantized()
+    np.testing.assert_array_equal(run(probe, FEEDS)[-1], want)
+
+
+def test_huge_weights_keep_float32_scales():
+    """A block whose scale would pass float16's largest value (65504) keeps float32 scales for the tensor."""
+    model = matmul_model()
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1) * np.float32(1e8), "w1"))
+    out = convert(model, config(), verify=False).model
+    inits = {t.name: t for t in out.graph.initializer}
+    assert inits["w1_scale"].data_type == TensorProto.FLOAT and "w1_scale_float16" not in inits
+    assert inits["w2_scale_float16"].data_type == TensorProto.FLOAT16
 
 
 def test_block_int4_file_is_smaller_than_int8_and_closer_than_per_channel_int4():
@@ -232,21 +274,24 @@ def test_block_embedding_is_gathered_as_integers_and_rows_dequantized(tmp_path, 
     assert cosine(run(model, feeds)[0], run(result.model, feeds)[0]) > (0.99 if bits == 4 else 0.9999)
     # the rows decoded are exactly the table's blocks dequantized
     from ptqlite.blockwise import quantize_blocks as blocks
-    want_rows = blocks(numpy_helper.to_array(table), bits, 1, 32).dequantized()[feeds["ids"]]
+    want_rows = blocks(numpy_helper.to_array(table), bits, 1, 32, scale_grid=float16_grid).dequantized()[feeds["ids"]]
     probe = onnx.ModelProto()
     probe.CopyFrom(result.model)
     probe.graph.output.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, None))
-    np.testing.assert_allclose(run(probe, feeds)[1], want_rows, rtol=1e-6, atol=1e-7)
-    # after load the table is int8 (int4 cast once, at load) and no DequantizeLinear reads the whole table
+    np.testing.assert_array_equal(run(probe, feeds)[1], want_rows)
+    # the file's table: int4 codes two a byte (uint8 [300, 32]) or int8 codes; float16 scales
+    inits = {t.name: t for t in result.model.graph.initializer}
+    stored = inits["embed_quantized"]
+    assert (stored.data_type, tuple(stored.dims)) == ((TensorProto.UINT8, (300, 32)) if bits == 4 else
+                                                      (TensorProto.INT8, (300, 64)))
+    assert inits["embed_scale"].data_type == TensorProto.FLOAT16
+    # after load the Gather reads that table itself: no Cast or DequantizeLinear made a copy of it at load
     optimized = tmp_path / "opt.onnx"
     session(result.model, optimized_path=optimized)
     opt = onnx.load(optimized)
-    tables = [t for t in opt.graph.initializer if tuple(t.dims) == (300, 64)]
-    assert [t.data_type for t in tables] == [TensorProto.INT8]
-    # the int4 -> int8 Cast of the table was folded: the Gather reads the int8 table itself
-    assert {n.input[0] for n in opt.graph.node if n.op_type == "Gather" and n.input[0] in
-            {t.name for t in tables}} == {tables[0].name}
-    assert not [n for n in opt.graph.node if n.op_type == "Cast" and n.input[0] == tables[0].name]
+    tables = [t for t in opt.graph.initializer if t.dims[:1] == [300] and len(t.dims) == 2 and t.dims[1] > 2]
+    assert [(t.data_type, tuple(t.dims)) for t in tables] == [(stored.data_type, tuple(stored.dims))]
+    assert {n.op_type for n in opt.graph.node if tables[0].name in n.input} == {"Gather"}
 
 
 def test_block_relative_error_matches_the_dequantized_weight():

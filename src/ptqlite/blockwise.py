@@ -51,13 +51,16 @@ class BlockQuant:
 
 
 def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: bool = True,
-                    release: Callable[[int, int], None] | None = None) -> BlockQuant:
+                    release: Callable[[int, int], None] | None = None,
+                    scale_grid: Callable[[np.ndarray], np.ndarray] | None = None) -> BlockQuant:
     """Asymmetric block-wise quantization of `w` along `axis` (0 always representable, as the per-channel scheme).
 
     The weight is viewed as [before, length, after] (no transposed copy): blocks are slices [block, after] of it,
     reduced over their middle axis, and processed in chunks small enough for the CPU caches, since the search
     passes over each chunk a few dozen times. `release(start, stop)` is told each range of `w`'s flat elements
-    that is no longer read (a streaming conversion drops its memory-mapped pages)."""
+    that is no longer read (a streaming conversion drops its memory-mapped pages). `scale_grid` rounds every
+    scale the search tries to the values the file will store (float16_grid), so the codes are chosen for the
+    stored scale."""
     qmin, qmax = qrange(bits)
     axis %= w.ndim
     shape = w.shape
@@ -79,7 +82,7 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
 
     def chunk(start: int) -> tuple[float, float]:
         part = slice(start, start + step)
-        s, z, e = _search(x[part], qmin, qmax, search)
+        s, z, e = _search(x[part], qmin, qmax, search, scale_grid)
         scale[part], zero[part] = s, z
         codes[part] = _quantized(x[part], s, z, qmin, qmax)
         sums = float(e.sum(dtype=np.float64)), float(np.square(x[part], dtype=np.float64).sum())
@@ -110,14 +113,25 @@ _CHUNK = 1 << 17  # values per chunk (512 KiB of float32)
 _THREADS = min(8, os.cpu_count() or 1)
 
 
-def _search(x: np.ndarray, qmin: int, qmax: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def float16_grid(scale: np.ndarray) -> np.ndarray:
+    """Scales rounded to the nearest float16 (as float32), kept within float16's positive range: a scale stored as
+    float16 is exactly what the search measured. Callers check for the top of the range (FLOAT16_MAX): such a
+    weight needs float32 scales."""
+    return np.clip(scale, FLOAT16_TINY, FLOAT16_MAX).astype(np.float16).astype(np.float32)
+
+
+FLOAT16_TINY, FLOAT16_MAX = np.float32(2.0 ** -24), np.float32(65504.0)
+
+
+def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
+            grid: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per block (x[i, :, j]): scale, zero point and squared error. The clipping factor of CLIP_GRID with the least squared error, then least-squares
     refits of the scale to the codes it gives (zero point fixed), each kept only where it lowers the error."""
     lo = np.minimum(x.min(axis=1, keepdims=True), 0.0)
     hi = np.maximum(x.max(axis=1, keepdims=True), 0.0)
     best_s, best_z, best_e = None, None, None
     for factor in CLIP_GRID if search else (1.0,):
-        s, z = _params(lo * np.float32(factor), hi * np.float32(factor), qmin, qmax)
+        s, z = _params(lo * np.float32(factor), hi * np.float32(factor), qmin, qmax, grid)
         e = _error(x, s, z, qmin, qmax)
         if best_e is None:
             best_s, best_z, best_e = s, z, e
@@ -131,15 +145,20 @@ def _search(x: np.ndarray, qmin: int, qmax: int, search: bool) -> tuple[np.ndarr
         with np.errstate(divide="ignore", invalid="ignore"):
             fitted = np.where(den > 0, num / den, best_s).astype(np.float32)
         fitted = np.where(fitted > 0, fitted, best_s)
+        if grid is not None:
+            fitted = grid(fitted)
         e = _error(x, fitted, best_z, qmin, qmax)
         take = e < best_e
         best_s, best_e = np.where(take, fitted, best_s), np.minimum(e, best_e)
     return best_s, best_z, best_e
 
 
-def _params(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _params(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int,
+            grid: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     span = hi - lo
     scale = np.where(span > 0, span / np.float32(qmax - qmin), np.float32(1.0)).astype(np.float32)
+    if grid is not None:  # the zero point is chosen for the stored scale
+        scale = grid(scale)
     zero = np.clip(round_half_away(qmin - lo / scale), qmin, qmax).astype(np.float32)
     return scale, zero
 

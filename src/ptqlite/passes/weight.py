@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..blockwise import BlockQuant, quantize_blocks
+from ..blockwise import FLOAT16_MAX, BlockQuant, float16_grid, quantize_blocks
 from ..config import QuantConfig
 from ..encoding import MIN_OPSET, Decoder, SharedConstants, build_decoder
 from ..errors import ConversionError
@@ -108,7 +108,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
         w = index.array(spec.tensor)
         axis = block_axis(spec) if block else None
         if axis is not None:
-            bq = quantize_blocks(w, spec.bits, axis, block, release=lambda a, b, w=w: release_pages(w, a, b))
+            bq = _quantize_blocks(w, spec.bits, axis, block, on_the_fly)
             float_bytes = w.nbytes
             del w  # a streaming conversion unmaps the float weight before the codes are packed
             rows = gathers_rows(index, spec.tensor, in_subgraphs)
@@ -348,10 +348,10 @@ def _blocked_dequantize_linear(index: GraphIndex, spec: WeightSpec, bq: BlockQua
     else:
         q_tensor = numpy_helper.from_array(bq.codes.astype(np_type), q_name)
         z_tensor = numpy_helper.from_array(bq.zero_point.astype(np_type), z_name)
-    s_tensor = numpy_helper.from_array(bq.scale.astype(np.float32), s_name)
+    s_tensor, cast = _scale_tensor(index, bq, s_name)
     node = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [spec.tensor],
                             name=index.unique_name(f"{prefix}/DequantizeLinear"), axis=bq.axis, block_size=bq.block)
-    return [node], [q_tensor, s_tensor, z_tensor]
+    return [n for n in (cast, node) if n is not None], [q_tensor, s_tensor, z_tensor]
 
 
 def gathers_rows(index: GraphIndex, tensor: str, in_subgraphs: set[str]) -> bool:
@@ -366,13 +366,26 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
                            after: dict[str, list[onnx.NodeProto]]):
     """An embedding table with block-wise scales along its rows: the table is gathered as integers and only the
     gathered rows are decoded ((codes - zero point) * scale with their gathered scales and zero points), so no
-    float copy of the table is made per run. int4 has no Gather, so int4 codes are cast to int8 by a Cast that
-    ONNX Runtime folds at load: the file holds int4, memory int8."""
+    float copy of the table is made per run, and the table itself is read in place (memory-mapped from external
+    data: only the gathered rows' pages are resident).
+
+    int4 has no Gather: int4 codes are stored two a byte in a uint8 table [rows, width / 2] (unsigned, the low
+    nibble first) and each gathered byte is split into its two codes in float, so the table takes 4 bits a value
+    in the file and in memory. (A Cast of an int4 table to int8, folded at load, held an int8 copy of the whole
+    table.) A row of odd width, which no byte split fits, keeps that Cast."""
     dtype, np_type = _storage_type(bq.bits)
     prefix = spec.tensor.replace("::", "_").strip("/")
     q_name, s_name, z_name = (index.unique_name(f"{prefix}_{s}") for s in ("quantized", "scale", "zero_point"))
+    width = int(bq.codes.shape[-1])
+    blocks = int(bq.scale.shape[-1])
     nodes = []
-    if dtype == TensorProto.INT4:
+    nibbles = dtype == TensorProto.INT4 and width % 2 == 0
+    zero = bq.zero_point
+    if nibbles:
+        unsigned = (bq.codes.astype(np.int16) - qrange(bq.bits)[0]).astype(np.uint8)
+        q_tensor = numpy_helper.from_array(unsigned[:, 0::2] | (unsigned[:, 1::2] << 4), q_name)
+        zero, np_type, rows_of = zero - qrange(bq.bits)[0], np.uint8, q_name
+    elif dtype == TensorProto.INT4:
         q_tensor = int4_tensor(q_name, bq.codes)
         rows_of = index.unique_name(f"{prefix}_int8")
         nodes.append(helper.make_node("Cast", [q_name], [rows_of], to=TensorProto.INT8,
@@ -380,27 +393,32 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
         np_type = np.int8
     else:
         q_tensor, rows_of = numpy_helper.from_array(bq.codes.astype(np_type), q_name), q_name
-    z_tensor = numpy_helper.from_array(bq.zero_point.astype(np_type), z_name)
-    s_tensor = numpy_helper.from_array(bq.scale.astype(np.float32), s_name)
-    width = int(bq.codes.shape[-1])
-    blocks = int(bq.scale.shape[-1])
-    shapes = {kind: index.unique_name(f"{prefix}_{kind}_shape") for kind in ("blocks", "scales", "row")}
-    shape_tensors = [numpy_helper.from_array(np.array(v, np.int64), shapes[k]) for k, v in
-                     (("blocks", [-1, blocks, bq.block]), ("scales", [-1, blocks, 1]), ("row", [width]))]
+    z_tensor = numpy_helper.from_array(zero.astype(np_type), z_name)
+    half = _on_float16_grid(bq.scale)
+    s_tensor = numpy_helper.from_array(bq.scale.astype(np.float16 if half else np.float32), s_name)
+    consts = {kind: index.unique_name(f"{prefix}_{kind}") for kind in ("blocks", "scales", "row", "last", "16th", "16")}
+    const_tensors = [numpy_helper.from_array(np.array(v, dtype), consts[k]) for k, v, dtype in
+                     (("blocks", [-1, blocks, bq.block], np.int64), ("scales", [-1, blocks, 1], np.int64),
+                      ("row", [width], np.int64), ("last", [-1], np.int64), ("16th", 1 / 16, np.float32),
+                      ("16", 16, np.float32))
+                     if nibbles or k in ("blocks", "scales", "row")]
     for node, _ in index.consumers[spec.tensor]:
         out, ids = node.output[0], node.input[1]
         node.input[0] = rows_of
         node.output[0] = index.unique_name(f"{out}_codes")
         after[node.output[0]] = _decode_gathered_blocks(index, node.name, node.output[0], ids, out,
-                                                        (s_name, z_name), shapes)
-    return nodes, [q_tensor, s_tensor, z_tensor, *shape_tensors]
+                                                        (s_name, z_name), consts, nibbles, half)
+    return nodes, [q_tensor, s_tensor, z_tensor, *const_tensors]
 
 
 def _decode_gathered_blocks(index: GraphIndex, name: str, codes: str, ids: str, out: str,
-                            tables: tuple[str, str], shapes: dict[str, str]) -> list[onnx.NodeProto]:
+                            tables: tuple[str, str], consts: dict[str, str], nibbles: bool,
+                            half: bool) -> list[onnx.NodeProto]:
     """(codes - zero point) * scale per block of the gathered rows `codes`, as DequantizeLinear with block_size
     computes it, on rows reshaped to [rows, blocks, block]: OpenVINO 2026.4 reads a block-wise DequantizeLinear
-    only on inputs of static shape, and gathered rows have the shape of the ids."""
+    only on inputs of static shape, and gathered rows have the shape of the ids. nibbles: each gathered byte
+    holds two codes, split as high = floor(byte / 16), low = byte - 16 high (exact in float32); half: the scale
+    table is float16, its gathered rows cast to float32."""
     nodes: list[onnx.NodeProto] = []
 
     def add(op, inputs, kind, **attrs):
@@ -408,14 +426,54 @@ def _decode_gathered_blocks(index: GraphIndex, name: str, codes: str, ids: str, 
                                       name=index.unique_name(f"{name}/{kind}"), **attrs))
         return nodes[-1].output[0]
 
-    scale, zero = (add("Reshape", [add("Gather", [table, ids], kind, axis=0), shapes["scales"]], f"{kind}_3d")
+    scale, zero = (add("Reshape", [add("Gather", [table, ids], kind, axis=0), consts["scales"]], f"{kind}_3d")
                    for table, kind in zip(tables, ("scale", "zero_point")))
-    as_float = add("Cast", [add("Reshape", [codes, shapes["blocks"]], "codes_3d")], "codes_float", to=TensorProto.FLOAT)
+    if half:
+        scale = add("Cast", [scale], "scale_float", to=TensorProto.FLOAT)
+    if nibbles:
+        packed = add("Cast", [codes], "bytes_float", to=TensorProto.FLOAT)
+        high = add("Floor", [add("Mul", [packed, consts["16th"]], "bytes_16th")], "high")
+        low = add("Sub", [packed, add("Mul", [high, consts["16"]], "high_16")], "low")
+        pairs = add("Concat", [add("Unsqueeze", [low, consts["last"]], "low_1"),
+                               add("Unsqueeze", [high, consts["last"]], "high_1")], "pairs", axis=-1)
+        as_float = add("Reshape", [pairs, consts["blocks"]], "codes_float")
+    else:
+        as_float = add("Cast", [add("Reshape", [codes, consts["blocks"]], "codes_3d")], "codes_float",
+                       to=TensorProto.FLOAT)
     centred = add("Sub", [as_float, add("Cast", [zero], "zero_float", to=TensorProto.FLOAT)], "centred")
     rows = add("Mul", [centred, scale], "rows")
-    row_shape = add("Concat", [add("Shape", [ids], "ids_shape"), shapes["row"]], "rows_shape", axis=0)
+    row_shape = add("Concat", [add("Shape", [ids], "ids_shape"), consts["row"]], "rows_shape", axis=0)
     nodes.append(helper.make_node("Reshape", [rows, row_shape], [out], name=index.unique_name(f"{name}/rows")))
     return nodes
+
+
+def _quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, half_scales: bool) -> BlockQuant:
+    """The block search, with scales on the float16 grid when `half_scales` (ON_THE_FLY stores them so: 16 bits
+    per block instead of 32, 4.6 instead of 5.1 bits a weight at int4 block 32). A weight whose scales would pass
+    float16's largest value keeps float32 scales."""
+    def release(a: int, b: int) -> None:
+        release_pages(w, a, b)
+
+    if half_scales:
+        bq = quantize_blocks(w, bits, axis, block, release=release, scale_grid=float16_grid)
+        if bq.scale.max(initial=0) < FLOAT16_MAX:
+            return bq
+    return quantize_blocks(w, bits, axis, block, release=release)
+
+
+def _scale_tensor(index: GraphIndex, bq: BlockQuant, name: str) -> tuple[onnx.TensorProto, onnx.NodeProto | None]:
+    """The block scales as `name` (float32): scales on the float16 grid are stored as float16 and cast by a Cast
+    that ONNX Runtime folds at load (before it fuses DequantizeLinear + MatMul into MatMulNBits), else float32."""
+    if not _on_float16_grid(bq.scale):
+        return numpy_helper.from_array(bq.scale.astype(np.float32), name), None
+    half = index.unique_name(f"{name}_float16")
+    cast = helper.make_node("Cast", [half], [name], to=TensorProto.FLOAT, name=index.unique_name(f"{name}/Cast"))
+    return numpy_helper.from_array(bq.scale.astype(np.float16), half), cast
+
+
+def _on_float16_grid(scale: np.ndarray) -> bool:
+    return bool(np.all(np.abs(scale) < FLOAT16_MAX)) and np.array_equal(
+        scale.astype(np.float16).astype(np.float32), scale)
 
 
 def _record_blocks(spec: WeightSpec, bq: BlockQuant, float_bytes: int, stored: int,
