@@ -5,6 +5,13 @@ Kinds: "range" (an observer of [activation_quant_method] per tensor), "channel_m
 with `magnitude`, along `axis`, with the number of values each maximum was taken over) and "channel_mean" (the
 per-channel mean along axis 1 of each sample, summed over the samples: bias correction divides the difference of
 two such sums by the sample count).
+
+MAX_MIN ranges and channel means of the requested tensors are reduced inside the probed graph (ReduceMin /
+ReduceMax / ReduceSum, and a float64 ReduceMean), so that onnxruntime returns a few numbers per tensor instead of
+every activation: returning whole tensors keeps each in its own buffer for the whole run, and copied into numpy,
+which made calibration the peak of a conversion's memory and its numpy reductions a third of its time. The values
+are the same: min and max are exact in any order, and a range whose tensor holds NaN or Inf on a sample (its
+ReduceSum is not finite) is measured on the whole tensor of that sample, as before.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ...errors import DataError
+from ...errors import ConversionError, DataError
+from ...model import GraphIndex, opset_version
 from ...observers import fallback_notes, make_observer
 from ...qmath import reduce_axes
 from ...runtime import cpu_session, with_outputs
@@ -113,13 +121,25 @@ def _measure(model: onnx.ModelProto, requests: list[StatRequest], samples, progr
     peaks: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     sums: dict[str, np.ndarray | float] = {r.tensor: 0.0 for r in requests if r.kind == CHANNEL_MEAN}
-    session = _probe_session(model, names) if names else None
+    session, outputs, reduced = _reducing_session(model, requests, names, inputs, optional) if names else \
+        (None, [], {})
+    full: ProbeOnDemand | None = None  # whole tensors of reduced ranges, for a sample where one holds NaN/Inf
     count = 0
     skipped: set[StatRequest] = set()
     for sample in _progress(samples, progress, desc):
-        values = dict(zip(names, _run(session, names, sample))) if session else {}
+        values = dict(zip(outputs, _run(session, outputs, sample))) if session else {}
         for request in requests:
             name = request.tensor
+            if request in reduced:
+                got = [values[n] for n in reduced[request]]
+                if request.kind == CHANNEL_MEAN:
+                    sums[name] = sums[name] + got[0]
+                elif np.isfinite(got[2]):  # no NaN/Inf in the tensor: its min and max are the observer's
+                    observers[name].update(np.stack(got[:2]))
+                else:
+                    full = full or ProbeOnDemand(model, [r.tensor for r in reduced if r.kind == RANGE])
+                    observers[name].update(full.value(name, sample))
+                continue
             value = sample[name] if name in inputs else values[name]
             if request in optional and not (isinstance(value, np.ndarray) and value.dtype == np.float32):
                 skipped.add(request)
@@ -135,6 +155,8 @@ def _measure(model: onnx.ModelProto, requests: list[StatRequest], samples, progr
             else:
                 sums[name] = sums[name] + value.astype(np.float64).mean(axis=reduce_axes(value.ndim, request.axis))
         count += 1
+        if full is not None:
+            full.forget()
     if count == 0:
         raise DataError("no calibration samples: FULL_QUANT needs at least one")
     measured: dict[StatRequest, object] = {}
@@ -160,6 +182,89 @@ def _assemble(count: int, measured: dict, requests: list[StatRequest]) -> Statis
     counts = {r.tensor: measured[r][1] for r in requests if r.kind == CHANNEL_MAX}
     sums = {r.tensor: measured[r] for r in requests if r.kind == CHANNEL_MEAN}
     return Statistics(count, ranges, peaks, counts, sums, tuple(notes))
+
+
+def _reducible(request: StatRequest) -> bool:
+    return (request.kind == RANGE and request.method == "MAX_MIN") or (request.kind == CHANNEL_MEAN
+                                                                       and request.axis == 1)
+
+
+def _reducing_session(model: onnx.ModelProto, requests: list[StatRequest], names: list[str], inputs: set[str],
+                      optional: set[StatRequest]):
+    """The probe session, the output names to fetch, and for each request reduced in the graph the names of its
+    results: (min, max, sum) of a MAX_MIN range, the float64 per-channel mean of a channel mean. A tensor is
+    reduced only when every request on it can be (the others need the whole tensor anyway) and it is not an
+    optional request (those are measured only on the float tensors, which only the values tell)."""
+    by_tensor: dict[str, list[StatRequest]] = {}
+    for r in requests:
+        by_tensor.setdefault(r.tensor, []).append(r)
+    reducible = {name for name, rs in by_tensor.items() if name not in inputs
+                 and all(_reducible(r) and r not in optional for r in rs)}
+    whole = [n for n in names if n not in reducible]
+    if reducible:
+        probe = with_outputs(model, whole)
+        reduced = _add_reductions(probe, [r for r in requests if r.tensor in reducible])
+        outputs = whole + [n for results in reduced.values() for n in results]
+        try:
+            return cpu_session(probe, "for calibration", spinning=False), outputs, reduced
+        except ConversionError:  # a type the reduction ops lack: fetch every tensor whole, as onnxruntime can
+            pass
+    return _probe_session(model, names), names, {}
+
+
+def _add_reductions(probe: onnx.ModelProto, requests: list[StatRequest]) -> dict[StatRequest, list[str]]:
+    """Reduction nodes appended to `probe` for each request, their results made graph outputs."""
+    graph = probe.graph
+    index = GraphIndex(graph)
+    axes_input = opset_version(probe) >= 18  # ReduceMean/ReduceSum/... take axes as an input from opset 18
+    reduced: dict[StatRequest, list[str]] = {}
+
+    def node(op: str, inputs: list[str], tag: str, **attrs) -> str:
+        out = index.unique_name(tag)
+        graph.node.append(onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(values: list[int], tag: str) -> str:
+        name = index.unique_name(tag)
+        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    for r in requests:
+        t = r.tensor
+        if r.kind == RANGE:
+            reduced[r] = [node(op, [t], f"{t}_calib_{op.lower()}", keepdims=0)
+                          for op in ("ReduceMin", "ReduceMax", "ReduceSum")]
+        else:  # the mean over every axis but 1, in float64 as numpy computed it: [N, C, rest] -> [C]
+            wide = node("Cast", [t], f"{t}_calib_f64", to=onnx.TensorProto.DOUBLE)
+            head = node("Slice", [node("Shape", [t], f"{t}_calib_shape"), const([0], f"{t}_calib_0"),
+                                  const([2], f"{t}_calib_2")], f"{t}_calib_head")
+            shape = node("Concat", [head, const([-1], f"{t}_calib_rest")], f"{t}_calib_nc", axis=0)
+            flat = node("Reshape", [wide, shape], f"{t}_calib_flat")
+            if axes_input:
+                mean = node("ReduceMean", [flat, const([0, 2], f"{t}_calib_axes")], f"{t}_calib_mean", keepdims=0)
+            else:
+                mean = node("ReduceMean", [flat], f"{t}_calib_mean", axes=[0, 2], keepdims=0)
+            reduced[r] = [mean]
+    graph.output.extend(onnx.ValueInfoProto(name=n) for names in reduced.values() for n in names)
+    return reduced
+
+
+class ProbeOnDemand:
+    """Whole tensors of one sample, from a probe session made the first time one is asked for (a range whose
+    reduction met NaN or Inf); one run per sample."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str]):
+        self.names = list(dict.fromkeys(names))
+        self.session = _probe_session(model, self.names)
+        self.values: dict[str, np.ndarray] | None = None
+
+    def value(self, name: str, sample: dict[str, np.ndarray]) -> np.ndarray:
+        if self.values is None:
+            self.values = dict(zip(self.names, _run(self.session, self.names, sample)))
+        return self.values[name]
+
+    def forget(self) -> None:
+        self.values = None
 
 
 def _probe_session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
