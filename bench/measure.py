@@ -25,13 +25,15 @@ def file_mb(path: str | Path) -> float:
 
 @dataclass(frozen=True)
 class ChildRun:
-    """What a child process did: exit status, wall time, peak resident memory, and its output."""
+    """What a child process did: exit status, wall time, peak resident memory, its output, and its CPU time
+    (user + system, its own threads and children included)."""
 
     returncode: int
     seconds: float
     peak_mb: float
     stdout: str
     stderr: str
+    cpu_seconds: float = 0.0
 
 
 # Linux carries a process's peak RSS across fork+exec, so a child started straight from this (large) process would
@@ -41,7 +43,7 @@ pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-sys.stderr.write("\\n__peak_kib__=%d\\n" % usage.ru_maxrss)
+sys.stderr.write("\\n__cpu_s__=%.3f\\n__peak_kib__=%d\\n" % (usage.ru_utime + usage.ru_stime, usage.ru_maxrss))
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -67,8 +69,10 @@ def run_child(command: list[str], env: dict[str, str] | None = None, cwd: str | 
         reader.join()
     process.returncode = os.waitstatus_to_exitcode(status)
     stderr, _, peak = chunks["err"].rpartition("\n__peak_kib__=")
+    stderr, _, cpu = stderr.rpartition("\n__cpu_s__=")
     # Linux reports ru_maxrss in KiB.
-    return ChildRun(process.returncode, seconds, int(peak) * 1024 / 1e6, chunks["out"], stderr.rstrip("\n"))
+    return ChildRun(process.returncode, seconds, int(peak) * 1024 / 1e6, chunks["out"], stderr.rstrip("\n"),
+                    float(cpu))
 
 
 def session(path: str | Path, threads: int) -> ort.InferenceSession:

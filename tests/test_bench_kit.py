@@ -115,6 +115,14 @@ def test_run_child_reports_exit_code_and_own_peak_memory() -> None:
     assert big.seconds > 0
 
 
+def test_run_child_reports_own_cpu_time() -> None:
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    busy = measure.run_child([sys.executable, "-c", spin])
+    idle = measure.run_child([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    assert busy.cpu_seconds >= 0.5  # the spin loop alone burns 0.5 s of CPU
+    assert idle.cpu_seconds < 0.4 < idle.seconds  # sleeping costs wall time, not CPU time
+
+
 def _matmul_model(size: int, repeats: int) -> onnx.ModelProto:
     """x -> MatMul(w) repeated `repeats` times: more repeats, proportionally more work."""
     w = numpy_helper.from_array(np.full((size, size), 1.0 / size, np.float32), "w")
@@ -147,15 +155,31 @@ def test_table_marks_missing_rows_and_compares_with_quantize_static(tmp_path: Pa
     rows = {r.key: r for r in full_quant.rows()}
     rows["float"].path, rows["float"].top1, rows["float"].latency = model, 80.0, {1: 1.0, 2: 1.0}
     rows["kl_pc"].status = "n/a (failed: out of memory)"
-    for key, top1, seconds, peak in (("maxmin_pc", 79.75, 10.0, 100.0), ("ort_entropy", 79.0, 40.0, 800.0)):
+    for key, top1, seconds, peak in (("maxmin_pc", 79.75, 10.0, 100.0), ("ort_entropy", 79.0, 40.0, 800.0),
+                                     ("ort_minmax", 78.0, 8.0, 200.0)):
         r = rows[key]
         r.path, r.top1, r.latency, r.seconds, r.peak_mb = small, top1, {1: 0.4, 2: 0.5}, seconds, peak
+        r.cpu_seconds = seconds / 2
+    rows["maxmin_pc"].ops = {"QLinearConv": 3, "QuantizeLinear": 1}
     text = full_quant.table(full_quant.BENCHES["mobilenet_v2"], list(rows.values()), 400, 100)
     assert "| ptqlite FULL_QUANT KL per-channel | n/a (failed: out of memory) |" in text
     assert ("| ptqlite FULL_QUANT MAX_MIN per-channel | 79.75 | +0.25 | - | 1.00 | 0.250 | 0.400 | 0.500 | 10.0 "
-            "| 100 |") in text
+            "| 5.0 | 100 |") in text
+    assert "- ptqlite FULL_QUANT MAX_MIN per-channel: 3 QLinearConv, 1 QuantizeLinear" in text
     assert ("- ptqlite FULL_QUANT MAX_MIN per-channel: drop +0.25, top-1 vs best quantize_static +0.75, "
-            "1T latency vs quantize_static 1.00x, time 0.25x and peak memory 0.12x of quantize_static Entropy") in text
+            "1T latency vs quantize_static 1.00x, CPU time 1.25x and peak memory 0.50x of quantize_static MinMax, "
+            "time 0.25x and peak memory 0.12x of quantize_static Entropy") in text
+
+
+def test_a_bench_model_that_is_not_built_is_skipped_with_how_to_build_it(tmp_path: Path, monkeypatch) -> None:
+    bench = full_quant.Bench("built", str(tmp_path / "absent.onnx"), "imagenet_tf", "python bench/build.py")
+    monkeypatch.setitem(full_quant.BENCHES, "built", bench)
+    monkeypatch.setattr(full_quant, "MODELS", tmp_path)
+    out = tmp_path / "table.md"
+    assert full_quant.main(["--model", "built", "--out", str(out)]) == 0
+    assert f"built: skipped ({tmp_path / 'absent.onnx'} not found; build it with `python bench/build.py`)" in \
+        out.read_text()
+    assert bench.label_offset == 0 and "normalize_mean=[127,127,127]" in bench.config_lines()
 
 
 def _input_model(name: str, shape: list[int]) -> onnx.ModelProto:
