@@ -17,7 +17,7 @@ voice-activity models, the bytes of files on this machine for the file-type mode
 samples calibrate (BIN files, or an IMAGE folder for two of the models), the next `--heldout` are evaluated.
 
 Modes: ptqlite WEIGHT_QUANT 8 and 4 bit, ON_THE_FLY 8 bit, mixed bit (init_scale 0.02), FULL_QUANT MAX_MIN and
-KL (per-channel), DYNAMIC_QUANT ALWC, each run through ptqlite's CLI in a child process as users run it; and
+KL (per-channel), DYNAMIC_QUANT ALWC and ACWL (each also with latency_aware=false), each run through ptqlite's CLI in a child process as users run it; and
 onnxruntime.quantization quantize_dynamic and quantize_static (QDQ, MinMax, per-channel, the same calibration
 samples), also in child processes. Every child has a time limit.
 
@@ -498,6 +498,16 @@ MODES = {m.key: m for m in (
     Mode("dyn", "DYNAMIC_QUANT ALWC", "ptqlite",
          "[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n\n[dynamic_quant_param]\n"
          "quant_strategy=ALWC\n"),
+    # The same without latency-aware planning (the output DYNAMIC_QUANT wrote before it existed), and ACWL.
+    Mode("dyn_off", "DYNAMIC_QUANT ALWC latency_aware=false", "ptqlite",
+         "[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n\n[dynamic_quant_param]\n"
+         "quant_strategy=ALWC\nlatency_aware=false\n"),
+    Mode("acwl", "DYNAMIC_QUANT ACWL", "ptqlite",
+         "[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n\n[dynamic_quant_param]\n"
+         "quant_strategy=ACWL\n"),
+    Mode("acwl_off", "DYNAMIC_QUANT ACWL latency_aware=false", "ptqlite",
+         "[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n\n[dynamic_quant_param]\n"
+         "quant_strategy=ACWL\nlatency_aware=false\n"),
     Mode("ort_dyn", "ort quantize_dynamic", "ort"),
     Mode("ort_static", "ort quantize_static QDQ MinMax", "ort", needs_data=True),
 )}

@@ -203,3 +203,11 @@ def test_embedding_tables_of_full_quant_are_not_timed_by_the_dynamic_pass(monkey
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = dynamic.run(model, parse_config(CONFIG.format("ALWC")), ops=("Gather",))
     assert [t.tensor for t in result.quantized] == ["table"]
+
+
+def test_a_model_without_int8_matmuls_is_not_timed(monkeypatch):
+    """A CNN has no MatMul/Gemm for DYNAMIC_QUANT: timing its unchanged graph only cost conversion time."""
+    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("nothing to decide, yet timed"))
+    config = parse_config(CONFIG.format("ALWC").replace("bit_num=8\n", "bit_num=8\nskip_quant_node=mm0,mm1,mm2,mm3\n"))
+    result = convert(matmul_chain(), config, progress=False)
+    assert not result.quantized and not any("latency" in note for note in result.notes)

@@ -365,6 +365,8 @@ def _never_slower_than_float(float_model: onnx.ModelProto, candidate, samples, o
         feeds = timer.timing_feeds(float_model)
         described = timer.describe(feeds)
     first, layers = candidate(set())
+    if not layers:  # no MatMul/Gemm runs in int8 (Gather tables only, or nothing): nothing to decide
+        return first
     try:
         tried = [(set(), first, timer.measure(float_model, first.model, feeds, own_shapes))]
     except PtqError as exc:

@@ -1,0 +1,172 @@
+"""Never slower than float: latency of DYNAMIC_QUANT ALWC and ACWL (latency-aware planning on, the default, and
+off: the output written before the planning existed) and FULL_QUANT (MAX_MIN per-channel, planning on) on the
+bench models, as ratios to float.
+
+    .venv/bin/python bench/never_slower.py [--models resnet20,resnet56,mobilenet_v2,mobilenet_v1,minilm]
+                                           [--rounds 20] [--repeats 3] [--out table.md]
+
+Every conversion runs through ptqlite's CLI in a child process, as users run it; its summary line about the
+planning is kept. Latency: every output and the float model in one process, 1 intra-op thread, interleaved
+(measure.latency_ratios: each round runs each model in turn, back to back for at least 20 ms of float time;
+the median over rounds), the whole measurement
+repeated --repeats times; the table shows the median ratio and the range over the repeats. Inputs: one image at
+the model's shape (ImageNet sample or CIFAR copy) and, for MiniLM, 128 token ids (ids 1..999, mask ones, batch 1).
+FULL_QUANT calibrates on 32 images (ImageNet models, CIFAR ResNets) or 8 random token sequences of length 128
+(MiniLM, through BIN files and --inputShape): only its latency is read here (its accuracy is in
+docs/results.md). MiniLM is read from .cache/minilm/all-MiniLM-L6-v2.onnx (bench/minilm.py builds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import full_quant
+import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache"
+MINILM = CACHE / "minilm" / "all-MiniLM-L6-v2.onnx"
+MINILM_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+SEQUENCE = 128
+COMMON = "[common_quant_param]\nquant_type={}\nbit_num=8\n"
+MODES = {
+    "alwc_off": ("DYNAMIC ALWC, latency_aware=false (before)",
+                 COMMON.format("DYNAMIC_QUANT") + "[dynamic_quant_param]\nquant_strategy=ALWC\nlatency_aware=false\n"),
+    "alwc": ("DYNAMIC ALWC (after)", COMMON.format("DYNAMIC_QUANT") + "[dynamic_quant_param]\nquant_strategy=ALWC\n"),
+    "acwl_off": ("DYNAMIC ACWL, latency_aware=false (before)",
+                 COMMON.format("DYNAMIC_QUANT") + "[dynamic_quant_param]\nquant_strategy=ACWL\nlatency_aware=false\n"),
+    "acwl": ("DYNAMIC ACWL (after)", COMMON.format("DYNAMIC_QUANT") + "[dynamic_quant_param]\nquant_strategy=ACWL\n"),
+    "full": ("FULL MAX_MIN per-channel", (full_quant.CONFIGS / "full_max_min_per_channel.cfg").read_text()),
+}
+CALIBRATE = 32
+MINILM_CALIBRATE = 8
+
+
+def token_feed(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"input_ids": rng.integers(1, 1000, size=(1, SEQUENCE)).astype(np.int64),
+            "attention_mask": np.ones((1, SEQUENCE), np.int64), "token_type_ids": np.zeros((1, SEQUENCE), np.int64)}
+
+
+def minilm_data(work: Path) -> list[str]:
+    """[data_preprocess_param] lines with MINILM_CALIBRATE random token sequences as BIN files."""
+    rng = np.random.default_rng(0)
+    feeds = [token_feed(rng) for _ in range(MINILM_CALIBRATE)]
+    paths = []
+    for name in MINILM_NAMES:
+        folder = work / "calib" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, feed in enumerate(feeds):
+            feed[name].tofile(folder / f"{i:04d}.bin")
+        paths.append(f"{name}:{folder}")
+    return ["[data_preprocess_param]", f"calibrate_path={','.join(paths)}", f"calibrate_size={MINILM_CALIBRATE}",
+            "input_type=BIN"]
+
+
+def convert(model: Path, mode: str, work: Path, data_lines: list[str], extra: list[str]) -> tuple[Path | None, str]:
+    """The output of `mode` and the summary's latency-aware planning note (or why it failed)."""
+    text = MODES[mode][1]
+    if mode == "full":
+        text += "\n" + "\n".join(data_lines) + "\n"
+    config = work / f"{mode}.cfg"
+    config.write_text(text)
+    out = work / f"{mode}.onnx"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "ptqlite.cli", "convert", "--fmk=ONNX", f"--modelFile={model}",
+               f"--configFile={config}", f"--outputFile={out}", *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    done = measure.run_child(command, env=env, cwd=ROOT)
+    said = [ln.strip().removeprefix("note: ") for ln in done.stdout.splitlines()
+            if ln.strip().startswith("note: latency-aware planning")]
+    if done.returncode != 0 or not out.exists():
+        return None, f"failed: {(done.stderr.strip().splitlines() or [f'exit {done.returncode}'])[-1][:120]}"
+    return out, (said[0] if said else "")
+
+
+def float_seconds(model: Path, feed) -> float:
+    """One float run's time (median of 10, 1 thread)."""
+    import time
+
+    session = measure.session(model, 1)
+    feeds = feed if isinstance(feed, dict) else {session.get_inputs()[0].name: feed}
+    session.run(None, feeds)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_model(name: str, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str]]:
+    work = CACHE / "never_slower" / name
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "minilm":
+        model, extra = args.minilm, [f"--inputShape={';'.join(f'{n}:1,{SEQUENCE}' for n in MINILM_NAMES)}"]
+        feed: dict | np.ndarray = token_feed(np.random.default_rng(1))
+        data_lines = minilm_data(work)
+    else:
+        bench = full_quant.BENCHES[name]
+        model, extra = bench.model_path(), []
+        feed = bench.evaluation(1)[0][:1]
+        data_lines = ["[data_preprocess_param]",
+                      f"calibrate_path={full_quant.input_name(model)}:{bench.calibration_dir()}",
+                      f"calibrate_size={CALIBRATE}", *bench.config_lines()]
+    outputs, notes = {}, {}
+    for mode in args.modes:
+        path, note = convert(model, mode, work, data_lines, extra if mode == "full" else [])
+        notes[mode] = note
+        print(f"{name} {mode}: {note}", file=sys.stderr, flush=True)
+        if path is not None:
+            outputs[mode] = path
+    ratios: dict[str, list[float]] = {mode: [] for mode in outputs}
+    # back-to-back runs per round: at least 20 ms of float time, so that a round of a small model is not one timer tick
+    runs = max(2, int(0.02 / max(float_seconds(model, feed), 1e-5)))
+    for _ in range(args.repeats):
+        got = measure.latency_ratios({"float": model, **outputs}, "float", feed, threads=1, rounds=args.rounds,
+                                     runs=runs, warmup=2)
+        for mode in outputs:
+            ratios[mode].append(got[mode])
+    return ratios, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet20,resnet56,mobilenet_v2,mobilenet_v1,minilm")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from: {','.join(MODES)}")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--minilm", type=Path, default=MINILM)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    lines = [(f"`python bench/never_slower.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
+              f"{platform.node()}; latency ratio to float, 1 thread, median over {args.repeats} interleaved "
+              f"measurements of {args.rounds} rounds (range in brackets)"), "",
+             "| model | " + " | ".join(MODES[m][0] for m in args.modes) + " |",
+             "|---|" + "---|" * len(args.modes)]
+    planning = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name == "minilm" and not args.minilm.exists():
+            lines.append(f"| {name} | skipped: no {args.minilm} (bench/minilm.py builds it) |")
+            continue
+        ratios, notes = bench_model(name, args)
+        cells = [f"{np.median(ratios[m]):.2f} ({min(ratios[m]):.2f}-{max(ratios[m]):.2f})" if m in ratios
+                 else notes[m] for m in args.modes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        planning += [f"- {name} / {MODES[m][0]}: {notes[m]}" for m in args.modes if notes[m]]
+    text = "\n".join(lines + ["", "What the planning said:", "", *planning]) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
