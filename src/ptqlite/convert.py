@@ -228,7 +228,8 @@ def describe_mode(config: QuantConfig) -> str:
         return (f"FULL_QUANT int8: target_device {full.target_device}, activations {full.activation_quant_method}, "
                 f"weights {'per channel' if full.per_channel else 'per tensor'}, bias_correction "
                 f"{str(full.bias_correction).lower()}, latency_aware {str(full.latency_aware).lower()}")
-    return f"DYNAMIC_QUANT int8: quant_strategy {config.dynamic.quant_strategy}"
+    return (f"DYNAMIC_QUANT int8: quant_strategy {config.dynamic.quant_strategy}, latency_aware "
+            f"{str(config.dynamic.latency_aware).lower()}")
 
 
 def _log_decisions(result: ConversionResult) -> None:
