@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from .config import QuantConfig
 from .errors import ConfigError, ConversionError
@@ -103,14 +103,36 @@ class Scratch:
         return buffer[:size]
 
 
+def _quartiles(at, n: int) -> list[float]:
+    """Q1, median, Q3 of n sorted values, `at(rank)` giving the value at a rank: numpy's "linear" method and its
+    _lerp, in Python floats (float64)."""
+    quartiles = []
+    for q in (0.25, 0.5, 0.75):
+        position = (n - 1) * q
+        low = int(position)
+        a, b = float(at(low)), float(at(min(low + 1, n - 1)))
+        gamma = position - low
+        quartiles.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
+    return quartiles
+
+
+# The variance from the sum of squares (one pass, no centred copy) is as accurate as the centred sum only when the
+# mean is not large against the spread (its relative error grows with 1 + mean^2 / var): beyond this ratio the
+# centred sum is taken.
+_ONE_PASS_RATIO = 10.0
+_PAIRED_CODES = 1 << 17  # code_histogram counts pairs of codes from this many codes up
+
+
 class _Flat:
     """A tensor flattened, in float64 and sorted (a float32 sort is several times faster than np.quantile's
     partition): what the statistics of its row need, computed once per round. With a Scratch, the float64 copy
-    and the sorted values live in its buffers for `role` (valid until the next _Flat of that role)."""
+    and the sorted values live in its buffers for `role` (valid until the next _Flat of that role). With
+    sums=False (a tensor only compared by cosine) the sum is not taken and the values count as finite when the
+    sum of their squares is."""
 
-    __slots__ = ("_norm2", "_ordered", "_role", "_scratch", "_total", "finite", "raw", "wide")
+    __slots__ = ("_finite", "_norm2", "_ordered", "_role", "_scratch", "_total", "raw", "wide")
 
-    def __init__(self, x: np.ndarray, scratch: Scratch | None = None, role: str = ""):
+    def __init__(self, x: np.ndarray, scratch: Scratch | None = None, role: str = "", sums: bool = True):
         self.raw = np.asarray(x).ravel()
         self._scratch, self._role = scratch, role
         if scratch is None:
@@ -118,10 +140,20 @@ class _Flat:
         else:
             self.wide = scratch.take(role + "/wide", self.raw.size, np.float64)
             np.copyto(self.wide, self.raw)
-        self._total = float(self.wide.sum()) if self.raw.size else 0.0
-        self.finite = self.raw.size > 0 and bool(np.isfinite(self._total))  # a finite sum: no NaN/Inf
         self._ordered: np.ndarray | None = None
         self._norm2: float | None = None
+        self._total: float | None = None
+        self._finite: bool | None = None
+        if sums:
+            self._total = float(self.wide.sum()) if self.raw.size else 0.0
+            self._finite = self.raw.size > 0 and bool(np.isfinite(self._total))  # a finite sum: no NaN/Inf
+
+    @property
+    def finite(self) -> bool:
+        """No NaN/Inf among the values (and at least one value)."""
+        if self._finite is None:
+            self._finite = self.raw.size > 0 and bool(np.isfinite(self.norm2()))
+        return self._finite
 
     @property
     def ordered(self) -> np.ndarray | None:
@@ -140,55 +172,66 @@ class _Flat:
             return self.wide - mean
         return np.subtract(self.wide, mean, out=self._scratch.take("centred", self.wide.size, np.float64))
 
+    def _variance(self, mean: float) -> float:
+        n = self.wide.size
+        spread = self.norm2() / n - mean * mean
+        if spread > 0 and mean * mean <= _ONE_PASS_RATIO * spread:
+            return spread
+        centred = self._centred(mean)
+        return float(np.einsum("i,i->", centred, centred)) / n
+
     def stats(self) -> tuple[float, ...]:
         """tensor_stats(x), the same numbers (quartiles interpolated as numpy's default, sums in float64)."""
-        s, x = self.ordered, self.wide
-        if s is None:
+        s = self.ordered
+        if s is None or self._total is None:
             return tensor_stats(self.raw)
-        n = x.size
-        quartiles = []
-        for q in (0.25, 0.5, 0.75):  # numpy's "linear" method and its _lerp, in Python floats (float64)
-            position = (n - 1) * q
-            low = int(position)
-            a, b = float(s[low]), float(s[min(low + 1, n - 1)])
-            gamma = position - low
-            quartiles.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
+        n = s.size
         mean = self._total / n  # the sum the finiteness check took
-        centred = self._centred(mean)
         zero = s.dtype.type(0)  # a key of another type (a Python 0) would make numpy cast the whole array first
         zeros = int(s.searchsorted(zero, "right") - s.searchsorted(zero, "left"))
-        return (float(s[0]), *quartiles, float(s[-1]), float(mean), float(np.sqrt(np.einsum("i,i->", centred, centred) / n)),
-                zeros / n)
+        return (float(s[0]), *_quartiles(s.__getitem__, n), float(s[-1]), float(mean),
+                float(np.sqrt(self._variance(mean))), zeros / n)
 
-    def clip(self, dequant: _Flat) -> float:
+    def bounds(self) -> tuple[np.generic, np.generic]:
+        """The smallest and the largest value (of the tensor's dtype); the tensor is finite."""
+        s = self.ordered
+        return s[0], s[-1]
+
+    def below(self, edges: np.ndarray) -> np.ndarray:
+        """How many values lie below each edge (edges in the tensor's dtype); the tensor is finite."""
+        return self.ordered.searchsorted(edges, "left")
+
+    def clip(self, dequant: _Flat | _Levels) -> float:
         """clip_rate(self, dequant) from the sorted values."""
-        s, d = self.ordered, dequant.ordered
-        if s is None or d is None or s.dtype != d.dtype:
+        s = self.ordered
+        if s is None or not dequant.finite or s.dtype != dequant.raw.dtype:
             return clip_rate(self.raw, dequant.raw)
-        outside = s.searchsorted(d[0], "left") + s.size - s.searchsorted(d[-1], "right")
+        lo, hi = dequant.bounds()
+        outside = s.searchsorted(lo, "left") + s.size - s.searchsorted(hi, "right")
         return float(outside / s.size)
 
-    def histogram(self, dequant: _Flat) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def histogram(self, dequant: _Flat | _Levels) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Bin edges over both value ranges and the counts of each side, from the sorted values."""
-        s, d = self.ordered, dequant.ordered
-        if s is None or d is None:
+        s = self.ordered
+        if s is None or not dequant.finite:
             return _histogram(self.raw, dequant.raw)
-        lo, hi = min(float(s[0]), float(d[0])), max(float(s[-1]), float(d[-1]))
+        d_lo, d_hi = dequant.bounds()
+        lo, hi = min(float(s[0]), float(d_lo)), max(float(s[-1]), float(d_hi))
         edges = np.linspace(lo, hi, _HIST_BINS + 1) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, _HIST_BINS + 1)
 
-        def counts(values: np.ndarray) -> np.ndarray:
-            cuts = values.searchsorted(edges.astype(values.dtype), "left")
-            cuts[-1] = values.size  # the last bin holds its right edge
+        def counts(side: _Flat | _Levels) -> np.ndarray:
+            cuts = side.below(edges.astype(side.raw.dtype))
+            cuts[-1] = side.raw.size  # the last bin holds its right edge
             return np.diff(cuts)
 
-        return edges, counts(s), counts(d)
+        return edges, counts(self), counts(dequant)
 
     def norm2(self) -> float:
         if self._norm2 is None:
             self._norm2 = float(np.einsum("i,i->", self.wide, self.wide))
         return self._norm2
 
-    def cosine(self, other: _Flat) -> float:
+    def cosine(self, other: _Flat | _Levels) -> float:
         """cosine_similarity(self, other) with float64 sums of products (einsum: BLAS dot threads only add overhead on a busy machine)."""
         if not (self.finite and other.finite) or self.raw.size != other.raw.size:
             return cosine_similarity(self.raw, other.raw)
@@ -196,6 +239,105 @@ class _Flat:
         if na == 0.0 or nb == 0.0:
             return 1.0 if na == nb else 0.0
         return float(np.clip(np.einsum("i,i->", self.wide, other.wide) / np.sqrt(na * nb), -1.0, 1.0))
+
+
+@dataclass(frozen=True)
+class CodeLevels:
+    """What a per-tensor 8-bit DequantizeLinear maps each code to, in ascending order of value: `order[i]` is the
+    code (as uint8) of the i-th smallest level, `values[i]` its value (float32)."""
+
+    order: np.ndarray
+    values: np.ndarray
+
+    @staticmethod
+    def of(scale: np.ndarray, zero_point: np.ndarray) -> CodeLevels | None:
+        """The levels of DequantizeLinear(codes, scale, zero_point), computed as onnxruntime does,
+        (float)(code - zero_point) * scale; None when the quantizer is not per tensor, not 8-bit or not finite."""
+        if scale.size != 1 or zero_point.size != 1 or scale.dtype != np.float32:
+            return None
+        if zero_point.dtype not in (np.uint8, np.int8) or not np.isfinite(scale).all():
+            return None
+        codes = np.arange(256, dtype=np.uint8).view(zero_point.dtype)
+        levels = (codes.astype(np.int32) - np.int32(zero_point.item())).astype(np.float32) * scale.reshape(())
+        if not np.isfinite(levels).all():
+            return None
+        order = np.argsort(levels, kind="stable")
+        return CodeLevels(order, levels[order])
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """The dequantized values of `codes` (for checking them against the runtime's)."""
+        table = np.empty(256, np.float32)
+        table[self.order] = self.values
+        return table[np.asarray(codes).reshape(-1).view(np.uint8)]
+
+
+def code_histogram(codes: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
+    """np.bincount(codes, minlength=256) of 8-bit codes, counted two at a time: the histogram of the codes'
+    pairs (as uint16) summed over each position. One increment per two codes is about a quarter faster than one
+    per code, where runs of the same code (a ReLU's zeros) make every increment wait for the one before."""
+    if codes.size < _PAIRED_CODES:  # summing the pairs' table costs more than it saves
+        return np.bincount(codes, minlength=256)
+    half = codes.size // 2
+    pairs = codes[:2 * half].view(np.uint16)
+    if scratch is not None:  # np.bincount counts intp: cast into a kept buffer rather than a fresh array
+        wide = scratch.take("pairs", half, np.intp)
+        np.copyto(wide, pairs)
+        pairs = wide
+    table = np.bincount(pairs, minlength=1 << 16).reshape(256, 256)
+    counts = table.sum(axis=0) + table.sum(axis=1)
+    if codes.size % 2:
+        counts[codes[-1]] += 1
+    return counts
+
+
+class _Levels:
+    """A dequantized tensor given with its 8-bit codes: the statistics of its row from the histogram of the codes
+    (np.bincount, no sort), the same elements as the sort would pick; the float64 copy only for the dot product
+    with the float tensor. Mean, Var and the sum of squares are sums over the 256 levels (same values as summing
+    the elements, up to the last bits of float64)."""
+
+    __slots__ = ("_cumulative", "_norm2", "counts", "finite", "levels", "raw", "wide")
+
+    def __init__(self, dequant: np.ndarray, codes: np.ndarray, levels: CodeLevels, scratch: Scratch | None = None,
+                 role: str = ""):
+        self.raw = np.asarray(dequant).ravel()
+        self.levels = levels
+        self.counts = code_histogram(np.asarray(codes).reshape(-1).view(np.uint8), scratch)[levels.order]
+        self._cumulative = np.cumsum(self.counts)
+        self.finite = self.raw.size > 0  # every level is finite
+        if scratch is None:
+            self.wide = self.raw.astype(np.float64)
+        else:
+            self.wide = scratch.take(role + "/wide", self.raw.size, np.float64)
+            np.copyto(self.wide, self.raw)
+        self._norm2: float | None = None
+
+    def _at(self, rank: int) -> np.generic:
+        """The value at `rank` of the values sorted."""
+        return self.levels.values[int(self._cumulative.searchsorted(rank, "right"))]
+
+    def stats(self) -> tuple[float, ...]:
+        n = self.raw.size
+        values = self.levels.values.astype(np.float64)
+        mean = float(self.counts @ values) / n
+        centred = values - mean
+        variance = float(self.counts @ (centred * centred)) / n
+        zeros = int(self.counts[self.levels.values == 0].sum())
+        return (float(self._at(0)), *_quartiles(self._at, n), float(self._at(n - 1)), mean, float(np.sqrt(variance)),
+                zeros / n)
+
+    def bounds(self) -> tuple[np.generic, np.generic]:
+        return self._at(0), self._at(self.raw.size - 1)
+
+    def below(self, edges: np.ndarray) -> np.ndarray:
+        before = np.concatenate(([0], self._cumulative))
+        return before[self.levels.values.searchsorted(edges, "left")]
+
+    def norm2(self) -> float:
+        if self._norm2 is None:
+            values = self.levels.values.astype(np.float64)
+            self._norm2 = float(self.counts @ (values * values))
+        return self._norm2
 
 
 def clip_rate(origin: np.ndarray, dequant: np.ndarray) -> float:
@@ -258,6 +400,11 @@ class _Entry:
     local_node: str = ""  # the quantized graph's node that runs alone for it
     local_sum: float = 0.0
     local_rounds: int = 0
+    # the counterpart's 8-bit codes (the input of its per-tensor DequantizeLinear) and what they decode to: its
+    # statistics then come from a histogram of the codes; dropped when round 0's codes do not decode to it exactly
+    codes: str | None = None
+    levels: CodeLevels | None = None
+    levels_checked: bool = False
 
     def add(self, cos: float, clip: float, local: float | None) -> None:
         self.cos_sum += cos
@@ -334,6 +481,24 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     return entries
 
 
+def _find_codes(quant_model: onnx.ModelProto, entries: list[_Entry]) -> None:
+    """Give each activation entry whose counterpart a per-tensor 8-bit DequantizeLinear makes (scale and zero
+    point constant) the name of that node's codes and their levels."""
+    graph = quant_model.graph
+    constants = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output if o}
+    for entry in entries:
+        node = producer.get(entry.counterpart)
+        if (entry.kind != "Activation" or entry.value_map is not None or node is None
+                or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) < 3
+                or node.input[1] not in constants or node.input[2] not in constants):
+            continue
+        levels = CodeLevels.of(numpy_helper.to_array(constants[node.input[1]]),
+                               numpy_helper.to_array(constants[node.input[2]]))
+        if levels is not None:
+            entry.codes, entry.levels = node.input[0], levels
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -367,6 +532,7 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
     reference.CopyFrom(float_model)
     constants_to_initializers(reference)  # weights exported as Constant nodes compare like initializers
     entries = _plan_entries(reference, quant_model, result)
+    _find_codes(quant_model, entries)
     report = DebugReport(folder, entries=entries)
     output_names = [o.name for o in reference.graph.output]
     float_probe, local_note = _float_probe(reference, quant_model, entries, output_names)
@@ -374,8 +540,8 @@ def write_reports(folder: str | Path, float_model: onnx.ModelProto, quant_model:
         notes = [*notes, local_note]
     # QuantizeLinear/DequantizeLinear computed as written (no int8 kernels): the local copies then see the same
     # arithmetic as the exposed quantized graph, whatever int8 instructions this CPU has.
-    quant_probe = Probe(quant_model, [e.counterpart for e in entries], _PURPOSE, qdq_fusion=False,
-                        threads=_RUN_THREADS)
+    quant_probe = Probe(quant_model, [e.counterpart for e in entries] + [e.codes for e in entries if e.codes],
+                        _PURPOSE, qdq_fusion=False, threads=_RUN_THREADS)
     # Exposing intermediate tensors can stop the runtime from fusing quantized kernels, so a graph with
     # quantized ops also runs as is for output_summary.csv: the outputs as users will see them.
     quant_session = (cpu_session(quant_model, _PURPOSE, spinning=False, threads=_RUN_THREADS)
@@ -516,7 +682,7 @@ def _compare(number: int, entry: _Entry, float_probe: Probe, quant_probe: Probe,
     dequant = _mapped(entry, quant_values.get(entry.counterpart), quant_probe)
     if origin is None or dequant is None or not _comparable(origin, dequant):
         return None
-    flat_origin, flat_dequant = _Flat(origin, scratch, "origin"), _Flat(dequant, scratch, "dequant")
+    flat_origin, flat_dequant = _Flat(origin, scratch, "origin"), _dequant_side(entry, dequant, quant_values, scratch)
     cos, clip = flat_origin.cosine(flat_dequant), flat_origin.clip(flat_dequant)
     local_cos = None
     if entry.kind == "Weight":
@@ -524,7 +690,7 @@ def _compare(number: int, entry: _Entry, float_probe: Probe, quant_probe: Probe,
     elif entry.local is not None:
         local = _mapped(entry, float_values.get(entry.local), None)
         if local is not None and _comparable(origin, local):
-            local_cos = flat_origin.cosine(_Flat(local, scratch, "local"))
+            local_cos = flat_origin.cosine(_Flat(local, scratch, "local", sums=False))
     head = [entry.node, entry.op_type, entry.tensor, entry.inout]
     local_node = entry.node if entry.kind == "Weight" else entry.local_node
     origin_row = [*head, "Origin", entry.kind, *map(_fmt, flat_origin.stats()), _fmt(0.0), _fmt(1.0), _fmt(1.0),
@@ -536,6 +702,21 @@ def _compare(number: int, entry: _Entry, float_probe: Probe, quant_probe: Probe,
     if histogram:
         entry.histogram = flat_origin.histogram(flat_dequant)
     return origin_row, dequant_row, cos, clip, local_cos
+
+
+def _dequant_side(entry: _Entry, dequant: np.ndarray, quant_values: dict, scratch: Scratch | None) -> _Flat | _Levels:
+    """The dequantized tensor from its codes' histogram where it has codes (round 0 checks that they decode to
+    it bit for bit), else sorted."""
+    codes = quant_values.get(entry.codes) if entry.levels is not None else None
+    if (codes is not None and codes.size == dequant.size and codes.dtype in (np.uint8, np.int8)
+            and dequant.dtype == np.float32):
+        if not entry.levels_checked:
+            entry.levels_checked = True
+            if not np.array_equal(entry.levels.decode(codes).view(np.uint32), dequant.reshape(-1).view(np.uint32)):
+                entry.levels = None
+        if entry.levels is not None:
+            return _Levels(dequant, codes, entry.levels, scratch, "dequant")
+    return _Flat(dequant, scratch, "dequant")
 
 
 def _mapped(entry: _Entry, value: np.ndarray | None, probe: Probe | None) -> np.ndarray | None:
