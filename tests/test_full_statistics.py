@@ -104,3 +104,55 @@ def test_a_type_the_reductions_lack_falls_back_to_whole_tensors():
     data = [{"x": np.array([3, 7, 1, 250], np.float32)}, {"x": np.array([2, 9, 4, 5], np.float32)}]
     stats = collect(model, [StatRequest("u", RANGE)], data, progress=False)
     assert stats.ranges["u"] == (1.0, 250.0)
+
+
+def test_collect_leaves_the_model_as_it_was():
+    """The probe outputs and reductions are added to the model itself while its session loads (no copy of the
+    model), then removed: the model's bytes are the same after a pass, also when the session fails to load."""
+    model = conv_model()
+    before = model.SerializeToString()
+    collect(model, [StatRequest("c", RANGE), StatRequest("c", CHANNEL_MEAN), StatRequest("r", RANGE, "KL")],
+            samples(1), progress=False)
+    assert model.SerializeToString() == before
+    nodes = [helper.make_node("Cast", ["x"], ["u"], name="cast", to=T.UINT8),
+             helper.make_node("Cast", ["u"], ["y"], name="back", to=T.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [2])])
+    cast = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = cast.SerializeToString()
+    collect(cast, [StatRequest("u", RANGE)], [{"x": np.array([1, 2], np.float32)}], progress=False)
+    assert cast.SerializeToString() == before
+
+
+def test_bias_correction_leaves_the_float_model_as_it_was(monkeypatch):
+    """The layer copies of bias correction go into the float graph for its pass and are removed after it."""
+    from ptqlite.config import parse_config
+    from ptqlite.passes.full import bias_correction
+    from ptqlite.passes.full import run as full_quant
+
+    graphs = []
+    real = bias_correction.collect
+
+    def spy(m, requests, *args, **kwargs):
+        graphs.append((len(m.graph.node), len(m.graph.initializer)))
+        return real(m, requests, *args, **kwargs)
+
+    seen = {}
+    real_correct = bias_correction.correct_biases
+
+    def correct(model, *args, **kwargs):
+        before = model.SerializeToString()
+        out = real_correct(model, *args, **kwargs)
+        seen["same"] = model.SerializeToString() == before
+        return out
+
+    from ptqlite.passes import full
+
+    monkeypatch.setattr(bias_correction, "collect", spy)
+    monkeypatch.setattr(full, "correct_biases", correct)
+    config = parse_config("[common_quant_param]\nquant_type=FULL_QUANT\nbit_num=8\n"
+                          "[full_quant_param]\nbias_correction=true\nper_channel=true\n", "t.cfg", samples_given=True)
+    result = full_quant(conv_model(), config, samples=samples(2), progress=False)
+    assert graphs and graphs[0][0] > 3  # the conv's quantized copy was in the graph during the pass
+    assert seen["same"]
+    assert any("bias correction of 1 layers" in note for note in result.notes)

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from ...model import GraphIndex
 from ...targets import Target
 from .params import BiasParams, QuantParams, bias_codes
-from .statistics import CHANNEL_MEAN, Statistics, StatRequest, collect, kept, model_digest
+from .statistics import CHANNEL_MEAN, Statistics, StatRequest, collect, kept, model_digest, restore
 
 
 def mean_requests(model: onnx.ModelProto, positions: list[int]) -> list[StatRequest]:
@@ -41,11 +41,15 @@ def correct_biases(model: onnx.ModelProto, params: QuantParams, float_stats: Sta
     diffs = {pos: store[keys[pos]] for pos in corrected if store is not None and keys[pos] in store}
     todo = [pos for pos in corrected if pos not in diffs]
     if todo:
-        reference = onnx.ModelProto()
-        reference.CopyFrom(model)
-        names = _add_layer_copies(reference, todo, params, preset)
-        quantized = collect(reference, [StatRequest(n, CHANNEL_MEAN) for n in names], samples, progress,
-                            "bias correction")
+        # The layer copies go into `model` itself for the pass and are removed after it: a copy of the model
+        # would cost its size once more, at the peak of the conversion's memory.
+        mark = len(model.graph.node), len(model.graph.initializer), len(model.graph.output)
+        try:
+            names = _add_layer_copies(model, todo, params, preset)
+            quantized = collect(model, [StatRequest(n, CHANNEL_MEAN) for n in names], samples, progress,
+                                "bias correction")
+        finally:
+            restore(model, mark)
         for pos, name in zip(todo, names):
             float_sum = float_stats.channel_mean_sums[model.graph.node[pos].output[0]]
             diffs[pos] = (float_sum - quantized.channel_mean_sums[name]) / float_stats.samples

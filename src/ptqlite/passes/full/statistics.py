@@ -29,7 +29,7 @@ from ...errors import ConversionError, DataError
 from ...model import GraphIndex, opset_version
 from ...observers import fallback_notes, make_observer
 from ...qmath import reduce_axes
-from ...runtime import cpu_session, with_outputs
+from ...runtime import cpu_session
 
 RANGE, CHANNEL_MAX, CHANNEL_MEAN = "range", "channel_max", "channel_mean"
 
@@ -202,21 +202,32 @@ def _reducing_session(model: onnx.ModelProto, requests: list[StatRequest], names
                  and all(_reducible(r) and r not in optional for r in rs)}
     whole = [n for n in names if n not in reducible]
     if reducible:
-        probe = with_outputs(model, whole)
-        reduced = _add_reductions(probe, [r for r in requests if r.tensor in reducible])
+        mark = len(model.graph.node), len(model.graph.initializer), len(model.graph.output)
+        reduced = _add_reductions(model, [r for r in requests if r.tensor in reducible])
         outputs = whole + [n for results in reduced.values() for n in results]
         try:
-            return cpu_session(probe, "for calibration", spinning=False), outputs, reduced
+            return _probe_session(model, whole), outputs, reduced
         except ConversionError:  # a type the reduction ops lack: fetch every tensor whole, as onnxruntime can
             pass
+        finally:
+            restore(model, mark)
     return _probe_session(model, names), names, {}
 
 
-def _add_reductions(probe: onnx.ModelProto, requests: list[StatRequest]) -> dict[StatRequest, list[str]]:
-    """Reduction nodes appended to `probe` for each request, their results made graph outputs."""
-    graph = probe.graph
+def restore(model: onnx.ModelProto, mark: tuple[int, int, int]) -> None:
+    """Remove the nodes, initializers and graph outputs appended to `model` since `mark` (their counts then)."""
+    nodes, initializers, outputs = mark
+    del model.graph.node[nodes:]
+    del model.graph.initializer[initializers:]
+    del model.graph.output[outputs:]
+
+
+def _add_reductions(model: onnx.ModelProto, requests: list[StatRequest]) -> dict[StatRequest, list[str]]:
+    """Reduction nodes appended to `model` for each request, their results made graph outputs (the caller
+    removes them again with restore())."""
+    graph = model.graph
     index = GraphIndex(graph)
-    axes_input = opset_version(probe) >= 18  # ReduceMean/ReduceSum/... take axes as an input from opset 18
+    axes_input = opset_version(model) >= 18  # ReduceMean/ReduceSum/... take axes as an input from opset 18
     reduced: dict[StatRequest, list[str]] = {}
 
     def node(op: str, inputs: list[str], tag: str, **attrs) -> str:
@@ -269,8 +280,15 @@ class ProbeOnDemand:
 
 def _probe_session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
     """A session of `model` that also returns the named intermediate tensors. Between runs the observers work in
-    Python: spinning worker threads would only steal their CPU time."""
-    return cpu_session(with_outputs(model, outputs), "for calibration", spinning=False)
+    Python: spinning worker threads would only steal their CPU time. The outputs are added to `model` itself for
+    as long as the session takes to load, then removed: a copy of the model would cost its size once more."""
+    have = {o.name for o in model.graph.output}
+    mark = len(model.graph.node), len(model.graph.initializer), len(model.graph.output)
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(outputs) if n not in have)
+    try:
+        return cpu_session(model, "for calibration", spinning=False)
+    finally:
+        restore(model, mark)
 
 
 def _run(session: ort.InferenceSession, names: list[str], sample: dict[str, np.ndarray]) -> list[np.ndarray]:

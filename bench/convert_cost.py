@@ -1,0 +1,70 @@
+"""What one FULL_QUANT conversion costs (wall time, CPU time, peak RSS), for several source trees taking turns.
+
+    .venv/bin/python bench/convert_cost.py --model mobilenet_v2 efficientnet_lite0 --src src /path/to/other/src
+                                           [--config full_max_min_per_channel.cfg] [--calibrate 100] [--repeat 2]
+
+Each conversion is the ptqlite CLI in its own child process (as bench/full_quant.py runs it), with PYTHONPATH set to
+one --src folder, so a change is measured against the code before it on the same model, images and config; the
+trees take turns run by run (A B A B ...) so that the machine's load hits them alike. Prints the median of each
+column per tree and model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import full_quant
+import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", choices=sorted(full_quant.BENCHES), default=["mobilenet_v2"])
+    parser.add_argument("--src", nargs="+", type=Path, default=[ROOT / "src"], help="ptqlite source folders")
+    parser.add_argument("--config", default="full_max_min_per_channel.cfg", help="a config of bench/configs")
+    parser.add_argument("--calibrate", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args(argv)
+    work = ROOT / ".cache" / "bench" / "convert_cost"
+    work.mkdir(parents=True, exist_ok=True)
+    lines = [f"`python bench/convert_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`; load average "
+             + " ".join(f"{v:.1f}" for v in os.getloadavg()), "",
+             "| model | source | wall s | CPU s | peak MB |", "|---|---|---:|---:|---:|"]
+    for name in args.model:
+        bench = full_quant.BENCHES[name]
+        why = bench.missing()
+        if why:
+            lines.append(f"| {name} | skipped ({why}) | - | - | - |")
+            continue
+        model = bench.model_path()
+        row = full_quant.Row("cost", "cost", "ptqlite", args.config)
+        config = full_quant.write_config(bench, row, work, model, args.calibrate)
+        runs: dict[Path, list[measure.ChildRun]] = {src: [] for src in args.src}
+        for _ in range(args.repeat):
+            for src in args.src:
+                out = work / "out"
+                command = [sys.executable, "-m", "ptqlite.cli", "convert", "--fmk=ONNX", f"--modelFile={model}",
+                           f"--outputFile={out}", f"--configFile={config}", "--quiet"]
+                done = measure.run_child(command, env=dict(os.environ, PYTHONPATH=str(src.resolve())), cwd=ROOT)
+                if done.returncode != 0:
+                    print(done.stderr[-2000:], file=sys.stderr)
+                    return 1
+                runs[src].append(done)
+        for src, done in runs.items():
+            lines.append(f"| {name} | {src} | {np.median([d.seconds for d in done]):.1f} "
+                         f"| {np.median([d.cpu_seconds for d in done]):.1f} "
+                         f"| {np.median([d.peak_mb for d in done]):.0f} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
