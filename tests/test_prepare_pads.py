@@ -85,3 +85,41 @@ def test_full_quant_has_no_pad_left():
     assert "Pad" not in {n.op_type for n in result.model.graph.node}
     reference, quantized = run(model, samples[0])[0], run(result.model, samples[0])[0]
     assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.99
+
+
+def torch_same_pad_model() -> onnx.ModelProto:
+    """The EfficientNet-Lite export (PyTorch ZeroPad2d, TF "same" padding of a stride-2 conv): pads [0, 1, 0, 1]
+    (left, right, top, bottom) turned into ONNX order by a constant subgraph (ConstantOfShape, Concat, Reshape,
+    Slice with step -1, Transpose, Reshape, Cast), padding only after each spatial axis."""
+    i64 = lambda name, values: nh.from_array(np.array(values, np.int64), name)
+    r = np.random.default_rng(0)
+    inits = [nh.from_array((r.normal(size=(8, 4, 3, 3)) * 0.3).astype(np.float32), "w"),
+             i64("torch_pads", [0, 1, 0, 1]), i64("four", [4]), i64("pairs", [-1, 2]), i64("start", [-1]),
+             i64("end", [-9223372036854775807]), i64("axis0", [0]), i64("step", [-1]), i64("flat", [-1])]
+    nodes = [
+        helper.make_node("ConstantOfShape", ["four"], ["zeros"], value=nh.from_array(np.array([0], np.int64))),
+        helper.make_node("Concat", ["torch_pads", "zeros"], ["all"], axis=0),
+        helper.make_node("Reshape", ["all", "pairs"], ["paired"]),
+        helper.make_node("Slice", ["paired", "start", "end", "axis0", "step"], ["reversed"]),
+        helper.make_node("Transpose", ["reversed"], ["onnx_order"], perm=[1, 0]),
+        helper.make_node("Reshape", ["onnx_order", "flat"], ["pads_raw"]),
+        helper.make_node("Cast", ["pads_raw"], ["pads"], to=T.INT64),
+        helper.make_node("Pad", ["x", "pads"], ["p"], name="pad", mode="constant"),
+        helper.make_node("Conv", ["p", "w"], ["y"], name="conv", kernel_shape=[3, 3], strides=[2, 2]),
+    ]
+    graph = helper.make_graph(nodes, "torch_pad", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_torch_asymmetric_same_padding_folds_into_the_conv():
+    from ptqlite.prepare import prepare
+
+    model = torch_same_pad_model()
+    feeds = {"x": np.random.default_rng(1).normal(size=(1, 4, 8, 8)).astype(np.float32)}
+    expected = run(model, feeds)[0]
+    prepare(model)
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    conv = model.graph.node[0]
+    assert list(next(a for a in conv.attribute if a.name == "pads").ints) == [0, 0, 1, 1]  # nothing before, 1 after
+    np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-5, atol=1e-5)
