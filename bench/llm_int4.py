@@ -15,7 +15,8 @@ sequences of 32 tokens), conversion time and peak RSS of the converting child pr
 that process alone; ptqlite's includes its input checks and verification gate, MatMulNBitsQuantizer's its
 onnx.load and save).
 MatMulNBitsQuantizer quantizes MatMul weights only (the embedding table stays float); the ptqlite rows quantize the
-embedding table too unless marked "embedding float" (skip_quant_node).
+embedding table too (at 8 bits, one scale per row: gather_min_bit_num's default; "embedding 4 bit": at bit_num) unless
+marked "embedding float" (skip_quant_node).
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the figures here")
     parser.add_argument("--variants", default="", help="comma-separated numbers of the rows to run (default: all; "
                         "0 block 32, 1 block 32 embedding float, 2 per channel, 3 MatMulNBits, 4 MatMulNBits "
-                        "accuracy_level=4, 5 ptqlite WEIGHT_QUANT 8 bit, 6 ptqlite DYNAMIC_QUANT ALWC)")
+                        "accuracy_level=4, 5 ptqlite WEIGHT_QUANT 8 bit, 6 ptqlite DYNAMIC_QUANT ALWC, 7 block 32 with the "
+                        "embedding at 4 bits too)")
     args = parser.parse_args()
     ffn = args.ffn or int(np.ceil(args.hidden * 8 / 3 / 256) * 256)
     work = Path(args.work or tempfile.mkdtemp(prefix="llm_int4_"))
@@ -242,6 +244,8 @@ def main() -> None:
         ("MatMulNBits int4 block 32, accuracy_level=4", lambda out: convert_ort(src, out, 32, "4")),
         ("ptqlite WEIGHT_QUANT 8 bit (default strategy)", lambda out: convert_ptqlite(src, out, 0, config=W8_CONFIG)),
         ("ptqlite DYNAMIC_QUANT ALWC", lambda out: convert_ptqlite(src, out, 0, config=DYNAMIC_CONFIG)),
+        ("ptqlite ON_THE_FLY 4 bit block 32, embedding 4 bit", lambda out: convert_ptqlite(
+            src, out, 32, config=PTQ_CONFIG.format(bits=4, block=32, skip="") + "gather_min_bit_num=0\n")),
     ]
     chosen = {int(v) for v in args.variants.split(",") if v.strip()} if args.variants else set(range(len(variants)))
     for number, (name, make) in enumerate(variants):

@@ -267,7 +267,7 @@ def test_block_embedding_is_gathered_as_integers_and_rows_dequantized(tmp_path, 
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 48])],
                               [table, numpy_helper.from_array(_weights(64, 48), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    result = convert(model, config(bits=bits))
+    result = convert(model, config(bits=bits, extra="gather_min_bit_num=0\n"))  # the table at bit_num too
     storage = {q.tensor: q.storage for q in result.quantized}
     assert storage["embed"] == f"DequantizeLinear int{bits} block 32 of the gathered rows"
     feeds = {"ids": RNG.integers(0, 300, (2, 5)).astype(np.int64)}
@@ -348,3 +348,33 @@ def test_block_search_gives_the_same_codes_on_any_number_of_threads(monkeypatch)
     np.testing.assert_array_equal(many.scale, one.scale)
     np.testing.assert_array_equal(many.zero_point, one.zero_point)
     assert many.squared_error == one.squared_error and many.squared_norm == one.squared_norm
+
+
+def test_gathered_tables_get_8_bits_and_row_scales_by_default():
+    """With block_size, a table that is only gathered gets at least gather_min_bit_num bits (default 8) and one
+    scale per row when raised so; MatMul weights keep bit_num."""
+    table = _weights(300, 64)
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["e"], name="gather", axis=0),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 48])],
+                              [numpy_helper.from_array(table, "embed"), numpy_helper.from_array(_weights(64, 48), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"ids": RNG.integers(0, 300, (2, 5)).astype(np.int64)}
+    cosines = {}
+    for extra in ("", "gather_min_bit_num=0\n", "gather_min_bit_num=6\n"):
+        result = convert(model, config(extra=extra))
+        records = {q.tensor: q for q in result.quantized}
+        inits = {t.name: t for t in result.model.graph.initializer}
+        cosines[extra] = cosine(run(model, feeds)[0], run(result.model, feeds)[0])
+        assert records["w"].bits == 4 and records["w"].storage == "DequantizeLinear int4 block 32"
+        if extra == "":
+            assert records["embed"].bits == 8
+            assert records["embed"].storage == "DequantizeLinear int8 block 64 of the gathered rows"
+            assert inits["embed_quantized"].data_type == TensorProto.INT8
+            assert tuple(inits["embed_scale"].dims) == (300, 1)
+        elif extra.endswith("6\n"):
+            assert records["embed"].bits == 6 and tuple(inits["embed_scale"].dims) == (300, 1)
+        else:
+            assert records["embed"].bits == 4 and tuple(inits["embed_scale"].dims) == (300, 2)
+    assert cosines[""] > cosines["gather_min_bit_num=6\n"] > cosines["gather_min_bit_num=0\n"]

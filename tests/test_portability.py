@@ -420,19 +420,22 @@ def test_block_embedding_rows_run_alike_in_openvino(tmp_path):
                               [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table])
     float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    config = parse_config("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=4\nmin_quant_weight_size=0\n"
-                          "min_quant_weight_channel=0\n[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n"
-                          "block_size=32\n")
-    quantized = convert(float_model, config).model
+    config = ("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=4\nmin_quant_weight_size=0\n"
+              "min_quant_weight_channel=0\n[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n"
+              "block_size=32\ngather_min_bit_num=0\n")
     ids = rng.integers(0, 300, (2, 7)).astype(np.int64)
-    # int4 codes two a byte, split in float after the Gather; float16 scales cast after theirs
-    tables = {t.name: t.data_type for t in quantized.graph.initializer}
-    assert tables["embed_quantized"] == TensorProto.UINT8 and tables["embed_scale"] == TensorProto.FLOAT16
-    want = session(quantized).run(None, {"ids": ids})[0]
-    np.testing.assert_array_equal(ReferenceEvaluator(quantized).run(None, {"ids": ids})[0], want)
+    # int4 codes two a byte, split in float after the Gather (gather_min_bit_num=0), and the default int8 table
+    # with a scale per row; float16 scales cast after their Gather
+    for text, codes in ((config, TensorProto.UINT8), (config.replace("gather_min_bit_num=0", ""), TensorProto.INT8)):
+        quantized = convert(float_model, parse_config(text)).model
+        tables = {t.name: t.data_type for t in quantized.graph.initializer}
+        assert tables["embed_quantized"] == codes and tables["embed_scale"] == TensorProto.FLOAT16
+        want = session(quantized).run(None, {"ids": ids})[0]
+        np.testing.assert_array_equal(ReferenceEvaluator(quantized).run(None, {"ids": ids})[0], want)
+        if openvino is not None:
+            np.testing.assert_array_equal(openvino_run(quantized, {"ids": ids}, tmp_path)[0], want)
     if openvino is None:
         pytest.skip(NO_OPENVINO)
-    np.testing.assert_array_equal(openvino_run(quantized, {"ids": ids}, tmp_path)[0], want)
 
 
 def test_block_matmul_float16_scales_decode_alike_everywhere(tmp_path):

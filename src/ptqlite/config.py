@@ -57,6 +57,8 @@ class WeightQuantParam:
     dequant_strategy: str = "DEFAULT"
     # Extension: 0 = one scale per output channel; else one per block of this many elements along the input axis.
     block_size: int = 0
+    # Extension: with block_size, tables that are only gathered get at least this many bits (0: bit_num).
+    gather_min_bit_num: int = 8
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "bias_correction": ("bias_correction", _bool),
         "dequant_strategy": ("dequant_strategy", _choice(*DEQUANT_STRATEGIES)),
         "block_size": ("block_size", _block_size),
+        "gather_min_bit_num": ("gather_min_bit_num", _int_in(0, 16)),
     },
     "full_quant_param": {
         "activation_quant_method": (
