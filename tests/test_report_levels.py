@@ -113,6 +113,12 @@ def test_reports_from_codes_equal_the_sorted_ones(tmp_path, monkeypatch):
     from helpers import conv_model, full_config, samples
 
     model, feeds = conv_model(), samples((1, 3, 16, 16), count=3)
+    quant = convert(model, full_config(), samples=feeds, progress=False).model
+    small = [report._Entry("", "", name, "Output", "Activation", name) for name in
+             (n.output[0] for n in quant.graph.node if n.op_type == "DequantizeLinear")]
+    report._find_codes(quant, small)
+    assert small and all(e.levels is None for e in small)  # tensors this small are sorted (_CODED_VALUES)
+    monkeypatch.setattr(report, "_CODED_VALUES", 1)
     found = []
     real_find = report._find_codes
 
@@ -142,6 +148,7 @@ def test_codes_that_do_not_decode_to_the_tensor_are_dropped(tmp_path, monkeypatc
     from helpers import conv_model, full_config, samples
 
     model, feeds = conv_model(), samples((1, 3, 16, 16), count=2)
+    monkeypatch.setattr(report, "_CODED_VALUES", 1)
     real_of = CodeLevels.of
 
     def shifted(scale, zero_point):

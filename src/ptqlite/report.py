@@ -15,7 +15,8 @@ Files written (docs/debugging.md explains how to read them):
 - notes.txt: where the inputs came from and anything the reader must know.
 Rounds stream: one round's activations are in memory at a time and each round's CSV is written as it is done.
 Per round, one instrumented run of the float model (with the local copies, local_error.py) and one of the
-quantized model give every compared value.
+quantized model give every compared value; the quantized run also returns the 8-bit codes of each per-tensor
+DequantizeLinear compared, whose histogram gives that tensor's row without sorting it.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def _quartiles(at, n: int) -> list[float]:
 # centred sum is taken.
 _ONE_PASS_RATIO = 10.0
 _PAIRED_CODES = 1 << 17  # code_histogram counts pairs of codes from this many codes up
+# A dequantized tensor of fewer values is sorted: the histogram's fixed cost (256 levels, a few numpy calls) is
+# more than the sort of a small tensor (ResNet20's activations, 3K-16K values).
+_CODED_VALUES = 1 << 15
 
 
 class _Flat:
@@ -248,6 +252,15 @@ class CodeLevels:
 
     order: np.ndarray
     values: np.ndarray
+    wide: np.ndarray = field(init=False, repr=False)  # values in float64
+    squares: np.ndarray = field(init=False, repr=False)  # their squares in float64
+    zeros: np.ndarray = field(init=False, repr=False)  # which levels are 0
+
+    def __post_init__(self) -> None:
+        wide = self.values.astype(np.float64)
+        object.__setattr__(self, "wide", wide)
+        object.__setattr__(self, "squares", wide * wide)
+        object.__setattr__(self, "zeros", self.values == 0)
 
     @staticmethod
     def of(scale: np.ndarray, zero_point: np.ndarray) -> CodeLevels | None:
@@ -318,11 +331,10 @@ class _Levels:
 
     def stats(self) -> tuple[float, ...]:
         n = self.raw.size
-        values = self.levels.values.astype(np.float64)
-        mean = float(self.counts @ values) / n
-        centred = values - mean
+        mean = float(self.counts @ self.levels.wide) / n
+        centred = self.levels.wide - mean
         variance = float(self.counts @ (centred * centred)) / n
-        zeros = int(self.counts[self.levels.values == 0].sum())
+        zeros = int(self.counts[self.levels.zeros].sum())
         return (float(self._at(0)), *_quartiles(self._at, n), float(self._at(n - 1)), mean, float(np.sqrt(variance)),
                 zeros / n)
 
@@ -335,8 +347,7 @@ class _Levels:
 
     def norm2(self) -> float:
         if self._norm2 is None:
-            values = self.levels.values.astype(np.float64)
-            self._norm2 = float(self.counts @ (values * values))
+            self._norm2 = float(self.counts @ self.levels.squares)
         return self._norm2
 
 
@@ -481,15 +492,32 @@ def _plan_entries(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     return entries
 
 
+def _static_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """The number of elements of every value whose shape inference gives a static shape."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 -- any failure only means sizes are checked at run time instead
+        return {}
+    graph = inferred.graph
+    sizes = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        shape = value.type.tensor_type.shape
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim):
+            sizes[value.name] = int(np.prod([d.dim_value for d in shape.dim]))
+    return sizes
+
+
 def _find_codes(quant_model: onnx.ModelProto, entries: list[_Entry]) -> None:
     """Give each activation entry whose counterpart a per-tensor 8-bit DequantizeLinear makes (scale and zero
     point constant) the name of that node's codes and their levels."""
     graph = quant_model.graph
     constants = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output if o}
+    sizes = _static_sizes(quant_model)
     for entry in entries:
         node = producer.get(entry.counterpart)
         if (entry.kind != "Activation" or entry.value_map is not None or node is None
+                or sizes.get(entry.counterpart, _CODED_VALUES) < _CODED_VALUES
                 or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) < 3
                 or node.input[1] not in constants or node.input[2] not in constants):
             continue
@@ -708,7 +736,7 @@ def _dequant_side(entry: _Entry, dequant: np.ndarray, quant_values: dict, scratc
     """The dequantized tensor from its codes' histogram where it has codes (round 0 checks that they decode to
     it bit for bit), else sorted."""
     codes = quant_values.get(entry.codes) if entry.levels is not None else None
-    if (codes is not None and codes.size == dequant.size and codes.dtype in (np.uint8, np.int8)
+    if (codes is not None and codes.size == dequant.size >= _CODED_VALUES and codes.dtype in (np.uint8, np.int8)
             and dequant.dtype == np.float32):
         if not entry.levels_checked:
             entry.levels_checked = True
