@@ -28,7 +28,7 @@ from .paths import check_output_folder, publish_folder, remove_quietly, stage_fo
 from .plan import WEIGHT_SLOTS, expand_skips, weight_tensors
 from .result import ConversionResult, SkippedTensor
 from .runtime import cpu_session
-from .stream import StagedOutput, reading_from
+from .stream import StagedOutput, reading_from, trim_heap
 from .targets import target as target_preset
 from .validate import checked_samples, one_line, validate_model
 
@@ -128,6 +128,7 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
     quant_pass = pass_for(config)
     source = str(model_path) if model_path else f"model '{model.graph.name or '(unnamed graph)'}'"
     notes = validate_model(model, source, model_path) if validate else []
+    trim_heap()  # the input check's ONNX Runtime session left its load-time scratch in the heap
     report_folder = config.common.debug_info_save_path
     if report_folder:
         check_output_folder(Path(report_folder), "debug_info_save_path")
@@ -178,6 +179,13 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
     fixed = restore_io_shapes(result.model, model, result.notes) if input_shapes and runnable is not model else None
     if float16:
         _store_float16(result, runnable)
+    if staged is None:
+        # The working copy still holds the float weights the pass replaced (protobuf frees a message's memory only
+        # with the whole message): the output goes on as a copy of its own, so the gate's session of it is not
+        # loaded beside a dead copy of the weights. The bytes are the same.
+        result.model = _copy(result.model)
+        del work
+        trim_heap()
     quant_file = None
     if staged is not None:  # the output's files, under temp names: the gate loads it from there
         with reading_from(base, staged.sink):

@@ -189,7 +189,9 @@ class Builder:
         "Weight storage"): bit fields come from Mod, Sub of a smaller value, Div of an exact multiple, Mul that
         stays in range, and Gather from small tables computed at load.
         """
-        codes = np.asarray(codes, dtype=np.int64)
+        codes = np.asarray(codes)
+        if codes.dtype != np.int32:  # int32 codes stay int32: the same fields, half the temporaries
+            codes = codes.astype(np.int64, copy=False)
         if bits in (8, 16):
             return self.const(codes.astype(np.uint8 if bits == 8 else np.uint16))
         if bits > 8:
@@ -399,10 +401,13 @@ class SplitPlan:
 
 def plan_split(z: np.ndarray) -> SplitPlan:
     """The k, gap and value widths that store unsigned values `z` in the fewest bytes (every k from 0 up)."""
-    z = np.asarray(z, dtype=np.int64).ravel()
+    z = np.asarray(z)
+    z = z.ravel() if z.dtype == np.int32 else z.astype(np.int64, copy=False).ravel()
     top = int(z.max()).bit_length() if z.size else 0
-    if top < 31:
+    if top < 31 and z.dtype != np.int32:
         z = z.astype(np.int32)  # half the memory traffic of the shifts and scans below
+    # positions (and their gaps) as int32 where they fit: the same values at half the memory of a large weight's
+    narrow = np.int32 if z.size < 1 << 31 else np.int64
     best: SplitPlan | None = None
     candidates = None  # positions where z >> j != 0 for the last j looked at: a superset for every k > j
     for k in range(top + 1):
@@ -410,7 +415,7 @@ def plan_split(z: np.ndarray) -> SplitPlan:
         if best is not None and low_bytes >= best.stored_bytes:
             continue  # the low bits alone cost more (widths above 8 can be cheaper again: 9 = 8 + 1)
         if candidates is None:
-            positions = np.flatnonzero(z >> k)
+            positions = np.flatnonzero(z >> k).astype(narrow)
         else:
             positions = candidates[(z[candidates] >> k) != 0]
         candidates = positions
@@ -477,7 +482,8 @@ def split_codes(b: Builder, z: np.ndarray, plan: SplitPlan) -> str:
     high parts added in by one ScatterElements (reduction add) at the running sums of the gaps (inside the
     tensor, and the sums stay below 2^k * (z >> k) + low = z, so nothing overflows). No TopK and no float copy:
     about 8 bytes a value at load besides the weight."""
-    z = np.asarray(z, dtype=np.int64).ravel()
+    z = np.asarray(z)
+    z = z.ravel() if z.dtype == np.int32 else z.astype(np.int64, copy=False).ravel()
     k = plan.k
     np_type, onnx_type = split_type(int(z.max()) if z.size else 0)
     if k:

@@ -96,16 +96,25 @@ def dequantize(q: np.ndarray, params: QParams) -> np.ndarray:
 # The ONNX decoder in encoding.py reads exactly this layout.
 
 
+PACK_CHUNK = 1 << 20  # codes packed at a time (a multiple of 8)
+
+
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned codes (each < 2^bits) into a uint8 bit stream."""
     codes = np.asarray(codes).ravel()
     if codes.size and (int(codes.max()) >> bits or int(codes.min()) < 0):
         raise ValueError(f"a code does not fit in {bits} bits")
     if bits <= 16:
-        # the codes' bytes, big-endian, unpacked to bits (MSB first): the last `bits` of each row are the code's
+        # the codes' bytes, big-endian, unpacked to bits (MSB first): the last `bits` of each row are the code's.
+        # PACK_CHUNK codes at a time (a multiple of 8, so each chunk ends on a byte): the same bytes, with the
+        # unpacked bits (8-16 bytes a code) of one chunk at a time.
         width = 8 if bits <= 8 else 16
-        as_bytes = codes.astype(np.uint8 if width == 8 else ">u2").view(np.uint8).reshape(-1, width // 8)
-        return np.packbits(np.unpackbits(as_bytes, axis=1)[:, width - bits:])
+        parts = []
+        for start in range(0, max(codes.size, 1), PACK_CHUNK):
+            part = codes[start:start + PACK_CHUNK]
+            as_bytes = part.astype(np.uint8 if width == 8 else ">u2").view(np.uint8).reshape(-1, width // 8)
+            parts.append(np.packbits(np.unpackbits(as_bytes, axis=1)[:, width - bits:]))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
     codes = codes.astype(np.uint32)
     shifts = np.arange(bits - 1, -1, -1, dtype=np.uint32)
     stream = ((codes[:, None] >> shifts) & 1).astype(np.uint8).ravel()
@@ -146,8 +155,13 @@ def int16_pair_limit(rows: np.ndarray) -> np.ndarray:
 
 def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
     """||w - w_hat|| / ||w|| in float64 (1.0 for an all-zero w that w_hat does not match, else 0.0)."""
-    denom = float(np.sum(w.astype(np.float64) ** 2))
-    err = float(np.sum((w.astype(np.float64) - w_hat) ** 2))
+    # one float64 temporary, reused: the same values as sum(w64 ** 2) and sum((w64 - w_hat) ** 2)
+    work = w.astype(np.float64)
+    denom = float(np.sum(np.square(work, out=work)))
+    work[...] = w
+    work -= w_hat
+    err = float(np.sum(np.square(work, out=work)))
+    del work
     return float(np.sqrt(err / denom)) if denom > 0 else float(err > 0)
 
 

@@ -174,14 +174,15 @@ def spill(tensors: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
             light.CopyFrom(tensor)
             tensor = light
         spilled.append(tensor)
-    _trim_heap()
+    trim_heap()
     return spilled
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give freed heap memory back to the system. glibc raises its mmap threshold after a large array is freed,
     so the next weights' temporaries come from the heap and stay there: without this the resident memory grew
-    by about 6 MB per weight of a 2048-wide decoder."""
+    by about 6 MB per weight of a 2048-wide decoder. convert() and the gate call it between stages too (an
+    ONNX Runtime session's load leaves its freed scratch in the heap)."""
     global _LIBC
     if _LIBC is None:
         try:

@@ -39,7 +39,7 @@ from .runtime import (
     session_feeds,
     synthetic_inputs,
 )
-from .stream import loads_whole, over_whole_load
+from .stream import loads_whole, over_whole_load, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -247,66 +247,43 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
     if isinstance(quant_model, onnx.ModelProto) and _too_large(quant_model):
         result.skipped = "the output is over 2 GB, which ONNX Runtime cannot load from memory"
         return result
-    try:
-        quant = cpu_session(quant_model, _PURPOSE, spinning=False)
-    except ConversionError as exc:
-        message = _runtime_message(exc)
-        try:
-            cpu_session(float_model, _PURPOSE, spinning=False)
-            either = ""
-        except ConversionError as float_exc:
-            either = f" (nor does the float model: {_runtime_message(float_exc)})"
-        raise VerificationError(f"the quantized model does not load in ONNX Runtime, so nothing was written: "
-                          f"{message}{either}") from None
     float_bytes = stored_bytes(float_model) if isinstance(float_model, str) else 0
     if not loads_whole(float_bytes):
         # a streaming conversion: the float model would take its whole size in memory
-        _run_once(quant, inputs, source)
+        _run_once(_quant_session(quant_model, float_model), inputs, source)
         result.skipped = f"{over_whole_load(float_bytes)}, so the output was loaded and run once, not compared with it"
         return result
     if isinstance(float_model, onnx.ModelProto) and _too_large(float_model):
+        _quant_session(quant_model, float_model)
         result.skipped = "the float model is over 2 GB, so the output was only loaded, not compared"
         return result
-    try:
-        reference = cpu_session(float_model, _PURPOSE, spinning=False)
-    except ConversionError as exc:
-        if other_shape is None:
-            result.skipped = f"the float model does not load in ONNX Runtime ({_one_line(exc)})"
-            return result
-        # The float model with the fixed --inputShape shapes does not load (control flow whose inferred shapes
-        # break), but the model with its own shapes runs the same inputs.
-        try:
-            reference = cpu_session(other_shape[0], _PURPOSE, spinning=False)
-        except ConversionError:
-            result.skipped = f"the float model does not load in ONNX Runtime ({_one_line(exc)})"
-            return result
-    names = [o.name for o in reference.get_outputs()]
+    # The float model runs first and its session goes before the output is loaded: the two sessions (each the
+    # size of its model and its load-time scratch) are never held together.
+    names, expected, stopped = _float_outputs(float_model, inputs, source, other_shape)
+    trim_heap()
+    quant = _quant_session(quant_model, float_model)
+    if names is None:  # the float model does not load: the output was only checked to load
+        result.skipped = stopped
+        return result
     quant_names = {o.name for o in quant.get_outputs()}
     missing = [n for n in names if n not in quant_names]
     if missing:
         raise VerificationError(f"the quantized model lacks the float model's output(s) {', '.join(missing)}")
+    if stopped:
+        result.samples = len(expected)
+        result.skipped = stopped
+        if not expected:
+            return result
     scores: dict[str, list[tuple[str, float, bool, bool]]] = {n: [] for n in names}
     pairs: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
-    for number, feeds in enumerate(inputs):
-        try:
-            expected = reference.run(None, session_feeds(reference, feeds))
-        except Exception as exc:  # noqa: BLE001  (onnxruntime's errors for inputs the model rejects)
-            result.samples = number
-            if number == 0:
-                result.skipped = f"the float model does not run on the {source} ({_one_line(exc)})"
-                return result
-            # e.g. an input the model rejects only from some sample on: the samples
-            # compared so far still count
-            result.skipped = (f"the float model does not run on sample {number} of the {source} "
-                              f"({_one_line(exc)})")
-            break
+    for number, (feeds, values) in enumerate(zip(inputs, expected)):
         try:
             got = dict(zip([o.name for o in quant.get_outputs()],
                            quant.run(None, session_feeds(quant, feeds)), strict=True))
         except Exception as exc:  # noqa: BLE001
             raise VerificationError(f"the quantized model fails in ONNX Runtime on sample {number} of the {source}, "
                               f"where the float model runs, so nothing was written: {_one_line(exc)}") from None
-        for name, value in zip(names, expected, strict=True):
+        for name, value in zip(names, values, strict=True):
             scores[name].append(compare(value, got[name]))
             pairs[name][0].append(value)
             pairs[name][1].append(got[name])
@@ -329,6 +306,52 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
         result.other_shapes = label
         result.shape_problem = _other_shape_problem(quant, original, feeds, label)
     return result
+
+
+def _quant_session(quant_model: onnx.ModelProto | str, float_model: onnx.ModelProto | str):
+    """The output's session; one that does not load is a VerificationError (saying whether the float model
+    loads either)."""
+    try:
+        return cpu_session(quant_model, _PURPOSE, spinning=False)
+    except ConversionError as exc:
+        message = _runtime_message(exc)
+    try:
+        cpu_session(float_model, _PURPOSE, spinning=False)
+        either = ""
+    except ConversionError as float_exc:
+        either = f" (nor does the float model: {_runtime_message(float_exc)})"
+    raise VerificationError(f"the quantized model does not load in ONNX Runtime, so nothing was written: "
+                            f"{message}{either}")
+
+
+def _float_outputs(float_model: onnx.ModelProto | str, inputs: list[dict[str, np.ndarray]], source: str,
+                   other_shape: tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None
+                   ) -> tuple[list[str] | None, list[list[np.ndarray]], str]:
+    """(output names, outputs per sample, why it stopped early or "") of the float model on `inputs`; names is
+    None when the float model does not load. The session is gone when this returns."""
+    try:
+        reference = cpu_session(float_model, _PURPOSE, spinning=False)
+    except ConversionError as exc:
+        if other_shape is None:
+            return None, [], f"the float model does not load in ONNX Runtime ({_one_line(exc)})"
+        # The float model with the fixed --inputShape shapes does not load (control flow whose inferred shapes
+        # break), but the model with its own shapes runs the same inputs.
+        try:
+            reference = cpu_session(other_shape[0], _PURPOSE, spinning=False)
+        except ConversionError:
+            return None, [], f"the float model does not load in ONNX Runtime ({_one_line(exc)})"
+    names = [o.name for o in reference.get_outputs()]
+    expected: list[list[np.ndarray]] = []
+    for number, feeds in enumerate(inputs):
+        try:
+            expected.append(reference.run(None, session_feeds(reference, feeds)))
+        except Exception as exc:  # noqa: BLE001  (onnxruntime's errors for inputs the model rejects)
+            if number == 0:
+                return names, expected, f"the float model does not run on the {source} ({_one_line(exc)})"
+            # e.g. an input the model rejects only from some sample on: the samples compared so far still count
+            return names, expected, (f"the float model does not run on sample {number} of the {source} "
+                                     f"({_one_line(exc)})")
+    return names, expected, ""
 
 
 def _run_once(quant, inputs: list[dict[str, np.ndarray]], source: str) -> None:

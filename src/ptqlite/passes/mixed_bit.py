@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 SEARCH_ITERATIONS = 100  # the reference's bound on the step search
 SEARCH_TOLERANCE = 0.01  # stop once the error is within 1% below the target
 MAX_CODE_BITS = 16  # a step needing wider codes counts as "cannot meet the target"
+SEARCH_CHUNK = 1 << 20  # values of a large weight's rows the search computes at a time (row_blocks)
 FALLBACK_BITS = 8
 RICE_CHUNK = 1 << 20  # values per Rice stream: bounds the scratch memory of each TopK at load
 MAX_QUOTIENT = 254  # the integer decoder takes quotients (+1) as uint8 differences of bit positions
@@ -67,26 +68,69 @@ def _reconstruct(q: np.ndarray, step: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * step.astype(np.float32)
 
 
+def row_blocks(w: np.ndarray, axis: int | None = 0) -> list[slice]:
+    """Row ranges (slices) of at most SEARCH_CHUNK values to compute a large weight by, so that its float64
+    temporaries stay small; one range (all rows) for small weights and where the values per slice along `axis`
+    would not be the same. Sums per slice are cut only when the slices are the rows (axis 0): numpy reduces each
+    row's contiguous values the same way whether the row comes alone or with others, so they are bit-identical
+    to those over the whole weight. Elementwise work passes axis=0: any cut gives the same values."""
+    if w.ndim < 2 or w.size <= SEARCH_CHUNK or axis is None or axis % w.ndim != 0:
+        return [Ellipsis]  # w[...]: the whole weight (0-d ones too)
+    rows = w.shape[0]
+    per = max(1, SEARCH_CHUNK // max(1, w.size // rows))
+    return [slice(start, min(start + per, rows)) for start in range(0, rows, per)]
+
+
+def _rows_of(step: np.ndarray, rows: slice) -> np.ndarray:
+    """The steps that broadcast against w[rows]: a step per row is cut with the weight, others are shared."""
+    return step[rows] if step.ndim and step.shape[0] > 1 else step
+
+
+def slice_energy(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """sum(w * w) in float64 per slice along `axis` (one value for None), shaped like the steps."""
+    axes = reduce_axes(w.ndim, axis)
+    parts = []
+    for rows in row_blocks(w, axis):
+        w64 = np.asarray(w[rows], np.float64)
+        parts.append(np.sum(w64 * w64, axis=axes, keepdims=True))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def channel_errors(w: np.ndarray, step: np.ndarray, axis: int | None,
                    energy: np.ndarray | None = None) -> np.ndarray:
     """Relative error per slice along `axis` (one value for axis None), shaped like `step`. `energy` (the sums
-    of w * w over the slices) may be given when the caller computes it once for many steps."""
+    of w * w over the slices, slice_energy) may be given when the caller computes it once for many steps."""
     axes = reduce_axes(w.ndim, axis)
-    w64 = np.asarray(w, np.float64)  # no copy when search_step passes its float64 weight
     if energy is None:
-        energy = np.sum(w64 * w64, axis=axes, keepdims=True)
-    # The same arithmetic as w - _reconstruct(round_half_away(w / step), step), in place: these run on whole
-    # weights at every step of the search, and their temporaries set the conversion's peak memory.
-    q = round_half_away(np.divide(w64, step))
-    decoded = q.astype(np.float32)
-    decoded *= step.astype(np.float32)
-    diff = np.subtract(w64, decoded, out=q)
-    del decoded
-    np.square(diff, out=diff)
-    err = np.sum(diff, axis=axes, keepdims=True)
+        energy = slice_energy(w, axis)
+    parts = []
+    for rows in row_blocks(w, axis):  # a large weight's rows a block at a time: its float64 copies stay small
+        w64 = np.asarray(w[rows], np.float64)
+        part = _rows_of(step, rows)
+        # The same arithmetic as w - _reconstruct(round_half_away(w / step), step), in place: these run on whole
+        # weights at every step of the search, and their temporaries set the conversion's peak memory.
+        q = round_half_away(np.divide(w64, part))
+        decoded = q.astype(np.float32)
+        decoded *= part.astype(np.float32)
+        diff = np.subtract(w64, decoded, out=q)
+        del decoded, w64
+        np.square(diff, out=diff)
+        parts.append(np.sum(diff, axis=axes, keepdims=True))
+        del diff
+    err = parts[0] if len(parts) == 1 else np.concatenate(parts)
     # An all-zero slice is exact when it decodes to zeros, and fully wrong otherwise.
     ratio = np.sqrt(err / np.where(energy > 0, energy, 1.0))
     return np.where(energy > 0, ratio, (err > 0).astype(np.float64))
+
+
+def codes_for(w: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """round_half_away(w / step) as int32, a block of rows at a time (the steps the search returns keep every
+    code within +-2^MAX_CODE_BITS / 2, so int32 holds them; elementwise, so the values are those of the whole
+    weight at once)."""
+    q = np.empty(w.shape, np.int32)
+    for rows in row_blocks(w, 0):
+        q[rows] = round_half_away(np.asarray(w[rows], np.float64) / _rows_of(step, rows))
+    return q
 
 
 def search_step(w: np.ndarray, target: float, axis: int | None,
@@ -103,9 +147,10 @@ def search_step(w: np.ndarray, target: float, axis: int | None,
     """
     shape = channel_shape(w.shape, axis)
     axes = reduce_axes(w.ndim, axis)
-    w64 = w.astype(np.float64)
-    span = (w64.max(axis=axes, keepdims=True) - w64.min(axis=axes, keepdims=True)).reshape(shape)
-    amax = np.abs(w64).max(axis=axes, keepdims=True).reshape(shape)
+    # max, min and |w| of the float32 values are exact in float64: no float64 copy of the weight is needed
+    span = (w.max(axis=axes, keepdims=True).astype(np.float64)
+            - w.min(axis=axes, keepdims=True).astype(np.float64)).reshape(shape)
+    amax = np.abs(w).max(axis=axes, keepdims=True).astype(np.float64).reshape(shape)
     # The finest step allowed: codes of MAX_CODE_BITS bits over [-amax, amax].
     finest = np.where(amax > 0, 2 * amax / ((1 << MAX_CODE_BITS) - 2), 1.0)
     step = np.where(span > 0, span * target, np.where(amax > 0, amax, 1.0))
@@ -114,12 +159,12 @@ def search_step(w: np.ndarray, target: float, axis: int | None,
     high = np.full(shape, np.inf)  # smallest step known to miss it
     done = np.zeros(shape, dtype=bool)
     slices = error_axis if axis is None and error_axis is not None else axis
-    energy = np.sum(w64 * w64, axis=reduce_axes(w.ndim, slices), keepdims=True)
+    energy = slice_energy(w, slices)
     for _ in range(SEARCH_ITERATIONS):
         if axis is None and error_axis is not None:
-            err = channel_errors(w64, step, error_axis, energy).max().reshape(shape)
+            err = channel_errors(w, step, error_axis, energy).max().reshape(shape)
         else:
-            err = channel_errors(w64, step, axis, energy)
+            err = channel_errors(w, step, axis, energy)
         ok = err <= target
         low = np.where(~done & ok & (step > low), step, low)
         high = np.where(~done & ~ok & (step < high), step, high)
@@ -145,12 +190,18 @@ def zigzag(q: np.ndarray) -> np.ndarray:
     return (q << 1) ^ (q >> 63)  # 2q for q >= 0, -2q - 1 below (the sign bit spread over all bits)
 
 
+def zigzag32(q: np.ndarray) -> np.ndarray:
+    """zigzag(q) as int32, for codes within +-2^30 (the step search's are within +-2^MAX_CODE_BITS / 2)."""
+    q = np.asarray(q, dtype=np.int32)
+    return (q << 1) ^ (q >> 31)
+
+
 def rice_parameter(z: np.ndarray) -> int:
     """The k that makes the Rice code of `z` shortest: each value costs k + 1 + (z >> k) bits.
 
     Only k whose largest quotient z >> k is at most MAX_QUOTIENT are considered (the decoder's uint8 limit;
     the shortest k almost always meets it)."""
-    z = np.asarray(z, dtype=np.int64).ravel()
+    z = _unsigned(z)
     zmax = int(z.max()) if z.size else 0
     top = max(1, zmax.bit_length())
     lowest = next(k for k in range(top + 1) if zmax >> k <= MAX_QUOTIENT)
@@ -187,7 +238,13 @@ def unzigzag(z: np.ndarray) -> np.ndarray:
 
 def rice_bits(z: np.ndarray, k: int) -> int:
     """Length in bits of the Rice code of unsigned values `z` with parameter k."""
-    return int(z.size * (k + 1) + np.sum(np.asarray(z, dtype=np.int64) >> k))
+    return int(z.size * (k + 1) + np.sum(_unsigned(z) >> k))
+
+
+def _unsigned(z: np.ndarray) -> np.ndarray:
+    """Zigzag values, flat, as int64 unless already int32 (zigzag32; np.sum adds int32 in int64)."""
+    z = np.asarray(z)
+    return z.ravel() if z.dtype == np.int32 else z.astype(np.int64, copy=False).ravel()
 
 
 def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer],
@@ -282,7 +339,7 @@ def split_decoder(index: GraphIndex, shared: SharedConstants, target: str, q: np
     and cast to int32, gather the weight from the unzigzag table. No TopK, so the load-time cost is about that
     of the fixed-width forms (the weight, its int32 indices and a few bytes a value)."""
     b = Builder(index, shared, f"split k={plan.k}")
-    z = zigzag(q)
+    z = zigzag32(q)  # int32: the same values as zigzag's int64, half the encoder's temporaries
     flat = split_codes(b, z, plan)
     position = b.node("Cast", [b.node("Reshape", [flat, b.shape_of(q.shape)])], to=TensorProto.INT32)
     b.decoder.output = _gather_weight(b, _unzigzag_table(b, 0, int(z.max())), position, step, target, site)
@@ -304,7 +361,7 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
     groups: dict[tuple, list[MixedLayer]] = {}
     for layer in layers:
         plan = layer.split
-        key = (plan.k, plan.gap_bits, plan.value_bits, split_type(int(zigzag(layer.q).max())))
+        key = (plan.k, plan.gap_bits, plan.value_bits, split_type(int(zigzag32(layer.q).max())))
         groups.setdefault(key, []).append(layer)
     decoders = []
     for (k, gap_bits, value_bits, _), group in groups.items():
@@ -318,10 +375,10 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
             outputs[layer.spec.tensor] = decoders[-1].output
             continue
         b = Builder(index, shared, f"split k={k}")
-        joined = np.concatenate([zigzag(layer.q).ravel() for layer in group])
+        joined = _joined_zigzag(group)
         flat = split_codes(b, joined, SplitPlan(k, gap_bits, value_bits, 0))
         del joined
-        tops = [int(zigzag(layer.q).max()) for layer in group]
+        tops = [int(zigzag32(layer.q).max()) for layer in group]
         parts = [b.name() for _ in group]
         sizes = shared.get(np.array([layer.q.size for layer in group], np.int64))
         b.decoder.nodes.append(helper.make_node("Split", [flat, sizes], parts))
@@ -333,6 +390,17 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
                 outputs[layer.spec.tensor] = out
         decoders.append(b.decoder)
     return decoders
+
+
+def _joined_zigzag(layers: list[MixedLayer]) -> np.ndarray:
+    """zigzag of every layer's codes, flat and joined in order (int32, zigzag32), filled layer by layer: a list
+    of the layers' copies and their concatenation would hold the group twice."""
+    joined = np.empty(sum(layer.q.size for layer in layers), np.int32)
+    start = 0
+    for layer in layers:
+        joined[start:start + layer.q.size] = zigzag32(layer.q).ravel()
+        start += layer.q.size
+    return joined
 
 
 def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer], k: int,
@@ -347,7 +415,7 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
     load are the weights themselves (and the product for per-channel steps), bit-identical to _reconstruct.
     """
     b = Builder(index, shared, f"rice k={k}")
-    z = np.concatenate([zigzag(layer.q).ravel() for layer in layers])
+    z = _joined_zigzag(layers)
     cuts = range(0, z.size, RICE_CHUNK)
     parts = [_rice_quotients(b, z[at:at + RICE_CHUNK], k) for at in cuts]
     quotients = parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=0)
@@ -457,15 +525,15 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
         if not met.all():
             continue
         step32 = step.astype(np.float32)
-        q = round_half_away(w.astype(np.float64) / step).astype(np.int64)
-        bits = bits_for(int(q.max() - q.min()) + 1)
+        q = codes_for(w, step)  # int32: the values of round_half_away(w / step), a block of rows at a time
+        bits = bits_for(int(q.max()) - int(q.min()) + 1)
         reconstructed = _reconstruct(q, step32)
         error = relative_error(w, reconstructed)
         del reconstructed
         # what the layer keeps: the codes in the narrowest type that holds them (at most MAX_CODE_BITS wide)
-        kept = q.astype(np.int16 if bits <= 15 and q.min() > -(1 << 15) else np.int32)
+        kept = q.astype(np.int16) if bits <= 15 and q.min() > -(1 << 15) else q
         # Rice: the model shares one decoding graph per k, so a layer costs its bits and its steps.
-        z = zigzag(q)
+        z = zigzag32(q)  # only sizes and plans are computed from it, int32 halves their memory
         k = rice_parameter(z)
         rice_bytes = -(-rice_bits(z, k) // 8) + step32.nbytes
         if (rice_bytes + RICE_LAYER_BYTES) / (1 - RICE_MARGIN) < best_key:
@@ -480,13 +548,16 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
                                  split=plan))
         # Skip the fixed-width forms when even their lower bound (indices into the distinct codes, or only the
         # nonzero codes) cannot beat the best so far: building them costs time, auto_tune quantizes many times.
+        del z
         if bits > MAX_CODE_BITS:
             continue
         distinct = int(np.count_nonzero(np.bincount((q - q.min()).ravel())))  # np.unique(q).size, no sort
         bound = min(q.size * bits_for(distinct), int(np.count_nonzero(q)) * bits) // 8
         if bound >= best_key:
+            del q, kept  # before the next measure's search: a large weight's codes are a large share of the peak
             continue
-        # The fixed-width forms of encoding.py, codes shifted to start at 0 per step.
+        # The fixed-width forms of encoding.py, codes shifted to start at 0 per step (int64, as they always were).
+        q = q.astype(np.int64)
         low = q.min(axis=reduce_axes(q.ndim, axis), keepdims=True)
         offset = (low * step32).astype(np.float32)
         codes = q - low
@@ -496,6 +567,7 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
             decoded = ((q - low).astype(np.float32) * step32 + offset).astype(np.float32)
             weigh(MixedLayer(spec, measure, bits, step32, kept, decoded, relative_error(w, decoded),
                              decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64)))
+        del q, kept, codes, low, offset, decoder
     if best is not None:
         return best
     # No step with codes of at most 16 bits meets the target: 8-bit fixed quantization, like the reference.
