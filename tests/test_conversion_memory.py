@@ -184,3 +184,26 @@ def test_the_gate_never_holds_both_sessions(monkeypatch):
     assert result.verification is not None and result.verification.outputs
     assert result.verification.outputs[0].min > 0.99
     assert most[0] == 1
+
+
+def test_the_cli_gate_loads_the_float_model_from_its_file_and_scores_the_same(tmp_path, capsys, monkeypatch):
+    from helpers import run_cli
+
+    model = tmp_path / "embed.onnx"
+    onnx.save(_embedding_model(64, 16), model)
+    config = tmp_path / "mixed.cfg"
+    config.write_text(MIXED)
+    loaded: list[str] = []
+    real = verify_module.cpu_session
+
+    def recording(source, *args, **kwargs):
+        loaded.append(source if isinstance(source, str) else "in memory")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "cpu_session", recording)
+    code, out, _ = run_cli(["convert", "--fmk=ONNX", f"--modelFile={model}", f"--outputFile={tmp_path / 'q'}",
+                            f"--configFile={config}"], capsys)
+    assert code == 0
+    assert loaded == [str(model), "in memory"]  # the float side from the file, first; then the output
+    in_memory = convert(onnx.load(model), parse_config(MIXED), progress=False).verification.outputs[0]
+    assert f"cosine mean {in_memory.mean:.6f}, min {in_memory.min:.6f}" in out

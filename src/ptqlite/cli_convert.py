@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import time
 from pathlib import Path
 
 from . import lite_flags
@@ -32,8 +33,8 @@ from .model import (
 )
 from .paths import check_input_file, check_not_special, check_output_file, is_devnull
 from .result import ConversionResult, Verification
-from .stream import has_external_data
-from .verify import SYNTHETIC_NOTE, describe, is_synthetic
+from .stream import has_external_data, trim_heap
+from .verify import SYNTHETIC_NOTE, describe, is_synthetic, run_gate, verification_inputs
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,10 +127,23 @@ def run(args: argparse.Namespace) -> int:
     streamed = has_external_data(model, iter_tensors)
     if not discard:
         _check_input_data_kept(model, Path(args.modelFile), out)
+    # The gate runs here, once the loaded float model is dropped, where its float side can be loaded from the file
+    # (an ONNX model as loaded, no --inputShape or debug reports, no integer boundaries that read it afterwards):
+    # the output's ONNX Runtime session then loads without the float model's weights held beside it.
+    gate_here = (verify and not streamed and args.fmk == "ONNX" and not shapes and not lite.input_type
+                 and not lite.output_type and not config.common.debug_info_save_path)
     result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
-                     defer_reports=True, input_shapes=shapes, verify=verify, verify_floor=floor,
+                     defer_reports=True, input_shapes=shapes, verify=verify and not gate_here, verify_floor=floor,
                      analyze_command=analyze_command(args), float16=lite.fp16,
                      stream_to=out if streamed else None)
+    if gate_here:
+        started = time.perf_counter()
+        inputs = verification_inputs(model, config, args.inputDataFormat or None)
+        del model
+        trim_heap()
+        run_gate(None, None, str(args.modelFile), result, config, {"input_format": args.inputDataFormat or None},
+                 floor, analyze_command(args), None, None, inputs=inputs)
+        result.seconds += time.perf_counter() - started
     if shapes and args.fmk == "PYTORCH":
         result.notes.append("the TorchScript model is traced at the --inputShape shapes, so the output has them too")
     if lite.optimize == "ascend_oriented" and config.quant_type == "FULL_QUANT" and config.full.target_device != "ASCEND":

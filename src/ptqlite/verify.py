@@ -425,15 +425,19 @@ def low_bit_message(verification: Verification, config: QuantConfig, analyze_com
 def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: onnx.ModelProto,
              result: ConversionResult, config: QuantConfig, options: dict, floor: float | None,
              analyze_command: str | None, input_shapes: dict[str, list[int]] | None, fixed: IoShapes | None,
-             quant_file: str | None = None) -> None:
+             quant_file: str | None = None,
+             inputs: tuple[list[dict[str, np.ndarray]], str] | None = None) -> None:
     """The gate as convert() runs it on `result` (`reference`: the float model with the fixed shapes, which the
     inputs are made for; `runnable`: the float model that runs, `reference` unless ONNX Runtime refuses it with
     the fixed shapes; `fixed`: what restore_io_shapes replaced, None when nothing was). The output must load and
     run in ONNX Runtime; a collapse is a warning, or an error when `floor` was given. With --inputShape the output, which has the
     model's own shapes again, also runs at other shapes; an output that works only at the fixed shapes keeps
     them, and a note says why. A streaming conversion gives `runnable` as the float model's file and the output
-    as `quant_file` (its temp file), so neither model is held in memory beside ONNX Runtime's sessions."""
-    inputs, source = verification_inputs(reference, config, options.get("input_format"), options.get("samples"))
+    as `quant_file` (its temp file), so neither model is held in memory beside ONNX Runtime's sessions. `inputs`
+    (what verification_inputs gave, with `runnable` the float model's file) lets the caller drop the float model
+    before the gate runs."""
+    inputs, source = inputs or verification_inputs(reference, config, options.get("input_format"),
+                                                   options.get("samples"))
     limit = default_floor(config) if floor is None else floor
     other = other_shape_inputs(original, input_shapes) if fixed is not None else None
     try:
