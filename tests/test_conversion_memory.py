@@ -207,3 +207,17 @@ def test_the_cli_gate_loads_the_float_model_from_its_file_and_scores_the_same(tm
     assert loaded == [str(model), "in memory"]  # the float side from the file, first; then the output
     in_memory = convert(onnx.load(model), parse_config(MIXED), progress=False).verification.outputs[0]
     assert f"cosine mean {in_memory.mean:.6f}, min {in_memory.min:.6f}" in out
+
+
+def test_in_place_conversion_gives_the_same_output_and_only_where_asked():
+    config = parse_config(MIXED)
+    given = _embedding_model(128, 16)
+    copied = convert(given, config, progress=False, verify=False).model
+    assert given.graph.initializer[0].name == "table"  # untouched without in_place
+    in_place = convert(given, config, progress=False, verify=False, in_place=True).model
+    assert in_place.SerializeToString(deterministic=True) == copied.SerializeToString(deterministic=True)
+    assert "table" not in {t.name for t in given.graph.initializer}  # the pass worked on it
+    # with the gate in convert() the float model is still needed, so in_place is ignored
+    kept = _embedding_model(128, 16)
+    convert(kept, config, progress=False, in_place=True)
+    assert kept.graph.initializer[0].name == "table"

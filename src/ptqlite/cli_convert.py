@@ -135,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
     result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
                      defer_reports=True, input_shapes=shapes, verify=verify and not gate_here, verify_floor=floor,
                      analyze_command=analyze_command(args), float16=lite.fp16,
-                     stream_to=out if streamed else None)
+                     stream_to=out if streamed else None, in_place=gate_here)
     if gate_here:
         started = time.perf_counter()
+        # a mixed-bit pass worked on `model` itself (in_place): its graph inputs, all this reads, are unchanged
         inputs = verification_inputs(model, config, args.inputDataFormat or None)
         del model
         trim_heap()

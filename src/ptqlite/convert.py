@@ -66,7 +66,8 @@ def pass_for(config: QuantConfig) -> QuantPass:
 def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Path | None = None,
             validate: bool = True, defer_reports: bool = False, input_shapes: dict[str, list[int]] | None = None,
             verify: bool = True, verify_floor: float | None = None, analyze_command: str | None = None,
-            float16: bool = False, stream_to: str | Path | None = None, **options: Any) -> ConversionResult:
+            float16: bool = False, stream_to: str | Path | None = None, in_place: bool = False,
+            **options: Any) -> ConversionResult:
     """Quantize a copy of `model` as `config` says; `model` itself is left untouched.
 
     The input rules (validate.py) are checked first unless validate=False (for callers that convert the same,
@@ -83,6 +84,10 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     data (model.load_model(lazy=True)); the output is written to temp files beside `stream_to` while the pass runs
     and the gate checks it there; publish_output(result) renames them into place (discard_output on failure).
     Only where streaming_refusal(...) is "".
+
+    `in_place` (the CLI, which then runs the gate itself from the model file, verify=False): the caller gives up
+    `model`, and a mixed-bit pass works on it instead of on a copy (one copy of the weights less while the pass
+    runs). Only for WEIGHT_QUANT mixed bit without --inputShape, debug reports or --fp16; otherwise ignored.
     """
     if stream_to is not None:
         refusal = streaming_refusal(config, input_shapes, model_path, float16)
@@ -91,14 +96,16 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
         staged = StagedOutput(Path(stream_to))
         try:
             result = _convert(model, config, model_path, validate, defer_reports, input_shapes, verify,
-                              verify_floor, analyze_command, float16, staged, options)
+                              verify_floor, analyze_command, float16, staged, False, options)
         except BaseException:
             staged.discard()
             raise
         result.staged_output = staged
         return result
+    in_place = (in_place and config.is_mixed_bit and not verify and not input_shapes and not float16
+                and not config.common.debug_info_save_path)
     return _convert(model, config, model_path, validate, defer_reports, input_shapes, verify, verify_floor,
-                    analyze_command, float16, None, options)
+                    analyze_command, float16, None, in_place, options)
 
 
 def streaming_refusal(config: QuantConfig, input_shapes: dict[str, list[int]] | None,
@@ -123,7 +130,7 @@ def streaming_refusal(config: QuantConfig, input_shapes: dict[str, list[int]] | 
 def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path | None, validate: bool,
              defer_reports: bool, input_shapes: dict[str, list[int]] | None, verify: bool,
              verify_floor: float | None, analyze_command: str | None, float16: bool, staged: StagedOutput | None,
-             options: dict[str, Any]) -> ConversionResult:
+             in_place: bool, options: dict[str, Any]) -> ConversionResult:
     started = time.perf_counter()
     quant_pass = pass_for(config)
     source = str(model_path) if model_path else f"model '{model.graph.name or '(unnamed graph)'}'"
@@ -153,7 +160,7 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
             result_notes.append("ONNX Runtime refuses the model with the --inputShape shapes "
                                 f"({refused}), so the conversion works on its own shapes and reads the "
                                 "calibration data at the given ones")
-    work = _copy(runnable)
+    work = runnable if in_place else _copy(runnable)  # in place: the caller gave the model up (convert's doc)
     constants_to_initializers(work)
     # Weights of If/Loop/Scan bodies move to the main graph (the bodies read them from the outer scope), so every
     # pass plans them like any other.

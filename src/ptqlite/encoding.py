@@ -252,7 +252,8 @@ class Builder:
         total, shift = None, bits
         for width in ODD_PARTS[bits]:
             shift -= width
-            part = (codes >> shift) & ((1 << width) - 1)
+            part = np.right_shift(codes, shift)
+            np.bitwise_and(part, (1 << width) - 1, out=part)  # in place: one temporary of a large weight's size
             value = self._nibbles(part) if width == 4 else self._by_table(part, width, shift)
             total = value if total is None else self.node("Add", [total, value])
         return total
@@ -492,9 +493,11 @@ def split_codes(b: Builder, z: np.ndarray, plan: SplitPlan) -> str:
             low = b.node("Cast", [low], to=onnx_type)
     else:
         low = b.node("Expand", [b.shared.get(np.array([0], np_type)), b.shape_of([z.size])])
-    if not np.any(z >> k):
+    high = z >> k
+    if not np.any(high):
         return low
-    gaps, values = split_entries(z >> k, plan.gap_bits, plan.value_bits)
+    gaps, values = split_entries(high, plan.gap_bits, plan.value_bits)
+    del high
     where = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, plan.gap_bits)], to=TensorProto.INT64),
                               b.shared.get(np.array(0, np.int64))])
     high = b.unpack_codes(values, plan.value_bits)
