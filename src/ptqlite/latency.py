@@ -7,6 +7,7 @@ layers put back to float; and the inputs DYNAMIC_QUANT times on when it has no c
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,16 @@ def measure(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dic
     runs = int(np.clip(BUDGET_S / per_pair, MIN_RUNS, MAX_RUNS))
     _, latencies = time_interleaved(sessions, inputs, loops=runs, warmup=0)
     return Timing(float(np.median(latencies[0])), float(np.median(latencies[1])))
+
+
+def settled(timing: Timing, again: Callable[[], Timing]) -> Timing:
+    """`timing`, or, where its ratio lies within the noise margin above float (1.0 < ratio <= SLOWER), the mean of
+    it and one more measurement (`again`): the decision at the margin is the one noise moves most (magika's int8
+    ACWL graph measured 1.05x float in a conversion, so it stayed int8, and 1.07-1.10x in the benchmark)."""
+    if not 1.0 < timing.ratio <= SLOWER:
+        return timing
+    second = again()
+    return Timing((timing.float_ms + second.float_ms) / 2, (timing.quantized_ms + second.quantized_ms) / 2)
 
 
 def with_shapes_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:

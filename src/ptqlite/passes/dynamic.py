@@ -368,7 +368,9 @@ def _never_slower_than_float(float_model: onnx.ModelProto, candidate, samples, o
     if not layers:  # no MatMul/Gemm runs in int8 (Gather tables only, or nothing): nothing to decide
         return first
     try:
-        tried = [(set(), first, timer.measure(float_model, first.model, feeds, own_shapes))]
+        timing = timer.settled(timer.measure(float_model, first.model, feeds, own_shapes),
+                               lambda: timer.measure(float_model, first.model, feeds, own_shapes))
+        tried = [(set(), first, timing)]
     except PtqError as exc:
         # Timing is advice: a graph that does not run as timed (an input whose synthetic values it refuses, say)
         # keeps every layer int8 (the verification step judges it).

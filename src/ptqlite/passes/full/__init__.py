@@ -236,6 +236,9 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
     try:
         feeds.update(next(iter(samples)))
         tried = [(set(), candidate(set()))]  # (layers in float, (plan, params, timing, written))
+        plan0, params0, timing0, written0 = tried[0][1]
+        tried[0] = (set(), (plan0, params0, timer.settled(
+            timing0, lambda: timer.measure(prepared, written0[0], feeds, own_shapes)), written0))
     except (PtqError, StopIteration) as exc:
         # Timing is advice: a graph onnxruntime will not load or run as timed (control flow that does not survive
         # the fixed --inputShape shapes, say) keeps every planned layer int8 (the verification step judges it).
