@@ -2,11 +2,12 @@
 weight's input axis (and per output channel), as DequantizeLinear's `block_size` stores them (pure numpy, no loops
 over elements).
 
-Each block's range is searched rather than taken from its minimum and maximum: for every clipping factor of
-CLIP_GRID the block is quantized and its squared error measured, the best factor is kept per block, and the scale is
-then refitted by least squares to the codes it chose (zero point fixed), kept where that lowers the error. At 4 bits
-round-to-nearest of the full range spends most of the 16 levels on a few outliers; clipping them trades a large
-error on one element for a smaller error on all the others.
+Each block's scale is searched rather than taken from its minimum and maximum: for every clipping factor of
+CLIP_GRID the block is quantized and the least-squares scale of those codes taken (zero point fixed), the factor
+whose refitted error is least is kept per block, and a Lloyd step (codes, then their least-squares scale) follows.
+At 4 bits round-to-nearest of the full range spends most of the 16 levels on a few outliers; clipping them trades
+a large error on one element for a smaller error on all the others. The result is never worse than round to
+nearest, block by block (both are measured exactly and the better kept).
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .qmath import qrange, round_half_away
-
-# Fractions of the block's range tried (1.0: plain min/max round-to-nearest); a finer or wider grid gained less
-# than 0.1% of relative error on Gaussian and t(4) weights at 4 bits, block 32, and costs time per weight.
-CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-_REFITS = 2
 
 
 @dataclass(frozen=True)
@@ -58,9 +54,8 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
     The weight is viewed as [before, length, after] (no transposed copy): blocks are slices [block, after] of it,
     reduced over their middle axis, and processed in chunks small enough for the CPU caches, since the search
     passes over each chunk a few dozen times. `release(start, stop)` is told each range of `w`'s flat elements
-    that is no longer read (a streaming conversion drops its memory-mapped pages). `scale_grid` rounds every
-    scale the search tries to the values the file will store (float16_grid), so the codes are chosen for the
-    stored scale."""
+    that is no longer read (a streaming conversion drops its memory-mapped pages). `scale_grid` rounds the scales to
+    the values the file will store: the codes and errors are those of the stored scale."""
     qmin, qmax = qrange(bits)
     axis %= w.ndim
     shape = w.shape
@@ -79,16 +74,26 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
     zero = np.empty_like(scale)
     codes = np.empty(x.shape, np.int8 if bits <= 8 else np.int16)
     step = max(1, _CHUNK // (block * after))
+    width = min(after, max(1, _CHUNK // block))  # columns of one tile: a tile's temporaries stay in the caches
+
+    def tile(rows: slice, cols: slice) -> float:
+        part = x[rows] if x.ndim == 2 else x[rows, :, cols]
+        if x.ndim == 2:  # blocks [m, block] searched as [1, block, m]: reductions over a contiguous last axis of
+            part = np.ascontiguousarray(part.T)[None]  # length `block` are several times slower than across rows
+        c, s, z, e = _search(part, qmin, qmax, search, scale_grid)
+        if x.ndim == 2:
+            c, s, z = c[0].T, s[0].T, z[0].T
+            scale[rows], zero[rows], codes[rows] = s, z, c
+        else:
+            scale[rows, :, cols], zero[rows, :, cols], codes[rows, :, cols] = s, z, c
+        return float(e.sum(dtype=np.float64)), float(_block_dot(part, part).sum(dtype=np.float64))
 
     def chunk(start: int) -> tuple[float, float]:
-        part = slice(start, start + step)
-        s, z, e = _search(x[part], qmin, qmax, search, scale_grid)
-        scale[part], zero[part] = s, z
-        codes[part] = _quantized(x[part], s, z, qmin, qmax)
-        sums = float(e.sum(dtype=np.float64)), float(np.square(x[part], dtype=np.float64).sum())
+        rows = slice(start, start + step)
+        sums = [tile(rows, slice(col, col + width)) for col in range(0, after, width)]
         if release is not None and not padded and x.base is not None:
             release(start * block * after, min(x.shape[0], start + step) * block * after)
-        return sums
+        return sum(e for e, _ in sums), sum(n for _, n in sums)
 
     starts = range(0, x.shape[0], step)
     # Chunks are independent and numpy releases the GIL in its loops: the CPU's cores share them. The sums are
@@ -124,60 +129,92 @@ FLOAT16_TINY, FLOAT16_MAX = np.float32(2.0 ** -24), np.float32(65504.0)
 
 
 def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
-            grid: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per block (x[i, :, j]): scale, zero point and squared error. The clipping factor of CLIP_GRID with the least squared error, then least-squares
-    refits of the scale to the codes it gives (zero point fixed), each kept only where it lowers the error."""
+            grid: Callable[[np.ndarray], np.ndarray] | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per block (x[i, :, j]): codes (float32, in [qmin, qmax]), scale, zero point and squared error.
+
+    The block is measured in units of its round-to-nearest scale s1 (y = x / s1): the zero point is the same for
+    every clipping factor f (clipping lo and hi by f scales the span by f), so a candidate is only the scale g (in
+    units of s1) and codes q = clip(rint(y / g), qmin - z, qmax - z). For each factor the codes are made once and
+    their least-squares scale g = sum(y q) / sum(q^2) taken, whose error is sum(y^2) - sum(y q)^2 / sum(q^2): the
+    best factor is kept by that figure, without a pass that measures the error. Lloyd steps follow (codes for
+    the scale, least-squares scale for the codes): each lowers the error or keeps it. The codes and the error of
+    the result are then measured exactly, and round to nearest is kept where it is as good (never worse)."""
     lo = np.minimum(x.min(axis=1, keepdims=True), 0.0)
     hi = np.maximum(x.max(axis=1, keepdims=True), 0.0)
-    best_s, best_z, best_e = None, None, None
-    for factor in CLIP_GRID if search else (1.0,):
-        s, z = _params(lo * np.float32(factor), hi * np.float32(factor), qmin, qmax, grid)
-        e = _error(x, s, z, qmin, qmax)
-        if best_e is None:
-            best_s, best_z, best_e = s, z, e
-            continue
-        take = e < best_e
-        best_s, best_z, best_e = np.where(take, s, best_s), np.where(take, z, best_z), np.minimum(e, best_e)
-    for _ in range(_REFITS if search else 0):
-        centred = _quantized(x, best_s, best_z, qmin, qmax)
-        centred -= best_z
-        num, den = (x * centred).sum(axis=1, keepdims=True), np.square(centred).sum(axis=1, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            fitted = np.where(den > 0, num / den, best_s).astype(np.float32)
-        fitted = np.where(fitted > 0, fitted, best_s)
-        if grid is not None:
-            fitted = grid(fitted)
-        e = _error(x, fitted, best_z, qmin, qmax)
-        take = e < best_e
-        best_s, best_e = np.where(take, fitted, best_s), np.minimum(e, best_e)
-    return best_s, best_z, best_e
-
-
-def _params(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int,
-            grid: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     span = hi - lo
-    scale = np.where(span > 0, span / np.float32(qmax - qmin), np.float32(1.0)).astype(np.float32)
+    s1 = np.where(span > 0, span / np.float32(qmax - qmin), np.float32(1.0)).astype(np.float32)
     if grid is not None:  # the zero point is chosen for the stored scale
-        scale = grid(scale)
-    zero = np.clip(round_half_away(qmin - lo / scale), qmin, qmax).astype(np.float32)
-    return scale, zero
+        s1 = grid(s1)
+    z = np.clip(round_half_away(qmin - lo / s1), qmin, qmax).astype(np.float32)
+    a, b = qmin - z, qmax - z  # the code range around the zero point
+    y = x * (np.float32(1.0) / s1)
+    rtn = _codes(y, np.float32(1.0), a, b, np.empty_like(y))
+    rtn_e = _error(x, rtn, s1)
+    if not search:
+        rtn += z
+        return rtn, s1, z, rtn_e
+    q, p = np.empty_like(y), np.empty_like(y)  # scratch for the candidates' codes and the errors
+    best_g = best_e = None
+    for factor in CLIP_GRID:
+        f = np.float32(factor)
+        num, den = _moments(y, rtn if factor == 1.0 else _codes(y, f, a, b, q))
+        g, e = _least_squares(num, den, f)
+        if best_e is None:
+            best_g, best_e = g, e
+        else:
+            take = e < best_e
+            best_g, best_e = np.where(take, g, best_g), np.minimum(e, best_e)
+    for _ in range(_LLOYD_STEPS):
+        best_g, _ = _least_squares(*_moments(y, _codes(y, best_g, a, b, q)), best_g)
+    s = best_g * s1
+    if grid is not None:
+        s = grid(s)
+    codes = _codes(x, s, a, b, q)  # the codes of the stored scale
+    e = _error(x, codes, s, p)
+    take = e < rtn_e
+    np.copyto(codes, rtn, where=~take)
+    codes += z
+    return codes, np.where(take, s, s1), z, np.where(take, e, rtn_e)
 
 
-def _quantized(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Codes as float32, rounded half away from zero and clamped (in place on one temporary)."""
-    q = x / scale
-    sign = np.copysign(np.float32(0.5), q)
-    q += sign
-    np.trunc(q, out=q)
-    q += zero
-    return np.clip(q, qmin, qmax, out=q)
+# Fractions of the block's range tried (1.0: plain min/max round-to-nearest); a finer or wider grid gained less
+# than 0.1% of relative error on Gaussian and t(4) weights at 4 bits, block 32, and costs time per weight.
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+_LLOYD_STEPS = 1
 
 
-def _error(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Per block, the squared error of quantizing x with scale and zero."""
-    d = _quantized(x, scale, zero, qmin, qmax)
-    d -= zero
-    d *= scale
+def _codes(y: np.ndarray, g, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """clip(rint(y / g), a, b) into `out` (numpy's clip with array bounds is several times slower than this)."""
+    np.multiply(y, np.float32(1.0) / g, out=out)
+    np.rint(out, out=out)
+    np.maximum(out, a, out=out)
+    return np.minimum(out, b, out=out)
+
+
+def _moments(y: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block sum(y q) and sum(q^2)."""
+    return _block_dot(y, q), _block_dot(q, q)
+
+
+def _least_squares(num: np.ndarray, den: np.ndarray, g) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares scale of codes with moments (num, den), and its error less the block's sum(y^2) (the
+    same for every candidate); blocks without a non-zero code keep g."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fitted = np.where(den > 0, num / den, g).astype(np.float32)
+    fitted = np.where(fitted > 0, fitted, g).astype(np.float32)
+    return fitted, np.where(den > 0, -num * fitted, np.float32(0.0))
+
+
+def _block_dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per block sum(u v) over axis 1, kept."""
+    if u.ndim == 3:  # einsum multiplies and adds in one pass
+        return np.einsum("ijk,ijk->ik", u, v)[:, None, :]
+    return np.einsum("ij,ij->i", u, v)[:, None]
+
+
+def _error(x: np.ndarray, centred: np.ndarray, scale: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Per block, the squared error of the codes (zero point taken off) at `scale` against x."""
+    d = np.multiply(centred, scale, out=scratch)
     d -= x
-    np.square(d, out=d)
-    return d.sum(axis=1, keepdims=True)
+    return _block_dot(d, d)
