@@ -170,13 +170,17 @@ def pack_int4(values: np.ndarray) -> bytes:
     element in the low nibble, an odd count padded with a zero nibble."""
     flat = np.asarray(values).ravel()
     packed = np.empty((flat.size + 1) // 2, np.uint8)
-    step = 1 << 22  # values at a time: the temporaries stay small beside a large weight's codes
+    step = 1 << 22  # values at a time (even): the temporaries stay small beside a large weight's codes
     for start in range(0, flat.size, step):
         part = flat[start:start + step]
         # the low 4 bits of the two's complement (int8 codes are viewed as bytes, not widened)
-        nibbles = part.view(np.uint8) & np.uint8(0xF) if part.dtype == np.int8 else (
+        nibbles = part.view(np.uint8) if part.dtype in (np.int8, np.uint8) else (
             part.astype(np.int16) & 0xF).astype(np.uint8)
         if nibbles.size % 2:
             nibbles = np.append(nibbles, np.uint8(0))
-        packed[start // 2:start // 2 + nibbles.size // 2] = nibbles[0::2] | (nibbles[1::2] << 4)
+        # two bytes read as one little-endian 16-bit word: its low nibble and the low nibble of its high byte
+        pairs = np.ascontiguousarray(nibbles).view("<u2")
+        word = (pairs >> np.uint16(4)) & np.uint16(0xF0)
+        word |= pairs & np.uint16(0x0F)
+        packed[start // 2:start // 2 + pairs.size] = word
     return packed.tobytes()
