@@ -149,7 +149,9 @@ def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
     z = np.clip(round_half_away(qmin - lo / s1), qmin, qmax).astype(np.float32)
     a, b = qmin - z, qmax - z  # the code range around the zero point
     y = x * (np.float32(1.0) / s1)
-    rtn = _codes(y, np.float32(1.0), a, b, np.empty_like(y))
+    rtn = np.rint(y)
+    np.maximum(rtn, a, out=rtn)
+    np.minimum(rtn, b, out=rtn)
     rtn_e = _error(x, rtn, s1)
     if not search:
         rtn += z
