@@ -105,7 +105,7 @@ else:
 quantizer = MatMulNBitsQuantizer(onnx.load(src), bits=bits, block_size=block, is_symmetric=False, algo_config=config)
 quantizer.process()
 onnx.save_model(quantizer.model.model, out)
-print(time.perf_counter() - start)
+print(f"\nseconds {time.perf_counter() - start}")  # GPTQ's progress bar ends without a newline
 """
 
 
@@ -114,7 +114,7 @@ def torch_variant(python: str, src: Path, out: Path, bits: int, block: int, algo
                           str(calibration)], capture_output=True, text=True, check=False)
     if run.returncode:
         raise SystemExit(f"MatMulNBitsQuantizer {algo} failed: {run.stderr[-2000:]}")
-    return float(run.stdout.strip().splitlines()[-1])
+    return float(run.stdout.rsplit("seconds ", 1)[-1])
 
 
 def has_torch(python: str) -> bool:

@@ -382,10 +382,12 @@ def test_gathered_tables_get_8_bits_and_row_scales_by_default():
     assert cosines[""] > cosines["gather_min_bit_num=6\n"] > cosines["gather_min_bit_num=0\n"]
 
 
-def _block_errors(q, w: np.ndarray) -> np.ndarray:
-    """float64 squared error of each block of `q` against w (blocks along q.axis)."""
+def _block_errors(q, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """float64 squared error of each block of `q` against w (blocks along q.axis), weighted along that axis."""
     d = np.square(q.dequantized().astype(np.float64) - w)
     d = np.moveaxis(d, q.axis, 0)
+    if importance is not None:
+        d = d * importance.reshape(-1, *([1] * (d.ndim - 1)))
     starts = np.arange(0, d.shape[0], q.block)
     return np.add.reduceat(d, starts, axis=0)
 
@@ -393,9 +395,10 @@ def _block_errors(q, w: np.ndarray) -> np.ndarray:
 @settings(max_examples=60, deadline=None)
 @given(kind=st.sampled_from(["gauss", "t2", "t4", "outliers", "positive", "constant", "sparse"]),
        bits=st.sampled_from([2, 3, 4, 8]), block=st.sampled_from([16, 32, 64]), axis=st.sampled_from([0, 1]),
-       rows=st.integers(1, 150), cols=st.integers(1, 40), seed=st.integers(0, 2 ** 16))
-def test_block_search_is_never_worse_than_round_to_nearest(kind, bits, block, axis, rows, cols, seed):
-    """Block by block, on Gaussian, heavy-tailed (Student t, outliers), one-signed, constant and sparse weights."""
+       rows=st.integers(1, 150), cols=st.integers(1, 40), seed=st.integers(0, 2 ** 16), weighted=st.booleans())
+def test_block_search_is_never_worse_than_round_to_nearest(kind, bits, block, axis, rows, cols, seed, weighted):
+    """Block by block, on Gaussian, heavy-tailed (Student t, outliers), one-signed, constant and sparse weights;
+    with element weights (importance) the weighted error is never worse than round to nearest's."""
     rng = np.random.default_rng(seed)
     shape = (rows, cols)
     w = {"gauss": lambda: rng.standard_normal(shape),
@@ -406,14 +409,16 @@ def test_block_search_is_never_worse_than_round_to_nearest(kind, bits, block, ax
          "constant": lambda: np.full(shape, rng.standard_normal()),
          "sparse": lambda: rng.standard_normal(shape) * (rng.random(shape) < 0.1)}[kind]()
     w = (w * 0.02).astype(np.float32)
+    h = (rng.random(shape[axis]) ** 4).astype(np.float32) if weighted else None  # a few channels matter most
     rtn = quantize_blocks(w, bits, axis, block, search=False)
-    searched = quantize_blocks(w, bits, axis, block)
+    searched = quantize_blocks(w, bits, axis, block, importance=h)
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     assert searched.codes.min() >= qmin and searched.codes.max() <= qmax
     assert np.all(searched.scale > 0) and searched.zero_point.min() >= qmin and searched.zero_point.max() <= qmax
-    assert searched.squared_error <= rtn.squared_error  # the search's own measure: never worse, exactly
+    if h is None:
+        assert searched.squared_error <= rtn.squared_error  # the search's own measure: never worse, exactly
     # the float64 error of the dequantized weights, block by block (float32 rounding of the measure aside)
-    ours, theirs = _block_errors(searched, w), _block_errors(rtn, w)
+    ours, theirs = _block_errors(searched, w, h), _block_errors(rtn, w, h)
     np.testing.assert_array_less(ours, theirs * (1 + 1e-5) + 1e-12)
 
 
@@ -455,3 +460,40 @@ def test_block_scale_grid_gives_the_error_of_the_stored_scale():
         np.testing.assert_array_equal(q.scale, as_half(q.scale))
         direct = float(np.sum((q.dequantized().astype(np.float64) - w) ** 2))
         assert q.squared_error == pytest.approx(direct, rel=1e-4)
+
+
+def test_block_importance_of_ones_is_the_plain_search():
+    w = _weights(100, 24)
+    plain = quantize_blocks(w, 4, 0, 32)
+    ones = quantize_blocks(w, 4, 0, 32, importance=np.ones(100, np.float32))
+    for field in ("codes", "scale", "zero_point"):
+        np.testing.assert_array_equal(getattr(ones, field), getattr(plain, field))
+    assert ones.squared_error == plain.squared_error
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_block_importance_lowers_the_output_error_of_the_layer(axis):
+    """Activations with a few loud input channels (as transformers have): weighting the search by each input
+    channel's mean square gives a smaller output error x @ (w - dequantized) than the plain search, and never a
+    larger weighted error than round to nearest."""
+    rng = np.random.default_rng(2)
+    k, n = 256, 64
+    x = rng.standard_normal((512, k)).astype(np.float32) * np.where(rng.random(k) < 0.05, 12.0, 1.0)
+    w = (rng.standard_t(4, (k, n)) * 0.02).astype(np.float32)
+    h = np.mean(np.square(x), axis=0)
+    layout = w if axis == 0 else w.T.copy()  # axis 1: a Gemm transB weight [n, k]
+
+    def output_error(q):
+        d = q.dequantized() if axis == 0 else q.dequantized().T
+        return float(np.sum(np.square(x @ (d.astype(np.float64) - w))))
+
+    plain = quantize_blocks(layout, 4, axis, 32)
+    weighted = quantize_blocks(layout, 4, axis, 32, importance=h)
+    rtn = quantize_blocks(layout, 4, axis, 32, search=False)
+    assert output_error(weighted) < 0.9 * output_error(plain)
+    per_row = h[:, None] if axis == 0 else h[None, :]
+    weighted_error = {name: float(np.sum(per_row * np.square(q.dequantized().astype(np.float64) - layout)))
+                      for name, q in (("weighted", weighted), ("rtn", rtn))}
+    assert weighted_error["weighted"] <= weighted_error["rtn"] * (1 + 1e-6)
+    direct = float(np.sum(np.square(weighted.dequantized().astype(np.float64) - layout)))
+    assert weighted.squared_error == pytest.approx(direct, rel=1e-4)  # the plain error is reported

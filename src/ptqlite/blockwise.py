@@ -48,14 +48,18 @@ class BlockQuant:
 
 def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: bool = True,
                     release: Callable[[int, int], None] | None = None,
-                    scale_grid: Callable[[np.ndarray], np.ndarray] | None = None) -> BlockQuant:
+                    scale_grid: Callable[[np.ndarray], np.ndarray] | None = None,
+                    importance: np.ndarray | None = None) -> BlockQuant:
     """Asymmetric block-wise quantization of `w` along `axis` (0 always representable, as the per-channel scheme).
 
     The weight is viewed as [before, length, after] (no transposed copy): blocks are slices [block, after] of it,
     reduced over their middle axis, and processed in chunks small enough for the CPU caches, since the search
     passes over each chunk a few dozen times. `release(start, stop)` is told each range of `w`'s flat elements
     that is no longer read (a streaming conversion drops its memory-mapped pages). `scale_grid` rounds the scales to
-    the values the file will store: the codes and errors are those of the stored scale."""
+    the values the file will store: the codes and errors are those of the stored scale. `importance` (length
+    w.shape[axis], non-negative; e.g. the mean square of the input channel each weight row multiplies, from
+    calibration data) weights the error the search minimises: sum(importance * (w - dequantized)^2), the diagonal
+    of the layer's output error; squared_error stays the plain error."""
     qmin, qmax = qrange(bits)
     axis %= w.ndim
     shape = w.shape
@@ -68,6 +72,10 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
         x = np.concatenate([x, np.zeros((before, blocks * block - length, after), np.float32)], axis=1)
         if release is not None:
             release(0, w.size)
+    if importance is not None:  # per element along the block axis, padded with zeros as x is
+        weights = np.zeros(blocks * block, np.float32)
+        weights[:length] = np.asarray(importance, np.float32).reshape(length)
+        weights = weights.reshape(blocks, block)
     # blocks along the last axis: [n, block] (numpy reduces a contiguous last axis fastest), else [n, block, after]
     x = x.reshape(before * blocks, block) if after == 1 else x.reshape(before * blocks, block, after)
     scale = np.empty((x.shape[0], 1, after)[:x.ndim], np.float32)
@@ -80,7 +88,11 @@ def quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, search: boo
         part = x[rows] if x.ndim == 2 else x[rows, :, cols]
         if x.ndim == 2:  # blocks [m, block] searched as [1, block, m]: reductions over a contiguous last axis of
             part = np.ascontiguousarray(part.T)[None]  # length `block` are several times slower than across rows
-        c, s, z, e = _search(part, qmin, qmax, search, scale_grid)
+        h = None
+        if importance is not None:  # row r of x is block r % blocks of its channel
+            h = weights[np.arange(rows.start, min(rows.stop, x.shape[0])) % blocks]
+            h = h.T[None] if x.ndim == 2 else h[:, :, None]
+        c, s, z, e = _search(part, qmin, qmax, search, scale_grid, h)
         if x.ndim == 2:
             c, s, z = c[0].T, s[0].T, z[0].T
             scale[rows], zero[rows], codes[rows] = s, z, c
@@ -129,7 +141,7 @@ FLOAT16_TINY, FLOAT16_MAX = np.float32(2.0 ** -24), np.float32(65504.0)
 
 
 def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
-            grid: Callable[[np.ndarray], np.ndarray] | None = None
+            grid: Callable[[np.ndarray], np.ndarray] | None = None, h: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per block (x[i, :, j]): codes (float32, in [qmin, qmax]), scale, zero point and squared error.
 
@@ -139,7 +151,9 @@ def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
     their least-squares scale g = sum(y q) / sum(q^2) taken, whose error is sum(y^2) - sum(y q)^2 / sum(q^2): the
     best factor is kept by that figure, without a pass that measures the error. Lloyd steps follow (codes for
     the scale, least-squares scale for the codes): each lowers the error or keeps it. The codes and the error of
-    the result are then measured exactly, and round to nearest is kept where it is as good (never worse)."""
+    the result are then measured exactly, and round to nearest is kept where it is as good (never worse).
+    With element weights h (broadcast to x) every sum is weighted: the error minimised, and compared with round to
+    nearest's, is sum(h (x - dequantized)^2); the error returned is the plain one."""
     lo = np.minimum(x.min(axis=1, keepdims=True), 0.0)
     hi = np.maximum(x.max(axis=1, keepdims=True), 0.0)
     span = hi - lo
@@ -152,15 +166,16 @@ def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
     rtn = np.rint(y)
     np.maximum(rtn, a, out=rtn)
     np.minimum(rtn, b, out=rtn)
-    rtn_e = _error(x, rtn, s1)
+    rtn_e = _error(x, rtn, s1, h=h)
     if not search:
+        e = rtn_e if h is None else _error(x, rtn, s1)
         rtn += z
-        return rtn, s1, z, rtn_e
+        return rtn, s1, z, e
     q, p = np.empty_like(y), np.empty_like(y)  # scratch for the candidates' codes and the errors
     best_g = best_e = None
     for factor in CLIP_GRID:
         f = np.float32(factor)
-        num, den = _moments(y, rtn if factor == 1.0 else _codes(y, f, a, b, q))
+        num, den = _moments(y, rtn if factor == 1.0 else _codes(y, f, a, b, q), h)
         g, e = _least_squares(num, den, f)
         if best_e is None:
             best_g, best_e = g, e
@@ -168,16 +183,18 @@ def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
             take = e < best_e
             best_g, best_e = np.where(take, g, best_g), np.minimum(e, best_e)
     for _ in range(_LLOYD_STEPS):
-        best_g, _ = _least_squares(*_moments(y, _codes(y, best_g, a, b, q)), best_g)
+        best_g, _ = _least_squares(*_moments(y, _codes(y, best_g, a, b, q), h), best_g)
     s = best_g * s1
     if grid is not None:
         s = grid(s)
     codes = _codes(x, s, a, b, q)  # the codes of the stored scale
-    e = _error(x, codes, s, p)
+    e = _error(x, codes, s, p, h)
     take = e < rtn_e
     np.copyto(codes, rtn, where=~take)
+    s = np.where(take, s, s1)
+    e = np.where(take, e, rtn_e) if h is None else _error(x, codes, s, p)  # the plain error of the result
     codes += z
-    return codes, np.where(take, s, s1), z, np.where(take, e, rtn_e)
+    return codes, s, z, e
 
 
 # Fractions of the block's range tried (1.0: plain min/max round-to-nearest); a finer or wider grid gained less
@@ -194,9 +211,10 @@ def _codes(y: np.ndarray, g, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> n
     return np.minimum(out, b, out=out)
 
 
-def _moments(y: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per block sum(y q) and sum(q^2)."""
-    return _block_dot(y, q), _block_dot(q, q)
+def _moments(y: np.ndarray, q: np.ndarray, h: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per block sum(h y q) and sum(h q^2) (h = 1 when None)."""
+    hq = q if h is None else h * q
+    return _block_dot(y, hq), _block_dot(q, hq)
 
 
 def _least_squares(num: np.ndarray, den: np.ndarray, g) -> tuple[np.ndarray, np.ndarray]:
@@ -215,8 +233,9 @@ def _block_dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", u, v)[:, None]
 
 
-def _error(x: np.ndarray, centred: np.ndarray, scale: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
-    """Per block, the squared error of the codes (zero point taken off) at `scale` against x."""
+def _error(x: np.ndarray, centred: np.ndarray, scale: np.ndarray, scratch: np.ndarray | None = None,
+           h: np.ndarray | None = None) -> np.ndarray:
+    """Per block, the squared error of the codes (zero point taken off) at `scale` against x (weighted by h)."""
     d = np.multiply(centred, scale, out=scratch)
     d -= x
-    return _block_dot(d, d)
+    return _block_dot(d, d if h is None else d * h)
