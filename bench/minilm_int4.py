@@ -118,7 +118,10 @@ def torch_variant(python: str, src: Path, out: Path, bits: int, block: int, algo
 
 
 def has_torch(python: str) -> bool:
-    probe = subprocess.run([python, "-c", "import torch, onnxruntime, onnx"], capture_output=True, check=False)
+    try:
+        probe = subprocess.run([python, "-c", "import torch, onnxruntime, onnx"], capture_output=True, check=False)
+    except OSError:  # no such interpreter
+        return False
     return probe.returncode == 0
 
 
