@@ -4,6 +4,7 @@ bench models, as ratios to float.
 
     .venv/bin/python bench/never_slower.py [--models resnet20,resnet56,mobilenet_v2,mobilenet_v1,minilm]
                                            [--rounds 20] [--repeats 3] [--out table.md]
+                                           [--corpus CACHE --corpus-cells cells.json [--corpus-models a,b]]
 
 Every conversion runs through ptqlite's CLI in a child process, as users run it; its summary line about the
 planning is kept. Latency: every output and the float model in one process, 1 intra-op thread, interleaved
@@ -14,6 +15,9 @@ the model's shape (ImageNet sample or CIFAR copy) and, for MiniLM, 128 token ids
 FULL_QUANT calibrates on 32 images (ImageNet models, CIFAR ResNets) or 8 random token sequences of length 128
 (MiniLM, through BIN files and --inputShape): only its latency is read here (its accuracy is in
 docs/results.md). MiniLM is read from .cache/minilm/all-MiniLM-L6-v2.onnx (bench/minilm.py builds it).
+With --corpus (bench/corpus.py's --cache, after `corpus.py --modes full_mm,dyn,dyn_off,acwl,acwl_off --calibrate 8
+--json cells.json`) the corpus outputs are timed the same way on their first held-out input, and the planning's
+notes are read from --corpus-cells. Every row also times a byte copy of the float model: the control.
 """
 
 from __future__ import annotations
