@@ -278,3 +278,52 @@ def one_error_line(err: str) -> str:
     assert lines[0].startswith("ptqlite: error: ")
     return lines[0].removeprefix("ptqlite: error: ")
 
+
+
+# ---------------------------------------------------------------- block-wise WEIGHT_QUANT test model
+
+
+def _block_weights(*shape) -> np.ndarray:
+    rng = np.random.default_rng(sum(shape))
+    w = rng.standard_normal(shape) * 0.05
+    w[rng.random(shape) < 0.005] *= 6  # a few outliers, as trained weights have
+    return w.astype(np.float32)
+
+
+def block_model(width: int = 64) -> onnx.ModelProto:
+    """Gather of a table [50, width] -> MatMul [width, 80] -> MatMul [80, 96] (a last partial block of 16 at
+    block 32) -> Gemm transB [48, 96]; and a Conv beside them."""
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["e"], name="gather", axis=0),
+             helper.make_node("MatMul", ["e", "mm1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "mm2"], ["h2"], name="mm2"),
+             helper.make_node("Gemm", ["h2", "fc"], ["y"], name="fc", transB=1),
+             helper.make_node("Conv", ["img", "conv"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(_block_weights(50, width), "embed"), numpy_helper.from_array(_block_weights(width, 80), "mm1"),
+             numpy_helper.from_array(_block_weights(80, 96), "mm2"), numpy_helper.from_array(_block_weights(48, 96), "fc"),
+             numpy_helper.from_array(_block_weights(8, 3, 3, 3), "conv")]
+    graph = helper.make_graph(nodes, "blocks", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"]),
+                                                helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 48]),
+                               helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+BLOCK_FEEDS = {"ids": np.array([0, 7, 49, 7, 13], np.int64), "img": np.random.default_rng(5).standard_normal((1, 3, 6, 6)).astype(np.float32)}
+BLOCK_WEIGHTS = {"mm1": 0, "mm2": 0, "fc": 1}  # the axis blocks run along (K)
+
+
+def default_config(bits: int, block: int = 32, extra: str = ""):
+    return parse_config(f"[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num={bits}\nmin_quant_weight_size=0\n"
+                        f"min_quant_weight_channel=0\n[weight_quant_param]\nblock_size={block}\ngather_min_bit_num=0\n"
+                        f"{extra}", "test.cfg")
+
+
+def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the values `names` (the decoded weights, the gathered rows)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    return probe
+
+
+PROBES = ["e", *BLOCK_WEIGHTS]

@@ -4,8 +4,19 @@ import collections
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from helpers import cosine, run, session
+from helpers import (
+    BLOCK_FEEDS,
+    BLOCK_WEIGHTS,
+    PROBES,
+    block_model,
+    cosine,
+    default_config,
+    run,
+    session,
+    with_outputs,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -497,3 +508,72 @@ def test_block_importance_lowers_the_output_error_of_the_layer(axis):
     assert weighted_error["weighted"] <= weighted_error["rtn"] * (1 + 1e-6)
     direct = float(np.sum(np.square(weighted.dequantized().astype(np.float64) - layout)))
     assert weighted.squared_error == pytest.approx(direct, rel=1e-4)  # the plain error is reported
+
+
+# ---------------------------------------------------------------- default strategy (packed block codes)
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 11, 16])
+def test_default_block_weights_equal_on_the_fly_bit_for_bit(tmp_path, bits):
+    """The default strategy with block_size stores the codes and scales ON_THE_FLY chooses, and its decoder
+    (folded at load) rebuilds exactly what the block-wise DequantizeLinear computes, the gathered rows too."""
+    model = block_model()
+    packed = convert(model, default_config(bits))
+    on_the_fly = convert(model, default_config(bits, extra="dequant_strategy=ON_THE_FLY\n"))
+    storage = {q.tensor: q.storage for q in packed.quantized}
+    assert storage == {"embed": "packed block 32, gathered rows decoded", "mm1": "packed block 32",
+                       "mm2": "packed block 32", "fc": "packed block 32", "conv": "packed"}
+    assert not [n for n in packed.model.graph.node if n.op_type in ("DequantizeLinear", "BitShift")]
+    got = dict(zip(PROBES, run(with_outputs(packed.model, PROBES), BLOCK_FEEDS)[2:]))
+    want = dict(zip(PROBES, run(with_outputs(on_the_fly.model, PROBES), BLOCK_FEEDS)[2:]))
+    for name in PROBES:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name, axis in BLOCK_WEIGHTS.items():  # and numpy's (codes - zero point) * scale of the same search
+        w = numpy_helper.to_array({t.name: t for t in model.graph.initializer}[name])
+        np.testing.assert_array_equal(got[name], quantize_blocks(w, bits, axis, 32, scale_grid=float16_grid).dequantized(), err_msg=name)
+    # folded at load: the optimized graph holds the float weights and no unpacking (only the rows' decoding)
+    optimized = tmp_path / "opt.onnx"
+    session(packed.model, optimized_path=optimized)
+    opt = onnx.load(optimized)
+    assert not {"Range", "Floor", "Mod", "Concat", "Div"} & {n.op_type for n in opt.graph.node}
+    float_weights = {tuple(t.dims) for t in opt.graph.initializer if t.data_type == TensorProto.FLOAT}
+    assert {(64, 80), (80, 96)} <= float_weights
+    # the table stays integer in memory: its rows are gathered as codes
+    assert [t.data_type for t in opt.graph.initializer if tuple(t.dims) == (50, 64)] == [
+        TensorProto.UINT16 if bits > 8 else TensorProto.UINT8]
+
+
+def test_default_block_table_of_any_width_decodes_its_gathered_rows():
+    """A row width that is not a multiple of the block (70 = 2 x 32 + 6): the last block is partial."""
+    model = block_model(width=70)
+    result = convert(model, default_config(4))
+    table = numpy_helper.to_array(model.graph.initializer[0])
+    rows = run(with_outputs(result.model, ["e"]), BLOCK_FEEDS)[2]
+    np.testing.assert_array_equal(rows, quantize_blocks(table, 4, 1, 32, scale_grid=float16_grid).dequantized()[BLOCK_FEEDS["ids"]])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_default_block_file_is_bit_num_over_32_plus_scales(bits):
+    """Codes at bit_num, one float16 scale and a bit_num zero code per 32 weights: (bits + 0.5) / 32 of float,
+    plus bits / 1024 for the zero codes, and at most 2 KB of graph (the decoder's nodes and shared constants)."""
+    w = numpy_helper.from_array(_weights(512, 256), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = convert(model, default_config(bits)).model
+    expected = ((bits + 0.5) / 32 + bits / 1024) * model.ByteSize()
+    assert expected <= out.ByteSize() < expected + 2048, out.ByteSize() / model.ByteSize()
+    # the same codes as ON_THE_FLY, which stores int4 (bits <= 4) or int8
+    otf = convert(model, default_config(bits, extra="dequant_strategy=ON_THE_FLY\n")).model
+    assert out.ByteSize() < otf.ByteSize() or bits in (4, 8)
+
+
+def test_default_block_keeps_the_model_opset_and_needs_no_opset_21():
+    model = matmul_model(opset=13)
+    out = convert(model, default_config(4)).model
+    assert [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")] == [14]
+    # the same weights as ON_THE_FLY decodes (which raises the opset to 21): the outputs agree to float rounding
+    on_the_fly = convert(model, default_config(4, extra="dequant_strategy=ON_THE_FLY\n")).model
+    fused_off = {"graph_optimization_level": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}  # no MatMulNBits kernel (int8 activations) for ON_THE_FLY
+    np.testing.assert_allclose(session(out).run(None, FEEDS)[0], session(on_the_fly, **fused_off).run(None, FEEDS)[0],
+                               rtol=1e-4, atol=1e-6)

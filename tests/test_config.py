@@ -297,10 +297,17 @@ def test_block_size_accepts_zero_and_powers_of_two(value):
     assert parse_config(text, SRC).weight.block_size == int(value)
 
 
-def test_block_size_needs_on_the_fly_and_per_channel():
-    text = WEIGHT + "bit_num=4\n[weight_quant_param]\nblock_size=32\n"
-    assert error(text) == (f"{SRC}:5: [weight_quant_param] block_size=32: expected 0 unless dequant_strategy=ON_THE_FLY "
-                           "(block-wise scales are stored by DequantizeLinear only)")
+def test_block_size_needs_a_fixed_bit_num_and_per_channel():
+    # the default strategy stores block-wise codes packed (any fixed bit_num)
+    for bits in (1, 4, 8, 16):
+        parsed = parse_config(WEIGHT + f"bit_num={bits}\n[weight_quant_param]\nblock_size=32\n", SRC).weight
+        assert (parsed.block_size, parsed.dequant_strategy) == (32, "DEFAULT")
+    text = WEIGHT + "bit_num=0\n[weight_quant_param]\nblock_size=32\n"
+    assert error(text) == (f"{SRC}:5: [weight_quant_param] block_size=32: expected 0 with mixed bit (bit_num=0): "
+                           "block-wise scales need a fixed bit_num in [1, 16]")
+    text = WEIGHT + "bit_num=4\n[weight_quant_param]\nper_channel=false\nblock_size=32\n"
+    assert error(text) == (f"{SRC}:6: [weight_quant_param] block_size=32: expected 0 with per_channel=false "
+                           "(blocks split output channels)")
     text = WEIGHT + "bit_num=4\n[weight_quant_param]\nper_channel=false\ndequant_strategy=ON_THE_FLY\nblock_size=32\n"
     assert error(text) == (f"{SRC}:7: [weight_quant_param] block_size=32: expected 0 with per_channel=false "
                            "(blocks split output channels)")

@@ -14,7 +14,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import EXAMPLES, RESNET20, ROOT, cosine, full_config, initializer, outputs, samples, session
+from helpers import (
+    BLOCK_FEEDS,
+    EXAMPLES,
+    PROBES,
+    RESNET20,
+    ROOT,
+    block_model,
+    cosine,
+    default_config,
+    full_config,
+    initializer,
+    outputs,
+    samples,
+    session,
+)
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
@@ -52,19 +66,22 @@ def openvino_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path:
     return [np.asarray(results[out]) for out in compiled.outputs]
 
 
-def assert_same_everywhere(model: onnx.ModelProto, tmp_path: Path, fused: np.ndarray | None = None) -> list:
-    """The graph outputs (no inputs) are bit-identical in ONNX Runtime, the reference evaluator and OpenVINO.
+def assert_same_everywhere(model: onnx.ModelProto, tmp_path: Path, fused: np.ndarray | None = None,
+                           feeds: dict[str, np.ndarray] | None = None) -> list:
+    """The graph outputs (of no inputs, or of `feeds`) are bit-identical in ONNX Runtime, the reference evaluator
+    and OpenVINO.
 
     fused: for a float output codes * scale + offset, the same rounded once (a fused multiply-add): OpenVINO
     contracts the decoder's Mul and Add so, where ONNX Runtime rounds twice; each element must be one of the two."""
+    feeds = feeds or {}
     onnx.checker.check_model(model)
-    expected = session(model).run(None, {})
-    for want, got in zip(expected, ReferenceEvaluator(model).run(None, {})):
+    expected = session(model).run(None, feeds)
+    for want, got in zip(expected, ReferenceEvaluator(model).run(None, feeds)):
         np.testing.assert_array_equal(got, want, err_msg="reference evaluator")
-    assert_exact_when_saturating(model, expected)
+    assert_exact_when_saturating(model, expected, feeds)
     if openvino is None:
         pytest.skip(NO_OPENVINO)
-    for want, got in zip(expected, openvino_run(model, {}, tmp_path)):
+    for want, got in zip(expected, openvino_run(model, feeds, tmp_path)):
         assert got.dtype == want.dtype and got.shape == want.shape
         if fused is not None and got.dtype == np.float32:
             got = np.where(got == fused, want, got)
@@ -91,12 +108,13 @@ SATURATING = [_saturating("Add", np.add), _saturating("Sub", np.subtract), _satu
               _saturating("Div", np.divide)]
 
 
-def assert_exact_when_saturating(model: onnx.ModelProto, expected: list[np.ndarray]) -> None:
+def assert_exact_when_saturating(model: onnx.ModelProto, expected: list[np.ndarray],
+                                 feeds: dict[str, np.ndarray] | None = None) -> None:
     """The decoders give the same result where integer arithmetic saturates and quotients round (the reference
     evaluator with SATURATING ops) as in ONNX Runtime (`expected`): no result depends on overflow or inexact
     division. This catches the bug class without OpenVINO."""
     assert not [n for n in model.graph.node if n.op_type == "BitShift"]
-    for want, got in zip(expected, ReferenceEvaluator(model, new_ops=SATURATING).run(None, {})):
+    for want, got in zip(expected, ReferenceEvaluator(model, new_ops=SATURATING).run(None, feeds or {})):
         np.testing.assert_array_equal(got, want, err_msg="saturating, rounding evaluator")
 
 
@@ -468,6 +486,18 @@ def test_block_matmul_float16_scales_decode_alike_everywhere(tmp_path):
     for got in (in_float.run(None, {"x": x})[0], ReferenceEvaluator(quantized).run(None, {"x": x})[0],
                 openvino_run(quantized, {"x": x}, tmp_path)[0]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 11, 16])
+def test_default_block_weights_decode_identically(tmp_path, bits):
+    """The default strategy with block_size: the decoded MatMul and Gemm weights (folded at load) and the gathered
+    rows of the integer table (decoded at run time, on ids of a dynamic shape), bit for bit."""
+    model = block_model(width=70)  # a partial last block along the rows and along mm2's K
+    quantized = convert(model, default_config(bits)).model
+    del quantized.graph.output[:]  # only what the decoders compute: the ops' own kernels round as they like
+    shapes = {"e": [5, 70], "mm1": [70, 80], "mm2": [80, 96], "fc": [48, 96]}
+    quantized.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes[n]) for n in PROBES)
+    assert_same_everywhere(quantized, tmp_path, feeds=BLOCK_FEEDS)
 
 
 def test_acwl_resnet20_runs_alike_in_openvino(tmp_path):

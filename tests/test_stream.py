@@ -28,6 +28,7 @@ CONFIGS = {
     + "[weight_quant_param]\ndequant_strategy=ON_THE_FLY\nblock_size=32\n",
     "on_the_fly_int4": _COMMON.format(mode="WEIGHT_QUANT", bits=4) + "[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n",
     "default_8bit": _COMMON.format(mode="WEIGHT_QUANT", bits=8),
+    "default_block32": _COMMON.format(mode="WEIGHT_QUANT", bits=4) + "[weight_quant_param]\nblock_size=32\n",
     "default_4bit": _COMMON.format(mode="WEIGHT_QUANT", bits=4),
     "dynamic_alwc": _COMMON.format(mode="DYNAMIC_QUANT", bits=8) + "[dynamic_quant_param]\nquant_strategy=ALWC\n",
     "dynamic_acwl": _COMMON.format(mode="DYNAMIC_QUANT", bits=8) + "[dynamic_quant_param]\nquant_strategy=ACWL\n",

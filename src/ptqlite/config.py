@@ -465,9 +465,9 @@ def _check_rules(config: QuantConfig, reader: _Reader, samples_given: bool = Fal
                           "expected a fixed bit_num in [1, 16] with ON_THE_FLY, not mixed bit (bit_num=0)")
     if common.quant_type == "WEIGHT_QUANT" and config.weight.block_size:
         wq = "weight_quant_param"
-        if config.weight.dequant_strategy != "ON_THE_FLY":
-            raise reader.fail(wq, "block_size", "expected 0 unless dequant_strategy=ON_THE_FLY (block-wise scales "
-                              "are stored by DequantizeLinear only)")
+        if config.is_mixed_bit:
+            raise reader.fail(wq, "block_size", "expected 0 with mixed bit (bit_num=0): block-wise scales need a "
+                              "fixed bit_num in [1, 16]")
         if not config.weight.per_channel:
             raise reader.fail(wq, "block_size", "expected 0 with per_channel=false (blocks split output channels)")
     if common.quant_type == "FULL_QUANT" and not samples_given:

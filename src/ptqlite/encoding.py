@@ -506,3 +506,75 @@ def split_codes(b: Builder, z: np.ndarray, plan: SplitPlan) -> str:
     if k:
         high = b.node("Mul", [high, b.shared.get(np.array([1 << k], np_type))])
     return b.node("ScatterElements", [low, where, high], reduction="add")
+
+
+# ---------------------------------------------------------------- block-wise codes
+
+def centred_type(bits: int) -> int:
+    """The ONNX integer type that holds code - zero point of `bits`-bit codes (both < 2^bits) without overflow."""
+    if bits <= 7:
+        return TensorProto.INT8
+    return TensorProto.INT16 if bits <= 15 else TensorProto.INT32
+
+
+def block_index(shared: SharedConstants, length: int, block: int) -> str:
+    """int64 [length]: the block of each position along a blocked axis (i // block), computed at load from
+    Range by float Div by a power of two and Floor (exact), so it costs no file bytes; shared per length."""
+
+    def build(t: Builder) -> str:
+        get = t.shared.get
+        values = t.node("Range", [get(np.array(0, np.float32)), get(np.array(length, np.float32)),
+                                  get(np.array(1, np.float32))])
+        blocks = t.node("Floor", [t.node("Div", [values, get(np.array(block, np.float32))])])
+        return t.node("Cast", [blocks], to=TensorProto.INT64)
+
+    return shared.value(("block index", length, block), build)
+
+
+def decode_blocks(add: Callable[..., str], codes: str, zero: str, scale: str, index: str, axis: int, bits: int,
+                  output: str | None = None) -> str:
+    """float32 (codes - zero) * scale, with `zero` and `scale` one per block along `axis` and `index` (block_index)
+    the block of each position there, as DequantizeLinear with block_size computes it: the difference is exact
+    (integer, in centred_type: no overflow) and rounded once by the Mul, so every runtime gives the same bits.
+    Gathering the parameters along the axis keeps the weight's shape (no float Reshape) and allows a last partial
+    block. `add(op, inputs, output=None, **attrs)` appends a node and returns its output."""
+    centred = centred_type(bits)
+    per_element = add("Gather", [add("Cast", [zero], to=centred), index], axis=axis)
+    difference = add("Cast", [add("Sub", [add("Cast", [codes], to=centred), per_element])], to=TensorProto.FLOAT)
+    return add("Mul", [difference, add("Gather", [scale, index], axis=axis)], output=output)
+
+
+@dataclass
+class BlockTables:
+    """A block-wise weight stored packed: what its decoder adds, and the values it makes at load."""
+
+    decoder: Decoder
+    codes: str  # the unsigned codes, uint8 (uint16 above 8 bits), in the weight's shape
+    zero: str  # the unsigned zero codes, same type, the weight's shape with the block axis shortened
+    scale: str  # float32 scales, the zero codes' shape
+    index: str  # block_index of the block axis
+
+
+def build_block_tables(b: Builder, codes: np.ndarray, zero_codes: np.ndarray, scale: np.ndarray, axis: int,
+                       block: int, bits: int) -> BlockTables:
+    """Store unsigned codes and zero codes packed at `bits` (Builder.unpack_codes) and the scales, in b's
+    decoder; their values are unpacked at load (folded). Scales on the float16 grid (the block search's, as
+    ON_THE_FLY stores them) are stored as float16 and cast to float32 at load (exact)."""
+    scale = np.asarray(scale, np.float32)
+    half = scale.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), scale):
+        scales = b.node("Cast", [b.const(half)], to=TensorProto.FLOAT)
+    else:
+        scales = b.const(scale)
+    return BlockTables(b.decoder, b.unpack_codes(codes, bits), b.unpack_codes(zero_codes, bits), scales,
+                       block_index(b.shared, codes.shape[axis], block))
+
+
+def build_block_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes: np.ndarray,
+                        zero_codes: np.ndarray, scale: np.ndarray, axis: int, block: int, bits: int) -> Decoder:
+    """The float32 weight `target` = (codes - zero) * scale per block, rebuilt at load (folded)."""
+    b = Builder(index, shared, "packed")
+    tables = build_block_tables(b, codes, zero_codes, scale, axis, block, bits)
+    b.decoder.output = decode_blocks(b.node, tables.codes, tables.zero, tables.scale, tables.index, axis, bits,
+                                     output=target)
+    return b.decoder

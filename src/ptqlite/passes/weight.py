@@ -5,8 +5,10 @@ file shrinks. Every float tensor that folding makes stays in memory until foldin
 few as it can (see decode_on_consumers): a weight read only by MatMul is folded to float codes by one Cast and
 its per-column scale and offset are applied to the MatMul's output; an embedding table read only by Gather stays
 integer and the gathered rows are decoded; any other weight (Conv, Gemm, ...) is rebuilt in float at load, so
-those ops run the float graph. ON_THE_FLY: the weight stays integer in the graph
-with a DequantizeLinear before its consumers, so it also stays small in memory at run time.
+those ops run the float graph. With block_size the codes, zero codes and scales of the block search are stored
+packed and MatMul/Gemm weights are rebuilt in float at load (Gather tables stay integer, gathered rows decoded).
+ON_THE_FLY: the weight stays integer in the graph with a DequantizeLinear before its consumers, so it also stays
+small in memory at run time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..blockwise import FLOAT16_MAX, BlockQuant, float16_grid, quantize_blocks
 from ..config import QuantConfig
-from ..encoding import MIN_OPSET, Decoder, SharedConstants, build_decoder
+from ..encoding import (
+    MIN_OPSET,
+    Builder,
+    Decoder,
+    SharedConstants,
+    build_block_decoder,
+    build_block_tables,
+    build_decoder,
+    decode_blocks,
+    packed_bytes,
+)
 from ..errors import ConversionError
 from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph_inputs
 from ..plan import WeightSpec, plan_weights, weight_quant_rules
@@ -92,7 +104,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     log.info("weight plan: %d weights to quantize to %d bit, %d stay float (size, channel, dtype or skip rules)",
              len(plan.quantized), common.bit_num, len(plan.skipped))
-    block = options.block_size if on_the_fly else 0
+    block = options.block_size
     if on_the_fly:
         _raise_opset_for_storage(model, common.bit_num, block, result)
     else:
@@ -111,17 +123,22 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
             rows = gathers_rows(index, spec.tensor, in_subgraphs)
             bits, width = (gathered_table_scheme(spec, block, options.gather_min_bit_num) if rows
                            else (spec.bits, block))
-            bq = _quantize_blocks(w, bits, axis, width, on_the_fly)
+            bq = _quantize_blocks(w, bits, axis, width, half_scales=True)  # both strategies: the same codes
             float_bytes = w.nbytes
             del w  # a streaming conversion unmaps the float weight before the codes are packed
-            if rows:
-                nodes, inits = _blocked_gathered_rows(index, spec, bq, after)
+            if on_the_fly:
+                nodes, inits = (_blocked_gathered_rows(index, spec, bq, after) if rows
+                                else _blocked_dequantize_linear(index, spec, bq))
+            elif _packed_block_bytes(bq) >= float_bytes:
+                result.skipped.append(SkippedTensor(spec.tensor, spec.op_type, spec.nodes,
+                                                    "quantized storage would not be smaller than float"))
+                continue
             else:
-                nodes, inits = _blocked_dequantize_linear(index, spec, bq)
+                nodes, inits = _packed_blocks(index, shared, spec, bq, rows, after)
             new_nodes += nodes
             removed.add(spec.tensor)
             result.quantized.append(_record_blocks(spec, bq, float_bytes, sum(_nbytes(t) for t in inits),
-                                                   rows=rows))
+                                                   rows=rows, on_the_fly=on_the_fly))
             del bq
             new_inits += spill(inits)  # a streaming conversion writes them to the output's data file now
             continue
@@ -461,6 +478,46 @@ def gathered_table_scheme(spec: WeightSpec, block: int, min_bits: int) -> tuple[
     return min_bits, int(spec.shape[-1])
 
 
+def _decode_gathered_rows(index: GraphIndex, tensor: str, codes: str, zero: str, scale: str, blocks: str, bits: int,
+                          after: dict[str, list[onnx.NodeProto]]) -> None:
+    """Point every Gather of `tensor` at the integer table `codes` and decode the rows it gathers, with the rows
+    of the per-block `zero` codes and `scale`s (signed or unsigned codes alike: decode_blocks only needs their
+    difference to fit centred_type(bits))."""
+    for node, _ in index.consumers[tensor]:
+        out, ids = node.output[0], node.input[1]
+        raw = index.unique_name("ptq_m")
+        node.input[0], node.output[0] = codes, raw
+        new: list[onnx.NodeProto] = []
+        add = _NodeAdder(index, new)
+        zero_rows, scale_rows = (add("Gather", [table, ids], axis=0) for table in (zero, scale))
+        decode_blocks(add, raw, zero_rows, scale_rows, blocks, -1, bits, output=out)
+        after[raw] = new
+
+
+def _packed_block_bytes(bq: BlockQuant) -> int:
+    """Bytes the default strategy stores for `bq`: codes and zero codes packed, float16 scales (float32 where
+    they are off the float16 grid)."""
+    scale_bytes = (2 if _on_float16_grid(bq.scale) else 4) * bq.scale.size
+    return packed_bytes(bq.codes.size, bq.bits) + packed_bytes(bq.zero_point.size, bq.bits) + scale_bytes
+
+
+def _packed_blocks(index: GraphIndex, shared: SharedConstants, spec: WeightSpec, bq: BlockQuant, rows: bool,
+                   after: dict[str, list[onnx.NodeProto]]):
+    """Default strategy with block_size: unsigned codes and zero codes packed at bit_num, float16 scales, decoded
+    at load to the weight (folded; equal bit for bit to ON_THE_FLY's block-wise DequantizeLinear). A table that
+    is only gathered stays integer, as the per-channel default does: the consumers gather integer rows and their
+    blocks' zero codes and scales, and decode only those rows (the same bits as the decoded table's rows)."""
+    qmin = qrange(bq.bits)[0]
+    codes, zero = bq.codes.astype(np.int64) - qmin, bq.zero_point - qmin
+    if not rows:
+        decoder = build_block_decoder(index, shared, spec.tensor, codes, zero, bq.scale, bq.axis, bq.block, bq.bits)
+        return decoder.nodes, decoder.initializers
+    builder = Builder(index, shared, "packed")
+    tables = build_block_tables(builder, codes, zero, bq.scale, bq.axis, bq.block, bq.bits)
+    _decode_gathered_rows(index, spec.tensor, tables.codes, tables.zero, tables.scale, tables.index, bq.bits, after)
+    return builder.decoder.nodes, builder.decoder.initializers
+
+
 def _quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, half_scales: bool) -> BlockQuant:
     """The block search, with scales on the float16 grid when `half_scales` (ON_THE_FLY stores them so: 16 bits
     per block instead of 32, 4.6 instead of 5.1 bits a weight at int4 block 32). A weight whose scales would pass
@@ -491,9 +548,12 @@ def _on_float16_grid(scale: np.ndarray) -> bool:
 
 
 def _record_blocks(spec: WeightSpec, bq: BlockQuant, float_bytes: int, stored: int,
-                   rows: bool = False) -> QuantizedTensor:
-    dtype = TensorProto.DataType.Name(_storage_type(bq.bits)[0]).lower()
-    storage = f"DequantizeLinear {dtype} block {bq.block}" + (" of the gathered rows" if rows else "")
+                   rows: bool = False, on_the_fly: bool = True) -> QuantizedTensor:
+    if on_the_fly:
+        dtype = TensorProto.DataType.Name(_storage_type(bq.bits)[0]).lower()
+        storage = f"DequantizeLinear {dtype} block {bq.block}" + (" of the gathered rows" if rows else "")
+    else:
+        storage = f"packed block {bq.block}" + (", gathered rows decoded" if rows else "")
     # The per-block parameters (an eighth of the float weight's bytes at block 32) are kept for the debug
     # reports, which a streaming conversion does not write: there they would add up to a part of the model.
     keep = not streaming()
