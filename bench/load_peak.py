@@ -7,8 +7,8 @@ loads each and runs it once: float weights; uint8 weights behind one Cast; behin
 and Add of a per-column offset (the former 8-bit decoder); the same map as one BatchNormalization (scale a, bias
 b, mean 0, variance 1, epsilon 0: exactly x * a + b); one Cast with the map on the MatMul output
 ((x @ u) * a + sum(x) * b, what the WEIGHT_QUANT pass now emits for MatMul weights). Then the float stack
-converted by the WEIGHT_QUANT pass at a few widths. --latency adds latency ratios against float (1 thread,
-batch 1, interleaved in one process).
+converted by the WEIGHT_QUANT pass at a few widths (and 4 bit block 32, rebuilt in float at load). --latency adds
+latency ratios against float (1 thread, batch 1, interleaved in one process).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from measure import latency_ratios, run_child
 
 WIDTH, LAYERS = 2048, 8
 KINDS = ("float", "cast", "cast+mul+add", "cast+batchnorm", "cast, affine on output")
-# The float stack converted by the WEIGHT_QUANT pass (default strategy): bit_num, enable_encode
-PASS_KINDS = {"WEIGHT_QUANT 8 bit": (8, "true"), "WEIGHT_QUANT 8 bit, enable_encode=false": (8, "false"),
-              "WEIGHT_QUANT 4 bit": (4, "true"), "WEIGHT_QUANT 3 bit": (3, "true")}
+# The float stack converted by the WEIGHT_QUANT pass (default strategy): bit_num, enable_encode, block_size
+PASS_KINDS = {"WEIGHT_QUANT 8 bit": (8, "true", 0), "WEIGHT_QUANT 8 bit, enable_encode=false": (8, "false", 0),
+              "WEIGHT_QUANT 4 bit": (4, "true", 0), "WEIGHT_QUANT 3 bit": (3, "true", 0),
+              "WEIGHT_QUANT 4 bit block 32": (4, "true", 32)}
 RUN = f"""import sys, numpy as np, onnxruntime as ort
 o = ort.SessionOptions(); o.log_severity_level = 3
 s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
@@ -79,12 +80,12 @@ def build(kind: str, path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
 
 
-def convert_stack(float_path: Path, bits: int, encode: str, path: Path) -> None:
+def convert_stack(float_path: Path, bits: int, encode: str, block: int, path: Path) -> None:
     from ptqlite import convert, parse_config
     from ptqlite.model import save_model
 
     text = (f"[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num={bits}\nmin_quant_weight_channel=0\n"
-            f"enable_encode={encode}\n")
+            f"enable_encode={encode}\n[weight_quant_param]\nblock_size={block}\n")
     save_model(convert(onnx.load(float_path), parse_config(text, "load_peak.cfg")).model, path)
 
 
@@ -95,9 +96,9 @@ def main() -> int:
             paths[kind] = Path(tmp) / f"model{n}.onnx"
             build(kind, paths[kind])
             print(f"{kind}: peak RSS {run_child([sys.executable, '-c', RUN, str(paths[kind])]).peak_mb:.0f} MB")
-        for n, (kind, (bits, encode)) in enumerate(PASS_KINDS.items()):
+        for n, (kind, (bits, encode, block)) in enumerate(PASS_KINDS.items()):
             paths[kind] = Path(tmp) / f"pass{n}.onnx"
-            convert_stack(paths["float"], bits, encode, paths[kind])
+            convert_stack(paths["float"], bits, encode, block, paths[kind])
             print(f"{kind}: peak RSS {run_child([sys.executable, '-c', RUN, str(paths[kind])]).peak_mb:.0f} MB")
         if "--latency" in sys.argv:
             # Only the runtime graphs differ: float's plain MatMul against MatMul plus the per-column map.
