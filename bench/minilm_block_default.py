@@ -4,8 +4,8 @@ strategy per channel (block_size=0).
 
     PYTHONPATH=src .venv/bin/python bench/minilm_block_default.py [--cache .cache/minilm] [--sentences 500]
 
-Both conversions quantize the same weights (MatMul, and the word, position and token type tables) with the same
-block search, so their codes and scales are equal. Printed per model: file size, mean and min cosine of the
+Both conversions quantize the same weights (MatMul, and the word, position and token type tables, at 4 bits too:
+gather_min_bit_num=0) with the same block search, so their codes and scales are equal. Printed per model: file size, mean and min cosine of the
 sentence embeddings to float (as bench/minilm_int4.py measures them; ON_THE_FLY also at accuracy_level=0, float
 activations in the fused kernels), the largest absolute difference of the embeddings against ON_THE_FLY at
 accuracy_level=0, the peak RSS of a child process that loads the model and runs one batch (median of --repeats,
@@ -39,6 +39,7 @@ min_quant_weight_size=0
 min_quant_weight_channel=0
 [weight_quant_param]
 block_size={block}
+gather_min_bit_num=0
 {strategy}
 """
 LOAD = """import sys, numpy as np, onnxruntime as ort
