@@ -37,7 +37,7 @@ ALL_KEYS = {
                            "skip_quant_node", "debug_info_save_path", "enable_encode", "skip_quant_op_type"},
     "mixed_bit_weight_quant_param": {"init_scale", "auto_tune"},
     "weight_quant_param": {"per_channel", "bias_correction", "dequant_strategy", "block_size",
-                           "gather_min_bit_num"},
+                           "gather_min_bit_num", "activation_weighted"},
     "full_quant_param": {"activation_quant_method", "bias_correction", "per_channel", "target_device"},
     "data_preprocess_param": {"calibrate_path", "calibrate_size", "input_type", "image_to_format", "normalize_mean",
                               "normalize_std", "resize_width", "resize_height", "resize_method",
@@ -138,7 +138,7 @@ def test_defaults_of_every_key():
     assert (config.mixed_bit.init_scale, config.mixed_bit.auto_tune) == (0.02, False)
     w = config.weight
     assert (w.per_channel, w.bias_correction, w.dequant_strategy, w.block_size) == (True, True, "DEFAULT", 0)
-    assert w.gather_min_bit_num == 8
+    assert (w.gather_min_bit_num, w.activation_weighted) == (8, True)
     f = config.full
     assert (f.activation_quant_method, f.bias_correction, f.per_channel, f.target_device) == (
         "MAX_MIN", True, True, "CPU")

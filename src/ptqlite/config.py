@@ -59,6 +59,9 @@ class WeightQuantParam:
     block_size: int = 0
     # Extension: with block_size, tables that are only gathered get at least this many bits (0: bit_num).
     gather_min_bit_num: int = 8
+    # Extension: with block_size and calibration data, the block search weights each input channel's error by its
+    # activations' mean square (activation_weights.py); false searches by the weight error alone.
+    activation_weighted: bool = True
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "dequant_strategy": ("dequant_strategy", _choice(*DEQUANT_STRATEGIES)),
         "block_size": ("block_size", _block_size),
         "gather_min_bit_num": ("gather_min_bit_num", _int_in(0, 16)),
+        "activation_weighted": ("activation_weighted", _bool),
     },
     "full_quant_param": {
         "activation_quant_method": (

@@ -419,7 +419,8 @@ def low_bit_message(verification: Verification, config: QuantConfig, analyze_com
     return (f"bit_num={bits} was verified on synthetic inputs only (min output cosine {worst:.4f}), which can miss "
             f"what {bits} bits lose on real data (a text recogniser measured 0.973 on them and 0.844 on real text); "
             "verify on real inputs by giving calibration data ([data_preprocess_param] calibrate_path: WEIGHT_QUANT "
-            f"reads it for this check only), or find the layers that lose most with: {analyze_command}")
+            "reads it for this check and for block_size's search), or find the layers that lose most with: "
+            f"{analyze_command}")
 
 
 def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: onnx.ModelProto,

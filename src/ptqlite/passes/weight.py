@@ -95,8 +95,11 @@ def _distribution_correction(w: np.ndarray, w_hat: np.ndarray, axis: int | None)
     return var_corr, mean_corr
 
 
-def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
-    """Fixed-bit weight quantization of `model` in place."""
+def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format: str | None = None,
+        **_) -> ConversionResult:
+    """Fixed-bit weight quantization of `model` in place. With block_size and calibration data (`samples` in
+    memory, else [data_preprocess_param] calibrate_path) the block search weights each input channel by its
+    activations' mean square ([weight_quant_param] activation_weighted)."""
     common, options = config.common, config.weight
     on_the_fly = options.dequant_strategy == "ON_THE_FLY"
     plan = plan_weights(model, weight_quant_rules(config, options.per_channel))
@@ -116,6 +119,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
     removed: set[str] = set()
     after: dict[str, list[onnx.NodeProto]] = {}
     in_subgraphs = subgraph_inputs(model.graph)  # weights read there keep their name and float form
+    importance = _importance(model, config, plan.quantized, samples, input_format, result) if block else {}
     for spec in plan.quantized:
         w = index.array(spec.tensor)
         axis = block_axis(spec) if block else None
@@ -123,7 +127,11 @@ def run(model: onnx.ModelProto, config: QuantConfig, **_) -> ConversionResult:
             rows = gathers_rows(index, spec.tensor, in_subgraphs)
             bits, width = (gathered_table_scheme(spec, block, options.gather_min_bit_num) if rows
                            else (spec.bits, block))
-            bq = _quantize_blocks(w, bits, axis, width, half_scales=True)  # both strategies: the same codes
+            h = importance.get(spec.tensor) if not rows else None
+            if h is not None and h.shape != (w.shape[axis],):
+                h = None
+            # both strategies: the same codes
+            bq = _quantize_blocks(w, bits, axis, width, half_scales=True, importance=h)
             float_bytes = w.nbytes
             del w  # a streaming conversion unmaps the float weight before the codes are packed
             if on_the_fly:
@@ -518,18 +526,46 @@ def _packed_blocks(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
     return builder.decoder.nodes, builder.decoder.initializers
 
 
-def _quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, half_scales: bool) -> BlockQuant:
+def _importance(model: onnx.ModelProto, config: QuantConfig, specs: list[WeightSpec], samples,
+                input_format: str | None, result: ConversionResult) -> dict[str, np.ndarray]:
+    """Weight name -> its input channels' activation mean squares, for the block search; {} without calibration
+    data, with activation_weighted=false, or in a streaming conversion (which does not hold the float model to run
+    it)."""
+    from ..data import has_calibration_data
+
+    if not config.weight.activation_weighted or (samples is None and not has_calibration_data(config)):
+        return {}
+    if streaming():
+        note = "activation-weighted block search not used: a streaming conversion does not run the float model"
+        log.info("%s", note)
+        result.notes.append(note)
+        return {}
+    from ..activation_weights import measure_or_skip
+
+    if samples is None:
+        from ..data import calibration_set
+
+        samples = calibration_set(config, model, input_format)
+    weights = {s.tensor for s in specs if s.op_type in ("MatMul", "Gemm") and block_axis(s) is not None}
+    squares, note = measure_or_skip(model, weights, samples)
+    log.info("%s", note)
+    result.notes.append(note)
+    return squares
+
+
+def _quantize_blocks(w: np.ndarray, bits: int, axis: int, block: int, half_scales: bool,
+                     importance: np.ndarray | None = None) -> BlockQuant:
     """The block search, with scales on the float16 grid when `half_scales` (ON_THE_FLY stores them so: 16 bits
     per block instead of 32, 4.6 instead of 5.1 bits a weight at int4 block 32). A weight whose scales would pass
-    float16's largest value keeps float32 scales."""
+    float16's largest value keeps float32 scales. `importance` weights the search's error per input channel."""
     def release(a: int, b: int) -> None:
         release_pages(w, a, b)
 
     if half_scales:
-        bq = quantize_blocks(w, bits, axis, block, release=release, scale_grid=float16_grid)
+        bq = quantize_blocks(w, bits, axis, block, release=release, scale_grid=float16_grid, importance=importance)
         if bq.scale.max(initial=0) < FLOAT16_MAX:
             return bq
-    return quantize_blocks(w, bits, axis, block, release=release)
+    return quantize_blocks(w, bits, axis, block, release=release, importance=importance)
 
 
 def _scale_tensor(index: GraphIndex, bq: BlockQuant, name: str) -> tuple[onnx.TensorProto, onnx.NodeProto | None]:
