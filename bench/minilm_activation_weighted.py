@@ -2,19 +2,21 @@
 against the plain search, by the mean cosine of sentence embeddings to FP32, both through the user path.
 
     PYTHONPATH=src .venv/bin/python bench/minilm_activation_weighted.py [--cache .cache/minilm] [--sentences 500]
-        [--calibration 128]
+        [--calibration 128] [--cost 2]
 
 The plain conversion is ptqlite.convert without calibration data; the weighted one is ptqlite.convert with
 --calibration SST-2 sentences taken after the evaluated ones (one unpadded sentence a sample) as in-memory
 calibration samples: with block_size, [weight_quant_param] activation_weighted (default true) weights each
 MatMul weight's block search by its input channels' activation mean squares (src/ptqlite/activation_weights.py),
 minimising sum_k h_k (w_k - dequantized_k)^2 per block: the diagonal of the layer's output error.
+--cost N only times the two conversions (verify=False), interleaved N times in this process, and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--venv", default=str(ROOT / ".cache" / "minilm-venv"))
     parser.add_argument("--sentences", type=int, default=500)
     parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--cost", type=int, default=0)
     args = parser.parse_args()
     cache = Path(args.cache)
     float_path, tokens_path = build_float(cache, Path(args.venv), max(args.sentences + args.calibration, 2000))
@@ -47,6 +50,13 @@ def main() -> None:
     tables = {t.name for t in model.graph.initializer if len(t.dims) == 2}
     word = ",".join(n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables)
     config = parse_config(PTQ_CONFIG.format(bits=4, block=32, skip=f"skip_quant_node={word}"), "minilm_weighted")
+    if args.cost:
+        for _ in range(args.cost):
+            for name, calibration in (("plain", None), ("weighted", samples)):
+                start = time.perf_counter()
+                api.convert(model, config, calibration, verify=False)
+                print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+        return
     rows = slice(0, args.sentences)
     reference = embeddings(float_path, tokens, rows, "")
     work = cache / "int4"

@@ -366,7 +366,8 @@ def test_repeated_section_is_dropped(caplog):
 def test_unknown_key_is_an_error():
     assert error(WEIGHT + "[weight_quant_param]\nper_chanel=true\n") == (
         f"{SRC}:4: [weight_quant_param] per_chanel=true: per_chanel is not supported in [weight_quant_param]; "
-        "expected one of per_channel, bias_correction, dequant_strategy, block_size, gather_min_bit_num")
+        "expected one of per_channel, bias_correction, dequant_strategy, block_size, gather_min_bit_num, "
+        "activation_weighted")
 
 
 def test_unknown_section_is_ignored(caplog):

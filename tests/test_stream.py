@@ -244,3 +244,18 @@ def test_streaming_peak_memory_does_not_grow_with_the_layers(tmp_path):
     grown = sizes[24] - sizes[2]
     assert grown > 120e6
     assert peaks[24] - peaks[2] < 0.2 * grown, (peaks, sizes)
+
+
+def test_streaming_searches_blocks_plainly_even_with_calibration_samples(work):
+    """A streaming conversion does not run the float model: activation_weighted is not used, and a note says so."""
+    from ptqlite.convert import discard_output
+    from ptqlite.model import load_model
+
+    path = work / "in" / "model.onnx"
+    samples = [{"ids": np.arange(8, dtype=np.int64)[None] + i} for i in range(4)]
+    result = convert(load_model(path, lazy=True), parse_config(CONFIGS["on_the_fly_block32"]), model_path=path,
+                     stream_to=work / "out" / "streamed.onnx", verify=False, samples=samples)
+    discard_output(result)
+    assert "activation-weighted block search not used: a streaming conversion does not run the float model" in (
+        result.notes)
+    assert not any(p.name.startswith("streamed") for p in (work / "out").iterdir())

@@ -14,8 +14,8 @@ fresh iterator (so a generator function works; a generator object is read once a
 - single arrays, for models with one input,
 - batches of either (arrays whose first axis is a batch are split into samples of one),
 optionally mapped through `transform` first (NNCF's transform_fn); arrays may be numpy arrays or anything with
-.numpy() (torch tensors, without importing torch). The samples serve FULL_QUANT's calibration, auto_tune, and the
-debug reports.
+.numpy() (torch tensors, without importing torch). The samples serve FULL_QUANT's calibration, auto_tune, the
+activation-weighted block search of WEIGHT_QUANT with block_size, and the debug reports.
 """
 
 from __future__ import annotations
