@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import pytest
 from helpers import session
 from onnx import TensorProto, helper, numpy_helper
 
@@ -33,9 +34,9 @@ def _samples(count: int = 32) -> list[dict[str, np.ndarray]]:
     return [{"x": s} for s in x]
 
 
-def _config(extra: str = "", data: str = ""):
+def _config(extra: str = "", data: str = "", strategy: str = "dequant_strategy=ON_THE_FLY\n"):
     return parse_config("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=4\n[weight_quant_param]\n"
-                        f"dequant_strategy=ON_THE_FLY\nblock_size=16\n{extra}{data}", "test.cfg")
+                        f"{strategy}block_size=16\n{extra}{data}", "test.cfg")
 
 
 def _output_error(model: onnx.ModelProto, samples) -> float:
@@ -50,10 +51,11 @@ def test_channel_mean_squares_are_the_activations_mean_squares():
     np.testing.assert_allclose(squares["w"], np.mean(x ** 2, axis=0), rtol=1e-12)
 
 
-def test_calibration_samples_lower_the_layers_output_error():
+@pytest.mark.parametrize("strategy", ["dequant_strategy=ON_THE_FLY\n", ""], ids=["on_the_fly", "default"])
+def test_calibration_samples_lower_the_layers_output_error(strategy):
     samples = _samples()
-    plain = convert(_model(), _config(), verify=False)
-    weighted = api.convert(_model(), _config(), samples, verify=False)
+    plain = convert(_model(), _config(strategy=strategy), verify=False)
+    weighted = api.convert(_model(), _config(strategy=strategy), samples, verify=False)
     assert any(n.startswith("activation-weighted block search: 1 of 1") for n in weighted.notes)
     plain_error, weighted_error = _output_error(plain.model, samples), _output_error(weighted.model, samples)
     assert weighted_error < 0.8 * plain_error, (weighted_error, plain_error)
