@@ -577,3 +577,16 @@ def test_default_block_keeps_the_model_opset_and_needs_no_opset_21():
     fused_off = {"graph_optimization_level": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}  # no MatMulNBits kernel (int8 activations) for ON_THE_FLY
     np.testing.assert_allclose(session(out).run(None, FEEDS)[0], session(on_the_fly, **fused_off).run(None, FEEDS)[0],
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_on_the_fly_block_table_of_any_width_decodes_its_gathered_rows(bits):
+    """ON_THE_FLY, a table at bit_num whose row width is not a multiple of the block (70 = 2 x 32 + 6): the
+    gathered rows reshaped to [rows, 3, 32] failed (the verification gate refused the output); the last block's
+    codes are padded with its zero code and the decoded rows cut back to 70."""
+    model = block_model(width=70)
+    result = convert(model, default_config(bits, extra="dequant_strategy=ON_THE_FLY\n"))
+    table = numpy_helper.to_array(model.graph.initializer[0])
+    rows = run(with_outputs(result.model, ["e"]), BLOCK_FEEDS)[2]
+    want = quantize_blocks(table, bits, 1, 32, scale_grid=float16_grid).dequantized()[BLOCK_FEEDS["ids"]]
+    np.testing.assert_array_equal(rows, want)

@@ -405,47 +405,58 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
     q_name, s_name, z_name = (index.unique_name(f"{prefix}_{s}") for s in ("quantized", "scale", "zero_point"))
     width = int(bq.codes.shape[-1])
     blocks = int(bq.scale.shape[-1])
+    codes = bq.codes
+    if blocks * bq.block != width:
+        # A partial last block: its codes are padded with the block's zero code so the gathered rows reshape to
+        # [rows, blocks, block]; the decoded rows are cut back to the table's width.
+        padding = np.repeat(bq.zero_point[:, -1:], blocks * bq.block - width, axis=1).astype(codes.dtype)
+        codes = np.concatenate([codes, padding], axis=1)
     nodes = []
-    nibbles = dtype == TensorProto.INT4 and width % 2 == 0
+    nibbles = dtype == TensorProto.INT4 and codes.shape[-1] % 2 == 0
     zero = bq.zero_point
     if nibbles:
-        unsigned = (bq.codes.astype(np.int16) - qrange(bq.bits)[0]).astype(np.uint8)
+        unsigned = (codes.astype(np.int16) - qrange(bq.bits)[0]).astype(np.uint8)
         q_tensor = numpy_helper.from_array(unsigned[:, 0::2] | (unsigned[:, 1::2] << 4), q_name)
         zero, np_type, rows_of = zero - qrange(bq.bits)[0], np.uint8, q_name
     elif dtype == TensorProto.INT4:
-        q_tensor = int4_tensor(q_name, bq.codes)
+        q_tensor = int4_tensor(q_name, codes)
         rows_of = index.unique_name(f"{prefix}_int8")
         nodes.append(helper.make_node("Cast", [q_name], [rows_of], to=TensorProto.INT8,
                                       name=index.unique_name(f"{prefix}/Cast")))
         np_type = np.int8
     else:
-        q_tensor, rows_of = numpy_helper.from_array(bq.codes.astype(np_type), q_name), q_name
+        q_tensor, rows_of = numpy_helper.from_array(codes.astype(np_type), q_name), q_name
     z_tensor = numpy_helper.from_array(zero.astype(np_type), z_name)
     half = _on_float16_grid(bq.scale)
     s_tensor = numpy_helper.from_array(bq.scale.astype(np.float16 if half else np.float32), s_name)
-    consts = {kind: index.unique_name(f"{prefix}_{kind}") for kind in ("blocks", "scales", "row", "last", "16th", "16")}
+    padded = int(codes.shape[-1]) != width
+    consts = {kind: index.unique_name(f"{prefix}_{kind}")
+              for kind in ("blocks", "scales", "row", "last", "16th", "16", "zero", "width", "flat")}
     const_tensors = [numpy_helper.from_array(np.array(v, dtype), consts[k]) for k, v, dtype in
                      (("blocks", [-1, blocks, bq.block], np.int64), ("scales", [-1, blocks, 1], np.int64),
-                      ("row", [width], np.int64), ("last", [-1], np.int64), ("16th", 1 / 16, np.float32),
-                      ("16", 16, np.float32))
-                     if nibbles or k in ("blocks", "scales", "row")]
+                      ("row", [codes.shape[-1]], np.int64), ("last", [-1], np.int64), ("16th", 1 / 16, np.float32),
+                      ("16", 16, np.float32), ("zero", [0], np.int64), ("width", [width], np.int64),
+                      ("flat", [-1, codes.shape[-1]], np.int64))
+                     if k in ("blocks", "scales", "row") or (nibbles and k in ("last", "16th", "16"))
+                     or (padded and k in ("last", "zero", "width", "flat"))]
     for node, _ in index.consumers[spec.tensor]:
         out, ids = node.output[0], node.input[1]
         node.input[0] = rows_of
         node.output[0] = index.unique_name(f"{out}_codes")
         after[node.output[0]] = _decode_gathered_blocks(index, node.name, node.output[0], ids, out,
-                                                        (s_name, z_name), consts, nibbles, half)
+                                                        (s_name, z_name), consts, nibbles, half, padded)
     return nodes, [q_tensor, s_tensor, z_tensor, *const_tensors]
 
 
 def _decode_gathered_blocks(index: GraphIndex, name: str, codes: str, ids: str, out: str,
                             tables: tuple[str, str], consts: dict[str, str], nibbles: bool,
-                            half: bool) -> list[onnx.NodeProto]:
+                            half: bool, padded: bool = False) -> list[onnx.NodeProto]:
     """(codes - zero point) * scale per block of the gathered rows `codes`, as DequantizeLinear with block_size
     computes it, on rows reshaped to [rows, blocks, block]: OpenVINO 2026.4 reads a block-wise DequantizeLinear
     only on inputs of static shape, and gathered rows have the shape of the ids. nibbles: each gathered byte
     holds two codes, split as high = floor(byte / 16), low = byte - 16 high (exact in float32); half: the scale
-    table is float16, its gathered rows cast to float32."""
+    table is float16, its gathered rows cast to float32; padded: the table's rows carry a padded last block,
+    cut off the decoded rows."""
     nodes: list[onnx.NodeProto] = []
 
     def add(op, inputs, kind, **attrs):
@@ -469,7 +480,11 @@ def _decode_gathered_blocks(index: GraphIndex, name: str, codes: str, ids: str, 
                        to=TensorProto.FLOAT)
     centred = add("Sub", [as_float, add("Cast", [zero], "zero_float", to=TensorProto.FLOAT)], "centred")
     rows = add("Mul", [centred, scale], "rows")
-    row_shape = add("Concat", [add("Shape", [ids], "ids_shape"), consts["row"]], "rows_shape", axis=0)
+    if padded:
+        rows = add("Slice", [add("Reshape", [rows, consts["flat"]], "rows_flat"), consts["zero"], consts["width"],
+                             consts["last"]], "rows_cut")
+    row_shape = add("Concat", [add("Shape", [ids], "ids_shape"), consts["row"] if not padded else consts["width"]],
+                    "rows_shape", axis=0)
     nodes.append(helper.make_node("Reshape", [rows, row_shape], [out], name=index.unique_name(f"{name}/rows")))
     return nodes
 
