@@ -17,10 +17,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from .errors import ConversionError, DataError
-from .model import GraphIndex, attribute, opset_version
+from .model import ProbeAdditions, attribute, opset_version
 from .runtime import cpu_session
 
 log = logging.getLogger(__name__)
@@ -48,22 +48,10 @@ def channel_mean_squares(model: onnx.ModelProto, weights: set[str], samples: Ite
     activations = list(dict.fromkeys(a for names in readers.values() for a in names))
     if not activations:
         return {}
-    graph = model.graph
-    mark = len(graph.node), len(graph.initializer), len(graph.output)
-    index = GraphIndex(graph)
+    probe = ProbeAdditions(model)
+    node, const = probe.node, probe.const
     axes_input = opset_version(model) >= 13  # ReduceSum takes axes as an input from opset 13
     outputs: dict[str, tuple[str, str]] = {}
-
-    def node(op: str, inputs: list[str], tag: str, **attrs) -> str:
-        out = index.unique_name(tag)
-        graph.node.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
-
-    def const(values: list[int], tag: str) -> str:
-        name = index.unique_name(tag)
-        graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
-        return name
-
     try:
         for a in activations:
             shape = node("Shape", [a], f"{a}_awq_shape")
@@ -78,12 +66,10 @@ def channel_mean_squares(model: onnx.ModelProto, weights: set[str], samples: Ite
             else:
                 total = node("ReduceSum", [square], f"{a}_awq_sum", axes=[0], keepdims=0)
             outputs[a] = (total, shape)
-        graph.output.extend(onnx.ValueInfoProto(name=n) for pair in outputs.values() for n in pair)
+        probe.outputs(n for pair in outputs.values() for n in pair)
         session = cpu_session(model, "for the activation-weighted block search", spinning=False)
     finally:
-        del graph.node[mark[0]:]
-        del graph.initializer[mark[1]:]
-        del graph.output[mark[2]:]
+        probe.remove()
     names = [n for pair in outputs.values() for n in pair]
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(activations, 0)

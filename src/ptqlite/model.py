@@ -448,6 +448,46 @@ class GraphIndex:
         return name
 
 
+class ProbeAdditions:
+    """Nodes, int64 constants and graph outputs appended to a model for the time a probe session takes to load,
+    and removed again by remove(): a probe that worked on a copy of the model would cost its size once more, at
+    the peak of a conversion's memory (calibration, bias correction, the activation-weighted block search)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.mark = len(self.graph.node), len(self.graph.initializer), len(self.graph.output)
+        self._index: GraphIndex | None = None  # made on the first name asked for: outputs() alone needs none
+
+    @property
+    def index(self) -> GraphIndex:
+        if self._index is None:
+            self._index = GraphIndex(self.graph)
+        return self._index
+
+    def node(self, op: str, inputs: list[str], tag: str, **attrs) -> str:
+        """Append one op named after `tag` (made unique); returns its output's name."""
+        out = self.index.unique_name(tag)
+        self.graph.node.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(self, values: list[int], tag: str) -> str:
+        """Append an int64 initializer (shapes, axes, slice bounds); returns its name."""
+        name = self.index.unique_name(tag)
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    def outputs(self, names) -> None:
+        """Make `names` graph outputs (type and shape left to the runtime)."""
+        self.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+
+    def remove(self) -> None:
+        """Take out everything appended since this object was made."""
+        nodes, initializers, outputs = self.mark
+        del self.graph.node[nodes:]
+        del self.graph.initializer[initializers:]
+        del self.graph.output[outputs:]
+
+
 def subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
     """Names read inside subgraphs (If/Loop/Scan bodies, nested ones too)."""
     names: set[str] = set()

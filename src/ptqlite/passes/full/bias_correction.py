@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...model import GraphIndex
+from ...model import GraphIndex, ProbeAdditions
 from ...targets import Target
 from .params import BiasParams, QuantParams, bias_codes
-from .statistics import CHANNEL_MEAN, Statistics, StatRequest, collect, kept, model_digest, restore
+from .statistics import CHANNEL_MEAN, Statistics, StatRequest, collect, kept, model_digest
 
 
 def mean_requests(model: onnx.ModelProto, positions: list[int]) -> list[StatRequest]:
@@ -43,13 +43,13 @@ def correct_biases(model: onnx.ModelProto, params: QuantParams, float_stats: Sta
     if todo:
         # The layer copies go into `model` itself for the pass and are removed after it: a copy of the model
         # would cost its size once more, at the peak of the conversion's memory.
-        mark = len(model.graph.node), len(model.graph.initializer), len(model.graph.output)
+        probe = ProbeAdditions(model)
         try:
             names = _add_layer_copies(model, todo, params, preset)
             quantized = collect(model, [StatRequest(n, CHANNEL_MEAN) for n in names], samples, progress,
                                 "bias correction")
         finally:
-            restore(model, mark)
+            probe.remove()
         for pos, name in zip(todo, names):
             float_sum = float_stats.channel_mean_sums[model.graph.node[pos].output[0]]
             diffs[pos] = (float_sum - quantized.channel_mean_sums[name]) / float_stats.samples

@@ -26,7 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from ...errors import ConversionError, DataError
-from ...model import GraphIndex, opset_version
+from ...model import ProbeAdditions, opset_version
 from ...observers import fallback_notes, make_observer
 from ...qmath import reduce_axes
 from ...runtime import cpu_session
@@ -202,44 +202,24 @@ def _reducing_session(model: onnx.ModelProto, requests: list[StatRequest], names
                  and all(_reducible(r) and r not in optional for r in rs)}
     whole = [n for n in names if n not in reducible]
     if reducible:
-        mark = len(model.graph.node), len(model.graph.initializer), len(model.graph.output)
-        reduced = _add_reductions(model, [r for r in requests if r.tensor in reducible])
+        probe = ProbeAdditions(model)
+        reduced = _add_reductions(probe, opset_version(model), [r for r in requests if r.tensor in reducible])
         outputs = whole + [n for results in reduced.values() for n in results]
         try:
             return _probe_session(model, whole), outputs, reduced
         except ConversionError:  # a type the reduction ops lack: fetch every tensor whole, as onnxruntime can
             pass
         finally:
-            restore(model, mark)
+            probe.remove()
     return _probe_session(model, names), names, {}
 
 
-def restore(model: onnx.ModelProto, mark: tuple[int, int, int]) -> None:
-    """Remove the nodes, initializers and graph outputs appended to `model` since `mark` (their counts then)."""
-    nodes, initializers, outputs = mark
-    del model.graph.node[nodes:]
-    del model.graph.initializer[initializers:]
-    del model.graph.output[outputs:]
-
-
-def _add_reductions(model: onnx.ModelProto, requests: list[StatRequest]) -> dict[StatRequest, list[str]]:
-    """Reduction nodes appended to `model` for each request, their results made graph outputs (the caller
-    removes them again with restore())."""
-    graph = model.graph
-    index = GraphIndex(graph)
-    axes_input = opset_version(model) >= 18  # ReduceMean/ReduceSum/... take axes as an input from opset 18
+def _add_reductions(probe: ProbeAdditions, opset: int, requests: list[StatRequest]) -> dict[StatRequest, list[str]]:
+    """Reduction nodes appended by `probe` for each request, their results made graph outputs (the caller
+    removes them again with probe.remove())."""
+    node, const = probe.node, probe.const
+    axes_input = opset >= 18  # ReduceMean/ReduceSum/... take axes as an input from opset 18
     reduced: dict[StatRequest, list[str]] = {}
-
-    def node(op: str, inputs: list[str], tag: str, **attrs) -> str:
-        out = index.unique_name(tag)
-        graph.node.append(onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
-
-    def const(values: list[int], tag: str) -> str:
-        name = index.unique_name(tag)
-        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(values, np.int64), name))
-        return name
-
     for r in requests:
         t = r.tensor
         if r.kind == RANGE:
@@ -256,7 +236,7 @@ def _add_reductions(model: onnx.ModelProto, requests: list[StatRequest]) -> dict
             else:
                 mean = node("ReduceMean", [flat], f"{t}_calib_mean", axes=[0, 2], keepdims=0)
             reduced[r] = [mean]
-    graph.output.extend(onnx.ValueInfoProto(name=n) for names in reduced.values() for n in names)
+    probe.outputs(n for names in reduced.values() for n in names)
     return reduced
 
 
@@ -283,12 +263,12 @@ def _probe_session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceS
     Python: spinning worker threads would only steal their CPU time. The outputs are added to `model` itself for
     as long as the session takes to load, then removed: a copy of the model would cost its size once more."""
     have = {o.name for o in model.graph.output}
-    mark = len(model.graph.node), len(model.graph.initializer), len(model.graph.output)
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(outputs) if n not in have)
+    probe = ProbeAdditions(model)
+    probe.outputs(n for n in dict.fromkeys(outputs) if n not in have)
     try:
         return cpu_session(model, "for calibration", spinning=False)
     finally:
-        restore(model, mark)
+        probe.remove()
 
 
 def _run(session: ort.InferenceSession, names: list[str], sample: dict[str, np.ndarray]) -> list[np.ndarray]:
