@@ -42,6 +42,10 @@ class Timing:
         return self.quantized_ms / self.float_ms if self.float_ms > 0 else 1.0
 
 
+# The reason a weight is listed as skipped when latency-aware planning kept its layer float (both passes).
+DEMOTED = "kept float by latency-aware planning: int8 ran slower than float on this machine"
+
+
 def measure(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dict[str, np.ndarray],
             own_shapes: onnx.ModelProto | None = None) -> Timing:
     """Median run times of both graphs on `feeds` (one intra-op thread each, interleaved). `own_shapes` (the

@@ -69,8 +69,6 @@ _PRESET = target("CPU")
 _ZERO = 128
 # Keeps the per-row scale of an all-zero row finite (x / s is then 0, as it should be).
 _TINY = np.float32(1e-30)
-# The reason given for a layer that latency-aware planning keeps float (FULL_QUANT gives the same).
-DEMOTED = "kept float by latency-aware planning: int8 ran slower than float on this machine"
 
 
 @dataclass
@@ -460,7 +458,7 @@ def _quantize(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str, op
             if not reason and node.op_type != "Gather" and node.name:
                 layers.append((node.name, weight))
                 if node.name in demoted:
-                    reason = DEMOTED
+                    reason = timer.DEMOTED
             if reason:
                 kept_float.setdefault(weight, reason)
                 new_nodes.append(node)

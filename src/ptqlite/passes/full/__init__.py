@@ -277,8 +277,7 @@ def _unused_weights(weight_plan: WeightPlan, params, plan: GraphPlan, demoted: s
     """Planned weights that stay float because a node that reads them stays float."""
     done = set(params.weights) | set(params.weight_only)
     return [SkippedTensor(s.tensor, s.op_type, s.nodes,
-                          "kept float by latency-aware planning: int8 ran slower than float on this machine"
-                          if set(s.nodes) & demoted else
+                          timer.DEMOTED if set(s.nodes) & demoted else
                           "read by a node that stays float (skip_quant_node, a float input, or an op without an "
                           "int8 kernel on this preset)")
             for s in weight_plan.quantized if s.tensor not in done]
