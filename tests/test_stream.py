@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,130 @@ def test_streaming_searches_blocks_plainly_even_with_calibration_samples(work):
     assert "activation-weighted block search not used: a streaming conversion does not run the float model" in (
         result.notes)
     assert not any(p.name.startswith("streamed") for p in (work / "out").iterdir())
+
+
+# ---------------------------------------------------------------- the gate on models over the size limits
+# (stream.WHOLE_LOAD_BYTES, the 2 GB limit and the memory available lowered or faked on tiny models)
+
+
+def _negated(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A broken "output": every weight negated (logits cosine about 0 against the float model)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
+    return copy
+
+
+def _ids() -> list[dict[str, np.ndarray]]:
+    return [{"ids": (np.arange(8, dtype=np.int64)[None] * (i + 3)) % 256} for i in range(2)]
+
+
+def test_a_broken_output_of_a_float_file_over_the_whole_load_limit_collapses(tmp_path, monkeypatch):
+    """Reproduction: above stream.WHOLE_LOAD_BYTES the gate only ran the output once, so an output whose logits
+    are unrelated to the float ones passed. With the memory available for the float model, both run from their files and it
+    collapses."""
+    from ptqlite import verify as verify_module
+
+    float_path = save_external(decoder(), tmp_path / "float.onnx")
+    broken_path = save_external(_negated(decoder()), tmp_path / "broken.onnx")
+    monkeypatch.setattr(stream, "WHOLE_LOAD_BYTES", 0)
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 1 << 40)
+    checked = verify_module.verify(str(float_path), str(broken_path), _ids(), "2 given samples", 0.9)
+    assert not checked.skipped
+    assert [(o.name, o.collapsed) for o in checked.outputs] == [("logits", True)]
+    assert checked.outputs[0].min < 0.1
+    good = verify_module.verify(str(float_path), str(float_path), _ids(), "2 given samples", 0.9)
+    assert good.outputs[0].min == pytest.approx(1.0) and not good.collapsed
+
+
+def test_a_broken_output_of_an_in_memory_model_over_2_gb_collapses(tmp_path, monkeypatch):
+    """Reproduction: an in-memory float model over 2 GB was only loaded ("not compared") and an in-memory output
+    over 2 GB not even loaded. Both now go to a temp folder with external data, run from there, and the folder is
+    removed."""
+    import tempfile
+
+    from ptqlite import model as model_module
+    from ptqlite import verify as verify_module
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(model_module, "EXTERNAL_DATA_THRESHOLD", 1000)  # the decoder's 200 KB count as "over 2 GB"
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 1 << 40)
+    loaded: list[str] = []
+    real = verify_module.cpu_session
+
+    def recording(source, *args, **kwargs):
+        loaded.append(source if isinstance(source, str) else "in memory")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "cpu_session", recording)
+    checked = verify_module.verify(decoder(), _negated(decoder()), _ids(), "2 given samples", 0.9)
+    assert not checked.skipped and checked.outputs[0].collapsed
+    assert len(loaded) == 2 and all(s.endswith("model.onnx") and "ptqlite-verify-" in s for s in loaded)
+    assert list(tmp_path.iterdir()) == []  # the temp folders are gone
+
+
+def test_a_float_model_too_large_for_memory_is_not_run_and_the_output_must_be_finite(tmp_path, monkeypatch):
+    from ptqlite import verify as verify_module
+
+    float_path = save_external(decoder(), tmp_path / "float.onnx")
+    nan = decoder()
+    nan.graph.node.append(helper.make_node("Sqrt", ["logits"], ["root"], name="root"))  # NaN where logits < 0
+    nan.graph.output[0].name = "root"
+    nan_path = save_external(nan, tmp_path / "nan.onnx")
+    monkeypatch.setattr(stream, "WHOLE_LOAD_BYTES", 0)
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 100 << 20)
+    loaded: list[str] = []
+    real = verify_module.cpu_session
+    monkeypatch.setattr(verify_module, "cpu_session", lambda s, *a, **k: loaded.append(s) or real(s, *a, **k))
+    size = sum(p.stat().st_size for p in tmp_path.glob("float.onnx*"))
+    checked = verify_module.verify(str(float_path), str(float_path), _ids(), "2 given samples", 0.9)
+    assert loaded == [str(float_path)]  # once, as the output: the float side is not run
+    assert checked.outputs == [] and checked.ran_alone == 2 and checked.non_finite == {}
+    need = (size * verify_module.COMPARE_FACTOR + verify_module.COMPARE_RESERVE) / 1e9
+    assert checked.skipped == (f"the float model takes {size / 1e9:.2f} GB with its external data; running it "
+                               f"would need about {need:.1f} GB of memory and 0.1 GB is available")
+    broken = verify_module.verify(str(float_path), str(nan_path), _ids(), "2 given samples", 0.9)
+    assert broken.non_finite == {"root": 2}
+
+
+def test_the_cli_gate_of_a_streaming_conversion_compares_when_memory_allows_and_says_why_not(work, capsys,
+                                                                                            monkeypatch):
+    from ptqlite import verify as verify_module
+
+    monkeypatch.setattr(stream, "WHOLE_LOAD_BYTES", 0)
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 1 << 40)
+    code, out, _ = convert_cli(work, "default_8bit", capsys)
+    assert code == 0
+    assert "verified in ONNX Runtime against the float model on 2 synthetic inputs:" in out
+    assert re.search(r"output 'logits': cosine mean 0\.99\d+, min 0\.99\d+", out), out
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 0)
+    code, out, _ = convert_cli(work, "default_8bit", capsys)
+    assert code == 0
+    assert ("verified that ONNX Runtime loads the output and runs it on 2 synthetic inputs (every output finite); "
+            "not compared with the float model: the float model takes ") in out
+
+
+def test_nan_from_an_output_that_ran_alone_is_a_warning_or_with_a_floor_an_error(work, capsys, monkeypatch, caplog):
+    from ptqlite import verify as verify_module
+
+    monkeypatch.setattr(stream, "WHOLE_LOAD_BYTES", 0)
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 0)
+    real = weight_pass.run
+
+    def nan_pass(model, config, **options):
+        result = real(model, config, **options)
+        result.model.graph.node.append(helper.make_node("Log", ["logits"], ["logits_log"], name="log"))
+        result.model.graph.output[0].name = "logits_log"  # NaN where the logits are negative
+        return result
+
+    monkeypatch.setattr(sys.modules["ptqlite.convert"], "pass_for", lambda config: nan_pass)
+    code, out, _ = convert_cli(work, "default_8bit", capsys)
+    assert code == 0
+    assert "(output 'logits_log' has NaN/Inf on 2 of 2 sample(s)); not compared with the float model" in out
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("the quantized model's output has NaN/Inf on the 2 synthetic inputs: 'logits_log' on 2 "
+                            "of 2 sample(s) (not compared with the float model: the float model takes ") for m in messages)
+    code, _, err = convert_cli(work, "default_8bit", capsys, "--verifyFloor=0.9")
+    assert code == 1 and "has NaN/Inf on the 2 synthetic inputs" in err
+    assert not [p for p in (work / "out").iterdir() if p.name.startswith(".")]

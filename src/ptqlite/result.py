@@ -62,6 +62,10 @@ class Verification:
     floor: float  # the min output cosine below which an output counts as collapsed
     outputs: list[OutputCheck] = field(default_factory=list)
     skipped: str = ""  # why the comparison with the float model did not run ("" when it did)
+    # When the float model was too large to run: the samples the output ran on alone, and its float outputs that held
+    # NaN/Inf, with on how many of them
+    ran_alone: int = 0
+    non_finite: dict[str, int] = field(default_factory=dict)
     # With --inputShape: the other input shapes the output was also run at, e.g. "x:2,8,32" ("" when not run), and
     # what went wrong there ("" when it ran like the float model).
     other_shapes: str = ""

@@ -9,6 +9,10 @@ run next to the float model, and each graph output is compared.
   the quantized output where the float one is finite, or a different shape, scores 0. Integer and bool outputs:
   the fraction of equal elements ("agreement").
 - An output that does not load or does not run where the float model runs is a VerificationError (exit 1).
+- Models over 2 GB run from files (an in-memory one is written to a temp folder with external data first). A
+  float model over stream.WHOLE_LOAD_BYTES is compared only when COMPARE_FACTOR times its bytes plus
+  COMPARE_RESERVE fit in the memory available (MemAvailable); else the output runs alone on the same inputs and
+  its outputs must be finite (Verification.non_finite), and the summary says why it was not compared.
 - Slices: the whole-output cosine is dominated by the output's largest values (a detector's box coordinates in
   pixels beside its 0..1 class scores), so each float output is also cut along every short axis (2 to MAX_SLICES
   entries, at least MIN_SLICE_VALUES values per entry and sample); each slice whose float norm is under
@@ -20,16 +24,21 @@ run next to the float model, and each graph output is compared.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .config import QuantConfig
-from .errors import ConversionError, VerificationError
-from .model import EXTERNAL_DATA_THRESHOLD, IoShapes, graph_inputs, stored_bytes, tensor_bytes
+from .errors import ConversionError, PtqError, VerificationError
+from .model import IoShapes, graph_inputs, save_model, stored_bytes, tensor_bytes, too_large_for_one_file
 from .result import ConversionResult, OutputCheck, Verification
 from .runtime import (
     REFERENCE_VALUES,
@@ -39,7 +48,7 @@ from .runtime import (
     session_feeds,
     synthetic_inputs,
 )
-from .stream import loads_whole, over_whole_load, trim_heap
+from .stream import loads_whole, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,12 @@ SLICE_FLOOR = 0.8
 # Only slices whose float norm is under SMALL_SLICE times the largest slice's are scored on their own: the others
 # already weigh in the whole-output cosine.
 SMALL_SLICE = 0.1
+# The gate holds the float model's ONNX Runtime session (every weight: its load peak was 1.02x the model's bytes on
+# the 3 GB decoder, docs/results.md) and then the output's, never both. A float model over
+# stream.WHOLE_LOAD_BYTES is run only when COMPARE_FACTOR times its bytes plus COMPARE_RESERVE fit in the memory
+# available when the gate starts; else the gate could push the machine out of memory at the end of a long run.
+COMPARE_FACTOR = 1.5
+COMPARE_RESERVE = 512 << 20
 _PURPOSE = "to verify the output"
 
 
@@ -114,9 +129,61 @@ def verification_inputs(model: onnx.ModelProto, config: QuantConfig, input_forma
 
 
 
-def _too_large(model: onnx.ModelProto) -> bool:
-    """Over what an in-memory ONNX Runtime session takes (protobuf cannot serialise past 2 GB)."""
-    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+def available_memory() -> int:
+    """Bytes of memory available to new work (/proc/meminfo MemAvailable; free pages where it is missing)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def compare_memory(float_bytes: int) -> int:
+    """Memory the gate asks for before it runs a float model of `float_bytes` (with its external data)."""
+    return int(float_bytes * COMPARE_FACTOR) + COMPARE_RESERVE
+
+
+def too_large_to_compare(float_bytes: int) -> str:
+    """Why the gate does not run a float model of `float_bytes` ("" when it does)."""
+    if loads_whole(float_bytes):
+        return ""
+    need, have = compare_memory(float_bytes), available_memory()
+    if need <= have:
+        return ""
+    return (f"the float model takes {float_bytes / 1e9:.2f} GB with its external data; running it would need about "
+            f"{need / 1e9:.1f} GB of memory and {have / 1e9:.1f} GB is available")
+
+
+@contextlib.contextmanager
+def _loadable(model: onnx.ModelProto | str):
+    """`model` as ONNX Runtime can load it, and "": a file or a model up to 2 GB as it is, a larger in-memory model
+    written with its tensors in external data to a temp folder, removed on exit. None and the reason when it cannot
+    be written there."""
+    if isinstance(model, str) or not too_large_for_one_file(model):
+        yield model, ""
+        return
+    folder = Path(tempfile.mkdtemp(prefix="ptqlite-verify-"))
+    try:
+        size, free = tensor_bytes(model), shutil.disk_usage(folder).free
+        if free < size + (64 << 20):
+            yield None, (f"is over 2 GB, so ONNX Runtime loads it from a file, and the temp folder {folder.parent} "
+                         f"has {free / 1e9:.1f} GB free for its {size / 1e9:.1f} GB")
+            return
+        try:
+            path = str(save_model(model, folder / "model.onnx"))
+        except PtqError as exc:  # a disk that fills up meanwhile
+            path, why = None, f"is over 2 GB and could not be written to a temp folder for ONNX Runtime ({_one_line(exc)})"
+        else:
+            why = ""
+        yield path, why
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _one_line(error: object) -> str:
@@ -239,29 +306,62 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
            inputs: list[dict[str, np.ndarray]], source: str, floor: float,
            other_shape: tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None = None) -> Verification:
     """Load `quant_model` and compare it with `float_model` on `inputs` (either may be a model file: a streaming
-    conversion; a float model file over stream.WHOLE_LOAD_BYTES is not loaded, the output is run once). Raises VerificationError when the quantized
-    model does not load, does not run where the float model runs, or lacks one of the float model's outputs.
-    `other_shape` (the original float model, one sample at other input shapes, their text) also runs both there
-    and records a failure or a different output shape in shape_problem."""
+    conversion; models over 2 GB run from files). A float model too large for the memory available
+    (too_large_to_compare) is not run: the output runs alone and its float outputs must be finite. Raises
+    VerificationError when the quantized model does not load, does not run where the float model runs, or lacks
+    one of the float model's outputs. `other_shape` (the original float model, one sample at other input shapes,
+    their text) also runs both there and records a failure or a different output shape in shape_problem."""
     result = Verification(source, len(inputs), floor)
-    if isinstance(quant_model, onnx.ModelProto) and _too_large(quant_model):
-        result.skipped = "the output is over 2 GB, which ONNX Runtime cannot load from memory"
-        return result
-    float_bytes = stored_bytes(float_model) if isinstance(float_model, str) else 0
-    if not loads_whole(float_bytes):
-        # a streaming conversion: the float model would take its whole size in memory
-        _run_once(_quant_session(quant_model, float_model), inputs, source)
-        result.skipped = f"{over_whole_load(float_bytes)}, so the output was loaded and run once, not compared with it"
-        return result
-    if isinstance(float_model, onnx.ModelProto) and _too_large(float_model):
-        _quant_session(quant_model, float_model)
-        result.skipped = "the float model is over 2 GB, so the output was only loaded, not compared"
-        return result
-    # The float model runs first and its session goes before the output is loaded: the two sessions (each the
-    # size of its model and its load-time scratch) are never held together.
-    names, expected, stopped = _float_outputs(float_model, inputs, source, other_shape)
-    trim_heap()
-    quant = _quant_session(quant_model, float_model)
+    float_bytes = stored_bytes(float_model) if isinstance(float_model, str) else tensor_bytes(float_model)
+    with contextlib.ExitStack() as stack:
+        too_large = too_large_to_compare(float_bytes)
+        if not too_large:
+            float_source, no_room = stack.enter_context(_loadable(float_model))
+            too_large = f"the float model {no_room}" if float_source is None else ""
+        if too_large:
+            _run_alone(result, quant_model, inputs, source, too_large, stack)
+            return result
+        # The float model runs first and its session goes before the output is loaded: the two sessions (each
+        # the size of its model and its load-time scratch) are never held together.
+        names, expected, stopped = _float_outputs(float_source, inputs, source, other_shape)
+        trim_heap()
+        quant_source, no_room = stack.enter_context(_loadable(quant_model))
+        if quant_source is None:
+            result.skipped = f"the output {no_room}, so it was not loaded"
+            return result
+        quant = _quant_session(quant_source, float_source)
+        return _compare(result, quant, names, expected, stopped, inputs, source, floor, other_shape)
+
+
+def _run_alone(result: Verification, quant_model: onnx.ModelProto | str, inputs: list[dict[str, np.ndarray]],
+               source: str, why: str, stack: contextlib.ExitStack) -> None:
+    """The output without the float model: it must load and run on every input; its float outputs with NaN/Inf
+    are counted in result.non_finite."""
+    quant_source, no_room = stack.enter_context(_loadable(quant_model))
+    if quant_source is None:
+        result.skipped = f"{why}, and the output {no_room}, so it was not loaded"
+        return
+    quant = _quant_session(quant_source, None)
+    names = [o.name for o in quant.get_outputs()]
+    for number, feeds in enumerate(inputs):
+        try:
+            values = quant.run(None, session_feeds(quant, feeds))
+        except Exception as exc:  # noqa: BLE001
+            raise VerificationError(f"the quantized model fails in ONNX Runtime on sample {number} of the {source}, "
+                                    f"so nothing was written: {_one_line(exc)}") from None
+        for name, value in zip(names, values, strict=True):
+            array = np.asarray(value)
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                result.non_finite[name] = result.non_finite.get(name, 0) + 1
+    result.ran_alone = len(inputs)
+    result.skipped = why
+
+
+def _compare(result: Verification, quant, names: list[str] | None, expected: list[list[np.ndarray]], stopped: str,
+             inputs: list[dict[str, np.ndarray]], source: str, floor: float,
+             other_shape: tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None) -> Verification:
+    """Score the output's session `quant` against the float model's outputs `expected` (names None: the float
+    model did not load, `stopped` says why)."""
     if names is None:  # the float model does not load: the output was only checked to load
         result.skipped = stopped
         return result
@@ -308,13 +408,15 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
     return result
 
 
-def _quant_session(quant_model: onnx.ModelProto | str, float_model: onnx.ModelProto | str):
+def _quant_session(quant_model: onnx.ModelProto | str, float_model: onnx.ModelProto | str | None):
     """The output's session; one that does not load is a VerificationError (saying whether the float model
-    loads either)."""
+    loads either, unless `float_model` is None: too large to load)."""
     try:
         return cpu_session(quant_model, _PURPOSE, spinning=False)
     except ConversionError as exc:
         message = _runtime_message(exc)
+    if float_model is None:
+        raise VerificationError(f"the quantized model does not load in ONNX Runtime, so nothing was written: {message}")
     try:
         cpu_session(float_model, _PURPOSE, spinning=False)
         either = ""
@@ -352,17 +454,6 @@ def _float_outputs(float_model: onnx.ModelProto | str, inputs: list[dict[str, np
             return names, expected, (f"the float model does not run on sample {number} of the {source} "
                                      f"({_one_line(exc)})")
     return names, expected, ""
-
-
-def _run_once(quant, inputs: list[dict[str, np.ndarray]], source: str) -> None:
-    """Run the output on the first input; a failure is a VerificationError."""
-    if not inputs:
-        return
-    try:
-        quant.run(None, session_feeds(quant, inputs[0]))
-    except Exception as exc:  # noqa: BLE001
-        raise VerificationError(f"the quantized model fails in ONNX Runtime on sample 0 of the {source}, so "
-                                f"nothing was written: {_one_line(exc)}") from None
 
 
 def likely_cause(config: QuantConfig) -> str:
@@ -412,6 +503,15 @@ def collapse_message(verification: Verification, config: QuantConfig, analyze_co
     return text + f"; find the layers responsible with: {analyze_command}"
 
 
+def non_finite_message(verification: Verification, config: QuantConfig, analyze_command: str) -> str:
+    """One line: the output, run without the float model, gave NaN/Inf."""
+    outputs = ", ".join(f"'{name}' on {count} of {verification.ran_alone} sample(s)"
+                        for name, count in verification.non_finite.items())
+    return (f"the quantized model's output has NaN/Inf on the {verification.inputs}: {outputs} (not compared with "
+            f"the float model: {verification.skipped}); likely cause: {likely_cause(config)}; find the layers "
+            f"responsible with: {analyze_command}")
+
+
 def low_bit_message(verification: Verification, config: QuantConfig, analyze_command: str) -> str:
     """One line: a LOW_BITS-or-fewer WEIGHT_QUANT output was checked on synthetic inputs only."""
     worst = min(o.min for o in verification.outputs)
@@ -457,6 +557,12 @@ def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: on
     command = analyze_command or f"ptqlite analyze --fmk=ONNX --modelFile=MODEL --configFile={config.source}"
     if result.verification.collapsed:
         message = collapse_message(result.verification, config, command, explicit_floor=floor is not None)
+        if floor is not None:
+            raise ConversionError(message)
+        result.warnings.append(message)
+        log.warning("%s", message)
+    elif result.verification.non_finite:
+        message = non_finite_message(result.verification, config, command)
         if floor is not None:
             raise ConversionError(message)
         result.warnings.append(message)
