@@ -4,7 +4,8 @@ bench models, as ratios to float.
 
     .venv/bin/python bench/never_slower.py [--models resnet20,resnet56,mobilenet_v2,mobilenet_v1,minilm]
                                            [--rounds 20] [--repeats 3] [--out table.md]
-                                           [--corpus CACHE --corpus-cells cells.json [--corpus-models a,b]]
+                                           [--corpus CACHE --corpus-cells cells.json [--corpus-models a,b]
+                                            [--corpus-baseline CACHE2]]
 
 Every conversion runs through ptqlite's CLI in a child process, as users run it; its summary line about the
 planning is kept. Latency: every output and the float model in one process, 1 intra-op thread, interleaved
@@ -17,7 +18,9 @@ FULL_QUANT calibrates on 32 images (ImageNet models, CIFAR ResNets) or 8 random 
 docs/results.md). MiniLM is read from .cache/minilm/all-MiniLM-L6-v2.onnx (bench/minilm.py builds it).
 With --corpus (bench/corpus.py's --cache, after `corpus.py --modes full_mm,dyn,dyn_off,acwl,acwl_off --calibrate 8
 --json cells.json`) the corpus outputs are timed the same way on their first held-out input, and the planning's
-notes are read from --corpus-cells. Every row also times a byte copy of the float model: the control.
+notes are read from --corpus-cells; --corpus-baseline CACHE2 (corpus.py's --cache of another version of the code)
+adds its outputs of the same modes to the same interleaved rounds, as extra columns. Every row also times a byte
+copy of the float model: the control.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ CALIBRATE = 32
 CORPUS_MODES = {"alwc_off": "dyn_off", "alwc": "dyn", "acwl_off": "acwl_off", "acwl": "acwl", "full": "full_mm"}
 CORPUS_CALIBRATE = 8
 MINILM_CALIBRATE = 8
+# column suffix of --corpus-baseline's outputs
+BASELINE = "@baseline"
 
 
 def token_feed(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -185,6 +190,10 @@ def corpus_model(key: str, args: argparse.Namespace) -> tuple[dict[str, list[flo
             outputs[mode] = path
         elif not notes[mode]:
             notes[mode] = "no output"
+        if args.corpus_baseline:  # the same mode's output from the code before, timed in the same rounds
+            base = args.corpus_baseline / "work" / key / f"{corpus_mode}.onnx"
+            if base.exists():
+                outputs[f"{mode}{BASELINE}"] = base
     return measure_ratios(source, outputs, feed, args, work), notes
 
 
@@ -198,14 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, help="bench/corpus.py's --cache: also time its outputs")
     parser.add_argument("--corpus-cells", type=Path, help="bench/corpus.py's --json (the planning's notes)")
     parser.add_argument("--corpus-models", default="ddddocr_rec,ppocr_rec,ppocr_cls,orientation,magika")
+    parser.add_argument("--corpus-baseline", type=Path,
+                        help="a second --corpus cache (corpus.py run by the code before): its outputs are timed "
+                             "in the same rounds, as extra columns")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    columns = [*args.modes, *([f"{m}{BASELINE}" for m in args.modes] if args.corpus_baseline else [])]
+    titles = [MODES[m.removesuffix(BASELINE)][0] + (", --corpus-baseline" if m.endswith(BASELINE) else "")
+              for m in columns]
     lines = [(f"`python bench/never_slower.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
               f"{platform.node()}; latency ratio to float, 1 thread, median over {args.repeats} interleaved "
               f"measurements of {args.rounds} rounds (range in brackets)"), "",
-             "| model | float copy (control) | " + " | ".join(MODES[m][0] for m in args.modes) + " |",
-             "|---|---|" + "---|" * len(args.modes)]
+             "| model | float copy (control) | " + " | ".join(titles) + " |",
+             "|---|---|" + "---|" * len(columns)]
     planning = []
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.corpus:
@@ -219,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _, notes, ratios = bench_model(name, args)
         cells = [f"{np.median(ratios[m]):.2f} ({min(ratios[m]):.2f}-{max(ratios[m]):.2f})" if m in ratios
-                 else notes[m] for m in ["copy", *args.modes]]
+                 else notes.get(m, "no output") for m in ["copy", *columns]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
         planning += [f"- {name} / {MODES[m][0]}: {notes[m]}" for m in args.modes if notes.get(m)]

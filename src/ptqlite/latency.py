@@ -1,7 +1,8 @@
 """Timing a quantized graph against its float graph on the machine that converts, for latency-aware planning
 ("never slower than float"; FULL_QUANT in passes/full, DYNAMIC_QUANT in passes/dynamic.py): one intra-op thread
 each, interleaved run by run, the median of each; the rule that counts a graph as slower; the growing sets of
-layers put back to float; and the inputs DYNAMIC_QUANT times on when it has no calibration sample.
+layers put back to float; the cost model that orders DYNAMIC_QUANT's layers for that; and the inputs DYNAMIC_QUANT
+times on when it has no calibration sample.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .errors import ConversionError
 from .model import graph_inputs, restore_io_shapes
 from .runtime import BENCHMARK_VALUES, InputSpec, cpu_session, synthetic_inputs, time_interleaved
 
-# Shares of the int8 weighted layers put back to float, smallest first, until the graph is no slower.
+# Shares of the int8 weighted layers put back to float, in the pass's order (FULL_QUANT: smallest first;
+# DYNAMIC_QUANT: costliest by int8_net_cost first), until the graph is no slower.
 SHARES = (0.25, 0.5, 0.75, 1.0)
 # The int8 graph counts as slower than float only beyond this ratio: interleaved medians on a shared machine move
 # by a few % from run to run, and a decision taken on noise would make the output depend on the machine's load.
@@ -88,7 +90,7 @@ def with_shapes_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.Mo
 
 def demotions(names: list[str], first: set[str] | frozenset = frozenset()) -> list[set[str]]:
     """The growing sets of layers to try in float: the layers `first` alone (FULL_QUANT: those inside If/Loop/Scan
-    bodies, int8 weight-only), then with each share of SHARES of `names` (smallest first; no repeats)."""
+    bodies, int8 weight-only), then with each share of SHARES of `names` (in their order; no repeats)."""
     sets: list[set[str]] = [set(first)] if first else []
     for share in SHARES:
         chosen = set(names[:max(1, round(share * len(names)))]) | set(first)
@@ -120,3 +122,23 @@ def timing_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def describe(feeds: dict[str, np.ndarray]) -> str:
     """'input_ids 1x128, attention_mask 1x128' for the summary."""
     return ", ".join(f"{name} {'x'.join(map(str, np.shape(v))) or 'scalar'}" for name, v in feeds.items())
+
+
+
+# DYNAMIC_QUANT's cost model of one MatMul/Gemm layer, int8 against float (ns; onnxruntime 1.32, 1 thread, AVX2
+# without VNNI): int8 saves MAC_SAVED_NS per multiply-add (rows x K x N) and adds, per strategy, a fixed cost
+# (its extra nodes), the run-time quantization of its input (per element, rows x K; ACWL's per-row form is seven
+# float ops, ALWC's one fused DynamicQuantizeLinear) and the rescaling of its output (per element, rows x N).
+# Fitted by bench/dynamic_cost.py --fit on single layers (docs/results.md, "DYNAMIC_QUANT demotion order by a
+# cost model"); only the order of the layers and the sign are used, each candidate is still timed.
+MAC_SAVED_NS = 0.011
+COSTS_NS = {  # strategy -> (per layer, per input element, per output element)
+    "ALWC": (1400.0, 0.45, 0.34),
+    "ACWL": (9400.0, 2.4, 1.6),
+}
+
+
+def int8_net_cost(strategy: str, rows: int, k: int, n: int) -> float:
+    """Estimated time (ns) a [K, N] layer on `rows` rows adds in int8 over float; negative where int8 is faster."""
+    fixed, per_input, per_output = COSTS_NS[strategy]
+    return fixed + per_input * rows * k + per_output * rows * n - MAC_SAVED_NS * rows * k * n
