@@ -306,3 +306,22 @@ def test_a_model_without_int8_matmuls_is_not_timed(monkeypatch):
     config = parse_config(CONFIG.format("ALWC").replace("bit_num=8\n", "bit_num=8\nskip_quant_node=mm0,mm1,mm2,mm3\n"))
     result = convert(matmul_chain(), config, progress=False)
     assert not result.quantized and not any("latency" in note for note in result.notes)
+
+
+def test_rows_after_a_reshape_to_a_computed_shape():
+    """MiniLM merges its attention heads with a Reshape to a shape built from Shape/Gather/Concat before each
+    output projection: the rows there come from shape inference with data propagation (without it the layer
+    counted one row, and the cost model called ACWL's projections losses)."""
+    ints = lambda name, values: nh.from_array(np.array(values, np.int64), name)
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "i01"], ["lead"], axis=0),
+             helper.make_node("Concat", ["lead", "minus1"], ["merged"], axis=0),
+             helper.make_node("Reshape", ["x", "merged"], ["heads"]),
+             helper.make_node("MatMul", ["heads", "W"], ["y"], name="out_proj")]
+    w = nh.from_array(np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32), "W")
+    graph = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", T.FLOAT, [1, "seq", 4, 8])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, None)],
+                              [ints("i01", [0, 1]), ints("minus1", [-1]), w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    costs = dynamic.layer_costs(model, [("out_proj", "W")], latency.timing_feeds(model), "ACWL")
+    assert costs["out_proj"] == pytest.approx(latency.int8_net_cost("ACWL", latency.DYNAMIC_DIM, 32, 16))
