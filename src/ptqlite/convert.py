@@ -160,7 +160,13 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
             result_notes.append("ONNX Runtime refuses the model with the --inputShape shapes "
                                 f"({refused}), so the conversion works on its own shapes and reads the "
                                 "calibration data at the given ones")
-    work = runnable if in_place else _copy(runnable)  # in place: the caller gave the model up (convert's doc)
+    shaped = runnable is not model  # the pass works on the --inputShape shapes
+    if shaped:
+        # The copy with the fixed shapes is convert's own: the pass works on it, and the gate's float model is
+        # made again once the pass is done, so that no third copy of the weights is held while the pass runs.
+        work, reference, runnable = reference, None, None
+    else:
+        work = runnable if in_place else _copy(runnable)  # in place: the caller gave the model up (convert's doc)
     constants_to_initializers(work)
     # Weights of If/Loop/Scan bodies move to the main graph (the bodies read them from the outer scope), so every
     # pass plans them like any other.
@@ -175,7 +181,7 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
     with reading_from(base, staged.sink) if staged is not None else contextlib.nullcontext():
         # With --inputShape the pass also gets the model's own shapes, for graphs that ONNX Runtime runs only
         # with them
-        result = quant_pass(work, config, **options, own_shapes=model if runnable is not model else None)
+        result = quant_pass(work, config, **options, own_shapes=model if shaped else None)
     _log_decisions(result)
     _account_for_every_weight(result, weights, config)
     result.notes += notes + result_notes
@@ -183,9 +189,9 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
     if warning:
         result.warnings.append(warning)
         log.warning("%s", warning)
-    fixed = restore_io_shapes(result.model, model, result.notes) if input_shapes and runnable is not model else None
+    fixed = restore_io_shapes(result.model, model, result.notes) if shaped else None
     if float16:
-        _store_float16(result, runnable)
+        _store_float16(result, model)  # the float32 constants of the input (its shapes do not matter)
     if staged is None:
         # The working copy still holds the float weights the pass replaced (protobuf frees a message's memory only
         # with the whole message): the output goes on as a copy of its own, so the gate's session of it is not
@@ -193,6 +199,9 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
         result.model = _copy(result.model)
         del work
         trim_heap()
+    if shaped and verify:
+        reference = runnable = _copy(model)
+        set_input_shapes(reference, input_shapes)
     quant_file = None
     if staged is not None:  # the output's files, under temp names: the gate loads it from there
         with reading_from(base, staged.sink):

@@ -11,9 +11,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .config import QuantConfig
-from .model import GraphIndex, attribute, subgraphs
+from .model import GraphIndex, attribute, remove_initializers, subgraphs
 from .plan import int8_rules, plan_weights
-from .qmath import QParams, dequantize, quantize, relative_error, symmetric_params
+from .qmath import QParams, quantize_rows, symmetric_params
 from .result import QuantizedTensor, SkippedTensor
 from .stream import spill
 
@@ -53,11 +53,13 @@ class TableWriter:
         if tensor not in self.tables:
             table = b.index.array(tensor)
             params = symmetric_params(table, 8, 0, narrow=True)
-            codes = quantize(table, params)
+            codes, error = quantize_rows(table, params, np.int8)  # by rows: no whole float64 copies of a table
+            del table
             base = tensor.replace("::", "_").strip("/")
-            q_name = b.const(codes.astype(np.int8), f"{base}_quantized")
+            q_name = b.const(codes, f"{base}_quantized")
+            del codes
             s_name = b.const(params.scale.astype(np.float32), f"{base}_scale")
-            self.tables[tensor] = (q_name, s_name, params, relative_error(table, dequantize(codes, params)))
+            self.tables[tensor] = (q_name, s_name, params, error)
         q_name, s_name, params, error = self.tables[tensor]
         prefix = node.name or b.index.unique_name("Gather")
         ids = node.input[1]
@@ -76,9 +78,11 @@ def unsupported_gather(node: onnx.NodeProto) -> str:
     return ""
 
 
-def table_record(tensor: str, spec, table: np.ndarray, error: float, params: QParams) -> QuantizedTensor:
-    return QuantizedTensor(tensor, "Gather", spec.nodes, spec.shape, 8, SCHEME, STORAGE, bytes_before=table.nbytes,
-                           bytes_after=table.size + 4 * params.scale.size,
+def table_record(tensor: str, spec, table: onnx.TensorProto, error: float, params: QParams) -> QuantizedTensor:
+    size = int(np.prod(table.dims, dtype=np.int64))
+    nbytes = size * helper.tensor_dtype_to_np_dtype(table.data_type).itemsize
+    return QuantizedTensor(tensor, "Gather", spec.nodes, spec.shape, 8, SCHEME, STORAGE, bytes_before=nbytes,
+                           bytes_after=size + 4 * params.scale.size,
                            relative_error=error, scale=params.scale.ravel(),
                            zero_point=params.zero_point.ravel())
 
@@ -90,31 +94,9 @@ def int8_gather_tables(model: onnx.ModelProto, config: QuantConfig
     skipped = [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     specs = {s.tensor: s for s in plan.quantized}
     writer = TableWriter(GraphBuilder(model.graph))
-    index = writer.builder.index
     kept_float: dict[str, str] = {}
     done: dict[str, QuantizedTensor] = {}
-
-    def rewrite(graph_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-        nodes: list[onnx.NodeProto] = []
-        for node in graph_nodes:
-            for sub in subgraphs(node):  # bodies read the int8 tables from the outer scope
-                rewritten = rewrite(list(sub.node))
-                del sub.node[:]
-                sub.node.extend(rewritten)
-            tensor = next((n for n in node.input[:2] if n in specs), None) if node.op_type == "Gather" else None
-            reason = unsupported_gather(node) if tensor else ""
-            if tensor is None or reason:
-                if reason:
-                    kept_float.setdefault(tensor, reason)
-                nodes.append(node)
-                continue
-            new_nodes, error, params = writer.gather(node, tensor)
-            nodes += new_nodes
-            if tensor not in done:
-                done[tensor] = table_record(tensor, specs[tensor], index.array(tensor), error, params)
-        return nodes
-
-    nodes = rewrite(list(model.graph.node))
+    nodes = _rewrite_gathers(list(model.graph.node), writer, specs, kept_float, done)
     quantized = []
     for tensor, record in done.items():
         if tensor in kept_float:
@@ -123,9 +105,34 @@ def int8_gather_tables(model: onnx.ModelProto, config: QuantConfig
     skipped += [SkippedTensor(t, specs[t].op_type, specs[t].nodes, why) for t, why in kept_float.items()
                 if t not in done]
     removed = {t for t in done if t not in kept_float}
-    kept = [t for t in model.graph.initializer if t.name not in removed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + writer.builder.initializers)
+    remove_initializers(model.graph, removed)
+    model.graph.initializer.extend(writer.builder.initializers)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return quantized, skipped
+
+
+def _rewrite_gathers(graph_nodes: list[onnx.NodeProto], writer: TableWriter, specs: dict, kept_float: dict[str, str],
+                     done: dict[str, QuantizedTensor]) -> list[onnx.NodeProto]:
+    """The nodes of one graph with each planned Gather rewritten, bodies first. A function of the module, not a
+    closure that calls itself: such a closure is a reference cycle, and through its writer it kept the whole
+    rewritten model alive until Python's cycle collector ran (330 MB on MiniLM's FULL_QUANT, docs/results.md)."""
+    nodes: list[onnx.NodeProto] = []
+    for node in graph_nodes:
+        for sub in subgraphs(node):  # bodies read the int8 tables from the outer scope
+            rewritten = _rewrite_gathers(list(sub.node), writer, specs, kept_float, done)
+            del sub.node[:]
+            sub.node.extend(rewritten)
+        tensor = next((n for n in node.input[:2] if n in specs), None) if node.op_type == "Gather" else None
+        reason = unsupported_gather(node) if tensor else ""
+        if tensor is None or reason:
+            if reason:
+                kept_float.setdefault(tensor, reason)
+            nodes.append(node)
+            continue
+        new_nodes, error, params = writer.gather(node, tensor)
+        nodes += new_nodes
+        if tensor not in done:
+            done[tensor] = table_record(tensor, specs[tensor], writer.builder.index.initializers[tensor], error,
+                                        params)
+    return nodes

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .model import GraphIndex
+from .model import GraphIndex, remove_initializers
 
 FLOAT16_MAX = 65504.0
 MIN_ELEMENTS = 16  # below this, the Cast node outweighs the two bytes saved per element
@@ -50,9 +50,8 @@ def store_float16(model: onnx.ModelProto, names: set[str]) -> tuple[int, int, li
     if not casts:
         return 0, 0, too_large
     moved = {c.output[0] for c in casts}
-    kept = [t for t in graph.initializer if t.name not in moved]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + stored)
+    remove_initializers(graph, moved)
+    graph.initializer.extend(stored)
     nodes = casts + list(graph.node)  # the Casts read constants only, so they go first
     del graph.node[:]
     graph.node.extend(nodes)

@@ -345,6 +345,14 @@ def iter_graphs(graph: onnx.GraphProto):
             yield from iter_graphs(sub)
 
 
+def remove_initializers(graph: onnx.GraphProto, names: set[str] | dict) -> None:
+    """Delete the named initializers of `graph` in place; the others keep their order. Not `del initializer[:]`
+    and `extend(kept)`: extend copies every kept tensor into the message again, and protobuf frees the old ones
+    only with the whole message (a second copy of a model's weights held until the conversion ends)."""
+    for position in reversed([i for i, t in enumerate(graph.initializer) if t.name in names]):
+        del graph.initializer[position]
+
+
 def iter_initializers(graph: onnx.GraphProto):
     for g in iter_graphs(graph):
         yield from g.initializer
@@ -505,18 +513,20 @@ def lift_subgraph_constants(model: onnx.ModelProto) -> int:
     graph = model.graph
     definitions: Counter[str] = Counter()
 
-    def count(g: onnx.GraphProto) -> None:
+    # count and lift are given themselves (`again`) rather than calling themselves by name: a closure that names
+    # itself is a reference cycle, holding what it captured until Python's cycle collector runs
+    def count(g: onnx.GraphProto, again) -> None:
         definitions.update(t.name for t in g.initializer)
         definitions.update(i.name for i in g.input)
         for node in g.node:
             definitions.update(o for o in node.output if o)
             for sub in subgraphs(node):
-                count(sub)
+                again(sub, again)
 
-    count(graph)
+    count(graph, count)
     lifted: list[onnx.TensorProto] = []
 
-    def lift(sub: onnx.GraphProto) -> None:
+    def lift(sub: onnx.GraphProto, again) -> None:
         formal = {i.name for i in sub.input}
         keep = [t for t in sub.initializer if definitions[t.name] > 1 or t.name in formal]
         lifted.extend(t for t in sub.initializer if definitions[t.name] == 1 and t.name not in formal)
@@ -525,7 +535,7 @@ def lift_subgraph_constants(model: onnx.ModelProto) -> int:
         nodes = []
         for node in sub.node:
             for inner in subgraphs(node):
-                lift(inner)
+                again(inner, again)
             if (node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"
                     and definitions[node.output[0]] == 1):
                 tensor = onnx.TensorProto()
@@ -539,7 +549,7 @@ def lift_subgraph_constants(model: onnx.ModelProto) -> int:
 
     for node in graph.node:
         for sub in subgraphs(node):
-            lift(sub)
+            lift(sub, lift)
     graph.initializer.extend(lifted)
     return len(lifted)
 

@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
-from .model import GraphIndex, attribute, outer_reads, subgraphs
+from .model import GraphIndex, attribute, outer_reads, remove_initializers, subgraphs
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +241,9 @@ def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     used |= {name for node in graph.node for sub in subgraphs(node) for name in outer_reads(sub)}
     removed = {t.name for t in graph.initializer if t.name not in used}
-    keep = [t for t in graph.initializer if t.name not in removed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    if not removed:
+        return
+    remove_initializers(graph, removed)
     # IR < 4 models list initializers as inputs too; drop the entries of removed initializers.
-    inputs = [i for i in graph.input if i.name not in removed]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    for position in reversed([i for i, value in enumerate(graph.input) if value.name in removed]):
+        del graph.input[position]

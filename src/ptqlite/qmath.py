@@ -91,6 +91,35 @@ def dequantize(q: np.ndarray, params: QParams) -> np.ndarray:
     return ((q - params.zero_point) * params.scale).astype(np.float32)
 
 
+ROW_CHUNK = 1 << 20  # values quantized at a time by quantize_rows
+
+
+def quantize_rows(x: np.ndarray, params: QParams, dtype: type) -> tuple[np.ndarray, float]:
+    """quantize(x, params) as `dtype` codes (which must hold [qmin, qmax]) and relative_error of x against its
+    dequantized codes, computed ROW_CHUNK values of rows at a time: a large table (an embedding's 11.7M values)
+    would otherwise have five whole float64/int64 temporaries alive at once. The codes are the same values; the
+    error is summed chunk by chunk (equal to relative_error's up to float64 rounding)."""
+    out = np.empty(x.shape, dtype)
+    if x.ndim == 0 or x.size == 0:
+        out[...] = quantize(x, params)
+        return out, relative_error(x, dequantize(out, params))
+    rows = max(1, ROW_CHUNK // max(1, x.size // x.shape[0]))
+    per_row = params.scale.ndim == x.ndim and params.scale.shape[0] == x.shape[0] > 1
+    denom = err = 0.0
+    for start in range(0, x.shape[0], rows):
+        part = slice(start, start + rows)
+        chunk = QParams(params.scale[part] if per_row else params.scale,
+                        params.zero_point[part] if per_row and params.zero_point.ndim == x.ndim
+                        else params.zero_point, params.qmin, params.qmax)
+        out[part] = quantize(x[part], chunk)
+        work = x[part].astype(np.float64)
+        denom += float(np.sum(np.square(work, out=work)))
+        work[...] = x[part]
+        work -= dequantize(out[part], chunk)
+        err += float(np.sum(np.square(work, out=work)))
+    return out, float(np.sqrt(err / denom)) if denom > 0 else float(err > 0)
+
+
 # ---------------------------------------------------------------- bit packing
 # Codes are unsigned integers < 2^bits written MSB first into one contiguous bit stream, ceil(n*bits/8) bytes.
 # The ONNX decoder in encoding.py reads exactly this layout.

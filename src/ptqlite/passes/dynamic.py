@@ -25,6 +25,7 @@ after the Gather, so the table stays int8 in memory as well as on disk.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ from ..model import (
     iter_graphs,
     iter_initializers,
     opset_version,
+    remove_initializers,
     set_input_shapes,
     subgraphs,
 )
@@ -147,7 +149,9 @@ class _Rewriter(GraphBuilder):
         self.opset = opset_version(model)
         self.constants: dict[tuple, str] = {}
         self.weights: dict[tuple[str, bool, str], _IntWeight] = {}
-        self.tables = TableWriter(self)
+        # a weak reference back: rewriter <-> table writer would be a reference cycle, which kept the whole model
+        # alive until Python's cycle collector ran
+        self.tables = TableWriter(weakref.proxy(self))
         # ACWL: (graph, activation, equalizer) -> its quantized form (uint8 codes, per-row scale), made once
         self.activations: dict[tuple, tuple[str, str]] = {}
         self.outputs: set[str] = set()  # ACWL products, whose bias Add must not join ONNX Runtime's fusion
@@ -467,12 +471,14 @@ def _quantize(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str, op
     done: dict[str, QuantizedTensor] = {}
     layers: list[tuple[str, str]] = []  # (node, weight) of every MatMul/Gemm rewritten or demoted
 
-    def rewrite(graph_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    # `again` is rewrite itself, passed in rather than called by name: a closure that names itself is a reference
+    # cycle, which (through rw) kept the whole model alive until Python's cycle collector ran
+    def rewrite(graph_nodes: list[onnx.NodeProto], again) -> list[onnx.NodeProto]:
         new_nodes: list[onnx.NodeProto] = []
         graph = next(graphs)
         for node in graph_nodes:
             for sub in subgraphs(node):  # If/Loop/Scan bodies read the new constants from the outer scope
-                rewritten = rewrite(list(sub.node))
+                rewritten = again(list(sub.node), again)
                 del sub.node[:]
                 sub.node.extend(rewritten)
             weight = _weight_input(node, specs)
@@ -519,7 +525,7 @@ def _quantize(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str, op
                 )
         return new_nodes
 
-    new_nodes = rewrite(list(model.graph.node))
+    new_nodes = rewrite(list(model.graph.node), rewrite)
 
     for weight, record in done.items():
         if weight in kept_float:
@@ -532,9 +538,8 @@ def _quantize(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str, op
             spec = specs[weight]
             result.skipped.append(SkippedTensor(weight, spec.op_type, spec.nodes, reason))
     removed = {w for w in done if w not in kept_float}
-    kept = [t for t in model.graph.initializer if t.name not in removed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + rw.initializers)
+    remove_initializers(model.graph, removed)
+    model.graph.initializer.extend(rw.initializers)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     if rw.outputs:

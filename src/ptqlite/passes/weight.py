@@ -34,7 +34,7 @@ from ..encoding import (
     packed_bytes,
 )
 from ..errors import ConversionError
-from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph_inputs
+from ..model import GraphIndex, attribute, ensure_opset, opset_version, remove_initializers, subgraph_inputs
 from ..plan import WeightSpec, plan_weights, weight_quant_rules
 from ..qmath import asymmetric_params, dequantize, pack_int4, qrange, quantize, reduce_axes, relative_error
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
@@ -628,9 +628,8 @@ def replace_weights(model: onnx.ModelProto, removed: set[str], nodes: list[onnx.
 
     after: nodes to insert right after the node whose first output is the key.
     """
-    kept = [t for t in model.graph.initializer if t.name not in removed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + inits)
+    remove_initializers(model.graph, removed)
+    model.graph.initializer.extend(inits)
     old_nodes = list(model.graph.node)
     after = after or {}
     del model.graph.node[:]

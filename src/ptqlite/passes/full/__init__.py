@@ -67,7 +67,8 @@ MIN_SMOOTHING_ROWS = 64
 def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None, progress: bool | None = None,
         samples: Iterable[dict[str, np.ndarray]] | None = None, own_shapes: onnx.ModelProto | None = None,
         **_) -> ConversionResult:
-    """Full quantization of `model` in place. `samples` (re-iterable, one dict of batch-1 inputs per sample)
+    """Full quantization of `model`: in place, or, after latency-aware planning, the result's model is the
+    candidate graph it timed (a compact message of its own, `model` then only read). `samples` (re-iterable, one dict of batch-1 inputs per sample)
     replaces the calibration files of [data_preprocess_param] when given. `own_shapes`: the model before
     --inputShape fixed its shapes (latency-aware planning times with its shapes where the fixed ones fail)."""
     options = config.full
@@ -123,9 +124,8 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     _record_corrections(model, params)
     if timed is None:
         summary, tables, kept = _write(model, plan, params, preset, config, original_info, ranks)
-    else:  # the graph written for timing is the output: not written twice
-        written, (summary, tables, kept) = timed
-        model.CopyFrom(written)
+    else:  # the graph written for timing is the output: not written twice (nor copied back into `model`)
+        result.model, (summary, tables, kept) = timed
     result.quantized += [weight.record for weight in (*params.weights.values(), *params.weight_only.values())]
     result.skipped += _unused_weights(weight_plan, params, plan, demoted)
     result.quantized += tables
@@ -205,59 +205,68 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
                              progress, result, config, original_info, ranks, own_shapes=None):
     """The plan and parameters of the first candidate (all int8 first, then growing shares of the smallest layers
     in float) that runs no slower than the prepared float graph; the layers it put back to float; and that
-    candidate's written graph with _write's results (None when nothing could be timed)."""
-    prepared = onnx.ModelProto()
-    prepared.CopyFrom(model)
+    candidate's written graph with _write's results (None when nothing could be timed).
+
+    `model` (the prepared float graph) is timed as it is, not copied: nothing writes to it while candidates are
+    timed. Each candidate is written into a copy of it and then copied once more, so that the candidate holds only
+    its own tensors (protobuf frees the float weights the rewrite replaced only with the whole message); only the
+    fastest candidate so far is kept."""
     feeds: dict = {}
     # Nodes inside If/Loop/Scan bodies whose weights are int8 weight-only: the first to go back to float
     body_nodes = {n for name in params.weight_only for n in weight_plan_nodes(weight_plan, name)}
 
     def candidate(demoted: set[str]):
-        cand_plan = plan if not demoted else plan_graph(prepared, types, weight_plan.quantized, preset,
+        cand_plan = plan if not demoted else plan_graph(model, types, weight_plan.quantized, preset,
                                                         skip | demoted)
         cand_ranges = ranges
         if not set(cand_plan.tensors.values()) <= set(ranges):  # not expected; measured rather than guessed
-            cand_ranges = collect(prepared, _range_requests(cand_plan, config.full.activation_quant_method),
+            cand_ranges = collect(model, _range_requests(cand_plan, config.full.activation_quant_method),
                                   samples, progress).ranges
         cand_params = params
         if demoted:
-            cand_params = quant_params(prepared, cand_plan, cand_ranges, preset, zero_bias_positions=to_correct)
+            cand_params = quant_params(model, cand_plan, cand_ranges, preset, zero_bias_positions=to_correct)
             # A layer's correction was measured on its own (float input), so it holds in any plan.
             cand_params = dataclasses.replace(cand_params, biases={
                 pos: params.biases.get(pos, bias) for pos, bias in cand_params.biases.items()}, weight_only={
                 name: w for name, w in cand_params.weight_only.items()
                 if not set(weight_plan_nodes(weight_plan, name)) & demoted})
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(model)
+        outcome = _write(rewritten, cand_plan, cand_params, preset, config, original_info, ranks)
         written = onnx.ModelProto()
-        written.CopyFrom(prepared)
-        outcome = _write(written, cand_plan, cand_params, preset, config, original_info, ranks)
-        return (cand_plan, cand_params, timer.measure(prepared, written, feeds, own_shapes),
-                (written, outcome))
+        written.CopyFrom(rewritten)
+        del rewritten
+        return (cand_plan, cand_params, timer.measure(model, written, feeds, own_shapes), (written, outcome))
 
     try:
         feeds.update(next(iter(samples)))
-        tried = [(set(), candidate(set()))]  # (layers in float, (plan, params, timing, written))
-        plan0, params0, timing0, written0 = tried[0][1]
-        tried[0] = (set(), (plan0, params0, timer.settled(
-            timing0, lambda: timer.measure(prepared, written0[0], feeds, own_shapes)), written0))
+        plan0, params0, timing0, written0 = candidate(set())
+        timing0 = timer.settled(timing0, lambda: timer.measure(model, written0[0], feeds, own_shapes))
     except (PtqError, StopIteration) as exc:
         # Timing is advice: a graph onnxruntime will not load or run as timed (control flow that does not survive
         # the fixed --inputShape shapes, say) keeps every planned layer int8 (the verification step judges it).
         reason = str(exc).splitlines()[0] if str(exc) else "no calibration sample to time on"
         result.notes.append(f"latency-aware planning skipped: {reason}")
         return plan, params, set(), None
-    if tried[0][1][2].ratio > timer.SLOWER:
-        for demoted in timer.demotions(smallest_first(prepared, plan), body_nodes):
+    first = timing0
+    # the fastest so far: (layers in float, (plan, params, timing, written)); ties go to the earlier candidate
+    best = (set(), (plan0, params0, timing0, written0))
+    if first.ratio > timer.SLOWER:
+        for demoted in timer.demotions(smallest_first(model, plan), body_nodes):
             try:
-                tried.append((demoted, candidate(demoted)))
+                tried = (demoted, candidate(demoted))
             except PtqError:  # as above: this candidate cannot be timed, so it is not chosen
                 break
-            if tried[-1][1][2].ratio <= 1.0:
+            ratio = tried[1][2].ratio
+            if ratio < best[1][2].ratio:
+                best = tried
+            del tried
+            if ratio <= 1.0:
                 break
-    demoted, (best_plan, best_params, timing, written) = min(tried, key=lambda t: t[1][2].ratio)
-    first = tried[0][1][2]
+    demoted, (best_plan, best_params, timing, written) = best
     if demoted:
         result.notes.append(f"latency-aware planning: int8 ran {first.ratio:.2f}x float on this machine; "
-                            f"{len(demoted)} of {len(smallest_first(prepared, plan)) + len(body_nodes)} "
+                            f"{len(demoted)} of {len(smallest_first(model, plan)) + len(body_nodes)} "
                             "weighted layers kept float ("
                             + ("those inside If/Loop/Scan bodies first, then " if body_nodes else "")
                             + f"the smallest), now {timing.ratio:.2f}x float "

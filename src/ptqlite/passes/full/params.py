@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from ...model import GraphIndex, all_nodes, attribute, outer_reads, subgraphs
 from ...plan import WeightSpec, gemm_rows, weight_layout
@@ -41,8 +41,13 @@ class WeightParams:
     codes: np.ndarray  # int8 (uint8 for asymmetric per-tensor presets), the weight's shape
     dtype: int  # TensorProto type of the codes
     axis: int | None  # DequantizeLinear axis (None: per tensor)
-    dequantized: np.ndarray  # what the int8 graph computes with
     record: QuantizedTensor  # for the summary and the reports
+
+    @property
+    def dequantized(self) -> np.ndarray:
+        """What the int8 graph computes with (made when asked: bias correction reads it layer by layer, and a
+        float copy of every weight held with the parameters would stay alive until the pass ends)."""
+        return dequantize(self.codes, self.params)
 
 
 @dataclass(frozen=True)
@@ -125,8 +130,9 @@ def _weight(w: np.ndarray, spec: WeightSpec, preset: Target, users: list[onnx.No
     first = users[0]
     rows = gemm_rows(w, first.op_type, bool(attribute(first, "transB", 0)))
     params = weight_params(w, spec, preset, depthwise, rows)
-    codes = quantize(w, params)
     dtype = TensorProto.INT8 if params.qmin < 0 else TensorProto.UINT8
+    # the codes in their own type (int8 / uint8), not quantize's int64: the same values at an eighth of the memory
+    codes = quantize(w, params).astype(helper.tensor_dtype_to_np_dtype(dtype))
     dequantized = dequantize(codes, params)
     scheme = "symmetric " if not params.zero_point.any() and params.qmin < 0 else "asymmetric "
     scheme += f"per-channel axis {spec.axis}" if spec.axis is not None else "per-tensor"
@@ -135,7 +141,7 @@ def _weight(w: np.ndarray, spec: WeightSpec, preset: Target, users: list[onnx.No
         spec.tensor, spec.op_type, spec.nodes, spec.shape, 8, scheme, storage, w.nbytes,
         codes.size + 5 * params.scale.size, relative_error(w, dequantized), scale=params.scale.ravel(),
         zero_point=params.zero_point.ravel())
-    return WeightParams(params, codes, dtype, spec.axis, dequantized, record)
+    return WeightParams(params, codes, dtype, spec.axis, record)
 
 
 def _bias(node: onnx.NodeProto, index: GraphIndex, plan: GraphPlan, weights: dict[str, WeightParams],

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...model import GraphIndex, attribute
+from ...model import GraphIndex, attribute, remove_initializers
 from ...prepare import drop_unused_initializers
 from ...qmath import QParams, round_half_away
 from ...targets import WEIGHTED_OPS, Target
@@ -126,9 +126,8 @@ class _Writer:
                     add_qdq(out, body, codes)
         del graph.node[:]
         graph.node.extend(head + body)
-        kept = [t for t in graph.initializer if t.name not in self.params.weight_only]  # now DequantizeLinear outputs
-        del graph.initializer[:]
-        graph.initializer.extend(kept + self.new_inits)
+        remove_initializers(graph, self.params.weight_only)  # now DequantizeLinear outputs
+        graph.initializer.extend(self.new_inits)
         drop_unused_initializers(self.graph)
 
     def _pad_on_codes(self, node: onnx.NodeProto, role: str, original: list[str], quantized: dict[str, str],
