@@ -345,6 +345,37 @@ def iter_graphs(graph: onnx.GraphProto):
             yield from iter_graphs(sub)
 
 
+def weight_free_copy(model: onnx.ModelProto, largest: int = 1024) -> onnx.ModelProto:
+    """A copy of `model` in which every initializer of more than `largest` values keeps only its name, type and
+    dims (an external-data stub naming no file). Shape inference reads the values of small constants only
+    (shapes, axes, pads) and onnx's infer_shapes serialises the model and parses its answer back: on the whole
+    model that held four copies of the weights at once."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims, dtype=np.int64)) <= largest:
+            light.graph.initializer.append(tensor)
+            continue
+        stub = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="weight-free copy (no file)")
+    return light
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        # (is_repeated in newer protobuf releases, label in older ones)
+        if field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def remove_initializers(graph: onnx.GraphProto, names: set[str] | dict) -> None:
     """Delete the named initializers of `graph` in place; the others keep their order. Not `del initializer[:]`
     and `extend(kept)`: extend copies every kept tensor into the message again, and protobuf frees the old ones

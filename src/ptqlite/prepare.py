@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
-from .model import GraphIndex, attribute, outer_reads, remove_initializers, subgraphs
+from .model import GraphIndex, attribute, outer_reads, remove_initializers, subgraphs, weight_free_copy
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def tensor_types(model: onnx.ModelProto, ranks: dict[str, int] | None = None) ->
     """Element type of each tensor: from the graph's declarations and onnx shape inference. `ranks`, when given,
     is refilled with the rank of every tensor whose shape is known, from the same inference."""
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        # on a copy without the large weights: the same inferred types (it reads only small constants' values)
+        inferred = shape_inference.infer_shapes(weight_free_copy(model), strict_mode=False)
         infos = list(inferred.graph.value_info)
     except Exception as exc:  # noqa: BLE001 -- fails on some custom ops; declared types still count
         log.debug("shape inference failed: %s", exc)

@@ -18,7 +18,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .errors import ConversionError, DataError, ModelError
-from .model import graph_inputs
+from .model import graph_inputs, iter_tensors
+from .stream import has_external_data
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -60,12 +61,46 @@ def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = Tru
     import onnxruntime as ort
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    staged = None
+    if isinstance(source, bytes) and len(source) >= FILE_LOAD_BYTES and not has_external_data(model, iter_tensors):
+        staged = _staged_file(source)
+        if staged is not None:
+            source = str(staged)  # the bytes go before onnxruntime parses
     try:
         return ort.InferenceSession(source, _options(threads, spinning=spinning, optimize=optimize,
                                                      qdq_fusion=qdq_fusion),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises several unrelated types)
         raise ConversionError(f"onnxruntime cannot load the model {purpose} ({exc})") from None
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+
+
+# An in-memory model of FILE_LOAD_BYTES or more is given to onnxruntime as a temp file, not as bytes: from bytes
+# it holds them, its parse of them and the initializers made from that parse at once (all-MiniLM-L6-v2, 90 MB:
+# +268 MB RSS while loading, +191 MB after), from a file +145 / +130 MB (docs/results.md, "Conversion peak
+# memory"). A model with external data stays bytes (its data paths are relative to where it came from).
+FILE_LOAD_BYTES = 16 << 20
+
+
+def _staged_file(data: bytes) -> Path | None:
+    """`data` in a new temp file (None when it cannot be written: the session then loads from the bytes)."""
+    import os
+    import tempfile
+
+    try:
+        handle, name = tempfile.mkstemp(prefix="ptqlite-session-", suffix=".onnx")
+    except OSError:
+        return None
+    path = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
+    return path
 
 
 def file_session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
