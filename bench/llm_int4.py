@@ -10,13 +10,14 @@ Gaussian with a few heavy outliers per matrix, as trained weights have.
 
 Columns: file size (model + data files), peak RSS of a child process that loads the model and runs it once (seq 1),
 its RSS after that run, latency at seq 1 / 32 / 128 (1 thread, every model loaded in one process and taking
-turns run by run, median per model, as a ratio to float), cosine of the logits to float's (mean over a few random
-sequences of 32 tokens), conversion time and peak RSS of the converting child process (the kernel's rusage of
+turns run by run, median per model, as a ratio to float), cosine of the logits to float's (mean over --samples
+random sequences of 32 tokens, default 4; with more, the mean of the first 4 is printed too), conversion time and peak RSS of the converting child process (the kernel's rusage of
 that process alone; ptqlite's includes its input checks and verification gate, MatMulNBitsQuantizer's its
 onnx.load and save).
 MatMulNBitsQuantizer quantizes MatMul weights only (the embedding table stays float); the ptqlite rows quantize the
-embedding table too (at 8 bits, one scale per row: gather_min_bit_num's default; "embedding 4 bit": at bit_num) unless
-marked "embedding float" (skip_quant_node).
+embedding table too (at 6 bits in blocks of 64, 4 codes in 3 bytes: gather_min_bit_num's default; "embedding 8 bit":
+gather_min_bit_num=8, one scale per row; "embedding 4 bit": at bit_num) unless marked "embedding float"
+(skip_quant_node).
 """
 
 from __future__ import annotations
@@ -196,7 +197,10 @@ def latencies(paths: dict[str, Path], seq: int, rounds: int, runs: int) -> dict[
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def logits_cosine(paths: dict[str, Path], vocab: int, samples: int = 4, seq: int = 32) -> dict[str, float]:
+def logits_cosine(paths: dict[str, Path], vocab: int, samples: int = 4, seq: int = 32,
+                  first: int = 0) -> dict[str, float]:
+    """Mean cosine of each model's logits to float's over `samples` seeded sequences (the first `first` of them
+    when given: the same sequences as a run with fewer samples)."""
     rng = np.random.default_rng(1)
     feeds = [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(samples)]
     reference = session(paths["float"], 2)
@@ -208,6 +212,8 @@ def logits_cosine(paths: dict[str, Path], vocab: int, samples: int = 4, seq: int
         cos = [float(w @ g / (np.linalg.norm(w) * np.linalg.norm(g)))
                for w, g in zip(want, (s.run(None, f)[0].ravel().astype(np.float64) for f in feeds))]
         result[name] = float(np.mean(cos))
+        if first:
+            result[f"{name} (first {first})"] = float(np.mean(cos[:first]))
     return result
 
 
@@ -223,7 +229,8 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma-separated numbers of the rows to run (default: all; "
                         "0 block 32, 1 block 32 embedding float, 2 per channel, 3 MatMulNBits, 4 MatMulNBits "
                         "accuracy_level=4, 5 ptqlite WEIGHT_QUANT 8 bit, 6 ptqlite DYNAMIC_QUANT ALWC, 7 block 32 with the "
-                        "embedding at 4 bits too)")
+                        "embedding at 4 bits too, 8 block 32 with the embedding at 8 bits)")
+    parser.add_argument("--samples", type=int, default=4, help="sequences the logits cosine is averaged over")
     args = parser.parse_args()
     ffn = args.ffn or int(np.ceil(args.hidden * 8 / 3 / 256) * 256)
     work = Path(args.work or tempfile.mkdtemp(prefix="llm_int4_"))
@@ -246,6 +253,8 @@ def main() -> None:
         ("ptqlite DYNAMIC_QUANT ALWC", lambda out: convert_ptqlite(src, out, 0, config=DYNAMIC_CONFIG)),
         ("ptqlite ON_THE_FLY 4 bit block 32, embedding 4 bit", lambda out: convert_ptqlite(
             src, out, 32, config=PTQ_CONFIG.format(bits=4, block=32, skip="") + "gather_min_bit_num=0\n")),
+        ("ptqlite ON_THE_FLY 4 bit block 32, embedding 8 bit", lambda out: convert_ptqlite(
+            src, out, 32, config=PTQ_CONFIG.format(bits=4, block=32, skip="") + "gather_min_bit_num=8\n")),
     ]
     chosen = {int(v) for v in args.variants.split(",") if v.strip()} if args.variants else set(range(len(variants)))
     for number, (name, make) in enumerate(variants):
@@ -257,8 +266,12 @@ def main() -> None:
         print(f"converted: {name} in {rows[name]['convert_s']:.1f} s", file=sys.stderr, flush=True)
     for name, path in paths.items():
         rows[name].update(file_mb=model_bytes(path) / 1e6, **load_memory(path))
-    for name, value in logits_cosine(paths, args.vocab).items():
-        rows[name]["cosine"] = value
+    first = 4 if args.samples > 4 else 0
+    cosines = logits_cosine(paths, args.vocab, args.samples, first=first)
+    for name in paths:
+        rows[name]["cosine"] = cosines[name]
+        if first:
+            rows[name]["cosine_first4"] = cosines[f"{name} (first {first})"]
     for seq, rounds, runs in ((1, 15, 4), (32, 7, 1), (128, 5, 1)):
         for name, ms in latencies(paths, seq, rounds, runs).items():
             rows[name][f"seq{seq}_ms"] = ms
@@ -266,7 +279,8 @@ def main() -> None:
     base = rows["float"]
     print(f"decoder: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, ffn {ffn}, heads {args.heads}; "
           f"float {base['file_mb']:.0f} MB")
-    print("| model | file | load peak RSS | steady RSS | latency seq 1 / 32 / 128 | logits cosine | conversion |")
+    cos_head = f"logits cosine ({args.samples} sequences" + ("; first 4)" if first else ")")
+    print(f"| model | file | load peak RSS | steady RSS | latency seq 1 / 32 / 128 | {cos_head} | conversion |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         lat = " / ".join(f"{r[f'seq{s}_ms'] / base[f'seq{s}_ms']:.2f}" for s in (1, 32, 128))
@@ -275,7 +289,8 @@ def main() -> None:
         conv = f"{r['convert_s']:.1f} s, peak {r['convert_peak_mb']:.0f} MB" if "convert_s" in r else ""
         print(f"| {name} | {r['file_mb']:.0f} MB ({r['file_mb'] / base['file_mb']:.3f}x) | "
               f"{r['load_peak_mb']:.0f} MB ({r['load_peak_mb'] / base['load_peak_mb']:.2f}x) | "
-              f"{r['steady_mb']:.0f} MB ({r['steady_mb'] / base['steady_mb']:.2f}x) | {lat} | {r['cosine']:.4f} | {conv} |")
+              f"{r['steady_mb']:.0f} MB ({r['steady_mb'] / base['steady_mb']:.2f}x) | {lat} | {r['cosine']:.4f}"
+              + (f" / {r['cosine_first4']:.4f}" if first else "") + f" | {conv} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

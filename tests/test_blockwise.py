@@ -20,6 +20,7 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from ptqlite.blockwise import float16_grid, quantize_blocks
 from ptqlite.config import parse_config
@@ -363,34 +364,42 @@ def test_block_search_gives_the_same_codes_on_any_number_of_threads(monkeypatch)
     assert many.squared_error == one.squared_error and many.squared_norm == one.squared_norm
 
 
-def test_gathered_tables_get_8_bits_and_row_scales_by_default():
-    """With block_size, a table that is only gathered gets at least gather_min_bit_num bits (default 8) and one
-    scale per row when raised so; MatMul weights keep bit_num."""
-    table = _weights(300, 64)
+def test_gathered_tables_get_6_bits_by_default():
+    """With block_size, a table that is only gathered gets at least gather_min_bit_num bits (default 6): below 8
+    bits in blocks of 64 (weight.RAISED_BLOCK), 6-bit codes packed 4 in 3 bytes; at 8 bits one scale per row;
+    MatMul weights keep bit_num."""
+    table = _weights(300, 256)
     nodes = [helper.make_node("Gather", ["embed", "ids"], ["e"], name="gather", axis=0),
              helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
     graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 48])],
-                              [numpy_helper.from_array(table, "embed"), numpy_helper.from_array(_weights(64, 48), "w")])
+                              [numpy_helper.from_array(table, "embed"), numpy_helper.from_array(_weights(256, 48), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     feeds = {"ids": RNG.integers(0, 300, (2, 5)).astype(np.int64)}
-    cosines = {}
-    for extra in ("", "gather_min_bit_num=0\n", "gather_min_bit_num=6\n"):
+    errors = {}
+    for extra in ("", "gather_min_bit_num=0\n", "gather_min_bit_num=8\n"):
         result = convert(model, config(extra=extra))
         records = {q.tensor: q for q in result.quantized}
         inits = {t.name: t for t in result.model.graph.initializer}
-        cosines[extra] = cosine(run(model, feeds)[0], run(result.model, feeds)[0])
+        errors[extra] = records["embed"].relative_error
         assert records["w"].bits == 4 and records["w"].storage == "DequantizeLinear int4 block 32"
+        stored, scale = inits["embed_quantized"], inits["embed_scale"]
         if extra == "":
+            assert records["embed"].bits == 6
+            assert records["embed"].storage == "DequantizeLinear int6 block 64 of the gathered rows (4 codes in 3 bytes)"
+            assert (stored.data_type, tuple(stored.dims)) == (TensorProto.UINT8, (300, 192))
+            assert tuple(scale.dims) == (300, 4) and scale.data_type == TensorProto.FLOAT16
+        elif extra.endswith("8\n"):
             assert records["embed"].bits == 8
-            assert records["embed"].storage == "DequantizeLinear int8 block 64 of the gathered rows"
-            assert inits["embed_quantized"].data_type == TensorProto.INT8
-            assert tuple(inits["embed_scale"].dims) == (300, 1)
-        elif extra.endswith("6\n"):
-            assert records["embed"].bits == 6 and tuple(inits["embed_scale"].dims) == (300, 1)
+            assert records["embed"].storage == "DequantizeLinear int8 block 256 of the gathered rows"
+            assert (stored.data_type, tuple(scale.dims)) == (TensorProto.INT8, (300, 1))
         else:
-            assert records["embed"].bits == 4 and tuple(inits["embed_scale"].dims) == (300, 2)
-    assert cosines[""] > cosines["gather_min_bit_num=6\n"] > cosines["gather_min_bit_num=0\n"]
+            assert records["embed"].bits == 4 and tuple(scale.dims) == (300, 8)
+        # the decoded rows are the table's blocks dequantized, bit for bit
+        bits, block = records["embed"].bits, {"": 64, "gather_min_bit_num=0\n": 32}.get(extra, 256)
+        want = quantize_blocks(table, bits, 1, block, scale_grid=float16_grid).dequantized()[feeds["ids"]]
+        np.testing.assert_array_equal(run(with_outputs(result.model, ["e"]), feeds)[1], want)
+    assert errors["gather_min_bit_num=8\n"] < errors[""] < errors["gather_min_bit_num=0\n"]
 
 
 def _block_errors(q, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
@@ -579,7 +588,7 @@ def test_default_block_keeps_the_model_opset_and_needs_no_opset_21():
                                rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
 def test_on_the_fly_block_table_of_any_width_decodes_its_gathered_rows(bits):
     """ON_THE_FLY, a table at bit_num whose row width is not a multiple of the block (70 = 2 x 32 + 6): the
     gathered rows reshaped to [rows, 3, 32] failed (the verification gate refused the output); the last block's
@@ -590,3 +599,28 @@ def test_on_the_fly_block_table_of_any_width_decodes_its_gathered_rows(bits):
     rows = run(with_outputs(result.model, ["e"]), BLOCK_FEEDS)[2]
     want = quantize_blocks(table, bits, 1, 32, scale_grid=float16_grid).dequantized()[BLOCK_FEEDS["ids"]]
     np.testing.assert_array_equal(rows, want)
+
+
+@pytest.mark.parametrize("width", [37, 64, 130])
+def test_raised_table_rows_of_any_width_unpack_to_the_dequantized_rows(width):
+    """ON_THE_FLY, a table raised to gather_min_bit_num=6: blocks of 64, or one block of the whole row when it is
+    shorter (37: not a multiple of 4 codes, so each row is padded to whole 3-byte groups and the padding codes
+    cut after unpacking; 130: a partial last block). The gathered rows equal the table's blocks dequantized, and
+    the file stores 6 bits a code (whole groups of 3 bytes a row)."""
+    table = _weights(300, width)
+    graph = helper.make_graph([helper.make_node("Gather", ["embed", "ids"], ["e"], name="gather", axis=0)], "emb",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(table, "embed")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert(model, config(extra="gather_min_bit_num=6\n"))
+    record = {q.tensor: q for q in result.quantized}["embed"]
+    block = min(width, 64)
+    assert record.bits == 6 and record.storage.startswith(f"DequantizeLinear int6 block {block} ")
+    stored = {t.name: t for t in result.model.graph.initializer}["embed_quantized"]
+    padded = -(-width // block) * block
+    assert (stored.data_type, tuple(stored.dims)) == (TensorProto.UINT8, (300, -(-padded // 4) * 3))
+    ids = RNG.integers(0, 300, (3, 4)).astype(np.int64)
+    want = quantize_blocks(table, 6, 1, block, scale_grid=float16_grid).dequantized()[ids]
+    np.testing.assert_array_equal(run(result.model, {"ids": ids})[0], want)
+    np.testing.assert_array_equal(ReferenceEvaluator(result.model).run(None, {"ids": ids})[0], want)

@@ -138,7 +138,7 @@ def test_defaults_of_every_key():
     assert (config.mixed_bit.init_scale, config.mixed_bit.auto_tune) == (0.02, False)
     w = config.weight
     assert (w.per_channel, w.bias_correction, w.dequant_strategy, w.block_size) == (True, True, "DEFAULT", 0)
-    assert (w.gather_min_bit_num, w.activation_weighted) == (8, True)
+    assert (w.gather_min_bit_num, w.activation_weighted) == (6, True)
     f = config.full
     assert (f.activation_quant_method, f.bias_correction, f.per_channel, f.target_device) == (
         "MAX_MIN", True, True, "CPU")

@@ -38,7 +38,9 @@ from ptqlite.convert import convert
 from ptqlite.encoding import SharedConstants, build_decoder, plan_split
 from ptqlite.model import GraphIndex
 from ptqlite.passes.mixed_bit import MixedLayer, rice_decoders, rice_parameter, split_decoder, zigzag
+from ptqlite.passes.weight import CodeGroups
 from ptqlite.plan import WeightSpec
+from ptqlite.qmath import pack_code_groups
 
 try:
     import openvino
@@ -103,17 +105,32 @@ def _saturating(op: str, compute):
     return type(op, (OpRun,), {"op_domain": "", "_run": run})
 
 
+class _SaturatingBitShift(OpRun):
+    """BitShift as OpenVINO's CPU plugin may compute it: multiplication and division by powers of two, saturated
+    and rounded (`16 << 2` gives 255 and `10 >> 4` gives 1 in uint8)."""
+
+    op_domain = ""
+
+    def _run(self, x, y, direction=None):
+        info = np.iinfo(x.dtype)
+        power = np.exp2(np.asarray(y, np.float64))
+        exact = x * power if direction == "LEFT" else x / power
+        return (np.clip(np.floor(exact + 0.5), info.min, info.max).astype(x.dtype),)
+
+
+_SaturatingBitShift.__name__ = "BitShift"
+
 # Left and right shifts as multiplication and division by powers of two.
 SATURATING = [_saturating("Add", np.add), _saturating("Sub", np.subtract), _saturating("Mul", np.multiply),
-              _saturating("Div", np.divide)]
+              _saturating("Div", np.divide), _SaturatingBitShift]
 
 
 def assert_exact_when_saturating(model: onnx.ModelProto, expected: list[np.ndarray],
                                  feeds: dict[str, np.ndarray] | None = None) -> None:
     """The decoders give the same result where integer arithmetic saturates and quotients round (the reference
     evaluator with SATURATING ops) as in ONNX Runtime (`expected`): no result depends on overflow or inexact
-    division. This catches the bug class without OpenVINO."""
-    assert not [n for n in model.graph.node if n.op_type == "BitShift"]
+    division (BitShift included: the gathered tables' CodeGroups shift uint32 words). This catches the bug class
+    without OpenVINO."""
     for want, got in zip(expected, ReferenceEvaluator(model, new_ops=SATURATING).run(None, feeds or {})):
         np.testing.assert_array_equal(got, want, err_msg="saturating, rounding evaluator")
 
@@ -445,9 +462,11 @@ def test_block_embedding_rows_run_alike_in_openvino(tmp_path, width):
               "min_quant_weight_channel=0\n[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n"
               "block_size=32\ngather_min_bit_num=0\n")
     ids = rng.integers(0, 300, (2, 7)).astype(np.int64)
-    # int4 codes two a byte, split in float after the Gather (gather_min_bit_num=0), and the default int8 table
-    # with a scale per row; float16 scales cast after their Gather
-    for text, codes in ((config, TensorProto.UINT8), (config.replace("gather_min_bit_num=0", ""), TensorProto.INT8)):
+    # int4 codes two a byte, split in float after the Gather (gather_min_bit_num=0), the default 6-bit table (4
+    # codes in 3 bytes, unpacked by BitShift and BitwiseAnd) and an int8 table with a scale per row; float16
+    # scales cast after their Gather
+    for text, codes in ((config, TensorProto.UINT8), (config.replace("gather_min_bit_num=0", ""), TensorProto.UINT8),
+                        (config.replace("gather_min_bit_num=0", "gather_min_bit_num=8"), TensorProto.INT8)):
         quantized = convert(float_model, parse_config(text)).model
         tables = {t.name: t.data_type for t in quantized.graph.initializer}
         assert tables["embed_quantized"] == codes and tables["embed_scale"] == TensorProto.FLOAT16
@@ -457,6 +476,34 @@ def test_block_embedding_rows_run_alike_in_openvino(tmp_path, width):
             np.testing.assert_array_equal(openvino_run(quantized, {"ids": ids}, tmp_path)[0], want)
     if openvino is None:
         pytest.skip(NO_OPENVINO)
+
+
+@pytest.mark.parametrize("width", [64, 37])
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7])
+def test_code_groups_unpack_alike_everywhere(tmp_path, bits, width):
+    """Rows of codes packed by whole byte groups (qmath.pack_code_groups: 4 codes of 6 bits in 3 bytes), unpacked
+    in the graph (weight.CodeGroups: BitShift, BitwiseOr, BitwiseAnd on uint32): the codes of random rows, bit for
+    bit, in ONNX Runtime, the reference evaluator (also with saturating, rounding shifts) and OpenVINO, for rows
+    of whole groups (64) and rows padded to them (37)."""
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, (9, width))
+    packed = pack_code_groups(codes, bits)
+    graph = helper.make_graph([], "g", [helper.make_tensor_value_info("rows", TensorProto.UINT8,
+                                                                       ["n", packed.shape[1]])], [], [])
+    index = GraphIndex(graph)
+    groups = CodeGroups(index, "t", bits, width)
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op, inputs, kind, **attrs):
+        nodes.append(helper.make_node(op, inputs, [index.unique_name(kind)], **attrs))
+        return nodes[-1].output[0]
+
+    out = groups.decode(add, "rows")
+    graph.node.extend(nodes)
+    graph.initializer.extend(groups.constants)
+    graph.output.append(helper.make_tensor_value_info(out, TensorProto.UINT32, ["n", width]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    np.testing.assert_array_equal(session(model).run(None, {"rows": packed})[0], codes)
+    assert_same_everywhere(model, tmp_path, feeds={"rows": packed})
 
 
 def test_block_matmul_float16_scales_decode_alike_everywhere(tmp_path):

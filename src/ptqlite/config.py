@@ -58,7 +58,7 @@ class WeightQuantParam:
     # Extension: 0 = one scale per output channel; else one per block of this many elements along the input axis.
     block_size: int = 0
     # Extension: with block_size, tables that are only gathered get at least this many bits (0: bit_num).
-    gather_min_bit_num: int = 8
+    gather_min_bit_num: int = 6
     # Extension: with block_size and calibration data, the block search weights each input channel's error by its
     # activations' mean square (activation_weights.py); false searches by the weight error alone.
     activation_weighted: bool = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,6 +156,64 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     stream = np.unpackbits(np.asarray(packed, dtype=np.uint8))[: count * bits]
     weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
     return stream.reshape(count, bits).astype(np.int64) @ weights
+
+
+def code_groups(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of one whole group of `bits`-bit codes (1..8): 4 codes of 6 bits in 3 bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"code groups hold 1..8 bit codes, not {bits}")
+    span = math.lcm(bits, 8)
+    return span // bits, span // 8
+
+
+def group_layout(bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per code of a group: the byte its lowest bit is in, the byte after it (the same byte for the group's last
+    byte) and the bit its lowest bit is at. A code of at most 8 bits spans at most two bytes, so it is
+    (group[lo] | group[hi] << 8) >> shift, masked to `bits` (what pack_code_groups writes and the graph reads)."""
+    count, size = code_groups(bits)
+    starts = np.arange(count) * bits
+    lo = starts // 8
+    return lo, np.minimum(lo + 1, size - 1), starts % 8
+
+
+def pack_code_groups(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [rows, width] (each < 2^bits, bits 1..8) packed along each row by groups of
+    code_groups(bits) codes in as many whole bytes (4 codes of 6 bits in 3 bytes), planar: a row padded with zero
+    codes to `count` parts of `groups` codes; group g holds code g of each part, the first part's lowest, its
+    bits filling the group's bytes from the lowest bit up (6 bits: c0 | c1 << 6 | c2 << 12 | c3 << 18), and byte
+    j of every group is stored together: the row is [byte 0 of each group, byte 1 of each group, ...]. So the
+    graph unpacks a row with whole planes of `groups` values (no per-code gather) and the codes come out in
+    order. uint8 [rows, groups * bytes]."""
+    codes = np.asarray(codes)
+    rows, width = codes.shape
+    if codes.size and (int(codes.max()) >> bits or int(codes.min()) < 0):
+        raise ValueError(f"a code does not fit in {bits} bits")
+    count, size = code_groups(bits)
+    groups = -(-width // count)
+    lo, hi, shift = group_layout(bits)
+    out = np.zeros((rows, size, groups), np.uint8)
+    step = max(1, PACK_CHUNK // max(width, 1))  # rows at a time: the uint16 temporaries stay small
+    for start in range(0, rows, step):
+        part = np.zeros((min(step, rows - start), count * groups), np.uint16)
+        part[:, :width] = codes[start:start + step]
+        part = part.reshape(part.shape[0], count, groups)
+        target = out[start:start + step]
+        for k in range(count):
+            word = part[:, k] << np.uint16(shift[k])  # at most 15 bits: the code's two bytes
+            target[:, lo[k]] |= (word & np.uint16(0xFF)).astype(np.uint8)
+            if shift[k] + bits > 8:
+                target[:, hi[k]] |= (word >> np.uint16(8)).astype(np.uint8)
+    return out.reshape(rows, size * groups)
+
+
+def unpack_code_groups(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """Inverse of pack_code_groups: the codes [rows, width] as int64."""
+    size = code_groups(bits)[1]
+    packed = np.asarray(packed, np.uint8)
+    planes = packed.reshape(packed.shape[0], size, -1).astype(np.int64)
+    lo, hi, shift = group_layout(bits)
+    codes = ((planes[:, lo] | (planes[:, hi] << 8)) >> shift[:, None]) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)[:, :width]
 
 
 def bits_for(count: int) -> int:

@@ -36,7 +36,18 @@ from ..encoding import (
 from ..errors import ConversionError
 from ..model import GraphIndex, attribute, ensure_opset, opset_version, remove_initializers, subgraph_inputs
 from ..plan import WeightSpec, plan_weights, weight_quant_rules
-from ..qmath import asymmetric_params, dequantize, pack_int4, qrange, quantize, reduce_axes, relative_error
+from ..qmath import (
+    asymmetric_params,
+    code_groups,
+    dequantize,
+    group_layout,
+    pack_code_groups,
+    pack_int4,
+    qrange,
+    quantize,
+    reduce_axes,
+    relative_error,
+)
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 from ..stream import release_pages, spill, streaming
 
@@ -396,11 +407,12 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
     float copy of the table is made per run, and the table itself is read in place (memory-mapped from external
     data: only the gathered rows' pages are resident).
 
-    int4 has no Gather: int4 codes are stored two a byte in a uint8 table [rows, width / 2] (unsigned, the low
-    nibble first) and each gathered byte is split into its two codes in float, so the table takes 4 bits a value
-    in the file and in memory. (A Cast of an int4 table to int8, folded at load, held an int8 copy of the whole
-    table.) A row of odd width, which no byte split fits, keeps that Cast."""
-    dtype, np_type = _storage_type(bq.bits)
+    Below 8 bits the codes are stored packed in a uint8 table, unsigned, and each gathered row unpacked: int4
+    codes two a byte (the low nibble first), split in float; other widths (and int4 rows of odd width) by whole
+    groups of bytes (pack_code_groups: 4 codes of 6 bits in 3 bytes), unpacked with BitShift and BitwiseAnd
+    (decode_code_groups), so the table takes `bits` bits a value in the file and in memory. (A Cast of an int4
+    table to int8, folded at load, held an int8 copy of the whole table.)"""
+    np_type = _storage_type(bq.bits)[1]
     prefix = spec.tensor.replace("::", "_").strip("/")
     q_name, s_name, z_name = (index.unique_name(f"{prefix}_{s}") for s in ("quantized", "scale", "zero_point"))
     width = int(bq.codes.shape[-1])
@@ -411,25 +423,25 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
         # [rows, blocks, block]; the decoded rows are cut back to the table's width.
         padding = np.repeat(bq.zero_point[:, -1:], blocks * bq.block - width, axis=1).astype(codes.dtype)
         codes = np.concatenate([codes, padding], axis=1)
-    nodes = []
-    nibbles = dtype == TensorProto.INT4 and codes.shape[-1] % 2 == 0
+    packing = packed_table(bq.bits, int(codes.shape[-1]))
     zero = bq.zero_point
-    if nibbles:
-        unsigned = (codes.astype(np.int16) - qrange(bq.bits)[0]).astype(np.uint8)
-        q_tensor = numpy_helper.from_array(unsigned[:, 0::2] | (unsigned[:, 1::2] << 4), q_name)
-        zero, np_type, rows_of = zero - qrange(bq.bits)[0], np.uint8, q_name
-    elif dtype == TensorProto.INT4:
-        q_tensor = int4_tensor(q_name, codes)
-        rows_of = index.unique_name(f"{prefix}_int8")
-        nodes.append(helper.make_node("Cast", [q_name], [rows_of], to=TensorProto.INT8,
-                                      name=index.unique_name(f"{prefix}/Cast")))
-        np_type = np.int8
+    if packing:
+        unsigned = codes.astype(np.int16) - qrange(bq.bits)[0]
+        if packing == "nibbles":
+            unsigned = unsigned.astype(np.uint8)
+            stored = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+        else:
+            stored = pack_code_groups(unsigned, bq.bits)
+        del unsigned
+        q_tensor = numpy_helper.from_array(stored, q_name)
+        zero, np_type = zero - qrange(bq.bits)[0], np.uint8
     else:
-        q_tensor, rows_of = numpy_helper.from_array(codes.astype(np_type), q_name), q_name
+        q_tensor = numpy_helper.from_array(codes.astype(np_type), q_name)
     z_tensor = numpy_helper.from_array(zero.astype(np_type), z_name)
     half = _on_float16_grid(bq.scale)
     s_tensor = numpy_helper.from_array(bq.scale.astype(np.float16 if half else np.float32), s_name)
     padded = int(codes.shape[-1]) != width
+    nibbles = packing == "nibbles"
     consts = {kind: index.unique_name(f"{prefix}_{kind}")
               for kind in ("blocks", "scales", "row", "last", "16th", "16", "zero", "width", "flat")}
     const_tensors = [numpy_helper.from_array(np.array(v, dtype), consts[k]) for k, v, dtype in
@@ -437,26 +449,82 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
                       ("row", [codes.shape[-1]], np.int64), ("last", [-1], np.int64), ("16th", 1 / 16, np.float32),
                       ("16", 16, np.float32), ("zero", [0], np.int64), ("width", [width], np.int64),
                       ("flat", [-1, codes.shape[-1]], np.int64))
-                     if k in ("blocks", "scales", "row") or (nibbles and k in ("last", "16th", "16"))
+                     if k in ("blocks", "scales") or (k == "row" and not padded)
+                     or (nibbles and k in ("last", "16th", "16"))
                      or (padded and k in ("last", "zero", "width", "flat"))]
+    groups = None
+    if packing == "groups":
+        groups = CodeGroups(index, prefix, bq.bits, int(codes.shape[-1]))
+        const_tensors += groups.constants
     for node, _ in index.consumers[spec.tensor]:
         out, ids = node.output[0], node.input[1]
-        node.input[0] = rows_of
+        node.input[0] = q_name
         node.output[0] = index.unique_name(f"{out}_codes")
         after[node.output[0]] = _decode_gathered_blocks(index, node.name, node.output[0], ids, out,
-                                                        (s_name, z_name), consts, nibbles, half, padded)
-    return nodes, [q_tensor, s_tensor, z_tensor, *const_tensors]
+                                                        (s_name, z_name), consts, nibbles, half, padded, groups)
+    return [], [q_tensor, s_tensor, z_tensor, *const_tensors]
+
+
+def packed_table(bits: int, width: int) -> str:
+    """How a gathered table of `bits`-bit codes with rows of `width` codes (padded to whole blocks) is stored:
+    "nibbles" (int4, even width: two codes a byte), "groups" (other widths below 8 bits: pack_code_groups) or ""
+    (int8 or int16 codes, gathered as they are)."""
+    if bits == 4 and width % 2 == 0:
+        return "nibbles"
+    return "groups" if bits < 8 else ""
+
+
+class CodeGroups:
+    """The constants and nodes that unpack rows of pack_code_groups bytes into their codes with standard ops
+    only (opset 18: BitShift, BitwiseOr, BitwiseAnd): a row's bytes viewed as [-1, bytes, groups] planes and cast
+    to uint32 (the smallest type BitShift takes besides uint8); for each code of a group the plane its lowest bit
+    is in and the next plane are gathered (whole planes: contiguous copies) and joined into 16-bit words, the
+    code's bits masked and shifted down, giving [-1, codes, groups]: the row's codes in order. No result depends
+    on how a runtime shifts: the left shift never overflows (a byte by 8) and the right shift drops only zero bits
+    (masked first), so it is exact division by a power of two. (OpenVINO saturates uint8 left shifts and rounds
+    uint8 right shifts: docs/architecture.md, "Portable arithmetic".)"""
+
+    def __init__(self, index: GraphIndex, prefix: str, bits: int, width: int):
+        count, size = code_groups(bits)
+        self.groups = -(-width // count)
+        self.cut = self.groups * count != width  # a row padded to whole groups: the padding codes are cut off
+        lo, hi, shift = group_layout(bits)
+        values = {"planes": np.array([-1, size, self.groups], np.int64), "lo": lo.astype(np.int64),
+                  "hi": hi.astype(np.int64), "eight": np.array(8, np.uint32),
+                  "fields": (((1 << bits) - 1) << shift).astype(np.uint32)[:, None],
+                  "shift": shift.astype(np.uint32)[:, None],
+                  "codes_2d": np.array([-1, self.groups * count], np.int64), "start": np.array([0], np.int64),
+                  "stop": np.array([width], np.int64), "axis": np.array([-1], np.int64)}
+        if not self.cut:
+            del values["start"], values["stop"], values["axis"]
+        self.names = {kind: index.unique_name(f"{prefix}_{kind}") for kind in values}
+        self.constants = [numpy_helper.from_array(v, self.names[k]) for k, v in values.items()]
+
+    def decode(self, add, rows: str) -> str:
+        """The codes (uint32) of the gathered rows of bytes `rows`, as [-1, width]."""
+        c = self.names
+        planes = add("Cast", [add("Reshape", [rows, c["planes"]], "planes")], "planes_u32", to=TensorProto.UINT32)
+        low = add("Gather", [planes, c["lo"]], "low_bytes", axis=1)
+        high = add("BitShift", [add("Gather", [planes, c["hi"]], "high_bytes", axis=1), c["eight"]], "high_8",
+                   direction="LEFT")
+        fields = add("BitwiseAnd", [add("BitwiseOr", [low, high], "words"), c["fields"]], "fields")
+        codes = add("BitShift", [fields, c["shift"]], "codes_planes", direction="RIGHT")
+        codes = add("Reshape", [codes, c["codes_2d"]], "codes_2d")
+        if self.cut:
+            codes = add("Slice", [codes, c["start"], c["stop"], c["axis"]], "codes_cut")
+        return codes
 
 
 def _decode_gathered_blocks(index: GraphIndex, name: str, codes: str, ids: str, out: str,
                             tables: tuple[str, str], consts: dict[str, str], nibbles: bool,
-                            half: bool, padded: bool = False) -> list[onnx.NodeProto]:
+                            half: bool, padded: bool = False, groups: CodeGroups | None = None
+                            ) -> list[onnx.NodeProto]:
     """(codes - zero point) * scale per block of the gathered rows `codes`, as DequantizeLinear with block_size
     computes it, on rows reshaped to [rows, blocks, block]: OpenVINO 2026.4 reads a block-wise DequantizeLinear
     only on inputs of static shape, and gathered rows have the shape of the ids. nibbles: each gathered byte
-    holds two codes, split as high = floor(byte / 16), low = byte - 16 high (exact in float32); half: the scale
-    table is float16, its gathered rows cast to float32; padded: the table's rows carry a padded last block,
-    cut off the decoded rows."""
+    holds two codes, split as high = floor(byte / 16), low = byte - 16 high (exact in float32); groups: the rows
+    are pack_code_groups bytes, unpacked by CodeGroups; half: the scale table is float16, its gathered rows cast
+    to float32; padded: the table's rows carry a padded last block, cut off the decoded rows."""
     nodes: list[onnx.NodeProto] = []
 
     def add(op, inputs, kind, **attrs):
@@ -476,6 +544,8 @@ def _decode_gathered_blocks(index: GraphIndex, name: str, codes: str, ids: str, 
                                add("Unsqueeze", [high, consts["last"]], "high_1")], "pairs", axis=-1)
         as_float = add("Reshape", [pairs, consts["blocks"]], "codes_float")
     else:
+        if groups is not None:
+            codes = groups.decode(add, codes)
         as_float = add("Cast", [add("Reshape", [codes, consts["blocks"]], "codes_3d")], "codes_float",
                        to=TensorProto.FLOAT)
     centred = add("Sub", [as_float, add("Cast", [zero], "zero_float", to=TensorProto.FLOAT)], "centred")
@@ -491,14 +561,21 @@ def _decode_gathered_blocks(index: GraphIndex, name: str, codes: str, ids: str, 
 
 def gathered_table_scheme(spec: WeightSpec, block: int, min_bits: int) -> tuple[int, int]:
     """Bits and block length of a block-wise table that is only gathered: at least `min_bits`
-    ([weight_quant_param] gather_min_bit_num, default 8), since a table is read row by row and not multiplied, its
+    ([weight_quant_param] gather_min_bit_num, default 6), since a table is read row by row and not multiplied, its
     width costs file bytes but no time, and a 4-bit embedding table cost a synthetic decoder more logits cosine
-    (0.931 against 0.949 with the table float) than all its 4-bit MatMuls. A table raised so gets one scale per
-    row: at 8 bits that loses nothing measurable against blocks of 32 (0.9484 against 0.9486) and saves 0.75 bit
-    a value."""
+    (0.931 against 0.949 with the table float) than all its 4-bit MatMuls. A table raised to 8 bits or more gets
+    one scale per row (that loses nothing measurable against blocks of 32 at 8 bits: 0.9484 against 0.9486); one
+    raised to fewer gets blocks of RAISED_BLOCK (block_size's when longer): at 6 bits a scale per row has three
+    times the error of blocks (relative error 0.061 against 0.020 for blocks of 32 and 0.023 for 64 on the 3 GB
+    decoder's table), and blocks of 64 take 6.4 bits a value against 6.75 for 32 (docs/results.md, "6-bit
+    embedding tables")."""
     if spec.bits >= min_bits:
         return spec.bits, block
-    return min_bits, int(spec.shape[-1])
+    row = int(spec.shape[-1])
+    return min_bits, row if min_bits >= 8 else min(row, max(block, RAISED_BLOCK))
+
+
+RAISED_BLOCK = 64
 
 
 def _decode_gathered_rows(index: GraphIndex, tensor: str, codes: str, zero: str, scale: str, blocks: str, bits: int,
@@ -600,7 +677,12 @@ def _on_float16_grid(scale: np.ndarray) -> bool:
 
 def _record_blocks(spec: WeightSpec, bq: BlockQuant, float_bytes: int, stored: int,
                    rows: bool = False, on_the_fly: bool = True) -> QuantizedTensor:
-    if on_the_fly:
+    if on_the_fly and rows and bq.bits < 8:  # stored packed (see _blocked_gathered_rows)
+        storage = f"DequantizeLinear int{bq.bits} block {bq.block} of the gathered rows"
+        blocks = int(bq.scale.shape[-1])
+        if packed_table(bq.bits, blocks * bq.block) == "groups":
+            storage += " ({} codes in {} bytes)".format(*code_groups(bq.bits))
+    elif on_the_fly:
         dtype = TensorProto.DataType.Name(_storage_type(bq.bits)[0]).lower()
         storage = f"DequantizeLinear {dtype} block {bq.block}" + (" of the gathered rows" if rows else "")
     else:
