@@ -2,6 +2,8 @@
 onnxruntime's MatMulNBitsQuantizer, side by side in one run.
 
     PYTHONPATH=src .venv/bin/python bench/llm_int4.py [--hidden 1024 --layers 6 --vocab 16000] [--work DIR]
+    PYTHONPATH=src .venv/bin/python bench/llm_int4.py --hidden 4096 --layers 30 --vocab 32000 --work DIR \
+        --stream-build --build-only      # a decoder larger than the machine's memory: built, not measured
 
 The decoder (seeded, float32, opset 17, weights in external data): token embedding Gather, per layer RMSNorm ->
 q/k/v MatMuls -> multi-head attention (no mask, no rotary: the weights are what is measured) -> o MatMul ->
@@ -70,7 +72,48 @@ print(int(rss) * 1024 / 1e6)
 """
 
 
-def decoder(hidden: int, layers: int, vocab: int, ffn: int, heads: int, seed: int = 0) -> onnx.ModelProto:
+class ExternalWriter:
+    """Writes each tensor of 1 KB or more straight to the model's data file (page-aligned) and returns a message that
+    only refers to it: the model is built with one weight in memory at a time, whatever its size."""
+
+    def __init__(self, path: Path, location: str):
+        self.handle = open(path, "wb")  # noqa: SIM115  (closed by close())
+        self.location = location
+
+    def __call__(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        if array.nbytes < 1024:
+            return numpy_helper.from_array(array, name)
+        self.handle.write(b"\0" * (-self.handle.tell() % 4096))
+        offset = self.handle.tell()
+        self.handle.write(memoryview(np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))))
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=array.shape, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        return tensor
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def save_streamed(path: Path, hidden: int, layers: int, vocab: int, ffn: int, heads: int) -> None:
+    """The same decoder as decoder(), its weights written to `<path>.data` as they are made (temp names, renamed
+    when complete: an interrupted build leaves no model that looks finished)."""
+    data = path.with_name(path.name + ".data")
+    tmp_data, tmp_model = data.with_name(data.name + ".tmp"), path.with_name(path.name + ".tmp")
+    writer = ExternalWriter(tmp_data, data.name)
+    try:
+        model = decoder(hidden, layers, vocab, ffn, heads, make_tensor=writer)
+    finally:
+        writer.close()
+    tmp_model.write_bytes(model.SerializeToString())
+    os.replace(tmp_data, data)
+    os.replace(tmp_model, path)
+
+
+def decoder(hidden: int, layers: int, vocab: int, ffn: int, heads: int, seed: int = 0,
+            make_tensor=numpy_helper.from_array) -> onnx.ModelProto:
+    """`make_tensor(array, name)`: the initializer of each value (ExternalWriter: written to the data file)."""
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -80,11 +123,12 @@ def decoder(hidden: int, layers: int, vocab: int, ffn: int, heads: int, seed: in
         w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(1.0 / np.sqrt(rows))
         outliers = rng.random((rows, cols)) < 0.001
         w[outliers] *= 8.0
-        inits.append(numpy_helper.from_array(w, name))
+        del outliers
+        inits.append(make_tensor(w, name))
         return name
 
     def const(name: str, value: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(value, name))
+        inits.append(make_tensor(value, name))
         return name
 
     def node(op: str, inputs: list[str], out: str, **attrs) -> str:
@@ -226,6 +270,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--work", default="", help="folder for the models (default: a temporary one)")
     parser.add_argument("--json", default="", help="also write the figures here")
+    parser.add_argument("--stream-build", action="store_true", help="write each weight to the data file as it is "
+                        "made (for a model larger than the memory; the same model as the in-memory build)")
+    parser.add_argument("--build-only", action="store_true", help="build the float model and stop")
     parser.add_argument("--variants", default="", help="comma-separated numbers of the rows to run (default: all; "
                         "0 block 32, 1 block 32 embedding float, 2 per channel, 3 MatMulNBits, 4 MatMulNBits "
                         "accuracy_level=4, 5 ptqlite WEIGHT_QUANT 8 bit, 6 ptqlite DYNAMIC_QUANT ALWC, 7 block 32 with the "
@@ -236,11 +283,17 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="llm_int4_"))
     work.mkdir(parents=True, exist_ok=True)
     src = work / "float.onnx"
+    if not src.exists() and args.stream_build:
+        started = time.perf_counter()
+        save_streamed(src, args.hidden, args.layers, args.vocab, ffn, args.heads)
+        print(f"built {model_bytes(src) / 1e9:.2f} GB in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not src.exists():
         model = decoder(args.hidden, args.layers, args.vocab, ffn, args.heads)
         onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True,
                         location="float.onnx.data", size_threshold=1024)
         del model
+    if args.build_only:
+        return
     rows: dict[str, dict] = {"float": {}}
     paths = {"float": src}
     variants = [

@@ -208,3 +208,26 @@ def test_ptqlite_calibration_sees_exactly_the_bench_arrays(tmp_path: Path, bench
             np.testing.assert_array_equal(got, expected[i:i + 1])
         else:
             np.testing.assert_allclose(got, expected[i:i + 1], atol=2e-5)
+
+
+def test_the_streaming_decoder_build_equals_the_in_memory_one(tmp_path: Path) -> None:
+    """bench/llm_int4.py --stream-build writes each weight to the data file as it is made: same tensors, same
+    outputs in ONNX Runtime, no temp files left."""
+    import llm_int4
+    import onnxruntime as ort
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    onnx.save_model(llm_int4.decoder(64, 2, 300, 128, 4), tmp_path / "a" / "float.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="float.onnx.data", size_threshold=1024)
+    llm_int4.save_streamed(tmp_path / "b" / "float.onnx", 64, 2, 300, 128, 4)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["float.onnx", "float.onnx.data"]
+    whole, streamed = (onnx.load(str(tmp_path / d / "float.onnx")) for d in "ab")
+    assert [t.name for t in whole.graph.initializer] == [t.name for t in streamed.graph.initializer]
+    for a, b in zip(whole.graph.initializer, streamed.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    onnx.checker.check_model(str(tmp_path / "b" / "float.onnx"), full_check=True)
+    feed = {"input_ids": np.arange(5, dtype=np.int64)[None]}
+    outputs = [ort.InferenceSession(str(tmp_path / d / "float.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, feed)[0] for d in "ab"]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
