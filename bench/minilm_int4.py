@@ -7,7 +7,8 @@ onnxruntime's MatMulNBitsQuantizer (RTN, HQQ, GPTQ), by the mean cosine of sente
 The float model and the tokenized SST-2 sentences are built as bench/minilm.py builds them (a scratch virtual
 environment, cached under --cache). Embeddings: last_hidden_state mean-pooled over the attention mask and
 L2-normalised (bench/minilm.py's `embeddings`). MatMulNBitsQuantizer quantizes MatMul weights only; the ptqlite
-rows quantize the embedding tables (word, position, token type) too unless marked "embeddings float".
+rows quantize the embedding tables (word, position, token type) too (at gather_min_bit_num's 6 bits unless marked
+otherwise) unless marked "embeddings float".
 
 MatMulNBitsQuantizer's HQQ and GPTQ run on torch. They run in a child process of --torch-python (a separate
 environment with torch, onnxruntime and onnx; default: this interpreter); when that interpreter has no torch the
@@ -59,8 +60,9 @@ def embeddings(path: Path, tokens: dict[str, np.ndarray], rows: slice, level: st
     return out
 
 
-def ptqlite_variant(model: onnx.ModelProto, out: Path, bits: int, block: int, skip: str = "") -> float:
-    text = PTQ_CONFIG.format(bits=bits, block=block, skip=f"skip_quant_node={skip}" if skip else "")
+def ptqlite_variant(model: onnx.ModelProto, out: Path, bits: int, block: int, skip: str = "",
+                    extra: str = "") -> float:
+    text = PTQ_CONFIG.format(bits=bits, block=block, skip=f"skip_quant_node={skip}" if skip else "") + extra
     start = time.perf_counter()
     save_model(convert(model, parse_config(text, "minilm_int4")).model, out)
     return time.perf_counter() - start
@@ -162,6 +164,8 @@ def main() -> None:
         "ptqlite 8 bit block 32, embeddings float": lambda p: ptqlite_variant(model, p, 8, 32, word_embedding),
         "ptqlite 8 bit per channel, embeddings float": lambda p: ptqlite_variant(model, p, 8, 0, word_embedding),
         "MatMulNBits RTN 8 bit block 32": lambda p: ort_variant(model, p, 8, 32),
+        "ptqlite 4 bit block 32, embeddings 8 bit (gather_min_bit_num=8)":
+            lambda p: ptqlite_variant(model, p, 4, 32, extra="gather_min_bit_num=8\n"),
     }
     numbers = {name: number for number, name in enumerate(variants)}  # --only counts the rows left out too
     if not has_torch(args.torch_python):
