@@ -298,3 +298,17 @@ def test_initializers_are_removed_in_place_and_the_others_keep_their_order():
     # the kept tensors are the graph's own messages still, not copies (a copy of every weight was the waste)
     kept.name = "renamed"
     assert graph.initializer[2].name == "renamed"
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_the_split_plan_by_chunks_equals_the_whole_weight(monkeypatch, chunk):
+    from ptqlite import encoding
+
+    rng = np.random.default_rng(4)
+    for density in (0.9, 0.01):
+        q = np.round(rng.laplace(0, 9, 20011)) * (rng.random(20011) < density)
+        for z in (zigzag32(q.astype(np.int64)), zigzag(q.astype(np.int64))):
+            monkeypatch.setattr(encoding, "SPLIT_CHUNK", 1 << 30)
+            whole = plan_split(z)
+            monkeypatch.setattr(encoding, "SPLIT_CHUNK", chunk)
+            assert plan_split(z) == whole

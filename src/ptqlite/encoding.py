@@ -416,7 +416,7 @@ def plan_split(z: np.ndarray) -> SplitPlan:
         if best is not None and low_bytes >= best.stored_bytes:
             continue  # the low bits alone cost more (widths above 8 can be cheaper again: 9 = 8 + 1)
         if candidates is None:
-            positions = np.flatnonzero(z >> k).astype(narrow)
+            positions = _nonzero_positions(z, k, narrow)
         else:
             positions = candidates[(z[candidates] >> k) != 0]
         candidates = positions
@@ -425,8 +425,7 @@ def plan_split(z: np.ndarray) -> SplitPlan:
         else:
             # Distinct gaps and values with their counts: each width is then priced on a few numbers.
             # (np.bincount: the same distinct values and counts as np.unique, without sorting the entries)
-            gaps, gap_counts = _distinct(np.diff(positions, prepend=0))
-            values, value_counts = _distinct(z[positions] >> k)
+            (gaps, gap_counts), (values, value_counts) = _gap_and_value_counts(z, positions, k)
             plan = None
             for gap_bits in range(1, bits_for(int(gaps[-1]) + 1) + 1):
                 fillers = int(np.sum(gap_counts * (np.maximum(gaps - 1, 0) // ((1 << gap_bits) - 1))))
@@ -442,11 +441,44 @@ def plan_split(z: np.ndarray) -> SplitPlan:
     return best
 
 
-def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct non-negative integers of `values`, ascending, and how often each occurs."""
+SPLIT_CHUNK = 1 << 20  # values of z (or positions) plan_split scans at a time
+
+
+def _nonzero_positions(z: np.ndarray, k: int, narrow: type) -> np.ndarray:
+    """np.flatnonzero(z >> k) as `narrow`, SPLIT_CHUNK values at a time: on a large weight flatnonzero's int64
+    answer and z >> k were whole-weight temporaries beside it (the mixed-bit peak on MiniLM's embedding table)."""
+    spans = range(0, z.size, SPLIT_CHUNK)
+    counts = [int(np.count_nonzero(z[s:s + SPLIT_CHUNK] >> k)) for s in spans]
+    out = np.empty(sum(counts), narrow)
+    at = 0
+    for start, count in zip(spans, counts, strict=True):
+        if count:
+            out[at:at + count] = np.flatnonzero(z[start:start + SPLIT_CHUNK] >> k) + start
+            at += count
+    return out
+
+
+def _gap_and_value_counts(z: np.ndarray, positions: np.ndarray, k: int):
+    """The distinct gaps between `positions` (the first from 0) and values z[positions] >> k, ascending, with
+    how often each occurs (np.bincount: as np.unique, without sorting), counted
+    SPLIT_CHUNK positions at a time (the same arrays as on the whole, without whole-weight temporaries)."""
+    gap_total = value_total = np.zeros(0, np.int64)
+    previous = 0
+    for start in range(0, positions.size, SPLIT_CHUNK):
+        part = positions[start:start + SPLIT_CHUNK]
+        gap_total = _add_counts(gap_total, np.diff(part, prepend=previous))
+        previous = part[-1]
+        value_total = _add_counts(value_total, z[part] >> k)
+    gaps, values = np.flatnonzero(gap_total), np.flatnonzero(value_total)
+    return (gaps, gap_total[gaps]), (values, value_total[values])
+
+
+def _add_counts(total: np.ndarray, values: np.ndarray) -> np.ndarray:
     counts = np.bincount(values)
-    present = np.flatnonzero(counts)
-    return present, counts[present]
+    if counts.size > total.size:
+        total = np.concatenate([total, np.zeros(counts.size - total.size, np.int64)])
+    total[:counts.size] += counts
+    return total
 
 
 def split_entries(high: np.ndarray, gap_bits: int, value_bits: int) -> tuple[np.ndarray, np.ndarray]:
