@@ -218,6 +218,8 @@ INVALID = [
     ("weight_quant_param", "block_size", "32.0", "expected 0 (per channel) or a power of two in [16, 256]"),
     ("weight_quant_param", "gather_min_bit_num", "17", "expected an integer in [0, 16]"),
     ("weight_quant_param", "gather_min_bit_num", "8.5", "expected an integer in [0, 16]"),
+    ("weight_quant_param", "gather_min_bit_num", "-1", "expected an integer in [0, 16]"),
+    ("weight_quant_param", "gather_min_bit_num", "six", "expected an integer in [0, 16]"),
     ("weight_quant_param", "activation_weighted", "yes", "expected true or false"),
     ("full_quant_param", "activation_quant_method", "kl", "expected one of MAX_MIN, KL, REMOVAL_OUTLIER"),
     ("full_quant_param", "activation_quant_method", "PERCENTILE", "expected one of MAX_MIN, KL, REMOVAL_OUTLIER"),

@@ -28,7 +28,7 @@ from ptqlite.convert import convert
 from ptqlite.errors import ConversionError
 from ptqlite.model import ensure_opset
 from ptqlite.opset import changed_ops, raise_opset
-from ptqlite.qmath import pack_int4
+from ptqlite.qmath import code_groups, pack_int4
 
 RNG = np.random.default_rng(7)
 K, N, OUT = 256, 96, 40
@@ -601,26 +601,30 @@ def test_on_the_fly_block_table_of_any_width_decodes_its_gathered_rows(bits):
     np.testing.assert_array_equal(rows, want)
 
 
+@pytest.mark.parametrize("bits", [5, 6, 7])
 @pytest.mark.parametrize("width", [37, 64, 130])
-def test_raised_table_rows_of_any_width_unpack_to_the_dequantized_rows(width):
-    """ON_THE_FLY, a table raised to gather_min_bit_num=6: blocks of 64, or one block of the whole row when it is
-    shorter (37: not a multiple of 4 codes, so each row is padded to whole 3-byte groups and the padding codes
-    cut after unpacking; 130: a partial last block). The gathered rows equal the table's blocks dequantized, and
-    the file stores 6 bits a code (whole groups of 3 bytes a row)."""
+def test_raised_table_rows_of_any_width_unpack_to_the_dequantized_rows(width, bits):
+    """ON_THE_FLY, a table raised to gather_min_bit_num (5, 6, 7): blocks of 64, or one block of the whole row
+    when it is shorter (37: not a multiple of a group's codes, so each row is padded to whole groups of bytes and
+    the padding codes cut after unpacking; 130: a partial last block). The gathered rows equal the table's blocks
+    dequantized, and the file stores `bits` bits a code (whole groups of bytes a row: 6 bits 4 codes in 3)."""
     table = _weights(300, width)
     graph = helper.make_graph([helper.make_node("Gather", ["embed", "ids"], ["e"], name="gather", axis=0)], "emb",
                               [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(table, "embed")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    result = convert(model, config(extra="gather_min_bit_num=6\n"))
+    result = convert(model, config(extra=f"gather_min_bit_num={bits}\n"))
     record = {q.tensor: q for q in result.quantized}["embed"]
     block = min(width, 64)
-    assert record.bits == 6 and record.storage.startswith(f"DequantizeLinear int6 block {block} ")
+    count, size = code_groups(bits)
+    assert record.bits == bits
+    assert record.storage == (f"DequantizeLinear int{bits} block {block} of the gathered rows "
+                              f"({count} codes in {size} bytes)")
     stored = {t.name: t for t in result.model.graph.initializer}["embed_quantized"]
     padded = -(-width // block) * block
-    assert (stored.data_type, tuple(stored.dims)) == (TensorProto.UINT8, (300, -(-padded // 4) * 3))
+    assert (stored.data_type, tuple(stored.dims)) == (TensorProto.UINT8, (300, -(-padded // count) * size))
     ids = RNG.integers(0, 300, (3, 4)).astype(np.int64)
-    want = quantize_blocks(table, 6, 1, block, scale_grid=float16_grid).dequantized()[ids]
+    want = quantize_blocks(table, bits, 1, block, scale_grid=float16_grid).dequantized()[ids]
     np.testing.assert_array_equal(run(result.model, {"ids": ids})[0], want)
     np.testing.assert_array_equal(ReferenceEvaluator(result.model).run(None, {"ids": ids})[0], want)
