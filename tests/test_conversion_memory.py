@@ -312,3 +312,38 @@ def test_the_split_plan_by_chunks_equals_the_whole_weight(monkeypatch, chunk):
             whole = plan_split(z)
             monkeypatch.setattr(encoding, "SPLIT_CHUNK", chunk)
             assert plan_split(z) == whole
+
+
+def test_with_input_shapes_a_given_up_model_gives_the_same_output_and_gate_from_files(tmp_path, monkeypatch):
+    # With --inputShape the CLI lets the pass work on its loaded model and the gate read the float model from
+    # files (the fixed-shape one staged before the pass, the model's own at the other shapes): the same output
+    # bytes and the same scores as a conversion on a copy with the float model held in memory.
+    model = _gather_matmul_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    path = tmp_path / "embed.onnx"
+    onnx.save(model, path)
+    config = parse_config(_MODES["weight"])
+    shapes = {"ids": [1, 6]}
+    loaded: list[str] = []
+    real = verify_module.cpu_session
+
+    def recording(source, *args, **kwargs):
+        loaded.append(source if isinstance(source, str) else "in memory")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "cpu_session", recording)
+    copied = convert(onnx.load(path), config, model_path=path, input_shapes=shapes, progress=False)
+    assert loaded == ["in memory"] * 3
+    loaded.clear()
+    given = onnx.load(path)
+    result = convert(given, config, model_path=path, input_shapes=shapes, progress=False, in_place=True)
+    assert result.model.SerializeToString(deterministic=True) == copied.model.SerializeToString(deterministic=True)
+    staged, output, original = loaded
+    assert staged != str(path) and staged.endswith(".onnx") and output == "in memory" and original == str(path)
+    assert not (tmp_path / staged).exists()  # the staged float model is removed afterwards
+    assert given.SerializeToString() != path.read_bytes()  # the pass worked on it, not on a copy
+    for check, expected in zip(result.verification.outputs, copied.verification.outputs, strict=True):
+        assert (check.name, check.mean, check.min) == (expected.name, expected.mean, expected.min)
+    assert result.verification.other_shapes == copied.verification.other_shapes == "ids:2,6"
+    assert result.verification.shape_problem == copied.verification.shape_problem == ""

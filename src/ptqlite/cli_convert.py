@@ -132,10 +132,14 @@ def run(args: argparse.Namespace) -> int:
     # the output's ONNX Runtime session then loads without the float model's weights held beside it.
     gate_here = (verify and not streamed and args.fmk == "ONNX" and not shapes and not lite.input_type
                  and not lite.output_type and not config.common.debug_info_save_path)
+    # With --inputShape the pass works on the loaded model itself and the gate reads the float model from the file
+    # (no copy of the weights beside it); integer boundaries read the float model afterwards.
+    given_up = (bool(shapes) and not streamed and args.fmk == "ONNX" and not lite.input_type
+                and not lite.output_type)
     result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
                      defer_reports=True, input_shapes=shapes, verify=verify and not gate_here, verify_floor=floor,
                      analyze_command=analyze_command(args), float16=lite.fp16,
-                     stream_to=out if streamed else None, in_place=gate_here)
+                     stream_to=out if streamed else None, in_place=gate_here or given_up)
     if gate_here:
         started = time.perf_counter()
         # a mixed-bit pass worked on `model` itself (in_place): its graph inputs, all this reads, are unchanged

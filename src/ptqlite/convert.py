@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from .model import (
     restore_io_shapes,
     set_input_shapes,
     too_large_for_one_file,
+    weight_free_copy,
 )
 from .paths import check_output_folder, publish_folder, remove_quietly, stage_folder, write_error
 from .plan import WEIGHT_SLOTS, expand_skips, weight_tensors
@@ -88,6 +90,9 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     `in_place` (the CLI, which then runs the gate itself from the model file, verify=False): the caller gives up
     `model`, and a mixed-bit pass works on it instead of on a copy (one copy of the weights less while the pass
     runs). Only for WEIGHT_QUANT mixed bit without --inputShape, debug reports or --fp16; otherwise ignored.
+    With --inputShape (the CLI on an ONNX file, where `model` is what `model_path` holds), `in_place` lets the
+    pass work on `model` itself with the fixed shapes, and the gate loads the float model from `model_path`
+    (not without debug reports or --fp16, which read the float model afterwards, nor over 2 GB).
     """
     if stream_to is not None:
         refusal = streaming_refusal(config, input_shapes, model_path, float16)
@@ -102,10 +107,12 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
             raise
         result.staged_output = staged
         return result
+    given_up = (in_place and bool(input_shapes) and model_path is not None and not float16
+                and not config.common.debug_info_save_path and not too_large_for_one_file(model))
     in_place = (in_place and config.is_mixed_bit and not verify and not input_shapes and not float16
                 and not config.common.debug_info_save_path)
     return _convert(model, config, model_path, validate, defer_reports, input_shapes, verify, verify_floor,
-                    analyze_command, float16, None, in_place, options)
+                    analyze_command, float16, None, in_place, options, given_up)
 
 
 def streaming_refusal(config: QuantConfig, input_shapes: dict[str, list[int]] | None,
@@ -130,7 +137,7 @@ def streaming_refusal(config: QuantConfig, input_shapes: dict[str, list[int]] | 
 def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path | None, validate: bool,
              defer_reports: bool, input_shapes: dict[str, list[int]] | None, verify: bool,
              verify_floor: float | None, analyze_command: str | None, float16: bool, staged: StagedOutput | None,
-             in_place: bool, options: dict[str, Any]) -> ConversionResult:
+             in_place: bool, options: dict[str, Any], given_up: bool = False) -> ConversionResult:
     started = time.perf_counter()
     quant_pass = pass_for(config)
     source = str(model_path) if model_path else f"model '{model.graph.name or '(unnamed graph)'}'"
@@ -144,11 +151,22 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
     result_notes: list[str] = []
     # The float model as the pass sees it (fixed shapes): calibration, the gate and the reports run on it.
     reference = runnable = model
+    light = None  # given up: the model's own graph without its weights (the gate reads them from model_path)
     if input_shapes:
-        reference = runnable = _copy(model)
+        if given_up:
+            light = weight_free_copy(model)
+            reference = runnable = model  # its inputs take the fixed shapes: no copy of the weights
+        else:
+            reference = runnable = _copy(model)
         check_input_shapes(reference, input_shapes, source)
         set_input_shapes(reference, input_shapes)
         refused = _refused_with_shapes(reference)
+        if refused and light is not None:  # the model's own inputs back; the fixed shapes go on a copy
+            for value, own in zip(model.graph.input, light.graph.input, strict=True):
+                value.CopyFrom(own)
+            light = None
+            reference = _copy(model)
+            set_input_shapes(reference, input_shapes)
         if refused:
             # Some control flow does not survive fixed shapes: the pass works on the model's own shapes and only
             # the calibration data is read at the given ones.
@@ -160,65 +178,76 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
             result_notes.append("ONNX Runtime refuses the model with the --inputShape shapes "
                                 f"({refused}), so the conversion works on its own shapes and reads the "
                                 "calibration data at the given ones")
-    shaped = runnable is not model  # the pass works on the --inputShape shapes
-    if shaped:
-        # The copy with the fixed shapes is convert's own: the pass works on it, and the gate's float model is
-        # made again once the pass is done, so that no third copy of the weights is held while the pass runs.
-        work, reference, runnable = reference, None, None
-    else:
-        work = runnable if in_place else _copy(runnable)  # in place: the caller gave the model up (convert's doc)
-    constants_to_initializers(work)
-    # Weights of If/Loop/Scan bodies move to the main graph (the bodies read them from the outer scope), so every
-    # pass plans them like any other.
-    lift_subgraph_constants(work)
-    # Unnamed nodes (common in converted models) get their first output's name, so skip_quant_node can list them.
-    name_unnamed_nodes(work)
-    config = expand_skips(work, config)  # patterns and op types -> the node names every pass reads
-    weights = weight_tensors(work)
-    named = _copy(work) if report_folder else None  # the reports match tensors by the names the pass sees
-    log.info("%s", describe_mode(config))
-    base = Path(model_path).parent if staged is not None else None
-    with reading_from(base, staged.sink) if staged is not None else contextlib.nullcontext():
-        # With --inputShape the pass also gets the model's own shapes, for graphs that ONNX Runtime runs only
-        # with them
-        result = quant_pass(work, config, **options, own_shapes=model if shaped else None)
-    _log_decisions(result)
-    _account_for_every_weight(result, weights, config)
-    result.notes += notes + result_notes
-    warning = nothing_quantized(config, result)
-    if warning:
-        result.warnings.append(warning)
-        log.warning("%s", warning)
-    fixed = restore_io_shapes(result.model, model, result.notes) if shaped else None
-    if float16:
-        _store_float16(result, model)  # the float32 constants of the input (its shapes do not matter)
-    if staged is None:
-        # The working copy still holds the float weights the pass replaced (protobuf frees a message's memory only
-        # with the whole message): the output goes on as a copy of its own, so the gate's session of it is not
-        # loaded beside a dead copy of the weights. The bytes are the same.
-        result.model = _copy(result.model)
-        del work
-        trim_heap()
-    if shaped and verify:
-        reference = runnable = _copy(model)
-        set_input_shapes(reference, input_shapes)
-    quant_file = None
-    if staged is not None:  # the output's files, under temp names: the gate loads it from there
-        with reading_from(base, staged.sink):
-            quant_file = str(staged.finish(result.model, base, iter_tensors, iter_initializers))
-        runnable = str(model_path)
-    if verify:
-        from .verify import run_gate
+    shaped = runnable is not model or light is not None  # the pass works on the --inputShape shapes
+    # given up with the gate on: the float model with the fixed shapes goes to a temp file now, while it is the
+    # model as loaded, so that the gate needs no copy of it in memory
+    float_file = _fixed_shape_file(reference) if light is not None and verify else None
+    try:
+        if shaped:
+            # The copy with the fixed shapes is convert's own: the pass works on it, and the gate's float model is
+            # made again once the pass is done, so that no third copy of the weights is held while the pass runs.
+            work, reference, runnable = reference, None, None
+            if light is not None:
+                model = light  # from here on `model` gives the own shapes only
+        else:
+            work = runnable if in_place else _copy(runnable)  # in place: the caller gave the model up (convert's doc)
+        constants_to_initializers(work)
+        # Weights of If/Loop/Scan bodies move to the main graph (the bodies read them from the outer scope), so every
+        # pass plans them like any other.
+        lift_subgraph_constants(work)
+        # Unnamed nodes (common in converted models) get their first output's name, so skip_quant_node can list them.
+        name_unnamed_nodes(work)
+        config = expand_skips(work, config)  # patterns and op types -> the node names every pass reads
+        weights = weight_tensors(work)
+        named = _copy(work) if report_folder else None  # the reports match tensors by the names the pass sees
+        log.info("%s", describe_mode(config))
+        base = Path(model_path).parent if staged is not None else None
+        with reading_from(base, staged.sink) if staged is not None else contextlib.nullcontext():
+            # With --inputShape the pass also gets the model's own shapes, for graphs that ONNX Runtime runs only
+            # with them
+            result = quant_pass(work, config, **options, own_shapes=model if shaped else None)
+        _log_decisions(result)
+        _account_for_every_weight(result, weights, config)
+        result.notes += notes + result_notes
+        warning = nothing_quantized(config, result)
+        if warning:
+            result.warnings.append(warning)
+            log.warning("%s", warning)
+        fixed = restore_io_shapes(result.model, model, result.notes) if shaped else None
+        if float16:
+            _store_float16(result, model)  # the float32 constants of the input (its shapes do not matter)
+        if staged is None:
+            # The working copy still holds the float weights the pass replaced (protobuf frees a message's memory only
+            # with the whole message): the output goes on as a copy of its own, so the gate's session of it is not
+            # loaded beside a dead copy of the weights. The bytes are the same.
+            result.model = _copy(result.model)
+            del work
+            trim_heap()
+        if shaped and verify:
+            reference = runnable = _copy(model)
+            set_input_shapes(reference, input_shapes)
+            if float_file is not None:
+                runnable = str(float_file)  # `reference`, without the weights, gives the gate's inputs
+        quant_file = None
+        if staged is not None:  # the output's files, under temp names: the gate loads it from there
+            with reading_from(base, staged.sink):
+                quant_file = str(staged.finish(result.model, base, iter_tensors, iter_initializers))
+            runnable = str(model_path)
+        if verify:
+            from .verify import run_gate
 
-        run_gate(model, reference, runnable, result, config, options, verify_floor, analyze_command, input_shapes,
-                 fixed, quant_file)
-    if report_folder:
-        result.float_model = result.float_model or named
-        _write_reports(result.float_model, result, config, options, Path(report_folder))
-        if not defer_reports:
-            publish_reports(result)
-    result.seconds = time.perf_counter() - started
-    return result
+            run_gate(model, reference, runnable, result, config, options, verify_floor, analyze_command, input_shapes,
+                     fixed, quant_file, original_file=str(model_path) if light is not None else None)
+        if report_folder:
+            result.float_model = result.float_model or named
+            _write_reports(result.float_model, result, config, options, Path(report_folder))
+            if not defer_reports:
+                publish_reports(result)
+        result.seconds = time.perf_counter() - started
+        return result
+    finally:
+        if float_file is not None:
+            float_file.unlink(missing_ok=True)
 
 
 def _store_float16(result: ConversionResult, source: onnx.ModelProto) -> None:
@@ -289,6 +318,21 @@ def _refused_with_shapes(model: onnx.ModelProto) -> str:
     except ConversionError as exc:
         return one_line(str(exc).partition("shapes (")[2].removesuffix(")") or str(exc))
     return ""
+
+
+def _fixed_shape_file(model: onnx.ModelProto) -> Path:
+    """`model` (the float model with the --inputShape shapes) in a new temp file."""
+    import tempfile
+
+    handle, name = tempfile.mkstemp(prefix="ptqlite-float-", suffix=".onnx")
+    path = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(model.SerializeToString())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise write_error(path, "the float model for the gate", exc) from None
+    return path
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -282,7 +282,7 @@ def other_shape_inputs(original: onnx.ModelProto, input_shapes: dict[str, list[i
     return synthetic_inputs(specs, REFERENCE_VALUES)[0], ";".join(text)
 
 
-def _other_shape_problem(quant, original: onnx.ModelProto, feeds: dict[str, np.ndarray], label: str) -> str:
+def _other_shape_problem(quant, original: onnx.ModelProto | str, feeds: dict[str, np.ndarray], label: str) -> str:
     """What goes wrong when the quantized model runs at `label`'s shapes where the float model runs ("" if
     nothing, or if the float model itself does not run there)."""
     try:
@@ -304,7 +304,7 @@ def _other_shape_problem(quant, original: onnx.ModelProto, feeds: dict[str, np.n
 
 def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | str,
            inputs: list[dict[str, np.ndarray]], source: str, floor: float,
-           other_shape: tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None = None) -> Verification:
+           other_shape: tuple[onnx.ModelProto | str, dict[str, np.ndarray], str] | None = None) -> Verification:
     """Load `quant_model` and compare it with `float_model` on `inputs` (either may be a model file: a streaming
     conversion; models over 2 GB run from files). A float model too large for the memory available
     (too_large_to_compare) is not run: the output runs alone and its float outputs must be finite. Raises
@@ -359,7 +359,7 @@ def _run_alone(result: Verification, quant_model: onnx.ModelProto | str, inputs:
 
 def _compare(result: Verification, quant, names: list[str] | None, expected: list[list[np.ndarray]], stopped: str,
              inputs: list[dict[str, np.ndarray]], source: str, floor: float,
-             other_shape: tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None) -> Verification:
+             other_shape: tuple[onnx.ModelProto | str, dict[str, np.ndarray], str] | None) -> Verification:
     """Score the output's session `quant` against the float model's outputs `expected` (names None: the float
     model did not load, `stopped` says why)."""
     if names is None:  # the float model does not load: the output was only checked to load
@@ -427,7 +427,7 @@ def _quant_session(quant_model: onnx.ModelProto | str, float_model: onnx.ModelPr
 
 
 def _float_outputs(float_model: onnx.ModelProto | str, inputs: list[dict[str, np.ndarray]], source: str,
-                   other_shape: tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None
+                   other_shape: tuple[onnx.ModelProto | str, dict[str, np.ndarray], str] | None
                    ) -> tuple[list[str] | None, list[list[np.ndarray]], str]:
     """(output names, outputs per sample, why it stopped early or "") of the float model on `inputs`; names is
     None when the float model does not load. The session is gone when this returns."""
@@ -527,7 +527,7 @@ def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: on
              result: ConversionResult, config: QuantConfig, options: dict, floor: float | None,
              analyze_command: str | None, input_shapes: dict[str, list[int]] | None, fixed: IoShapes | None,
              quant_file: str | None = None,
-             inputs: tuple[list[dict[str, np.ndarray]], str] | None = None) -> None:
+             inputs: tuple[list[dict[str, np.ndarray]], str] | None = None, original_file: str | None = None) -> None:
     """The gate as convert() runs it on `result` (`reference`: the float model with the fixed shapes, which the
     inputs are made for; `runnable`: the float model that runs, `reference` unless ONNX Runtime refuses it with
     the fixed shapes; `fixed`: what restore_io_shapes replaced, None when nothing was). The output must load and
@@ -536,14 +536,15 @@ def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: on
     them, and a note says why. A streaming conversion gives `runnable` as the float model's file and the output
     as `quant_file` (its temp file), so neither model is held in memory beside ONNX Runtime's sessions. `inputs`
     (what verification_inputs gave, with `runnable` the float model's file) lets the caller drop the float model
-    before the gate runs."""
+    before the gate runs. `original_file`: the file `original` came from, which runs at the other shapes where
+    `original` holds no weights (model.weight_free_copy)."""
     inputs, source = inputs or verification_inputs(reference, config, options.get("input_format"),
                                                    options.get("samples"))
     limit = default_floor(config) if floor is None else floor
     other = other_shape_inputs(original, input_shapes) if fixed is not None else None
     try:
         result.verification = verify(runnable, quant_file or result.model, inputs, source, limit,
-                                     (original, *other) if other else None)
+                                     (original_file or original, *other) if other else None)
         problem = result.verification.shape_problem
     except VerificationError as exc:
         if fixed is None:
