@@ -330,3 +330,19 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
 
 
 PROBES = ["e", *BLOCK_WEIGHTS]
+
+
+def record_gate_sessions(monkeypatch) -> list[str]:
+    """Make the verification gate's onnxruntime sessions be recorded as they are made: the list fills with each
+    session's source (its file path, or "in memory")."""
+    from ptqlite import verify as verify_module
+
+    loaded: list[str] = []
+    real = verify_module.cpu_session
+
+    def recording(source, *args, **kwargs):
+        loaded.append(source if isinstance(source, str) else "in memory")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "cpu_session", recording)
+    return loaded

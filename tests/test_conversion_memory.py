@@ -10,6 +10,7 @@ import weakref
 import numpy as np
 import onnx
 import pytest
+from helpers import record_gate_sessions
 from onnx import TensorProto, helper, numpy_helper
 
 import ptqlite.verify as verify_module
@@ -193,14 +194,7 @@ def test_the_cli_gate_loads_the_float_model_from_its_file_and_scores_the_same(tm
     onnx.save(_embedding_model(64, 16), model)
     config = tmp_path / "mixed.cfg"
     config.write_text(MIXED)
-    loaded: list[str] = []
-    real = verify_module.cpu_session
-
-    def recording(source, *args, **kwargs):
-        loaded.append(source if isinstance(source, str) else "in memory")
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(verify_module, "cpu_session", recording)
+    loaded = record_gate_sessions(monkeypatch)
     code, out, _ = run_cli(["convert", "--fmk=ONNX", f"--modelFile={model}", f"--outputFile={tmp_path / 'q'}",
                             f"--configFile={config}"], capsys)
     assert code == 0
@@ -325,14 +319,7 @@ def test_with_input_shapes_a_given_up_model_gives_the_same_output_and_gate_from_
     onnx.save(model, path)
     config = parse_config(_MODES["weight"])
     shapes = {"ids": [1, 6]}
-    loaded: list[str] = []
-    real = verify_module.cpu_session
-
-    def recording(source, *args, **kwargs):
-        loaded.append(source if isinstance(source, str) else "in memory")
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(verify_module, "cpu_session", recording)
+    loaded = record_gate_sessions(monkeypatch)
     copied = convert(onnx.load(path), config, model_path=path, input_shapes=shapes, progress=False)
     assert loaded == ["in memory"] * 3
     loaded.clear()

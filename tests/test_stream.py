@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import record_gate_sessions
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqlite import cli, stream
@@ -309,14 +310,7 @@ def test_a_broken_output_of_an_in_memory_model_over_2_gb_collapses(tmp_path, mon
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(model_module, "EXTERNAL_DATA_THRESHOLD", 1000)  # the decoder's 200 KB count as "over 2 GB"
     monkeypatch.setattr(verify_module, "available_memory", lambda: 1 << 40)
-    loaded: list[str] = []
-    real = verify_module.cpu_session
-
-    def recording(source, *args, **kwargs):
-        loaded.append(source if isinstance(source, str) else "in memory")
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(verify_module, "cpu_session", recording)
+    loaded = record_gate_sessions(monkeypatch)
     checked = verify_module.verify(decoder(), _negated(decoder()), _ids(), "2 given samples", 0.9)
     assert not checked.skipped and checked.outputs[0].collapsed
     assert len(loaded) == 2 and all(s.endswith("model.onnx") and "ptqlite-verify-" in s for s in loaded)
