@@ -49,6 +49,7 @@ from ..model import (
     remove_initializers,
     set_input_shapes,
     subgraphs,
+    weight_free_copy,
 )
 from ..plan import WeightSpec, gemm_rows, int8_rules, plan_weights, weight_layout
 from ..qmath import (
@@ -426,8 +427,7 @@ def layer_costs(model: onnx.ModelProto, layers: list[tuple[str, str]], feeds: di
     """latency.int8_net_cost of each rewritten MatMul/Gemm node (`layers`: (node, weight) pairs, graph order):
     its rows (output elements over N) from shape inference at the timed input shapes (1 where it knows none),
     K and N from its weight."""
-    shaped = onnx.ModelProto()
-    shaped.CopyFrom(model)
+    shaped = weight_free_copy(model)  # shape inference reads small constants only
     set_input_shapes(shaped, {name: list(np.shape(v)) for name, v in feeds.items()
                               if name in {i.name for i in graph_inputs(shaped)}})
     try:
