@@ -362,7 +362,8 @@ def _never_slower_than_float(float_model: onnx.ModelProto, candidate, samples, o
     int8 form costs most by latency.int8_net_cost first) whose model runs no slower than `float_model`, else the
     fastest one; its notes say what was measured and kept float. A candidate with every layer float is the float
     graph (ratio 1, not timed), so the result is never slower than float as measured here. Where every layer int8
-    times within the noise band around float, the layers the cost model says lose are the one candidate."""
+    times within the noise band around float, the layers the cost model says lose are the one candidate, if
+    their estimated loss is at least latency.NOTICEABLE_SHARE of the float model's time."""
     described = "first calibration sample"
     try:
         feeds = next(iter(samples)) if samples is not None else None
@@ -389,13 +390,14 @@ def _never_slower_than_float(float_model: onnx.ModelProto, candidate, samples, o
         costs = layer_costs(float_model, layers, feeds, strategy)
         order = sorted(costs, key=lambda name: -costs[name])  # stable: graph order among equal estimates
         losers = {name for name in order if costs[name] > 0}
+        loss_ms = sum(costs[name] for name in losers) / 1e6
         if ratio > timer.SLOWER:
             sets = timer.demotions(order)
-        elif losers:
+        elif losers and loss_ms >= timer.NOTICEABLE_SHARE * timing.float_ms:
             # Within the noise band (1/SLOWER to SLOWER) the timing cannot tell int8 from float: magika ACWL
-            # measured 0.98-1.05x in conversions and 1.06-1.08x in the benchmark. The cost model decides, the
-            # layers it says int8 slows down go back to float, and the timing only checks that this is no slower
-            # than float or than every layer int8.
+            # measured 0.98-1.05x in conversions and 1.06-1.08x in the benchmark. Where the cost model sees a
+            # noticeable loss it decides, the layers it says int8 slows down go back to float, and the timing
+            # only checks that this is no slower than float or than every layer int8.
             sets, bound = [losers], max(1.0, ratio)
     for demoted in sets:
         result = candidate(demoted)[0]
