@@ -420,8 +420,8 @@ def nothing_quantized(config: QuantConfig, result: ConversionResult) -> str | No
     candidates = [s for s in result.skipped if s.op_type in ops]  # the others are ops the mode leaves alone
     slower = [s for s in candidates if s.reason.startswith("kept float by latency-aware planning")]
     if slower and len(slower) == len(candidates):
-        return (f"{mode} kept all {len(slower)} MatMul/Gemm weights float: their int8 form ran slower than float "
-                "on this CPU (latency-aware planning); [dynamic_quant_param] latency_aware=false keeps them int8, "
+        return (f"{mode} kept all {len(slower)} MatMul/Gemm weights float: their int8 form ran no faster than "
+                "float on this CPU (latency-aware planning); [dynamic_quant_param] latency_aware=false keeps them int8, "
                 "WEIGHT_QUANT makes the file smaller at float speed")
     if candidates:
         return (f"{mode} quantized nothing: all {len(candidates)} candidate weight(s) were skipped (reasons in "

@@ -50,7 +50,7 @@ class Timing:
 
 
 # The reason a weight is listed as skipped when latency-aware planning kept its layer float (both passes).
-DEMOTED = "kept float by latency-aware planning: int8 ran slower than float on this machine"
+DEMOTED = "kept float by latency-aware planning: int8 ran no faster than float on this machine"
 
 
 def measure(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dict[str, np.ndarray],
