@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +29,7 @@ from .model import (
 from .paths import check_output_folder, publish_folder, remove_quietly, stage_folder, write_error
 from .plan import WEIGHT_SLOTS, expand_skips, weight_tensors
 from .result import ConversionResult, SkippedTensor
-from .runtime import cpu_session
+from .runtime import cpu_session, temp_model_file
 from .stream import StagedOutput, reading_from, trim_heap
 from .targets import target as target_preset
 from .validate import checked_samples, one_line, validate_model
@@ -322,17 +322,10 @@ def _refused_with_shapes(model: onnx.ModelProto) -> str:
 
 def _fixed_shape_file(model: onnx.ModelProto) -> Path:
     """`model` (the float model with the --inputShape shapes) in a new temp file."""
-    import tempfile
-
-    handle, name = tempfile.mkstemp(prefix="ptqlite-float-", suffix=".onnx")
-    path = Path(name)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(model.SerializeToString())
+        return temp_model_file(model.SerializeToString(), "ptqlite-float-")
     except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise write_error(path, "the float model for the gate", exc) from None
-    return path
+        raise write_error(Path(exc.filename or tempfile.gettempdir()), "the float model for the gate", exc) from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

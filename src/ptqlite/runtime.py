@@ -84,23 +84,30 @@ def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = Tru
 FILE_LOAD_BYTES = 16 << 20
 
 
-def _staged_file(data: bytes) -> Path | None:
-    """`data` in a new temp file (None when it cannot be written: the session then loads from the bytes)."""
+def temp_model_file(data: bytes, prefix: str) -> Path:
+    """`data` (a serialised model) in a new temp file named `prefix`...`.onnx`; the caller removes it. OSError when
+    it cannot be written, with nothing left behind."""
     import os
     import tempfile
 
-    try:
-        handle, name = tempfile.mkstemp(prefix="ptqlite-session-", suffix=".onnx")
-    except OSError:
-        return None
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=".onnx")
     path = Path(name)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
-    except OSError:
+    except OSError as exc:
         path.unlink(missing_ok=True)
-        return None
+        exc.filename = exc.filename or name  # the caller's message names the file
+        raise
     return path
+
+
+def _staged_file(data: bytes) -> Path | None:
+    """`data` in a new temp file (None when it cannot be written: the session then loads from the bytes)."""
+    try:
+        return temp_model_file(data, "ptqlite-session-")
+    except OSError:
+        return None
 
 
 def file_session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
