@@ -556,19 +556,17 @@ def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: on
         fixed.put_back(result.model)
         result.notes.append(f"the output keeps the --inputShape shapes, since {problem}")
     command = analyze_command or f"ptqlite analyze --fmk=ONNX --modelFile=MODEL --configFile={config.source}"
+    # a collapse or NaN/Inf is an error under --verifyFloor, else a warning; the low-bit caution is always a warning
     if result.verification.collapsed:
         message = collapse_message(result.verification, config, command, explicit_floor=floor is not None)
-        if floor is not None:
-            raise ConversionError(message)
-        result.warnings.append(message)
-        log.warning("%s", message)
+        fatal = floor is not None
     elif result.verification.non_finite:
-        message = non_finite_message(result.verification, config, command)
-        if floor is not None:
-            raise ConversionError(message)
-        result.warnings.append(message)
-        log.warning("%s", message)
+        message, fatal = non_finite_message(result.verification, config, command), floor is not None
     elif is_synthetic(result.verification) and low_bit(config) and result.verification.outputs:
-        message = low_bit_message(result.verification, config, command)
-        result.warnings.append(message)
-        log.warning("%s", message)
+        message, fatal = low_bit_message(result.verification, config, command), False
+    else:
+        return
+    if fatal:
+        raise ConversionError(message)
+    result.warnings.append(message)
+    log.warning("%s", message)
