@@ -45,7 +45,7 @@ def _timings(monkeypatch, ratios):
     """Patched timing: the n-th measurement returns ratios[n] (the last one repeated); returns the calls."""
     calls = []
 
-    def measure(float_model, quantized, feeds, own_shapes=None):
+    def measure(float_model, quantized, feeds, own_shapes=None, clear_of=None):
         calls.append((quantized, feeds))
         return latency.Timing(1.0, ratios[min(len(calls), len(ratios)) - 1])
 
@@ -170,7 +170,7 @@ def test_within_the_noise_band_a_loss_too_small_to_notice_keeps_int8(monkeypatch
     float_ms = costs["small"] / 1e6 / latency.NOTICEABLE_SHARE * 1.01  # the loss just under the share
     calls = []
 
-    def measure(float_model, quantized, feeds, own_shapes=None):
+    def measure(float_model, quantized, feeds, own_shapes=None, clear_of=None):
         calls.append(quantized)
         return latency.Timing(float_ms, 0.99 * float_ms)
 
@@ -204,7 +204,7 @@ def test_the_planned_model_is_never_slower_than_float_as_timed(monkeypatch, fact
     def ratio(model):
         return float(np.prod([factor.get(n.input[1], 1.0) for n in model.graph.node if n.op_type == "MatMulInteger"]))
 
-    monkeypatch.setattr(latency, "measure", lambda f, q, feeds, own=None: latency.Timing(1.0, ratio(q)))
+    monkeypatch.setattr(latency, "measure", lambda f, q, feeds, own=None, **_: latency.Timing(1.0, ratio(q)))
     for strategy in ("ALWC", "ACWL"):
         result = _convert(strategy)
         all_int8 = float(np.prod(factors))
@@ -228,10 +228,10 @@ def test_all_layers_float_is_said_as_such(monkeypatch):
 
 
 def test_off_means_never_timed_and_the_same_output(monkeypatch):
-    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("timed although latency_aware=false"))
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed although latency_aware=false"))
     off = _convert(extra="latency_aware=false\n")
     assert len(off.quantized) == 4 and not any("latency" in note for note in off.notes)
-    monkeypatch.setattr(latency, "measure", lambda *a: latency.Timing(1.0, 0.5))
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: latency.Timing(1.0, 0.5))
     on = _convert()
     assert on.model.SerializeToString(deterministic=True) == off.model.SerializeToString(deterministic=True)
 
@@ -243,7 +243,7 @@ def test_latency_aware_is_a_boolean():
 
 
 def test_a_model_that_cannot_be_timed_keeps_every_layer_int8(monkeypatch):
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise DataError("the model cannot run on the given inputs (sr must be 8000 or 16000)")
 
     monkeypatch.setattr(latency, "measure", refuse)
@@ -255,7 +255,7 @@ def test_a_model_that_cannot_be_timed_keeps_every_layer_int8(monkeypatch):
 def test_a_streaming_conversion_is_not_timed(tmp_path, monkeypatch, capsys):
     from onnx.external_data_helper import convert_model_to_external_data
 
-    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("a streaming conversion was timed"))
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("a streaming conversion was timed"))
     model = matmul_chain()
     convert_model_to_external_data(model, all_tensors_to_one_file=True, location="model.onnx.data",
                                    size_threshold=0)
@@ -322,7 +322,7 @@ def test_timing_inputs_without_a_sample():
 
 def test_embedding_tables_of_full_quant_are_not_timed_by_the_dynamic_pass(monkeypatch):
     """FULL_QUANT runs the dynamic pass for Gather tables only: nothing there to time."""
-    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("Gather-only rewrite timed"))
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("Gather-only rewrite timed"))
     table = nh.from_array(np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32), "table")
     graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], name="g")], "emb",
                               [helper.make_tensor_value_info("ids", T.INT64, [1, 4])],
@@ -334,7 +334,7 @@ def test_embedding_tables_of_full_quant_are_not_timed_by_the_dynamic_pass(monkey
 
 def test_a_model_without_int8_matmuls_is_not_timed(monkeypatch):
     """A CNN has no MatMul/Gemm for DYNAMIC_QUANT: timing its unchanged graph only cost conversion time."""
-    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("nothing to decide, yet timed"))
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("nothing to decide, yet timed"))
     config = parse_config(CONFIG.format("ALWC").replace("bit_num=8\n", "bit_num=8\nskip_quant_node=mm0,mm1,mm2,mm3\n"))
     result = convert(matmul_chain(), config, progress=False)
     assert not result.quantized and not any("latency" in note for note in result.notes)

@@ -46,7 +46,7 @@ def _samples():
 def _timings(monkeypatch, ratios):
     calls = []
 
-    def measure(float_model, quantized, feeds, own_shapes=None):
+    def measure(float_model, quantized, feeds, own_shapes=None, clear_of=None):
         calls.append(quantized)
         return latency.Timing(1.0, ratios[min(len(calls), len(ratios)) - 1])
 
@@ -82,14 +82,14 @@ def test_int8_that_is_faster_is_kept_and_said(monkeypatch):
 
 
 def test_off_means_never_timed(monkeypatch):
-    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("timed although latency_aware=false"))
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed although latency_aware=false"))
     config = parse_config(CONFIG + "[full_quant_param]\nlatency_aware=false\n")
     result = convert(conv_chain(), config, samples=_samples(), progress=False)
     assert len(result.quantized) == 4 and not any("latency" in note for note in result.notes)
 
 
 def test_other_presets_are_not_timed_on_this_cpu(monkeypatch):
-    monkeypatch.setattr(latency, "measure", lambda *a: pytest.fail("NVGPU graphs are not timed on the CPU"))
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("NVGPU graphs are not timed on the CPU"))
     convert(conv_chain(), parse_config(CONFIG + "[full_quant_param]\ntarget_device=NVGPU\n"), samples=_samples(),
             progress=False)
 
@@ -123,7 +123,7 @@ def test_a_graph_that_cannot_be_timed_keeps_the_plan(monkeypatch):
     """silero-vad with --inputShape: its If/LSTM does not load at the fixed shapes; timing is advice, not a gate."""
     from ptqlite.errors import ConversionError
 
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise ConversionError("onnxruntime cannot load the model to time it (rank 3 expected)")
 
     monkeypatch.setattr(latency, "measure", refuse)

@@ -343,10 +343,18 @@ def test_model_refused_with_the_fixed_shapes_is_converted_on_its_own(work, tmp_p
     works on the model's own shapes and only the BIN calibration files are read at the --inputShape shapes."""
     model, data, out = work
     convert_module = sys.modules["ptqlite.convert"]
-    monkeypatch.setattr(convert_module, "_refused_with_shapes", lambda reference: "a branch does not fit")
+    checked = []
+
+    def refuse(reference, path=None):
+        checked.append((path, path is not None and path.exists()))
+        return "a branch does not fit"
+
+    monkeypatch.setattr(convert_module, "_refused_with_shapes", refuse)
     code, stdout, err = main(flags(model, write_config(tmp_path, "full", data), out / "m",
                                    f"--inputShape={SEQ_SHAPE}"), capsys)
     assert code == 0, err
+    # the check read the gate's fixed-shape float file, which then went (the gate runs on the own shapes)
+    assert len(checked) == 1 and checked[0][1] and not checked[0][0].exists()
     assert ("note: ONNX Runtime refuses the model with the --inputShape shapes (a branch does not fit), so the "
             "conversion works on its own shapes and reads the calibration data at the given ones") in stdout
     assert "verified in ONNX Runtime against the float model on 8 calibration samples:" in stdout

@@ -160,7 +160,16 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
             reference = runnable = _copy(model)
         check_input_shapes(reference, input_shapes, source)
         set_input_shapes(reference, input_shapes)
-        refused = _refused_with_shapes(reference)
+        # given up with the gate on: the float model with the fixed shapes goes to a temp file now, while it is
+        # the model as loaded, so that the gate needs no copy of it in memory; the load check reads that file
+        float_file = _fixed_shape_file(reference) if light is not None and verify else None
+        refused = "not checked"  # until the check returns: an exception out of it removes the file too
+        try:
+            refused = _refused_with_shapes(reference, float_file)
+        finally:
+            if refused and float_file is not None:  # the gate will not read it
+                float_file.unlink(missing_ok=True)
+                float_file = None
         if refused and light is not None:  # the model's own inputs back; the fixed shapes go on a copy
             for value, own in zip(model.graph.input, light.graph.input, strict=True):
                 value.CopyFrom(own)
@@ -178,10 +187,9 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
             result_notes.append("ONNX Runtime refuses the model with the --inputShape shapes "
                                 f"({refused}), so the conversion works on its own shapes and reads the "
                                 "calibration data at the given ones")
+    else:
+        float_file = None
     shaped = runnable is not model or light is not None  # the pass works on the --inputShape shapes
-    # given up with the gate on: the float model with the fixed shapes goes to a temp file now, while it is the
-    # model as loaded, so that the gate needs no copy of it in memory
-    float_file = _fixed_shape_file(reference) if light is not None and verify else None
     try:
         if shaped:
             # The copy with the fixed shapes is convert's own: the pass works on it, and the gate's float model is
@@ -309,12 +317,14 @@ def _account_for_every_weight(result: ConversionResult, weights: dict[str, tuple
                                                 "weights"))
 
 
-def _refused_with_shapes(model: onnx.ModelProto) -> str:
-    """ONNX Runtime's one-line reason for refusing `model` (the input with the --inputShape shapes), or ""."""
-    if too_large_for_one_file(model):
+def _refused_with_shapes(model: onnx.ModelProto, path: Path | None = None) -> str:
+    """ONNX Runtime's one-line reason for refusing `model` (the input with the --inputShape shapes; loaded from
+    `path` when it is already written there), or ""."""
+    if path is None and too_large_for_one_file(model):
         return ""  # cannot be loaded from memory; the pass finds out itself
     try:
-        cpu_session(model, "with the --inputShape shapes", spinning=False, optimize=False)
+        cpu_session(model if path is None else str(path), "with the --inputShape shapes", spinning=False,
+                    optimize=False)
     except ConversionError as exc:
         return one_line(str(exc).partition("shapes (")[2].removesuffix(")") or str(exc))
     return ""

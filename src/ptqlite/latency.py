@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import ConversionError
+from .errors import ConversionError, DataError
 from .model import graph_inputs, restore_io_shapes
 from .runtime import BENCHMARK_VALUES, InputSpec, cpu_session, synthetic_inputs, time_interleaved
 
@@ -54,10 +54,12 @@ DEMOTED = "kept float by latency-aware planning: int8 ran no faster than float o
 
 
 def measure(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dict[str, np.ndarray],
-            own_shapes: onnx.ModelProto | None = None) -> Timing:
+            own_shapes: onnx.ModelProto | None = None, clear_of: tuple[float, float] | None = None) -> Timing:
     """Median run times of both graphs on `feeds` (one intra-op thread each, interleaved). `own_shapes` (the
     model as given, before --inputShape) gives both graphs its input and output shapes when ONNX Runtime refuses
-    them with the fixed ones."""
+    them with the fixed ones. `clear_of` (low, high): the caller decides only whether the ratio is <= low, > high
+    or in between, and the runs stop as soon as no timings of the runs still to come could move the ratio of the
+    medians out of the side it is on, below low or above high (`decided`); in between they all run."""
     try:
         sessions = [cpu_session(m, "to time it", threads=1) for m in (float_model, quantized)]
     except ConversionError:
@@ -68,11 +70,43 @@ def measure(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dic
     names = [{i.name for i in s.get_inputs()} for s in sessions]
     inputs = {k: v for k, v in feeds.items() if k in names[0]}
     start = time.perf_counter()
-    time_interleaved(sessions, inputs, loops=2, warmup=1)
+    _, latencies = time_interleaved(sessions, inputs, loops=2, warmup=1)
     per_pair = max((time.perf_counter() - start) / 3, 1e-6)
     runs = int(np.clip(BUDGET_S / per_pair, MIN_RUNS, MAX_RUNS))
-    _, latencies = time_interleaved(sessions, inputs, loops=runs, warmup=0)
+    # The two sizing loops ran after the warm-up, as timed runs do: they are the first two of `runs`.
+    try:
+        for loop in range(len(latencies[0]), runs):
+            if clear_of is not None and decided(latencies, runs, *clear_of):
+                break
+            order = (0, 1) if loop % 2 == 0 else (1, 0)  # neither graph always runs on the warmer cache
+            for i in order:
+                begin = time.perf_counter()
+                sessions[i].run(None, inputs)
+                latencies[i].append((time.perf_counter() - begin) * 1000)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors, as time_interleaved reports them
+        raise DataError(f"the model cannot run on the given inputs ({str(exc).splitlines()[0]})") from None
     return Timing(float(np.median(latencies[0])), float(np.median(latencies[1])))
+
+
+def median_bounds(values: list[float], runs: int) -> tuple[float, float] | None:
+    """The least and the greatest median that `runs` values can have when `values` are the first of them and the
+    others can be anything (None while too few are known to bound it on both sides)."""
+    ordered, unknown = sorted(values), runs - len(values)
+    low, high = (runs - 1) // 2, runs // 2  # the middle order statistics (equal for an odd count)
+    if low - unknown < 0 or high >= len(ordered):
+        return None
+    return ((ordered[low - unknown] + ordered[high - unknown]) / 2, (ordered[low] + ordered[high]) / 2)
+
+
+def decided(latencies: list[list[float]], runs: int, low: float, high: float) -> bool:
+    """Whether the ratio of the medians of `runs` interleaved runs (latencies[1]'s over latencies[0]'s) is
+    already sure to be <= low, or sure to be > high, whatever the runs still to come measure: stopping then gives
+    the decision that all the runs would have given (the same 5% margin; only the ratio quoted is of fewer runs)."""
+    floats, quantized = median_bounds(latencies[0], runs), median_bounds(latencies[1], runs)
+    if floats is None or quantized is None or floats[0] <= 0:
+        return False
+    least, greatest = quantized[0] / floats[1], quantized[1] / floats[0]
+    return greatest <= low or least > high
 
 
 def settled(timing: Timing, again: Callable[[], Timing]) -> Timing:

@@ -376,7 +376,10 @@ def _never_slower_than_float(float_model: onnx.ModelProto, candidate, samples, o
     if not layers:  # no MatMul/Gemm runs in int8 (Gather tables only, or nothing): nothing to decide
         return first
     try:
-        timing = timer.settled(timer.measure(float_model, first.model, feeds, own_shapes),
+        # below the band int8 is kept, above it layers are demoted; within it every run counts (settled, and the
+        # cost model's share of the float time)
+        timing = timer.settled(timer.measure(float_model, first.model, feeds, own_shapes,
+                                             clear_of=(1 / timer.SLOWER, timer.SLOWER)),
                                lambda: timer.measure(float_model, first.model, feeds, own_shapes))
         tried = [(set(), first, timing)]
     except PtqError as exc:
@@ -405,7 +408,9 @@ def _never_slower_than_float(float_model: onnx.ModelProto, candidate, samples, o
             tried.append((demoted, result, timer.Timing(timing.float_ms, timing.float_ms)))
         else:
             try:
-                tried.append((demoted, result, timer.measure(float_model, result.model, feeds, own_shapes)))
+                # a candidate within the bound ends the search; the others' ratios choose the fastest
+                tried.append((demoted, result, timer.measure(float_model, result.model, feeds, own_shapes,
+                                                             clear_of=(bound, float("inf")))))
             except PtqError:  # this candidate cannot be timed, so it is not chosen
                 break
         if tried[-1][2].ratio <= bound:
