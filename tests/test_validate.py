@@ -311,3 +311,45 @@ def test_models_over_the_limit_are_checked_from_their_file(tmp_path, monkeypatch
     with pytest.raises(ModelError, match="NaN"):
         _convert(_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [_with_values(_w(), np.nan)]),
                  "WEIGHT_QUANT")
+
+
+# ---------------------------------------------------------------- the CLI's input as loaded: checked from its file
+
+
+@pytest.mark.parametrize("case", INVALID)
+def test_checks_from_the_file_refuse_alike(case, tmp_path):
+    """`as_loaded` (the CLI's ONNX input with --inputShape): the checker and ONNX Runtime read the file, not a
+    serialisation of the model; every refusal is the same sentence."""
+    from ptqlite.validate import validate_model
+
+    model, _ = INVALID[case]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    messages = []
+    for as_loaded in (False, True):
+        with pytest.raises(ModelError) as caught:
+            validate_model(onnx.load(str(path)), str(path), path, as_loaded=as_loaded)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+
+
+def test_checks_from_the_file_serialise_nothing(tmp_path, monkeypatch):
+    from ptqlite import runtime, validate
+
+    path = tmp_path / "m.onnx"
+    onnx.save(matmul(), path)
+    checked, loaded = [], []
+    real_check, real_session = onnx.checker.check_model, runtime.cpu_session
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, **k: checked.append(m) or real_check(m, **k))
+    monkeypatch.setattr(validate, "cpu_session", lambda m, *a, **k: loaded.append(m) or real_session(m, *a, **k))
+    assert validate.validate_model(onnx.load(str(path)), str(path), path, as_loaded=True) == []
+    assert checked == [str(path)] and loaded == [str(path)]
+    # without it (a model given in memory, or changed since it was read) both check the model itself
+    assert validate.validate_model(onnx.load(str(path)), str(path), path) == []
+    assert all(isinstance(m, onnx.ModelProto) for m in checked[1:] + loaded[1:]) and len(loaded) == 2
+    # a model without output shapes: the checker sees its copy with the inferred ones, the runtime the file
+    shapeless = matmul()
+    shapeless.graph.output[0].type.tensor_type.ClearField("shape")
+    onnx.save(shapeless, path)
+    assert validate.validate_model(onnx.load(str(path)), str(path), path, as_loaded=True) == []
+    assert isinstance(checked[-1], onnx.ModelProto) and loaded[-1] == str(path)

@@ -40,11 +40,14 @@ _WEIGHT_READERS = frozenset(WEIGHT_SLOTS) | {"BatchNormalization", "InstanceNorm
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
-def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None = None) -> list[str]:
+def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None = None,
+                   as_loaded: bool = False) -> list[str]:
     """Refuse a model that breaks an input rule; returns notes (checks that could not run and why).
 
     `source` names the model in messages; `path`, when given, is the file it was loaded from, which the
-    checks of models over 2 GB use (protobuf cannot serialise those in memory)."""
+    checks of models over 2 GB use (protobuf cannot serialise those in memory). `as_loaded`: `model` is exactly
+    what `path` holds (the CLI's ONNX input), so the checker and ONNX Runtime read the file instead of a
+    serialisation of the model (the same checks, two copies of the weights fewer made)."""
     notes: list[str] = []
     _check_opsets(model, source)
     if path is not None and has_external_data(model, iter_tensors):
@@ -57,10 +60,15 @@ def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None 
         check_weights_finite(model, source)
         return notes
     # a model over 2 GB cannot be serialised in memory: both checks read its file instead
-    _check_onnx(model if not large else str(path), source)
+    from_file = large or (as_loaded and path is not None)
+    if from_file and not large:
+        _check_inputs_shaped(model, source)  # _check_onnx checks this on a model, not on a file
+    # the checker wants output shapes that a file without them lacks: those go through _check_onnx's copy
+    shapeless = not large and any(_shapeless(value) for value in model.graph.output)
+    _check_onnx(str(path) if from_file and not shapeless else model, source)
     refuse_quantized(model, source)
     check_weights_finite(model, source)
-    _check_runtime(model if not large else str(path), source)
+    _check_runtime(str(path) if from_file else model, source)
     return notes
 
 
@@ -99,10 +107,7 @@ def _check_onnx(model: onnx.ModelProto | str, source: str) -> None:
     accepted (the check runs on a copy whose outputs get their inferred shapes); a missing input shape is refused
     with the flag that gives one."""
     if isinstance(model, onnx.ModelProto):
-        for value in model.graph.input:
-            if _shapeless(value):
-                raise ModelError(f"{source}: input '{value.name}' has no shape; give one with --inputShape, e.g. "
-                                 f"--inputShape=\"{value.name}:1,3,224,224\"")
+        _check_inputs_shaped(model, source)
         if any(_shapeless(value) for value in model.graph.output):
             model = _with_output_shapes(model)
     try:
@@ -113,6 +118,13 @@ def _check_onnx(model: onnx.ModelProto | str, source: str) -> None:
             hint = ("; the shapes recorded in the model (value_info, graph outputs) contradict what its ops compute: "
                     "remove the stale ones (e.g. del model.graph.value_info[:]) and convert again")
         raise ModelError(f"{source}: not a valid ONNX model ({one_line(str(exc))}){hint}") from None
+
+
+def _check_inputs_shaped(model: onnx.ModelProto, source: str) -> None:
+    for value in model.graph.input:
+        if _shapeless(value):
+            raise ModelError(f"{source}: input '{value.name}' has no shape; give one with --inputShape, e.g. "
+                             f"--inputShape=\"{value.name}:1,3,224,224\"")
 
 
 def _shapeless(value: onnx.ValueInfoProto) -> bool:
