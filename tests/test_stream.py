@@ -34,6 +34,7 @@ CONFIGS = {
     "default_4bit": _COMMON.format(mode="WEIGHT_QUANT", bits=4),
     "dynamic_alwc": _COMMON.format(mode="DYNAMIC_QUANT", bits=8) + "[dynamic_quant_param]\nquant_strategy=ALWC\n",
     "dynamic_acwl": _COMMON.format(mode="DYNAMIC_QUANT", bits=8) + "[dynamic_quant_param]\nquant_strategy=ACWL\n",
+    "mixed_bit": _COMMON.format(mode="WEIGHT_QUANT", bits=0) + "[mixed_bit_weight_quant_param]\ninit_scale=0.02\n",
 }
 
 
@@ -127,11 +128,67 @@ def test_streamed_output_equals_the_in_memory_conversion(work, capsys, name, mon
     got = onnx.load(str(target))  # with its external data
     # the same conversion in memory, from the model loaded whole
     expected = convert(onnx.load(str(work / "in" / "model.onnx")), parse_config(CONFIGS[name]), verify=False).model
+    assert_same_tensors(got, expected)
+    assert "cosine" in out  # the gate compared it with the float model (small enough to load whole)
+
+
+def assert_same_tensors(got: onnx.ModelProto, expected: onnx.ModelProto) -> None:
     assert graph_only(got) == graph_only(expected)
     assert [t.name for t in got.graph.initializer] == [t.name for t in expected.graph.initializer]
     for a, b in zip(got.graph.initializer, expected.graph.initializer, strict=True):
         assert tensor_bytes(a) == tensor_bytes(b), a.name
-    assert "cosine" in out  # the gate compared it with the float model (small enough to load whole)
+
+
+def test_mixed_bit_with_shared_decoders_cut_by_size_streams_like_in_memory(work, capsys, monkeypatch):
+    """Mixed bit streams (its layers' codes are made again from the input's memory map for the shared decoders,
+    each decoder's data goes to the output's data file as it is built); with the shared decoders cut at a few
+    layers' values (GROUP_VALUES lowered) the output is still the in-memory conversion's, tensor for tensor, and
+    has more shared decoders than with one group per form."""
+    from ptqlite.passes import mixed_bit
+
+    streamed = []
+    real = stream.StagedOutput.finish
+    monkeypatch.setattr(stream.StagedOutput, "finish", lambda self, *a: streamed.append(1) or real(self, *a))
+    config = parse_config(CONFIGS["mixed_bit"])
+    whole = convert(onnx.load(str(work / "in" / "model.onnx")), config, verify=False).model
+    monkeypatch.setattr(mixed_bit, "GROUP_VALUES", 20000)  # the tiny decoder's layers: 4096 to 16384 values
+    code, out, err = convert_cli(work, "mixed_bit", capsys)
+    assert code == 0, err
+    assert streamed and "cosine" in out
+    got = onnx.load(str(work / "out" / "mixed_bit.onnx"))
+    assert_same_tensors(got, convert(onnx.load(str(work / "in" / "model.onnx")), config, verify=False).model)
+
+    def splits(model):
+        return sum(node.op_type == "Split" for node in model.graph.node)
+
+    assert splits(got) > splits(whole) >= 1
+
+
+def test_bounded_groups_cut_in_order_and_keep_a_large_layer_alone(monkeypatch):
+    from types import SimpleNamespace
+
+    from ptqlite.passes import mixed_bit
+
+    monkeypatch.setattr(mixed_bit, "GROUP_VALUES", 100)
+    layers = [SimpleNamespace(name=n, size=size) for n, size in zip("abcdef", (40, 50, 20, 300, 10, 100))]
+    runs = mixed_bit.bounded_groups(layers)
+    assert [[layer.name for layer in run] for run in runs] == [["a", "b"], ["c"], ["d"], ["e"], ["f"]]
+
+
+def test_a_conversion_that_cannot_stream_a_model_with_external_data_says_why(work, capsys):
+    """--fp16=on rewrites every float weight, so the model is loaded whole: the summary says so and why (as it
+    would for FULL_QUANT, debug reports, --inputShape or mixed bit's auto_tune, which runs the float model)."""
+    from ptqlite.convert import streaming_refusal
+
+    tuned = parse_config(CONFIGS["mixed_bit"] + "auto_tune=true\n")
+    assert "auto_tune runs the float model in memory" in streaming_refusal(tuned, None, "m.onnx")
+    assert streaming_refusal(parse_config(CONFIGS["mixed_bit"]), None, "m.onnx") == ""
+    code, out, err = convert_cli(work, "mixed_bit", capsys, "--fp16=on", "--verify=off")
+    assert code == 0, err
+    assert ("not streamed: --fp16=on rewrites every float weight, so the model was loaded whole with its "
+            "external data") in out
+    code, out, err = convert_cli(work, "default_8bit", capsys, "--verify=off")
+    assert code == 0 and "not streamed" not in out
 
 
 def test_streamed_output_runs_like_the_in_memory_one(work, capsys):
@@ -246,6 +303,34 @@ def test_streaming_peak_memory_does_not_grow_with_the_layers(tmp_path):
     grown = sizes[24] - sizes[2]
     assert grown > 120e6
     assert peaks[24] - peaks[2] < 0.2 * grown, (peaks, sizes)
+
+
+_MIXED_PEAK = _PEAK.replace("stream.WHOLE_LOAD_BYTES = 0", "stream.WHOLE_LOAD_BYTES = 0\n"
+                            "from ptqlite.passes import mixed_bit\nmixed_bit.GROUP_VALUES = 1 << 20")
+
+
+def test_mixed_bit_streaming_peak_does_not_hold_every_weight(tmp_path):
+    """Mixed bit streamed, 2 and 12 layers of the same width (child processes, --verify=off): the larger model has
+    about 60 MB more weights, the peaks differ by far less. Before, the pass loaded the model whole and held every
+    layer's codes (half the float model again) until the graph was written. Shared decoders are cut at 2^20
+    values here (GROUP_VALUES, 2^25 by default: below that a group may hold the model's codes)."""
+    config = tmp_path / "m.cfg"
+    config.write_text(CONFIGS["mixed_bit"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
+    peaks, sizes = {}, {}
+    for layers in (2, 12):
+        folder = tmp_path / str(layers)
+        folder.mkdir()
+        path = save_external(decoder(layers, hidden=384, ffn=1024, vocab=512), folder / "model.onnx")
+        sizes[layers] = (folder / "model.onnx.data").stat().st_size
+        done = subprocess.run([sys.executable, "-c", _MIXED_PEAK, str(path), str(config), str(folder / "out")],
+                              capture_output=True, text=True, env=env, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr
+        assert (folder / "out.onnx.data").exists()  # it streamed
+        peaks[layers] = int(done.stdout.split()[-1]) * 1024
+    grown = sizes[12] - sizes[2]
+    assert grown > 55e6
+    assert peaks[12] - peaks[2] < 0.2 * grown, (peaks, sizes)
 
 
 def test_streaming_searches_blocks_plainly_even_with_calibration_samples(work):

@@ -149,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
         run_gate(None, None, str(args.modelFile), result, config, {"input_format": args.inputDataFormat or None},
                  floor, analyze_command(args), None, None, inputs=inputs)
         result.seconds += time.perf_counter() - started
+    refusal = "" if streamed or discard or args.fmk != "ONNX" else streaming_refusal(config, shapes, args.modelFile,
+                                                                                      lite.fp16)
+    if refusal and stored_bytes(args.modelFile) > os.path.getsize(args.modelFile):  # it has external data
+        result.notes.append(f"not streamed: {refusal}, so the model was loaded whole with its external data "
+                            "(memory grows with the model)")
     if shapes and args.fmk == "PYTORCH":
         result.notes.append("the TorchScript model is traced at the --inputShape shapes, so the output has them too")
     if lite.optimize == "ascend_oriented" and config.quant_type == "FULL_QUANT" and config.full.target_device != "ASCEND":

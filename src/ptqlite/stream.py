@@ -208,10 +208,12 @@ class DataSink:
     def __init__(self, path: Path):
         self.path = path
         self.handle = open(path, "w+b")  # noqa: SIM115  (closed by close())
-        self.written: set[str] = set()
 
     def owns(self, tensor: onnx.TensorProto) -> bool:
-        return tensor.name in self.written and _entries(tensor)[0] == self.path.name
+        """Whether this sink wrote `tensor`: by its location, the temp data file's name (no input's data file has
+        it: an output whose data file is the input's is refused up front), not by its name, which a pass may
+        still change after spilling (the mixed-bit pass's short names)."""
+        return is_external(tensor) and _entries(tensor)[0] == self.path.name
 
     def _start(self) -> int:
         self.handle.seek(0, os.SEEK_END)
@@ -227,7 +229,6 @@ class DataSink:
         for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self.written.add(tensor.name)
 
     def put(self, tensor: onnx.TensorProto) -> bool:
         """Append an inline tensor of MIN_BYTES or more (raw data) and keep only the reference in its message;

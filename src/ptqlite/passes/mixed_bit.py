@@ -13,11 +13,14 @@ Every form is folded back into the float weight by ONNX Runtime when the session
 cannot be met with codes of at most 16 bits falls back to 8-bit fixed quantization.
 
 auto_tune=true searches init_scale itself (tune_init_scale, with the search of ptqlite.autotune). docs/mixed_bit.md has details and figures.
+In a streaming conversion (stream.py) a layer keeps only its steps and plan once its form is chosen (_park), and
+each decoder's data goes to the output's data file when it is final.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -43,6 +46,7 @@ from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph
 from ..plan import WeightSpec, plan_weights, weight_quant_rules
 from ..qmath import bits_for, channel_shape, reduce_axes, round_half_away
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
+from ..stream import spill, streaming
 from .weight import decode_on_consumers, quantize_weight, relative_error, replace_weights
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,10 @@ MAX_QUOTIENT = 254  # the integer decoder takes quotients (+1) as uint8 differen
 # decoder needs TopK positions at load (docs/mixed_bit.md "Choosing the form" has the measurements).
 RICE_MARGIN = 0.10
 RICE_LAYER_BYTES = 250  # a Rice layer's own nodes in the file (its slice, index and Gather; docs/mixed_bit.md)
+# Values joined into one shared decoder at most (split and Rice groups; a larger layer has its own): the encoder's
+# temporaries of a group, and ONNX Runtime's folded outputs of its decoder at load, follow the group's size, so a
+# model-wide group would make both follow the model. Above MiniLM's 22.7M values, so its bytes are unchanged.
+GROUP_VALUES = 1 << 25
 
 
 # ---------------------------------------------------------------- step search
@@ -256,9 +264,24 @@ def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
     outputs = {} if outputs is None else outputs
     decoders = []
     for k in sorted({layer.rice_k for layer in layers}):
-        group = [layer for layer in layers if layer.rice_k == k]
-        decoders.append(_rice_integer(index, shared, group, k, sites, outputs))
+        for group in bounded_groups([layer for layer in layers if layer.rice_k == k]):
+            decoders.append(_rice_integer(index, shared, group, k, sites, outputs))
+            decoders[-1].initializers = spill(decoders[-1].initializers)  # streaming: into the output's data file
     return decoders
+
+
+def bounded_groups(layers: list[MixedLayer]) -> list[list[MixedLayer]]:
+    """`layers` (which could share one decoder) cut in order into runs of at most GROUP_VALUES values; a layer
+    larger than that is a run of its own."""
+    runs: list[list[MixedLayer]] = []
+    total = 0
+    for layer in layers:
+        if not runs or total + layer.size > GROUP_VALUES:
+            runs.append([])
+            total = 0
+        runs[-1].append(layer)
+        total += layer.size
+    return runs
 
 
 def _rice_quotients(b: Builder, z: np.ndarray, k: int) -> str:
@@ -290,8 +313,8 @@ def _rice_quotients(b: Builder, z: np.ndarray, k: int) -> str:
 
 def _layer_slice(b: Builder, flat: str, start: int, layer: MixedLayer, whole: bool) -> str:
     """The layer's values of an integer vector of its group, in the layer's shape, as int32 (Gather's index type)."""
-    piece = flat if whole else b.node("Slice", [flat, b.shape_of([start]), b.shape_of([start + layer.q.size])])
-    return b.node("Cast", [b.node("Reshape", [piece, b.shape_of(layer.q.shape)])], to=TensorProto.INT32)
+    piece = flat if whole else b.node("Slice", [flat, b.shape_of([start]), b.shape_of([start + layer.size])])
+    return b.node("Cast", [b.node("Reshape", [piece, b.shape_of(layer.shape)])], to=TensorProto.INT32)
 
 
 def _unzigzag_table(b: Builder, first: int, last: int) -> str:
@@ -359,47 +382,59 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
     sites = sites or {}
     outputs = {} if outputs is None else outputs
     groups: dict[tuple, list[MixedLayer]] = {}
+    tops = {}  # each layer's largest zigzag value (its codes are made again for it in a streaming conversion)
     for layer in layers:
         plan = layer.split
-        key = (plan.k, plan.gap_bits, plan.value_bits, split_type(int(zigzag32(layer.q).max())))
+        tops[layer.spec.tensor] = int(zigzag32(layer.q).max())
+        key = (plan.k, plan.gap_bits, plan.value_bits, split_type(tops[layer.spec.tensor]))
         groups.setdefault(key, []).append(layer)
     decoders = []
-    for (k, gap_bits, value_bits, _), group in groups.items():
-        if len(group) == 1:
-            layer = group[0]
-            site = sites.get(layer.spec.tensor, "load")
-            if site == "load":
-                decoders.append(layer.decoder)
-                continue
-            decoders.append(split_decoder(index, shared, layer.spec.tensor, layer.q, layer.step, layer.split, site))
-            outputs[layer.spec.tensor] = decoders[-1].output
-            continue
-        b = Builder(index, shared, f"split k={k}")
-        joined = _joined_zigzag(group)
-        flat = split_codes(b, joined, SplitPlan(k, gap_bits, value_bits, 0))
-        del joined
-        tops = [int(zigzag32(layer.q).max()) for layer in group]
-        parts = [b.name() for _ in group]
-        sizes = shared.get(np.array([layer.q.size for layer in group], np.int64))
-        b.decoder.nodes.append(helper.make_node("Split", [flat, sizes], parts))
-        for layer, top, part in zip(group, tops, parts):
-            position = b.node("Cast", [b.node("Reshape", [part, b.shape_of(layer.q.shape)])], to=TensorProto.INT32)
-            site = sites.get(layer.spec.tensor, "load")
-            out = _gather_weight(b, _unzigzag_table(b, 0, top), position, layer.step, layer.spec.tensor, site)
-            if site != "load":
-                outputs[layer.spec.tensor] = out
-        decoders.append(b.decoder)
+    for (k, gap_bits, value_bits, _), same in groups.items():
+        for group in bounded_groups(same):
+            decoders.append(_split_group(index, shared, group, SplitPlan(k, gap_bits, value_bits, 0), tops, sites,
+                                         outputs))
+            decoders[-1].initializers = spill(decoders[-1].initializers)  # streaming: into the output's data file
     return decoders
+
+
+def _split_group(index: GraphIndex, shared: SharedConstants, group: list[MixedLayer], plan: SplitPlan,
+                 tops: dict[str, int], sites: dict[str, str], outputs: dict[str, str]) -> Decoder:
+    """The decoder of split layers with the same widths (split_group_decoders)."""
+    if len(group) == 1:
+        layer = group[0]
+        site = sites.get(layer.spec.tensor, "load")
+        # A streaming conversion dropped the layer's own decoder data once the form was chosen: made again here.
+        if site == "load" and not streaming():
+            return layer.decoder
+        decoder = split_decoder(index, shared, layer.spec.tensor, layer.q, layer.step, layer.split, site)
+        if site != "load":
+            outputs[layer.spec.tensor] = decoder.output
+        return decoder
+    b = Builder(index, shared, f"split k={plan.k}")
+    joined = _joined_zigzag(group)
+    flat = split_codes(b, joined, plan)
+    del joined
+    parts = [b.name() for _ in group]
+    sizes = shared.get(np.array([layer.size for layer in group], np.int64))
+    b.decoder.nodes.append(helper.make_node("Split", [flat, sizes], parts))
+    for layer, part in zip(group, parts):
+        position = b.node("Cast", [b.node("Reshape", [part, b.shape_of(layer.shape)])], to=TensorProto.INT32)
+        site = sites.get(layer.spec.tensor, "load")
+        out = _gather_weight(b, _unzigzag_table(b, 0, tops[layer.spec.tensor]), position, layer.step,
+                             layer.spec.tensor, site)
+        if site != "load":
+            outputs[layer.spec.tensor] = out
+    return b.decoder
 
 
 def _joined_zigzag(layers: list[MixedLayer]) -> np.ndarray:
     """zigzag of every layer's codes, flat and joined in order (int32, zigzag32), filled layer by layer: a list
     of the layers' copies and their concatenation would hold the group twice."""
-    joined = np.empty(sum(layer.q.size for layer in layers), np.int32)
+    joined = np.empty(sum(layer.size for layer in layers), np.int32)
     start = 0
     for layer in layers:
-        joined[start:start + layer.q.size] = zigzag32(layer.q).ravel()
-        start += layer.q.size
+        joined[start:start + layer.size] = zigzag32(layer.q).ravel()
+        start += layer.size
     return joined
 
 
@@ -441,7 +476,7 @@ def _rice_integer(index: GraphIndex, shared: SharedConstants, layers: list[Mixed
         out = _gather_weight(b, table, position, layer.step, layer.spec.tensor, site)
         if site != "load":
             outputs[layer.spec.tensor] = out
-        start += layer.q.size
+        start += layer.size
     return b.decoder
 
 
@@ -456,7 +491,10 @@ class MixedLayer:
     measure: str  # "per-tensor", "per-channel" or "fallback"
     bits: int  # width of the codes' range (what fixed-width storage would need)
     step: np.ndarray  # per channel or scalar (fallback: the 8-bit scale)
-    q: np.ndarray  # signed codes (fallback: unsigned 8-bit codes)
+    # signed codes (fallback: unsigned 8-bit codes); None in a streaming conversion, where `remake` makes them again
+    # from the weight's memory map when asked for (held for every layer until the graph is written, they would
+    # add half the float model)
+    stored_q: np.ndarray | None
     # float32 weight the decoder rebuilds; None where that is q * step (split, Rice), made when asked for: a
     # model's layers are all held until the graph is written, and this copy would double their memory
     stored_decoded: np.ndarray | None
@@ -468,6 +506,19 @@ class MixedLayer:
     zero_point: np.ndarray | None = None
     correction_var: np.ndarray | None = None
     correction_mean: np.ndarray | None = None
+    remake: Callable[[], np.ndarray] | None = None
+
+    @property
+    def q(self) -> np.ndarray:
+        return self.stored_q if self.stored_q is not None else self.remake()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.spec.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.spec.shape, dtype=np.int64))
 
     @property
     def decoded(self) -> np.ndarray:
@@ -482,7 +533,7 @@ class MixedLayer:
 
     @property
     def storage(self) -> str:
-        bits_per_weight = 8 * self.stored_bytes / max(1, self.q.size)
+        bits_per_weight = 8 * self.stored_bytes / max(1, self.size)
         return f"{self.encoding}, {bits_per_weight:.2f} bits/weight"
 
     @property
@@ -493,7 +544,7 @@ class MixedLayer:
             return f"fallback {FALLBACK_BITS}-bit asymmetric {where} (init_scale not reachable)"
         if self.measure == "per-channel":
             return f"symmetric step per channel axis {self.spec.axis}, error measured per channel"
-        if self.spec.axis is not None and self.q.ndim > 1:
+        if self.spec.axis is not None and len(self.shape) > 1:
             return f"symmetric step per tensor, error measured per channel axis {self.spec.axis}"
         return "symmetric step per tensor, error measured per tensor"
 
@@ -607,8 +658,27 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
             continue
         log.debug("%s: %s, %d bits, relative error %.4f, %s", spec.tensor, layer.measure, layer.bits,
                  layer.relative_error, layer.storage)
+        del w
+        if streaming():
+            _park(index, layer)
         layers.append(layer)
     return layers, skipped
+
+
+def _park(index: GraphIndex, layer: MixedLayer) -> None:
+    """A streaming conversion keeps of a layer only what does not grow with the model until the graph is written:
+    a final decoder's data goes to the output's data file now; a split layer's own decoder data (rebuilt if the
+    layer ends up alone, else its group's decoder holds it) and the decoded weight are dropped, and the codes are
+    made again from the weight's memory map when the decoders are built (codes_for: the same values)."""
+    if layer.decoder is not None and layer.split is None:  # fixed-width forms, the 8-bit fallback
+        layer.decoder.initializers = spill(layer.decoder.initializers)
+    elif layer.split is not None:
+        layer.decoder.initializers = []
+    layer.stored_decoded = None
+    if layer.measure != "fallback":  # split and Rice layers read their codes again; the others only their size
+        tensor, step = layer.spec.tensor, layer.step.astype(np.float64)
+        layer.remake = lambda: codes_for(index.array(tensor), step)
+    layer.stored_q = None
 
 
 def tune_init_scale(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = None,
@@ -689,7 +759,9 @@ def _decode_sites(index: GraphIndex, layers: list[MixedLayer], in_subgraphs: set
     for layer in layers:
         if layer.split is None and layer.decoder is not None:
             continue
-        params = SimpleNamespace(codes=layer.q, scale=layer.step, offset=np.zeros(()))
+        # only the codes' rank is read: a zero-size stand-in, not the codes
+        params = SimpleNamespace(codes=np.broadcast_to(np.int8(0), layer.shape), scale=layer.step,
+                                 offset=np.zeros(()))
         site = decode_on_consumers(index, layer.spec.tensor, params, in_subgraphs)
         if site != "load":
             sites[layer.spec.tensor] = site
@@ -730,7 +802,7 @@ def _record(layer: MixedLayer) -> QuantizedTensor:
     spec = layer.spec
     return QuantizedTensor(
         spec.tensor, spec.op_type, spec.nodes, spec.shape, layer.bits, layer.scheme, layer.storage,
-        bytes_before=layer.q.size * 4, bytes_after=layer.stored_bytes, relative_error=layer.relative_error,
+        bytes_before=layer.size * 4, bytes_after=layer.stored_bytes, relative_error=layer.relative_error,
         scale=np.asarray(layer.step, np.float64).ravel(),
         zero_point=None if layer.zero_point is None else np.asarray(layer.zero_point).ravel(),
         correction_var=None if layer.correction_var is None else layer.correction_var.ravel(),
