@@ -269,6 +269,11 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(_nbytes(t) for t in iter_tensors(model.graph))
 
 
+def inline_bytes(tensor: onnx.TensorProto) -> int:
+    """Data size of a tensor held in its message (0 for one in external data), from dims and dtype."""
+    return _nbytes(tensor)
+
+
 def _nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)

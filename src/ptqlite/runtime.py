@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def _options(threads: int | None = None, spinning: bool = True, profile_prefix: str | None = None,
-             optimize: bool = True, qdq_fusion: bool = True):
+             optimize: bool = True, qdq_fusion: bool = True, prepacking: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -45,6 +45,8 @@ def _options(threads: int | None = None, spinning: bool = True, profile_prefix: 
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not qdq_fusion:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -52,12 +54,15 @@ def _options(threads: int | None = None, spinning: bool = True, profile_prefix: 
 
 
 def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = True,
-                optimize: bool = True, threads: int | None = None, qdq_fusion: bool = True) -> ort.InferenceSession:
+                optimize: bool = True, threads: int | None = None, qdq_fusion: bool = True,
+                prepacking: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session on an in-memory model (or a model file, for models over 2 GB); a model it
     cannot load is a ConversionError naming `purpose` (e.g. "for calibration"). spinning=False keeps idle worker
     threads from taking the CPU that Python work between runs needs; optimize=False only loads (a load check);
     `threads` fixes the intra-op threads (onnxruntime's default otherwise); qdq_fusion=False runs
-    QuantizeLinear/DequantizeLinear as written instead of fusing them into int8 kernels."""
+    QuantizeLinear/DequantizeLinear as written instead of fusing them into int8 kernels; prepacking=False keeps
+    the kernels from copying constant weights into their packed layouts, so weights read from a memory-mapped
+    external data file stay mapped (the gate's float model: verify.FloatPlan)."""
     import onnxruntime as ort
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
@@ -68,7 +73,7 @@ def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = Tru
             source = str(staged)  # the bytes go before onnxruntime parses
     try:
         return ort.InferenceSession(source, _options(threads, spinning=spinning, optimize=optimize,
-                                                     qdq_fusion=qdq_fusion),
+                                                     qdq_fusion=qdq_fusion, prepacking=prepacking),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises several unrelated types)
         raise ConversionError(f"onnxruntime cannot load the model {purpose} ({exc})") from None

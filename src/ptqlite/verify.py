@@ -9,10 +9,14 @@ run next to the float model, and each graph output is compared.
   the quantized output where the float one is finite, or a different shape, scores 0. Integer and bool outputs:
   the fraction of equal elements ("agreement").
 - An output that does not load or does not run where the float model runs is a VerificationError (exit 1).
-- Models over 2 GB run from files (an in-memory one is written to a temp folder with external data first). A
-  float model over stream.WHOLE_LOAD_BYTES is compared only when COMPARE_FACTOR times its bytes plus
-  COMPARE_RESERVE fit in the memory available (MemAvailable); else the output runs alone on the same inputs and
-  its outputs must be finite (Verification.non_finite), and the summary says why it was not compared.
+- Models over 2 GB run from files (an in-memory one is written to a temp folder with external data first). The
+  float model's session runs without weight prepacking where every tensor of MIN_BYTES or more is read in place
+  from its external data (FloatPlan): its weights stay memory-mapped file pages instead of allocated copies. A
+  float model over stream.WHOLE_LOAD_BYTES is compared only when the memory its session allocates
+  (compare_memory: COMPARE_FACTOR times its allocated bytes, MAPPED_FACTOR times its mapped ones, plus
+  COMPARE_RESERVE) fits in the memory available (MemAvailable), so a mapped float model larger than the memory
+  is still compared (its pages are read from disk again); else the output runs alone on the same inputs and its
+  outputs must be finite (Verification.non_finite), and the summary says why it was not compared.
 - Slices: the whole-output cosine is dominated by the output's largest values (a detector's box coordinates in
   pixels beside its 0..1 class scores), so each float output is also cut along every short axis (2 to MAX_SLICES
   entries, at least MIN_SLICE_VALUES values per entry and sample); each slice whose float norm is under
@@ -31,6 +35,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +43,17 @@ import onnx
 
 from .config import QuantConfig
 from .errors import ConversionError, PtqError, VerificationError
-from .model import IoShapes, graph_inputs, save_model, stored_bytes, tensor_bytes, too_large_for_one_file
+from .model import (
+    IoShapes,
+    graph_inputs,
+    inline_bytes,
+    iter_initializers,
+    iter_tensors,
+    save_model,
+    stored_bytes,
+    tensor_bytes,
+    too_large_for_one_file,
+)
 from .result import ConversionResult, OutputCheck, Verification
 from .runtime import (
     REFERENCE_VALUES,
@@ -48,7 +63,7 @@ from .runtime import (
     session_feeds,
     synthetic_inputs,
 )
-from .stream import loads_whole, trim_heap
+from .stream import MIN_BYTES, external_bytes, is_external, loads_whole, read_in_place, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +87,15 @@ SLICE_FLOOR = 0.8
 # Only slices whose float norm is under SMALL_SLICE times the largest slice's are scored on their own: the others
 # already weigh in the whole-output cosine.
 SMALL_SLICE = 0.1
-# The gate holds the float model's ONNX Runtime session (every weight: its load peak was 1.02x the model's bytes on
-# the 3 GB decoder, docs/results.md) and then the output's, never both. A float model over
-# stream.WHOLE_LOAD_BYTES is run only when COMPARE_FACTOR times its bytes plus COMPARE_RESERVE fit in the memory
-# available when the gate starts; else the gate could push the machine out of memory at the end of a long run.
+# The gate holds the float model's ONNX Runtime session and then the output's, never both. A session that
+# prepacks allocates every weight (its load peak was 1.02x the model's bytes on the 3 GB decoder); one without
+# prepacking on weights read in place from a data file allocated 4 MB for the decoder's 2.99 GB (docs/results.md,
+# "The gate's float model mapped"): its weights are file pages the kernel drops and reads again under pressure.
+# A float model over stream.WHOLE_LOAD_BYTES is run only when COMPARE_FACTOR times its allocated bytes,
+# MAPPED_FACTOR times its mapped ones and COMPARE_RESERVE fit in the memory available when the gate starts; else
+# the gate could push the machine out of memory at the end of a long run.
 COMPARE_FACTOR = 1.5
+MAPPED_FACTOR = 0.02
 COMPARE_RESERVE = 512 << 20
 _PURPOSE = "to verify the output"
 
@@ -144,20 +163,71 @@ def available_memory() -> int:
         return 0
 
 
-def compare_memory(float_bytes: int) -> int:
-    """Memory the gate asks for before it runs a float model of `float_bytes` (with its external data)."""
-    return int(float_bytes * COMPARE_FACTOR) + COMPARE_RESERVE
+@dataclass(frozen=True)
+class FloatPlan:
+    """How the gate's session holds the float model: `size` its bytes with external data, `mapped` the bytes of
+    its tensors ONNX Runtime reads in place from their data files (stream.read_in_place), `held` the bytes of its
+    tensors of MIN_BYTES or more that are not (inline, or a data file the runtime copies)."""
+
+    size: int
+    mapped: int = 0
+    held: int = 0
+
+    @property
+    def prepacking(self) -> bool:
+        """Whether the session prepacks: unless every large tensor is read in place, the weights are allocated
+        anyway, and prepacked ones run as the output's session does."""
+        return not self.mapped or self.held > 0
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of the model the session allocates (prepacked: all of them)."""
+        return self.size if self.prepacking else self.size - self.mapped
 
 
-def too_large_to_compare(float_bytes: int) -> str:
-    """Why the gate does not run a float model of `float_bytes` ("" when it does)."""
-    if loads_whole(float_bytes):
+def float_plan(model: onnx.ModelProto | str) -> FloatPlan:
+    """The FloatPlan of a float model file (its graph read without the external data), or of an in-memory model:
+    one over 2 GB as save_model writes it for the session (tensors of MIN_BYTES or more in a page-aligned data
+    file), else all of it allocated."""
+    if isinstance(model, str):
+        size = stored_bytes(model)
+        try:
+            graph = onnx.load(model, load_external_data=False).graph
+        except Exception:  # noqa: BLE001  (a file onnx cannot read: the session reports it)
+            return FloatPlan(size)
+        mapped = held = 0
+        for tensor in iter_tensors(graph):
+            if read_in_place(tensor):
+                mapped += external_bytes(tensor)
+            else:
+                nbytes = external_bytes(tensor) if is_external(tensor) else inline_bytes(tensor)
+                held += nbytes if nbytes >= MIN_BYTES else 0
+        return FloatPlan(size, mapped, held)
+    size = tensor_bytes(model)
+    if not too_large_for_one_file(model):
+        return FloatPlan(size)
+    # save_model moves initializers of MIN_BYTES or more to the data file; Constant values stay in the graph
+    moved = sum(n for n in map(inline_bytes, iter_initializers(model.graph)) if n >= MIN_BYTES)
+    large = sum(n for n in map(inline_bytes, iter_tensors(model.graph)) if n >= MIN_BYTES)
+    return FloatPlan(size, moved, large - moved)
+
+
+def compare_memory(plan: FloatPlan) -> int:
+    """Memory the gate asks for before it runs the float model as `plan` says."""
+    mapped = 0 if plan.prepacking else plan.mapped
+    return int(plan.allocated * COMPARE_FACTOR + mapped * MAPPED_FACTOR) + COMPARE_RESERVE
+
+
+def too_large_to_compare(plan: FloatPlan) -> str:
+    """Why the gate does not run the float model of `plan` ("" when it does)."""
+    if loads_whole(plan.size):
         return ""
-    need, have = compare_memory(float_bytes), available_memory()
+    need, have = compare_memory(plan), available_memory()
     if need <= have:
         return ""
-    return (f"the float model takes {float_bytes / 1e9:.2f} GB with its external data; running it would need about "
-            f"{need / 1e9:.1f} GB of memory and {have / 1e9:.1f} GB is available")
+    held = "" if plan.prepacking else f" ({plan.mapped / 1e9:.2f} GB of it mapped from its data files)"
+    return (f"the float model takes {plan.size / 1e9:.2f} GB with its external data{held}; running it would need "
+            f"about {need / 1e9:.1f} GB of memory and {have / 1e9:.1f} GB is available")
 
 
 @contextlib.contextmanager
@@ -286,7 +356,7 @@ def _other_shape_problem(quant, original: onnx.ModelProto | str, feeds: dict[str
     """What goes wrong when the quantized model runs at `label`'s shapes where the float model runs ("" if
     nothing, or if the float model itself does not run there)."""
     try:
-        reference = cpu_session(original, _PURPOSE, spinning=False)
+        reference = _float_session(original)
         expected = reference.run(None, session_feeds(reference, feeds))
     except Exception:  # noqa: BLE001  (the float model does not run there either: nothing to learn)
         return ""
@@ -312,9 +382,8 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
     one of the float model's outputs. `other_shape` (the original float model, one sample at other input shapes,
     their text) also runs both there and records a failure or a different output shape in shape_problem."""
     result = Verification(source, len(inputs), floor)
-    float_bytes = stored_bytes(float_model) if isinstance(float_model, str) else tensor_bytes(float_model)
     with contextlib.ExitStack() as stack:
-        too_large = too_large_to_compare(float_bytes)
+        too_large = too_large_to_compare(float_plan(float_model))
         if not too_large:
             float_source, no_room = stack.enter_context(_loadable(float_model))
             too_large = f"the float model {no_room}" if float_source is None else ""
@@ -418,12 +487,19 @@ def _quant_session(quant_model: onnx.ModelProto | str, float_model: onnx.ModelPr
     if float_model is None:
         raise VerificationError(f"the quantized model does not load in ONNX Runtime, so nothing was written: {message}")
     try:
-        cpu_session(float_model, _PURPOSE, spinning=False)
+        _float_session(float_model)
         either = ""
     except ConversionError as float_exc:
         either = f" (nor does the float model: {_runtime_message(float_exc)})"
     raise VerificationError(f"the quantized model does not load in ONNX Runtime, so nothing was written: "
                             f"{message}{either}")
+
+
+def _float_session(float_model: onnx.ModelProto | str):
+    """The float model's session (the reference only, never the output's: users run that with the defaults),
+    without prepacking where every large tensor of its file is read in place (FloatPlan)."""
+    prepacking = float_plan(float_model).prepacking if isinstance(float_model, str) else True
+    return cpu_session(float_model, _PURPOSE, spinning=False, prepacking=prepacking)
 
 
 def _float_outputs(float_model: onnx.ModelProto | str, inputs: list[dict[str, np.ndarray]], source: str,
@@ -432,14 +508,14 @@ def _float_outputs(float_model: onnx.ModelProto | str, inputs: list[dict[str, np
     """(output names, outputs per sample, why it stopped early or "") of the float model on `inputs`; names is
     None when the float model does not load. The session is gone when this returns."""
     try:
-        reference = cpu_session(float_model, _PURPOSE, spinning=False)
+        reference = _float_session(float_model)
     except ConversionError as exc:
         if other_shape is None:
             return None, [], f"the float model does not load in ONNX Runtime ({_one_line(exc)})"
         # The float model with the fixed --inputShape shapes does not load (control flow whose inferred shapes
         # break), but the model with its own shapes runs the same inputs.
         try:
-            reference = cpu_session(other_shape[0], _PURPOSE, spinning=False)
+            reference = _float_session(other_shape[0])
         except ConversionError:
             return None, [], f"the float model does not load in ONNX Runtime ({_one_line(exc)})"
     names = [o.name for o in reference.get_outputs()]
