@@ -16,6 +16,7 @@ The gate runs on 2 synthetic inputs (as the CLI's gate without calibration data)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -63,8 +64,9 @@ def child_of(pid: int) -> int | None:
     return int(children[0]) if children else None
 
 
-def measure(command: list[str], env: dict[str, str]) -> dict:
-    """Run `command` under /usr/bin/time; peaks of the sampled kinds (MB), VmHWM (MB), wall s, stdout."""
+def measure(command: list[str], env: dict[str, str], trace: str = "") -> dict:
+    """Run `command` under /usr/bin/time; peaks of the sampled kinds (MB), VmHWM (MB), wall s, stdout. With
+    `trace`, every sample is appended there (seconds, RssAnon, RssFile, VmRSS in MB)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as timing:
         process = subprocess.Popen(["/usr/bin/time", "-f", "%M KB %e s", "-o", timing.name, *command], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -72,12 +74,18 @@ def measure(command: list[str], env: dict[str, str]) -> dict:
         output: list[str] = []
         reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
         reader.start()
-        while process.poll() is None:
-            target = child_of(process.pid)
-            if target is not None:
-                for key, value in sample(target).items():
-                    peaks[key] = max(peaks[key], value)
-            time.sleep(0.1)
+        start = time.perf_counter()
+        with open(trace or os.devnull, "a") as log:
+            while process.poll() is None:
+                target = child_of(process.pid)
+                if target is not None:
+                    values = sample(target)
+                    for key, value in values.items():
+                        peaks[key] = max(peaks[key], value)
+                    if values:
+                        log.write(f"{time.perf_counter() - start:.1f} {values['RssAnon'] // 1024} "
+                                  f"{values['RssFile'] // 1024} {values['VmRSS'] // 1024}\n")
+                time.sleep(0.1)
         reader.join()
         hwm_kb, wall = re.match(r"(\d+) KB ([\d.]+) s", Path(timing.name).read_text().splitlines()[-1]).groups()
     return {"hwm": int(hwm_kb) // 1024, **{k: v // 1024 for k, v in peaks.items()}, "wall": float(wall),
@@ -92,6 +100,7 @@ def main() -> None:
     parser.add_argument("--src", action="append", default=[], help="convert: LABEL=SRC_DIR (repeatable)")
     parser.add_argument("--out", default="", help="convert: output model path (removed after each run)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--trace", default="", help="append every sample to this file")
     args = parser.parse_args()
     load = os.getloadavg()
     with open("/proc/meminfo") as meminfo:
@@ -110,15 +119,21 @@ def main() -> None:
                               f"--configFile={args.other}", f"--outputFile={args.out}"]))
     for round_number in range(args.rounds):
         for label, variant_env, command in variants:
-            result = measure(command, variant_env)
-            if args.what == "convert":
+            result = measure(command, variant_env, args.trace)
+            digests = ""
+            if args.what == "convert":  # the gate does not change the output: same bytes before and after
                 for suffix in (".onnx", ".onnx.data"):
-                    Path(args.out + suffix).unlink(missing_ok=True)
-            lines = [line for line in result["out"].splitlines() if line.startswith("GATE") or "cosine" in line
-                     or "not compared" in line or "Error" in line or "error" in line]
+                    path = Path(args.out + suffix)
+                    if path.is_file():
+                        with open(path, "rb") as handle:
+                            digests += f" {suffix} sha256 {hashlib.file_digest(handle, 'sha256').hexdigest()[:16]}"
+                    path.unlink(missing_ok=True)
+            lines = [line for line in result["out"].splitlines()
+                     if line.startswith(("GATE", "ptqlite: error")) or line.strip().startswith("output '")
+                     or "not compared" in line]
             print(f"round {round_number} {label}: VmHWM {result['hwm']} MB, peak RssAnon {result['RssAnon']} MB, "
                   f"peak RssFile {result['RssFile']} MB, peak VmRSS {result['VmRSS']} MB (sampled), wall "
-                  f"{result['wall']:.1f} s, exit {result['rc']}; " + " | ".join(x.strip() for x in lines), flush=True)
+                  f"{result['wall']:.1f} s, exit {result['rc']}{digests}; " + " | ".join(x.strip() for x in lines), flush=True)
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
