@@ -336,7 +336,7 @@ def _refused_with_shapes(model: onnx.ModelProto, path: Path | None = None) -> st
 def _fixed_shape_file(model: onnx.ModelProto) -> Path:
     """`model` (the float model with the --inputShape shapes) in a new temp file."""
     try:
-        return temp_model_file(model.SerializeToString(), "ptqlite-float-")
+        return temp_model_file(model, "ptqlite-float-")
     except OSError as exc:
         raise write_error(Path(exc.filename or tempfile.gettempdir()), "the float model for the gate", exc) from None
 

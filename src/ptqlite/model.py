@@ -368,6 +368,40 @@ def weight_free_copy(model: onnx.ModelProto, largest: int = 1024) -> onnx.ModelP
     return light
 
 
+def write_by_tensor(model: onnx.ModelProto, file) -> None:
+    """`model` serialised into the binary `file` one initializer at a time, for a parser (ONNX Runtime's, onnx's)
+    to read back, not as the output's bytes: first the model without the main graph's initializers, then each
+    initializer as a ModelProto of its own holding a graph with that one tensor. Protobuf parses concatenated
+    messages as one, merged: the repeated initializer field grows by each, in order, so the file parses to the
+    same model. SerializeToString of the whole model makes its encoding buffer (grown by copying) and then a bytes
+    copy of it, three times the weights in fresh memory, each page a fault; a tensor at a time reuses memory."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    file.write(skeleton.SerializeToString())
+    del skeleton
+    for tensor in model.graph.initializer:
+        data = tensor.SerializeToString()
+        inner = _GRAPH_INITIALIZER_TAG + _varint(len(data))  # GraphProto field 5, length-delimited
+        file.write(_MODEL_GRAPH_TAG + _varint(len(inner) + len(data)) + inner)  # ModelProto field 7
+        file.write(data)
+
+
+_MODEL_GRAPH_TAG = bytes([7 << 3 | 2])
+_GRAPH_INITIALIZER_TAG = bytes([5 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
 def _copy_fields(source, target, skip: str) -> None:
     for field, value in source.ListFields():
         if field.name == skip:

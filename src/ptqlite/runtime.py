@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .errors import ConversionError, DataError, ModelError
-from .model import graph_inputs, iter_tensors
+from .model import graph_inputs, iter_tensors, tensor_bytes, too_large_for_one_file, write_by_tensor
 from .stream import has_external_data
 
 if TYPE_CHECKING:
@@ -65,12 +65,14 @@ def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = Tru
     external data file stay mapped (the gate's float model: verify.FloatPlan)."""
     import onnxruntime as ort
 
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     staged = None
-    if isinstance(source, bytes) and len(source) >= FILE_LOAD_BYTES and not has_external_data(model, iter_tensors):
-        staged = _staged_file(source)
-        if staged is not None:
-            source = str(staged)  # the bytes go before onnxruntime parses
+    if (isinstance(model, onnx.ModelProto) and FILE_LOAD_BYTES <= tensor_bytes(model)
+            and not too_large_for_one_file(model) and not has_external_data(model, iter_tensors)):
+        staged = _staged_file(model)  # written a tensor at a time: no serialisation of the whole model in memory
+    if staged is not None:
+        source = str(staged)
+    else:
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         return ort.InferenceSession(source, _options(threads, spinning=spinning, optimize=optimize,
                                                      qdq_fusion=qdq_fusion, prepacking=prepacking),
@@ -89,9 +91,10 @@ def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = Tru
 FILE_LOAD_BYTES = 16 << 20
 
 
-def temp_model_file(data: bytes, prefix: str) -> Path:
-    """`data` (a serialised model) in a new temp file named `prefix`...`.onnx`; the caller removes it. OSError when
-    it cannot be written, with nothing left behind."""
+def temp_model_file(data: bytes | onnx.ModelProto, prefix: str) -> Path:
+    """`data` (a serialised model, or a model, written a tensor at a time: model.write_by_tensor) in a new temp
+    file named `prefix`...`.onnx` for ONNX Runtime or onnx to load; the caller removes it. OSError when it cannot
+    be written, with nothing left behind."""
     import os
     import tempfile
 
@@ -99,7 +102,10 @@ def temp_model_file(data: bytes, prefix: str) -> Path:
     path = Path(name)
     try:
         with os.fdopen(handle, "wb") as file:
-            file.write(data)
+            if isinstance(data, onnx.ModelProto):
+                write_by_tensor(data, file)
+            else:
+                file.write(data)
     except OSError as exc:
         path.unlink(missing_ok=True)
         exc.filename = exc.filename or name  # the caller's message names the file
@@ -107,8 +113,8 @@ def temp_model_file(data: bytes, prefix: str) -> Path:
     return path
 
 
-def _staged_file(data: bytes) -> Path | None:
-    """`data` in a new temp file (None when it cannot be written: the session then loads from the bytes)."""
+def _staged_file(data: onnx.ModelProto) -> Path | None:
+    """`data` in a new temp file (None when it cannot be written: the session then loads from its bytes)."""
     try:
         return temp_model_file(data, "ptqlite-session-")
     except OSError:
