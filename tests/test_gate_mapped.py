@@ -67,7 +67,6 @@ def test_the_plan_counts_external_tensors_as_mapped_at_aligned_and_unaligned_off
     graph = onnx.load(str(path), load_external_data=False).graph
     offsets = [int(e.value) for t in graph.initializer for e in t.external_data if e.key == "offset"]
     assert offsets and all(o % 4096 == skew for o in offsets)
-    assert all(stream.page_aligned(t) == (skew == 0) for t in graph.initializer if stream.is_external(t))
     plan = verify_module.float_plan(str(path))
     assert plan.size == sum(p.stat().st_size for p in tmp_path.glob("float.onnx*"))
     assert plan.mapped == external_total(path) > 0.85 * plan.size

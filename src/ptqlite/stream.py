@@ -27,9 +27,10 @@ MIN_BYTES = 1024  # smaller tensors stay inline, as onnx.save_model does
 _COPY_CHUNK = 64 << 20  # bytes copied at a time from the input's data file
 _SCAN_CHUNK = 1 << 22  # values scanned at a time for NaN/Inf
 
-# A streaming conversion loads the float model whole in ONNX Runtime (the input check, the gate's comparison) only
-# up to this size with its external data: a session holds every weight, so beyond it the conversion's peak memory
-# would grow with the model. Larger models are checked tensor by tensor, and the gate loads and runs the output.
+# A streaming conversion loads the float model whole in ONNX Runtime (the input check) only up to this size with
+# its external data: a session that prepacks holds every weight, so beyond it the conversion's peak memory would
+# grow with the model. Larger models are checked tensor by tensor; the gate compares them when what the float
+# session allocates fits in the memory available (verify.compare_memory: little where its weights stay mapped).
 WHOLE_LOAD_BYTES = 1 << 30
 
 
@@ -70,11 +71,6 @@ def _entries(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
 # ones (docs/results.md, "The gate's float model mapped"). On Windows the mapping must start at a multiple of the
 # 64 KiB allocation granularity.
 _MAP_GRANULARITY = 1 if os.name == "posix" else 64 << 10
-
-
-def page_aligned(tensor: onnx.TensorProto) -> bool:
-    """Whether an external tensor starts on a page boundary of its data file (as this project and onnx write)."""
-    return is_external(tensor) and _entries(tensor)[1] % _ALIGN == 0
 
 
 def read_in_place(tensor: onnx.TensorProto) -> bool:
