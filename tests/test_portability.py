@@ -35,9 +35,16 @@ from onnx.reference.op_run import OpRun
 
 from ptqlite.config import load_config, parse_config
 from ptqlite.convert import convert
-from ptqlite.encoding import SharedConstants, build_decoder, plan_split
+from ptqlite.encoding import SharedConstants, SplitPlan, build_decoder, plan_split
 from ptqlite.model import GraphIndex
-from ptqlite.passes.mixed_bit import MixedLayer, rice_decoders, rice_parameter, split_decoder, zigzag
+from ptqlite.passes.mixed_bit import (
+    MixedLayer,
+    rice_decoders,
+    rice_parameter,
+    signed_form_fits,
+    split_decoder,
+    zigzag,
+)
 from ptqlite.passes.weight import CodeGroups
 from ptqlite.plan import WeightSpec
 from ptqlite.qmath import pack_code_groups
@@ -232,6 +239,52 @@ def test_mixed_bit_split_decodes_identically(tmp_path, bits, per_channel):
     decoder = split_decoder(shared.index, shared, "w", q, step, plan_split(zigzag(q)))
     out = assert_same_everywhere(_mixed_model([decoder], shared, q.shape), tmp_path)[0]
     np.testing.assert_array_equal(out, q.astype(np.float32) * step)
+
+
+@pytest.mark.parametrize("site", ["load", "MatMul", "Gather"])
+@pytest.mark.parametrize("shape", [(50,), (6, 40), (3, 5, 2, 7)])
+@pytest.mark.parametrize("bits", [6, 10])
+@pytest.mark.parametrize("k", range(1, 9))
+def test_mixed_bit_signed_split_decodes_as_the_unsigned_form(tmp_path, k, bits, shape, site):
+    """The signed split form (low bits as two's complement int8 fields, high parts added by one scatter) gives
+    the unsigned form's values bit for bit, for every low width, where each step is applied (the weight, the
+    codes as float for MatMul, integer codes for Gather: int8 where they fit), on shapes whose axes do and do not
+    divide the byte groups, with filler and extra entries (3-bit gaps, 2-bit values), few entries (ScatterND at
+    coordinates) and many (flat ScatterElements), in every runtime."""
+    _, q, step = _mixed_layer(bits, shape, per_channel=len(shape) > 1)
+    step = step.reshape((-1,) + (1,) * (len(shape) - 1))  # one per channel of axis 0
+    plan = SplitPlan(k, 3, 2, 0)
+    assert signed_form_fits(q, plan)
+    made, results = {}, {}
+    for signed in (True, False):
+        shared = SharedConstants(GraphIndex(helper.make_graph([], "g", [], [])), 17)
+        decoder = split_decoder(shared.index, shared, "w", q, step, plan, site, signed=signed)
+        ops = {n.op_type for n in decoder.nodes}
+        assert ("ScatterElements" in ops) != signed or "ScatterND" not in ops
+        model = _decoder_model(shared.nodes_used_by(decoder.nodes) + decoder.nodes,
+                               shared.used_by(decoder.nodes) + decoder.initializers, shape, 17,
+                               outputs=((decoder.output, TensorProto.UNDEFINED),))
+        model.graph.output[0].type.tensor_type.elem_type = _inferred_output_type(model)
+        made[signed] = model
+        results[signed] = session(model).run(None, {})[0]
+    new = assert_same_everywhere(made[True], tmp_path)[0]
+    old = results[False]
+    assert new.dtype.kind == old.dtype.kind and np.array_equal(new, old)
+    want = {"load": q.astype(np.float32) * step, "MatMul": q.astype(np.float32), "Gather": q}
+    np.testing.assert_array_equal(new, want[site])
+
+
+def _inferred_output_type(model: onnx.ModelProto) -> int:
+    """The element type of the model's (only) output, by shape inference."""
+    name = model.graph.output[0].name
+    stored = [t.data_type for t in model.graph.initializer if t.name == name]
+    if stored:  # codes stored as they are read (int8, k = 8 without high parts)
+        return stored[0]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.output[:]  # then the value is an intermediate one, which inference records
+    inferred = onnx.shape_inference.infer_shapes(copy)
+    return next(v.type.tensor_type.elem_type for v in inferred.graph.value_info if v.name == name)
 
 
 def _weight_model(shape=(8, 6, 3, 3), opset: int = 17) -> onnx.ModelProto:

@@ -32,6 +32,7 @@ from .qmath import bits_for, pack_bits
 
 MIN_OPSET = 14  # Add, Sub, Mul, Div on uint8 and uint16: the decoders' integer arithmetic
 ODD_PARTS = {3: (2, 1), 5: (1, 4), 6: (2, 4), 7: (1, 2, 4)}  # widths of a code's streams, high bits first
+SIGNED_GROUPS = {4: 1, 6: 3, 7: 7}  # signed values of these widths: bytes a group (Builder._signed_bytes)
 
 
 @dataclass
@@ -202,9 +203,11 @@ class Builder:
             return self._by_table(codes, bits)
         return self._odd_width(codes, bits)
 
-    def field_table(self, bits: int, shift: int = 0) -> str:
+    def field_table(self, bits: int, shift: int = 0, kind: str = "uint8") -> str:
         """uint8 [256, 8 // bits]: the `bits`-bit fields of every byte value, MSB first, times 2^shift; computed
-        at load by a few float ops on 256 values (exact: powers of two, Floor, Mod), so it costs no file bytes."""
+        at load by a few float ops on 256 values (exact: powers of two, Floor, Mod), so it costs no file bytes.
+        kind "int8": the same values as int8 (they must fit); "signed": int8, each field read as a two's
+        complement number (its top bit weighs -2^(bits-1))."""
 
         def build(t: Builder) -> str:
             get = t.shared.get
@@ -214,19 +217,51 @@ class Builder:
             column = t.node("Reshape", [values, t.shape_of([256, 1])])
             shifted = t.node("Floor", [t.node("Div", [column, get(2.0 ** shifts)])])
             fields = t.node("Mod", [shifted, get(np.array(1 << bits, np.float32))], fmod=1)
+            if kind == "signed":  # f - 2^bits * floor(f / 2^(bits - 1)): exact, in [-2^(bits-1), 2^(bits-1))
+                top = t.node("Floor", [t.node("Div", [fields, get(np.array(1 << (bits - 1), np.float32))])])
+                fields = t.node("Sub", [fields, t.node("Mul", [top, get(np.array(1 << bits, np.float32))])])
             if shift:
                 fields = t.node("Mul", [fields, get(np.array(1 << shift, np.float32))])
-            return t.node("Cast", [fields], to=TensorProto.UINT8)
+            return t.node("Cast", [fields], to=TensorProto.UINT8 if kind == "uint8" else TensorProto.INT8)
 
-        return self.shared.value(("fields", bits, shift), build)
+        key = ("fields", bits, shift) if kind == "uint8" else (kind + " fields", bits, shift)
+        return self.shared.value(key, build)
 
-    def _by_table(self, codes: np.ndarray, bits: int, shift: int = 0) -> str:
-        """1 and 2 bits (times 2^shift): the bit stream, cast to int32, gathers each byte's fields from
-        field_table (1.5-2 bytes a code at load besides the result)."""
+    def _by_table(self, codes: np.ndarray, bits: int, shift: int = 0, kind: str = "uint8") -> str:
+        """1, 2 and 4 bits (times 2^shift): the bit stream, cast to int32, gathers each byte's fields from
+        field_table (1.5-2 bytes a code at load besides the result); kind as there."""
         stream = self.const(pack_bits(codes, bits))
-        fields = self.node("Gather", [self.field_table(bits, shift),
+        fields = self.node("Gather", [self.field_table(bits, shift, kind),
                                       self.node("Cast", [stream], to=TensorProto.INT32)])
         return self._trim(fields, codes, stream_codes=-(-codes.size * bits // 8) * (8 // bits))
+
+    def signed_low_bits(self, values: np.ndarray, bits: int) -> str:
+        """Store the low `bits` bits (1..8) of signed `values` (within [-2^(bits-1), 2^(bits-1))) packed, as
+        packed_bytes(n, bits) bytes; return a graph value holding the values as int8 in values' shape.
+
+        Two's complement is additive over the bit fields: the top field, read signed, and each lower field times
+        its place value are looked up in int8 tables (field_table) or split from nibbles, and added (no sum
+        leaves [-2^(bits-1), 2^(bits-1))). So no wider type and no per-value index into a value table is needed:
+        about 1 (8 bits) to 7.5 (6 bits) bytes a value at load besides the result."""
+        values = np.asarray(values)
+        if bits == 8:
+            return self.const(values.astype(np.int8))
+        if bits in SIGNED_GROUPS:
+            return self._signed_bytes(values, bits)
+        u = np.bitwise_and(values.astype(np.int32, copy=False), (1 << bits) - 1)
+        total, shift = None, bits
+        for width in ODD_PARTS.get(bits, (bits,)):
+            shift -= width
+            part = np.right_shift(u, shift)
+            np.bitwise_and(part, (1 << width) - 1, out=part)
+            if total is None:  # the top field carries the sign: a signed table (a 4-bit one too)
+                value = self._by_table(part, width, shift, "signed")
+            elif width == 4:  # the lowest part of 5, 6, 7 bits: nibbles split by Mod/Sub/Div, 2.5 + 1 bytes
+                value = self.node("Cast", [self._nibbles(part)], to=TensorProto.INT8)
+            else:  # lower fields times their place value stay below 2^(bits-1): int8 tables
+                value = self._by_table(part, width, shift, "int8")
+            total = value if total is None else self.node("Add", [total, value])
+        return total
 
     def _nibbles(self, codes: np.ndarray) -> str:
         """4 bits: byte = 16 * hi + lo, where hi and lo are the two halves of the codes along an axis of even
@@ -257,6 +292,40 @@ class Builder:
             value = self._nibbles(part) if width == 4 else self._by_table(part, width, shift)
             total = value if total is None else self.node("Add", [total, value])
         return total
+
+    def _signed_bytes(self, values: np.ndarray, bits: int) -> str:
+        """4, 6, 7 bits: groups of `g` = SIGNED_GROUPS[bits] int8 bytes hold g + 1 values: byte j is value j times
+        2^(8 - bits) plus field j of the last value (offset by 2^(bits-1) to be unsigned), so the same bits as
+        one packed stream. The values are split along an axis of the weight into g + 1 planes, each byte of a
+        group in its plane; field = Mod(byte, 2^(8 - bits)) and value = (byte - field) / 2^(8 - bits) (exact: Mod
+        by a positive divisor is non-negative, the quotient an exact multiple), the last value from the fields
+        by Mul and Add, and one Concat along the axis gives the values in their shape: at 6 bits 4.5 bytes a
+        value at load besides the result, where the table lookups took 7.5."""
+        g = SIGNED_GROUPS[bits]
+        spare = 8 - bits
+        parts = g + 1
+        axis = next((a for a in reversed(range(values.ndim)) if values.shape[a] % parts == 0), None)
+        planes = values if axis is not None else np.pad(values.ravel(), (0, -values.size % parts))
+        planes = [p.astype(np.int32) for p in np.split(planes, parts, axis=axis or 0)]
+        last = planes[-1] + (1 << (bits - 1))  # in [0, 2^bits)
+        get = self.shared.get
+        unit = get(np.array(1 << spare, np.int8))
+        tops, extra = [], None
+        for j in range(g):
+            shift = spare * (g - 1 - j)
+            field_bits = (last >> shift) & ((1 << spare) - 1)
+            stored = self.const(((planes[j] << spare) + field_bits).astype(np.int8))
+            field = self.node("Mod", [stored, unit])
+            tops.append(self.node("Div", [self.node("Sub", [stored, field]), unit]))
+            if shift:
+                field = self.node("Mul", [field, get(np.array(1 << shift, np.int8))])
+            extra = field if extra is None else self.node("Add", [extra, field])
+        extra = self.node("Add", [extra, get(np.array(-(1 << (bits - 1)), np.int8))])
+        joined = self.node("Concat", [*tops, extra], axis=axis or 0)
+        if axis is not None:
+            return joined
+        flat = self.node("Slice", [joined, self.shape_of([0]), self.shape_of([values.size])])
+        return flat if values.ndim == 1 else self.node("Reshape", [flat, self.shape_of(values.shape)])
 
     def _wide(self, codes: np.ndarray, bits: int) -> str:
         """9 to 15 bits: the low byte stored plain, the high bits packed, joined in uint16 (high * 256 < 2^15)."""
@@ -538,6 +607,82 @@ def split_codes(b: Builder, z: np.ndarray, plan: SplitPlan) -> str:
     if k:
         high = b.node("Mul", [high, b.shared.get(np.array([1 << k], np_type))])
     return b.node("ScatterElements", [low, where, high], reduction="add")
+
+
+FLAT_ENTRY_BYTES = 26  # ScatterND's coordinates cost about 52 bytes an entry at load, a flat int16 Reshape 2 a value
+
+
+def signed_split_fits(qmax: int, plan: SplitPlan) -> bool:
+    """Whether signed_split_codes can store codes of magnitude up to `qmax` with `plan`: the low part must be
+    1 to 8 bits (int8 fields) and every value and every single entry must stay within int16."""
+    return 1 <= plan.k <= 8 and qmax + (1 << (plan.k - 1)) < 1 << 15
+
+
+def signed_split_codes(b: Builder, q: np.ndarray, plan: SplitPlan) -> tuple[str, int]:
+    """Store signed codes `q` in the split form of `plan` over z = zigzag(q), in q's shape; return the graph value
+    holding q (int8 where every code and entry fits, else int16) and its ONNX type.
+
+    The same entries (gaps, high parts z >> k) and the same number of low bits as split_codes, so the same bytes,
+    but the low bits are stored as the two's complement of b = unzigzag(z mod 2^k) (a bijection of k-bit values):
+    b is additive over its bit fields, so signed_low_bits unpacks it into int8 by Mod/Div of signed bytes or
+    table lookups and Adds, without the uint16 widening, the value-table index (int32) and the Reshapes of
+    split_codes. Since 2^k is even, q = unzigzag(z) = b + sign(b) * 2^(k-1) * (z >> k) (sign +1 where b >= 0, as
+    z mod 2^k is even there): the high parts are added by one scatter (reduction add) at the entries' positions,
+    each entry's sign read from b there (a Gather of a few values). Entries at one position all have that sign,
+    so every partial sum lies between b and q: nothing overflows (signed_split_fits). On MiniLM about 10 bytes a
+    value at load besides the result, where split_codes and the table Gather took about 18."""
+    q = np.asarray(q)
+    k = plan.k
+    z = (q.astype(np.int32) << 1) ^ (q.astype(np.int32) >> 31)  # zigzag (codes within +-2^30)
+    high = z >> k
+    entries = split_entries(high.ravel(), plan.gap_bits, plan.value_bits) if np.any(high) else None
+    del high
+    # Few entries: ScatterND at their coordinates in q's shape (about 56 bytes an entry at load). Many (or a
+    # 1-D weight): ScatterElements on the flat values, then one int16 Reshape (2 bytes a value).
+    flat = q.ndim == 1 or (entries is not None and FLAT_ENTRY_BYTES * entries[0].size > q.size)
+    low = z & ((1 << k) - 1)
+    del z
+    signed_low = (low >> 1) ^ -(low & 1)  # unzigzag of the low bits
+    del low
+    base = b.signed_low_bits(signed_low.ravel() if flat else signed_low.reshape(q.shape), k)
+    del signed_low
+    if entries is None:
+        if flat and q.ndim != 1:
+            base = b.node("Reshape", [base, b.shape_of(q.shape)])
+        return base, TensorProto.INT8
+    gaps, values = entries
+    get = b.shared.get
+    # positions in int32 where they fit (half the bytes at load; ScatterND's and GatherND's index is int64)
+    wide, position_type = (np.int32, TensorProto.INT32) if q.size < 1 << 31 else (np.int64, TensorProto.INT64)
+    index = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, plan.gap_bits)], to=position_type),
+                              get(np.array(0, np.int64))])
+    if not flat:
+        # the flat positions as indices into q's shape (row-major), all axes at once: coordinate j is
+        # floor(position / stride_j) mod size_j, the floor as (position - position mod stride_j) / stride_j
+        index = b.node("Unsqueeze", [index, get(np.array([1], np.int64))])
+        strides = get(np.array([[int(np.prod(q.shape[j + 1:])) for j in range(q.ndim)]], wide))
+        whole = b.node("Div", [b.node("Sub", [index, b.node("Mod", [index, strides])]), strides])
+        index = b.node("Mod", [whole, get(np.array([q.shape], wide))])
+        if position_type != TensorProto.INT64:
+            index = b.node("Cast", [index], to=TensorProto.INT64)
+    # each entry's value times 2^(k-1) - 2^k * (b < 0) there: +-2^(k-1) by the sign of b (no Where: ONNX
+    # Runtime's has no int8 or int16)
+    # int8 all the way where every value and entry fits (|q| + 2^(k-1) <= 127), else int16
+    np_type, code_type = ((np.int8, TensorProto.INT8) if int(np.abs(q).max()) + (1 << (k - 1)) <= 127
+                          else (np.int16, TensorProto.INT16))
+    at = b.node("Gather", [base, index]) if flat else b.node("GatherND", [base, index])
+    negative = b.node("Cast", [b.node("Less", [at, get(np.array(0, np.int8))])], to=code_type)
+    factor = b.node("Add", [b.node("Mul", [negative, get(np.array(-(1 << k), np_type))]),
+                            get(np.array(1 << (k - 1), np_type))])
+    value = b.unpack_codes(values, plan.value_bits)
+    delta = b.node("Mul", [b.node("Cast", [value], to=code_type), factor])
+    widened = base if code_type == TensorProto.INT8 else b.node("Cast", [base], to=code_type)
+    if not flat:
+        return b.node("ScatterND", [widened, index, delta], reduction="add"), code_type
+    codes = b.node("ScatterElements", [widened, index, delta], reduction="add")
+    if q.ndim != 1:
+        codes = b.node("Reshape", [codes, b.shape_of(q.shape)])
+    return codes, code_type
 
 
 # ---------------------------------------------------------------- block-wise codes

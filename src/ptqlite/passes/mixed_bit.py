@@ -39,6 +39,8 @@ from ..encoding import (
     SplitPlan,
     build_decoder,
     plan_split,
+    signed_split_codes,
+    signed_split_fits,
     split_codes,
     split_type,
 )
@@ -357,11 +359,22 @@ def _integer_table(b: Builder, table: str) -> str:
 
 
 def split_decoder(index: GraphIndex, shared: SharedConstants, target: str, q: np.ndarray, step: np.ndarray,
-                  plan: SplitPlan, site: str = "load") -> Decoder:
-    """The weight q * step from the split form of zigzag(q) (encoding.split_codes): integer values, reshaped
-    and cast to int32, gather the weight from the unzigzag table. No TopK, so the load-time cost is about that
-    of the fixed-width forms (the weight, its int32 indices and a few bytes a value)."""
+                  plan: SplitPlan, site: str = "load", signed: bool | None = None) -> Decoder:
+    """The weight q * step from the split form of zigzag(q).
+
+    Where it fits (encoding.signed_split_fits: low parts of 1 to 8 bits, codes within int16) the signed form
+    (encoding.signed_split_codes): the signed codes are rebuilt in q's shape in int8/int16 and cast to float
+    once (_signed_weight), about half the bytes at load of the unsigned form. Else the unsigned form
+    (encoding.split_codes): integer values, reshaped and cast to int32, gather the weight from the unzigzag
+    table. Both store the same bytes, and both are bit-identical to _reconstruct. signed: force one form (None:
+    the signed one where it fits)."""
     b = Builder(index, shared, f"split k={plan.k}")
+    if signed is None:
+        signed = signed_form_fits(q, plan)
+    if signed:
+        codes, _ = signed_split_codes(b, q, plan)
+        b.decoder.output = _signed_weight(b, codes, step, target, site)
+        return b.decoder
     z = zigzag32(q)  # int32: the same values as zigzag's int64, half the encoder's temporaries
     flat = split_codes(b, z, plan)
     position = b.node("Cast", [b.node("Reshape", [flat, b.shape_of(q.shape)])], to=TensorProto.INT32)
@@ -369,13 +382,36 @@ def split_decoder(index: GraphIndex, shared: SharedConstants, target: str, q: np
     return b.decoder
 
 
+def _signed_weight(b: Builder, codes: str, step: np.ndarray, target: str, site: str) -> str:
+    """From signed integer codes in the weight's shape: "MatMul": the codes as float; "Gather": the integer codes;
+    "load": the weight float(codes) * step as `target` (one rounding, as _reconstruct)."""
+    if site == "Gather":  # the rows are cast to float after the Gather (_decode_after)
+        return codes
+    as_float = b.node("Cast", [codes], to=TensorProto.FLOAT)
+    if site == "MatMul":
+        return as_float
+    factor = step.astype(np.float32).reshape(()) if step.size == 1 else step.astype(np.float32)
+    return b.node("Mul", [as_float, b.const(factor)], output=target)
+
+
+def signed_form_fits(q: np.ndarray, plan: SplitPlan) -> bool:
+    """Whether split codes q with `plan` get the signed form (encoding.signed_split_fits; not 0-d weights)."""
+    return _signed_fits(q.size, q.ndim, int(np.abs(q).max()) if q.size else 0, plan)
+
+
+def _signed_fits(size: int, ndim: int, qmax: int, plan: SplitPlan) -> bool:
+    """signed_form_fits from the codes' size, rank and largest magnitude (a streaming conversion's layers make
+    their codes again when asked for them)."""
+    return size > 0 and ndim > 0 and signed_split_fits(qmax, plan)
+
+
 def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer],
                          sites: dict[str, str] | None = None,
                          outputs: dict[str, str] | None = None) -> list[Decoder]:
-    """Decoders of the split layers: layers with the same plan widths (k, gap and value bits) and value type
-    share one decoding graph over their joined values, cut by one Split; a layer then adds only its Reshape,
-    Cast, Gather and Mul (about 5 nodes instead of about 27). A layer alone keeps its own decoder (rebuilt when
-    its site is not "load").
+    """Decoders of the split layers: layers of the unsigned form with the same plan widths (k, gap and value
+    bits) and value type share one decoding graph over their joined values, cut by one Split; a layer then adds
+    only its Reshape, Cast, Gather and Mul (about 5 nodes instead of about 27). A layer alone, and every layer of
+    the signed form (split_decoder), keeps its own decoder (rebuilt when its site is not "load").
 
     sites: tensor -> where its step is applied (_decode_sites; default "load"); outputs receives, for each layer
     whose site is not "load", the value its consumers read instead of the weight."""
@@ -385,14 +421,18 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
     tops = {}  # each layer's largest zigzag value (its codes are made again for it in a streaming conversion)
     for layer in layers:
         plan = layer.split
-        tops[layer.spec.tensor] = int(zigzag32(layer.q).max())
-        key = (plan.k, plan.gap_bits, plan.value_bits, split_type(tops[layer.spec.tensor]))
+        top = tops[layer.spec.tensor] = int(zigzag32(layer.q).max())
+        if _signed_fits(layer.size, len(layer.shape), (top + 1) // 2, plan):
+            key = ("signed", layer.spec.tensor)  # its own decoder: the values are rebuilt in the layer's shape
+        else:
+            key = (plan.k, plan.gap_bits, plan.value_bits, split_type(top))
         groups.setdefault(key, []).append(layer)
     decoders = []
-    for (k, gap_bits, value_bits, _), same in groups.items():
-        for group in bounded_groups(same):
-            decoders.append(_split_group(index, shared, group, SplitPlan(k, gap_bits, value_bits, 0), tops, sites,
-                                         outputs))
+    for key, same in groups.items():
+        signed = key[0] == "signed"
+        for group in [same] if signed else bounded_groups(same):
+            plan = same[0].split if signed else SplitPlan(key[0], key[1], key[2], 0)
+            decoders.append(_split_group(index, shared, group, plan, tops, sites, outputs))
             decoders[-1].initializers = spill(decoders[-1].initializers)  # streaming: into the output's data file
     return decoders
 
