@@ -321,12 +321,16 @@ def test_rice_parameter_keeps_quotients_within_the_integer_decoder():
     assert rice_parameter(np.arange(64)) == rice_parameter(np.arange(64))  # unconstrained case unchanged
 
 
-def test_split_form_is_bit_exact_folded_and_without_topk(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signed_min", [None, 0])
+def test_split_form_is_bit_exact_folded_and_without_topk(tmp_path, monkeypatch, signed_min):
     """With Rice ruled out, opset >= 16 stores layers in the split form: per-tensor and per-channel steps, weights
-    bit-identical to the recorded reconstruction, folded away at load, no TopK, byte-identical reruns."""
+    bit-identical to the recorded reconstruction, folded away at load, no TopK, byte-identical reruns; in the
+    unsigned form (these layers are small) and, with the size threshold off, in the signed form."""
     from ptqlite.passes import mixed_bit
 
     monkeypatch.setattr(mixed_bit, "RICE_MARGIN", 0.999)
+    if signed_min is not None:
+        monkeypatch.setattr(mixed_bit, "SIGNED_MIN_VALUES", signed_min)
     rng = np.random.default_rng(12)
     weights = {"a": _weights(7, 24, 256, 1.0).T.copy(), "b": _weights(8, 24, 256, 0.0).T.copy() * 3,
                "e": (rng.laplace(size=(256, 64)) * 0.01).astype(np.float32)}
@@ -337,6 +341,8 @@ def test_split_form_is_bit_exact_folded_and_without_topk(tmp_path, monkeypatch):
         forms = {layer.encoding.split()[0] for layer in layers}
         assert "split" in forms and "rice" not in forms
         converted = convert(model, config).model
+        signed = [mixed_bit.signed_form_fits(layer.q, layer.split) for layer in layers if layer.split is not None]
+        assert all(signed) if signed_min == 0 else not any(signed)
         optimized = tmp_path / f"optimized_{target}.onnx"
         outputs = session(converted, optimized).run(None, {"x": np.eye(256, dtype=np.float32)})
         for layer, out in zip(layers, outputs):
@@ -455,7 +461,7 @@ def test_gather_tables_stay_integer_and_decode_the_gathered_rows(tmp_path, monke
 
     monkeypatch.setattr(mixed_bit, "RICE_MARGIN", 0.999)
     rng = np.random.default_rng(22)
-    table = (rng.laplace(size=(500, 64)) * rng.uniform(0.01, 0.1, (500, 1))).astype(np.float32)
+    table = (rng.laplace(size=(1100, 64)) * rng.uniform(0.01, 0.1, (1100, 1))).astype(np.float32)  # signed form
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed")], "g",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 7])],
@@ -466,7 +472,7 @@ def test_gather_tables_stay_integer_and_decode_the_gathered_rows(tmp_path, monke
     layers, _ = mixed_bit.quantize_weights(model, config, 0.02)
     assert layers[0].encoding.startswith("split")
     result = convert(model, config)
-    ids = rng.integers(0, 500, (2, 7))
+    ids = rng.integers(0, 1100, (2, 7))
     optimized = tmp_path / "optimized.onnx"
     (rows,) = session(result.model, optimized).run(None, {"ids": ids})
     assert np.array_equal(rows, layers[0].decoded[ids])
@@ -501,7 +507,7 @@ def test_signed_split_form_folds_in_fewer_bytes(site):
     of the value table). On MiniLM itself 10.3 against 18.4 bytes a value (docs/results.md)."""
     rng = np.random.default_rng(31)
     # MiniLM's codes at init_scale 0.02: a 6-bit core and about 3% of values beyond it (up to about +-500)
-    q = np.clip(np.round(rng.laplace(0, 8, size=(192, 256))), -32, 31).astype(np.int64)
+    q = np.clip(np.round(rng.laplace(0, 8, size=(256, 256))), -32, 31).astype(np.int64)
     wide = rng.random(q.shape) < 0.03
     q[wide] = rng.choice([-1, 1], wide.sum()) * rng.integers(32, 500, wide.sum())
     plan = plan_split(zigzag(q))

@@ -68,6 +68,8 @@ RICE_LAYER_BYTES = 250  # a Rice layer's own nodes in the file (its slice, index
 # temporaries of a group, and ONNX Runtime's folded outputs of its decoder at load, follow the group's size, so a
 # model-wide group would make both follow the model. Above MiniLM's 22.7M values, so its bytes are unchanged.
 GROUP_VALUES = 1 << 25
+# split layers of at least this many values decode in the signed form (split_decoder, docs/mixed_bit.md)
+SIGNED_MIN_VALUES = 1 << 16
 
 
 # ---------------------------------------------------------------- step search
@@ -395,14 +397,16 @@ def _signed_weight(b: Builder, codes: str, step: np.ndarray, target: str, site: 
 
 
 def signed_form_fits(q: np.ndarray, plan: SplitPlan) -> bool:
-    """Whether split codes q with `plan` get the signed form (encoding.signed_split_fits; not 0-d weights)."""
+    """Whether split codes q with `plan` get the signed form (_signed_fits)."""
     return _signed_fits(q.size, q.ndim, int(np.abs(q).max()) if q.size else 0, plan)
 
 
 def _signed_fits(size: int, ndim: int, qmax: int, plan: SplitPlan) -> bool:
-    """signed_form_fits from the codes' size, rank and largest magnitude (a streaming conversion's layers make
-    their codes again when asked for them)."""
-    return size > 0 and ndim > 0 and signed_split_fits(qmax, plan)
+    """From the codes' size, rank and largest magnitude (a streaming conversion's layers make their codes again
+    when asked for them): encoding.signed_split_fits, and at least SIGNED_MIN_VALUES values (its own decoder
+    costs about 1 KB more file than a layer of a shared unsigned one, while it saves about 9 bytes a value at
+    load)."""
+    return size >= SIGNED_MIN_VALUES and ndim > 0 and signed_split_fits(qmax, plan)
 
 
 def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer],
