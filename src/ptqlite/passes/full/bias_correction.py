@@ -4,6 +4,12 @@ Beside each corrected layer of the float graph goes a copy that reads the same f
 and uses the quantized weight and bias: its output differs from the layer's only by this layer's quantization, so
 every correction is measured on its own, in one pass, without counting upstream errors twice. The mean
 per-channel difference between the layer and its copy is added to the int32 bias.
+
+A pointwise Conv (1x1 kernel, stride 1, no padding: every output position reads one input position) is not
+copied: its per-channel output mean is its weight times the per-channel mean of its quantized input, plus its
+bias, so only the input's QuantizeLinear and the mean of its integer codes go into the graph, and the rest is
+float64 arithmetic on [C] vectors (the same correction as the copy's float32 conv gives, up to that conv's
+rounding). Pointwise convs hold most of a MobileNet's multiply-adds, which the copies ran a second time.
 """
 
 from __future__ import annotations
@@ -46,13 +52,17 @@ def correct_biases(model: onnx.ModelProto, params: QuantParams, float_stats: Sta
         probe = ProbeAdditions(model)
         try:
             names = _add_layer_copies(model, todo, params, preset)
-            quantized = collect(model, [StatRequest(n, CHANNEL_MEAN) for n in names], samples, progress,
-                                "bias correction")
+            quantized = collect(model, [StatRequest(n, CHANNEL_MEAN) for n in dict.fromkeys(names.values())],
+                                samples, progress, "bias correction")
         finally:
             probe.remove()
-        for pos, name in zip(todo, names):
-            float_sum = float_stats.channel_mean_sums[model.graph.node[pos].output[0]]
-            diffs[pos] = (float_sum - quantized.channel_mean_sums[name]) / float_stats.samples
+        for pos in todo:
+            node = model.graph.node[pos]
+            float_sum = float_stats.channel_mean_sums[node.output[0]]
+            measured = quantized.channel_mean_sums[names[pos]]
+            if pointwise(node, params):
+                measured = pointwise_mean_sum(node, params, pos, measured, quantized.samples)
+            diffs[pos] = (float_sum - measured) / float_stats.samples
             if store is not None:
                 store[keys[pos]] = diffs[pos]
     biases = dict(params.biases)
@@ -83,26 +93,61 @@ def _layer_keys(model: onnx.ModelProto, positions: list[int], params: QuantParam
     return keys
 
 
+def pointwise(node: onnx.NodeProto, params: QuantParams) -> bool:
+    """A Conv whose output positions each read one input position: 1x1 kernel, strides 1, no padding (any
+    group or dilation). Its per-channel output mean is linear in its input's per-channel mean."""
+    if node.op_type != "Conv":
+        return False
+    if any(d != 1 for d in params.weights[node.input[1]].codes.shape[2:]):
+        return False
+    attrs = {a.name: list(a.ints) for a in node.attribute if a.name in ("strides", "pads")}
+    # auto_pad pads nothing at a 1x1 kernel and stride 1
+    return all(v == 1 for v in attrs.get("strides", [])) and not any(attrs.get("pads", []))
+
+
+def pointwise_mean_sum(node: onnx.NodeProto, params: QuantParams, pos: int, code_sum: np.ndarray,
+                       samples: int) -> np.ndarray:
+    """The sum over `samples` of a pointwise Conv's per-channel output mean with its quantized weight and bias,
+    from the sum of the per-channel means of its input's integer codes (`code_sum`, [C]), in float64."""
+    act = params.activations[node.input[0]]
+    scale = float(act.scale.reshape(()).astype(np.float32))  # the scale QuantizeLinear is given
+    input_sum = (code_sum - samples * float(act.zero_point.reshape(()))) * scale
+    weight = params.weights[node.input[1]].dequantized.astype(np.float64)
+    out_channels, per_group = weight.shape[0], weight.shape[1]
+    groups = input_sum.size // per_group
+    weight = weight.reshape(groups, out_channels // groups, per_group)
+    means = np.einsum("gop,gp->go", weight, input_sum.reshape(groups, per_group)).reshape(out_channels)
+    return means + samples * params.biases[pos].dequantized.astype(np.float64)
+
+
 def _add_layer_copies(reference: onnx.ModelProto, positions: list[int], params: QuantParams,
-                      preset: Target) -> list[str]:
+                      preset: Target) -> dict[int, str]:
+    """Per position, the tensor whose channel means the pass measures: the layer copy's output, or for a
+    pointwise Conv the integer codes of its input (one per input tensor, which has one quantizer)."""
     graph = reference.graph
     index = GraphIndex(graph)
-    names = []
+    names: dict[int, str] = {}
+    quantized_inputs: dict[str, str] = {}
     dtype = helper.tensor_dtype_to_np_dtype(preset.activation_type)
     for pos in positions:
         node = graph.node[pos]
         act = params.activations[node.input[0]]
+        is_pointwise = pointwise(node, params)
+        if is_pointwise and node.input[0] in quantized_inputs:
+            names[pos] = quantized_inputs[node.input[0]]
+            continue
         tag = index.unique_name(f"{node.output[0]}_layer_quantized")
-        constants = {
-            "scale": act.scale.reshape(()).astype(np.float32),
-            "zero": act.zero_point.reshape(()).astype(dtype),
-            "weight": params.weights[node.input[1]].dequantized,
-            "bias": params.biases[pos].dequantized,
-        }
+        constants = {"scale": act.scale.reshape(()).astype(np.float32), "zero": act.zero_point.reshape(()).astype(dtype)}
+        if not is_pointwise:
+            constants["weight"] = params.weights[node.input[1]].dequantized
+            constants["bias"] = params.biases[pos].dequantized
         for key, value in constants.items():
             graph.initializer.append(numpy_helper.from_array(value, f"{tag}_{key}"))
         graph.node.append(helper.make_node("QuantizeLinear", [node.input[0], f"{tag}_scale", f"{tag}_zero"],
                                            [f"{tag}_q"]))
+        if is_pointwise:
+            names[pos] = quantized_inputs[node.input[0]] = f"{tag}_q"
+            continue
         graph.node.append(helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zero"],
                                            [f"{tag}_x"]))
         copy = onnx.NodeProto()
@@ -113,5 +158,5 @@ def _add_layer_copies(reference: onnx.ModelProto, positions: list[int], params: 
         del copy.output[:]
         copy.output.append(tag)
         graph.node.append(copy)
-        names.append(tag)
+        names[pos] = tag
     return names
