@@ -16,8 +16,9 @@ import onnx
 from onnx import TensorProto
 
 from .errors import ConversionError, DataError
-from .model import graph_inputs, restore_io_shapes
+from .model import graph_inputs, iter_initializers, restore_io_shapes
 from .runtime import BENCHMARK_VALUES, InputSpec, cpu_session, synthetic_inputs, time_interleaved
+from .stream import WHOLE_LOAD_BYTES, streaming
 
 # Shares of the int8 weighted layers put back to float, in the pass's order (FULL_QUANT: smallest first;
 # DYNAMIC_QUANT: costliest by int8_net_cost first), until the graph is no slower.
@@ -86,6 +87,18 @@ def measure(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dic
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors, as time_interleaved reports them
         raise DataError(f"the model cannot run on the given inputs ({str(exc).splitlines()[0]})") from None
     return Timing(float(np.median(latencies[0])), float(np.median(latencies[1])))
+
+
+def untimed(model: onnx.ModelProto, large: str = "") -> str:
+    """Why `model` is not timed ("" when it is): a streaming conversion, or weights over stream.WHOLE_LOAD_BYTES
+    (a session of both graphs would hold them twice more). `large` says, in parentheses, why that is no loss."""
+    if streaming():
+        return "a streaming conversion (weights in external data) does not load the model whole to time it"
+    size = sum(t.ByteSize() for t in iter_initializers(model.graph))
+    if size > WHOLE_LOAD_BYTES:
+        return (f"the model holds {size / 1e9:.2f} GB of weights, over the {WHOLE_LOAD_BYTES / 2**30:.0f} GiB "
+                "that are timed" + (f" ({large})" if large else ""))
+    return ""
 
 
 def median_bounds(values: list[float], runs: int) -> tuple[float, float] | None:

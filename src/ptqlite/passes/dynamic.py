@@ -345,15 +345,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, alwc_weights: str = "int8",
 
 def _untimed(model: onnx.ModelProto) -> str:
     """Why latency-aware planning does not time this model ("" when it does)."""
-    from ..stream import WHOLE_LOAD_BYTES, streaming
-
-    if streaming():
-        return "a streaming conversion (weights in external data) does not load the model whole to time it"
-    size = sum(t.ByteSize() for t in iter_initializers(model.graph))
-    if size > WHOLE_LOAD_BYTES:
-        return (f"the model holds {size / 1e9:.2f} GB of weights, over the {WHOLE_LOAD_BYTES / 2**30:.0f} GiB "
-                "that are timed (large MatMuls gain most from int8)")
-    return ""
+    return timer.untimed(model, "large MatMuls gain most from int8")
 
 
 def _never_slower_than_float(float_model: onnx.ModelProto, candidate, samples, own_shapes,

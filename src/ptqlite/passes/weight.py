@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import latency
 from ..blockwise import FLOAT16_MAX, BlockQuant, float16_grid, quantize_blocks
 from ..config import QuantConfig
 from ..encoding import (
@@ -36,6 +37,7 @@ from ..encoding import (
 from ..errors import ConversionError
 from ..model import GraphIndex, attribute, ensure_opset, opset_version, remove_initializers, subgraph_inputs
 from ..plan import WeightSpec, plan_weights, weight_quant_rules
+from ..prepare import fold_batch_norm
 from ..qmath import (
     asymmetric_params,
     code_groups,
@@ -50,6 +52,7 @@ from ..qmath import (
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 from ..stream import release_pages, spill, streaming
+from . import on_the_fly_speed
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +110,29 @@ def _distribution_correction(w: np.ndarray, w_hat: np.ndarray, axis: int | None)
 
 
 def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format: str | None = None,
-        **_) -> ConversionResult:
+        own_shapes: onnx.ModelProto | None = None, **_) -> ConversionResult:
     """Fixed-bit weight quantization of `model` in place. With block_size and calibration data (`samples` in
     memory, else [data_preprocess_param] calibrate_path) the block search weights each input channel by its
-    activations' mean square ([weight_quant_param] activation_weighted)."""
+    activations' mean square ([weight_quant_param] activation_weighted). ON_THE_FLY folds inference
+    BatchNormalization into the Conv before it, and its output is timed against the float model
+    (on_the_fly_speed.py; `own_shapes`: the model before --inputShape, for graphs ONNX Runtime runs only so)."""
     common, options = config.common, config.weight
     on_the_fly = options.dequant_strategy == "ON_THE_FLY"
+    float_model, folded, untimed = None, 0, ""
+    if on_the_fly:
+        untimed = latency.untimed(model)
+        if not untimed:
+            float_model = onnx.ModelProto()
+            float_model.CopyFrom(model)
+        folded = 0 if streaming() else fold_batch_norm(model)  # streaming: the fold would rewrite mapped weights
     plan = plan_weights(model, weight_quant_rules(config, options.per_channel))
     result = ConversionResult(model, config.quant_type)
+    if folded:
+        result.notes.append(f"ON_THE_FLY: {folded} BatchNormalization folded into the Conv before them (ONNX "
+                            "Runtime cannot fold them into a weight DequantizeLinear makes at run time)")
+        if common.debug_info_save_path:  # the reports compare against the float graph as quantized
+            result.float_model = onnx.ModelProto()
+            result.float_model.CopyFrom(model)
     result.skipped += [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     log.info("weight plan: %d weights to quantize to %d bit, %d stay float (size, channel, dtype or skip rules)",
              len(plan.quantized), common.bit_num, len(plan.skipped))
@@ -188,6 +206,11 @@ def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format:
     # shared values (the decoders' lookup tables) first: they read constants only
     new_nodes = shared.nodes_used_by(new_nodes + mapping) + new_nodes
     replace_weights(model, removed, new_nodes, shared.used_by(new_nodes + mapping) + new_inits, after)
+    if on_the_fly and result.quantized:
+        if float_model is not None:
+            on_the_fly_speed.check(float_model, result, own_shapes)
+        else:
+            result.notes.append(f"ON_THE_FLY speed not measured: {untimed}")
     return result
 
 
