@@ -185,3 +185,19 @@ def test_an_in_memory_model_over_2_gb_is_planned_as_save_model_writes_it(tmp_pat
     checked = verify_module.verify(model, _negated(decoder()), _ids(), "2 given samples", 0.9)
     assert checked.outputs[0].collapsed
     assert [p for _, p in made] == [False, True]
+
+
+def test_a_file_is_read_once_for_its_plan_while_unchanged(tmp_path, monkeypatch):
+    """The gate asks for a float file's plan before and while it loads it (and the run at other shapes again): an
+    inline model is parsed whole each time, so the plan is read once until the file changes."""
+    path = tmp_path / "m.onnx"
+    onnx.save(decoder(), path)
+    loads = []
+    real = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    first = verify_module.float_plan(str(path))
+    assert verify_module.float_plan(str(path)) == first and len(loads) == 1
+    assert first.size == path.stat().st_size and first.prepacking
+    save_external(decoder(), path)  # rewritten with its weights in a data file: read again
+    again = verify_module.float_plan(str(path))
+    assert len(loads) == 2 and again.mapped > 0 and again.size > path.stat().st_size
