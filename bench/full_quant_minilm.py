@@ -41,6 +41,15 @@ def tokens(cache: Path) -> dict[str, np.ndarray]:
     return {n: data[n].astype(np.int64) for n in NAMES}
 
 
+def float_model(cache: Path) -> Path | None:
+    """The float MiniLM in bench/minilm.py's cache, or None (after saying how to build it) where it is missing."""
+    model = cache / "all-MiniLM-L6-v2.onnx"
+    if not model.exists():
+        print(f"{model} not found: build it with bench/minilm.py (or name its cache with --cache)", file=sys.stderr)
+        return None
+    return model
+
+
 def write_calibration(cache: Path, work: Path, count: int) -> Path:
     """One BIN file per sentence and input under work/calib/<input>/NNN.bin; the ptqlite config that reads them."""
     data = tokens(cache)
@@ -115,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ort_child:
         return ort_child(args.cache, args.calibrate, args.ort_child)
-    model = args.cache / "all-MiniLM-L6-v2.onnx"
-    if not model.exists():
-        print(f"{model} not found: build it with bench/minilm.py (or name its cache with --cache)", file=sys.stderr)
+    model = float_model(args.cache)
+    if model is None:
         return 2
     work = ROOT / ".cache" / "bench" / "minilm_full"
     work.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-ort", action="store_true", help="leave quantize_static out of the turns")
     args = parser.parse_args(argv)
-    model = args.cache / "all-MiniLM-L6-v2.onnx"
-    if not model.exists():
-        print(f"{model} not found: build it with bench/minilm.py (or name its cache with --cache)", file=sys.stderr)
+    model = full_quant_minilm.float_model(args.cache)
+    if model is None:
         return 2
     work = ROOT / ".cache" / "bench" / "minilm_cost"
     work.mkdir(parents=True, exist_ok=True)

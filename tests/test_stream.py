@@ -283,23 +283,32 @@ sys.exit(code)
 """
 
 
-def test_streaming_peak_memory_does_not_grow_with_the_layers(tmp_path):
-    """Peak RSS of the conversion (a child process, --verify=off: the gate's session is the output's runtime
-    memory) on 2 and 24 layers of the same width: the larger model has 130 MB more weights; the peaks differ by
-    far less (the whole model loaded would add all of it)."""
-    config = tmp_path / "b.cfg"
-    config.write_text(CONFIGS["on_the_fly_block32"])
+def peaks_by_layers(tmp_path: Path, config_text: str, script: str, layer_counts: tuple[int, ...]
+                    ) -> tuple[dict[int, int], dict[int, int]]:
+    """Peak RSS of one streamed CLI conversion per layer count (a child process running `script`, --verify=off)
+    and the size of each decoder's data file."""
+    config = tmp_path / "run.cfg"
+    config.write_text(config_text)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
     peaks, sizes = {}, {}
-    for layers in (2, 24):
+    for layers in layer_counts:
         folder = tmp_path / str(layers)
         folder.mkdir()
         path = save_external(decoder(layers, hidden=384, ffn=1024, vocab=512), folder / "model.onnx")
         sizes[layers] = (folder / "model.onnx.data").stat().st_size
-        done = subprocess.run([sys.executable, "-c", _PEAK, str(path), str(config), str(folder / "out")],
+        done = subprocess.run([sys.executable, "-c", script, str(path), str(config), str(folder / "out")],
                               capture_output=True, text=True, env=env, timeout=600, check=False)
         assert done.returncode == 0, done.stderr
+        assert (folder / "out.onnx.data").exists()  # it streamed
         peaks[layers] = int(done.stdout.split()[-1]) * 1024
+    return peaks, sizes
+
+
+def test_streaming_peak_memory_does_not_grow_with_the_layers(tmp_path):
+    """Peak RSS of the conversion (a child process, --verify=off: the gate's session is the output's runtime
+    memory) on 2 and 24 layers of the same width: the larger model has 130 MB more weights; the peaks differ by
+    far less (the whole model loaded would add all of it)."""
+    peaks, sizes = peaks_by_layers(tmp_path, CONFIGS["on_the_fly_block32"], _PEAK, (2, 24))
     grown = sizes[24] - sizes[2]
     assert grown > 120e6
     assert peaks[24] - peaks[2] < 0.2 * grown, (peaks, sizes)
@@ -314,20 +323,7 @@ def test_mixed_bit_streaming_peak_does_not_hold_every_weight(tmp_path):
     about 60 MB more weights, the peaks differ by far less. Before, the pass loaded the model whole and held every
     layer's codes (half the float model again) until the graph was written. Shared decoders are cut at 2^20
     values here (GROUP_VALUES, 2^25 by default: below that a group may hold the model's codes)."""
-    config = tmp_path / "m.cfg"
-    config.write_text(CONFIGS["mixed_bit"])
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
-    peaks, sizes = {}, {}
-    for layers in (2, 12):
-        folder = tmp_path / str(layers)
-        folder.mkdir()
-        path = save_external(decoder(layers, hidden=384, ffn=1024, vocab=512), folder / "model.onnx")
-        sizes[layers] = (folder / "model.onnx.data").stat().st_size
-        done = subprocess.run([sys.executable, "-c", _MIXED_PEAK, str(path), str(config), str(folder / "out")],
-                              capture_output=True, text=True, env=env, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr
-        assert (folder / "out.onnx.data").exists()  # it streamed
-        peaks[layers] = int(done.stdout.split()[-1]) * 1024
+    peaks, sizes = peaks_by_layers(tmp_path, CONFIGS["mixed_bit"], _MIXED_PEAK, (2, 12))
     grown = sizes[12] - sizes[2]
     assert grown > 55e6
     assert peaks[12] - peaks[2] < 0.2 * grown, (peaks, sizes)
