@@ -98,3 +98,17 @@ def test_untimed_model_says_why(monkeypatch):
     result = convert(conv_bn_model(), otf_config())
     assert not result.warnings
     assert any(n.startswith("ON_THE_FLY speed not measured: the model holds") for n in result.notes)
+
+
+def test_analyze_variants_are_not_timed(monkeypatch):
+    """analyze converts dozens of variants and measures each itself: ON_THE_FLY's timing is not run for them."""
+    def fail(*_args, **_kwargs):
+        raise AssertionError("timed")
+
+    from ptqlite.convert import convert as convert_as_analyze_does
+
+    monkeypatch.setattr(on_the_fly_speed.timer, "measure", fail)
+    result = convert_as_analyze_does(conv_bn_model(), otf_config(), verify=False, speed_check=False)
+    assert not result.warnings
+    assert not any("ON_THE_FLY speed" in n or "float on this machine" in n for n in result.notes)
+    assert any("BatchNormalization folded" in n for n in result.notes)  # the fold itself still happens

@@ -142,9 +142,11 @@ class _Evaluator:
     def evaluate(self, skip: Sequence[str]):
         """Convert with `skip` and measure it; returns the ConversionResult."""
         # the input rules are checked on the first conversion; later ones convert the same model. analyze
-        # measures every variant itself, so convert's own gate would only repeat the work.
+        # measures every variant itself, so convert's own gate (and ON_THE_FLY's timing against float) would
+        # only repeat the work.
         result = convert(self.model, _with_skip(self.config, list(dict.fromkeys(skip))), verify=False,
-                         input_format=self.input_format, progress=False, validate=self.conversions == 0)
+                         input_format=self.input_format, progress=False, validate=self.conversions == 0,
+                         speed_check=False)
         self.conversions += 1
         if self.progress is not None:
             self.progress(self.conversions, self.step)

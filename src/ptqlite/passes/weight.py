@@ -110,17 +110,18 @@ def _distribution_correction(w: np.ndarray, w_hat: np.ndarray, axis: int | None)
 
 
 def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format: str | None = None,
-        own_shapes: onnx.ModelProto | None = None, **_) -> ConversionResult:
+        own_shapes: onnx.ModelProto | None = None, speed_check: bool = True, **_) -> ConversionResult:
     """Fixed-bit weight quantization of `model` in place. With block_size and calibration data (`samples` in
     memory, else [data_preprocess_param] calibrate_path) the block search weights each input channel by its
     activations' mean square ([weight_quant_param] activation_weighted). ON_THE_FLY folds inference
     BatchNormalization into the Conv before it, and its output is timed against the float model
-    (on_the_fly_speed.py; `own_shapes`: the model before --inputShape, for graphs ONNX Runtime runs only so)."""
+    (on_the_fly_speed.py; `own_shapes`: the model before --inputShape, for graphs ONNX Runtime runs only so;
+    speed_check=False for callers that convert many variants and measure them themselves, e.g. analyze)."""
     common, options = config.common, config.weight
     on_the_fly = options.dequant_strategy == "ON_THE_FLY"
     float_model, folded, untimed = None, 0, ""
     if on_the_fly:
-        untimed = latency.untimed(model)
+        untimed = latency.untimed(model) if speed_check else "not asked for"
         if not untimed:
             float_model = onnx.ModelProto()
             float_model.CopyFrom(model)
@@ -209,7 +210,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format:
     if on_the_fly and result.quantized:
         if float_model is not None:
             on_the_fly_speed.check(float_model, result, own_shapes)
-        else:
+        elif speed_check:
             result.notes.append(f"ON_THE_FLY speed not measured: {untimed}")
     return result
 
