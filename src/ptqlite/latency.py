@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import ConversionError, DataError
+from .errors import ConversionError
 from .model import graph_inputs, iter_initializers, restore_io_shapes
-from .runtime import BENCHMARK_VALUES, InputSpec, cpu_session, synthetic_inputs, time_interleaved
+from .runtime import BENCHMARK_VALUES, InputSpec, cpu_session, synthetic_inputs, time_interleaved, timed_turns
 from .stream import WHOLE_LOAD_BYTES, streaming
 
 # Shares of the int8 weighted layers put back to float, in the pass's order (FULL_QUANT: smallest first;
@@ -75,17 +75,8 @@ def measure(float_model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: dic
     per_pair = max((time.perf_counter() - start) / 3, 1e-6)
     runs = int(np.clip(BUDGET_S / per_pair, MIN_RUNS, MAX_RUNS))
     # The two sizing loops ran after the warm-up, as timed runs do: they are the first two of `runs`.
-    try:
-        for loop in range(len(latencies[0]), runs):
-            if clear_of is not None and decided(latencies, runs, *clear_of):
-                break
-            order = (0, 1) if loop % 2 == 0 else (1, 0)  # neither graph always runs on the warmer cache
-            for i in order:
-                begin = time.perf_counter()
-                sessions[i].run(None, inputs)
-                latencies[i].append((time.perf_counter() - begin) * 1000)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors, as time_interleaved reports them
-        raise DataError(f"the model cannot run on the given inputs ({str(exc).splitlines()[0]})") from None
+    timed_turns(sessions, inputs, latencies, runs,
+                stop=None if clear_of is None else lambda done: decided(done, runs, *clear_of))
     return Timing(float(np.median(latencies[0])), float(np.median(latencies[1])))
 
 

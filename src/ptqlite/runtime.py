@@ -8,7 +8,7 @@ model (and the CLI's start) do not pay for it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -254,8 +254,21 @@ def time_interleaved(sessions, inputs: dict[str, np.ndarray], loops: int,
             for _ in range(warmup):
                 session.run(None, inputs)
             outputs[i] = session.run(None, inputs)
-        latencies: list[list[float]] = [[] for _ in sessions]
-        for loop in range(loops):
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors for wrong input shapes or types
+        raise _cannot_run(exc) from None
+    latencies: list[list[float]] = [[] for _ in sessions]
+    timed_turns(sessions, inputs, latencies, loops)
+    return outputs, latencies
+
+
+def timed_turns(sessions, inputs: dict[str, np.ndarray], latencies: list[list[float]], runs: int,
+                stop: Callable[[list[list[float]]], bool] | None = None) -> None:
+    """Time the sessions taking turns until each has `runs` latencies (ms) in `latencies` (the runs already
+    there count, and the turns go on from them), or until `stop(latencies)` says so before a turn."""
+    try:
+        for loop in range(len(latencies[0]), runs):
+            if stop is not None and stop(latencies):
+                break
             # Alternate which model goes first, so neither always runs on a warmer cache.
             order = range(len(sessions)) if loop % 2 == 0 else reversed(range(len(sessions)))
             for i in order:
@@ -263,8 +276,11 @@ def time_interleaved(sessions, inputs: dict[str, np.ndarray], loops: int,
                 sessions[i].run(None, inputs)
                 latencies[i].append((time.perf_counter() - start) * 1000)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors for wrong input shapes or types
-        raise DataError(f"the model cannot run on the given inputs ({str(exc).splitlines()[0]})") from None
-    return outputs, latencies
+        raise _cannot_run(exc) from None
+
+
+def _cannot_run(exc: Exception) -> DataError:
+    return DataError(f"the model cannot run on the given inputs ({str(exc).splitlines()[0]})")
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
