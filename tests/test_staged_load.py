@@ -64,3 +64,48 @@ def test_a_large_model_is_staged_without_a_whole_serialisation(monkeypatch):
     assert staged == [onnx.ModelProto]
     assert not any(len(m.graph.initializer) for m in whole)  # only the model without its initializers
     np.testing.assert_array_equal(got, expected)
+
+
+# ---------------------------------------------------------------- model.write_split (the input checks' copy)
+
+
+def _split_model() -> onnx.ModelProto:
+    """_model() with initializers the data file takes (raw, 1 KB or more, in order) and ones it leaves in the graph:
+    typed float_data, a byte count that disagrees with the dims, a string tensor, a small one."""
+    model = _model()
+    r = np.random.default_rng(2)
+    big = nh.from_array(r.normal(size=(16, 16)).astype(np.float32), "big")
+    big.doc_string = "kept"
+    ints = nh.from_array(np.arange(300, dtype=np.int64), "ints")
+    typed = helper.make_tensor("typed", T.FLOAT, [300], r.normal(size=300).astype(np.float32).tolist())
+    short = onnx.TensorProto(name="short", data_type=T.FLOAT, dims=[300], raw_data=b"\0" * 1100)  # 1200 expected
+    strings = helper.make_tensor("strings", T.STRING, [300], [b"s"] * 300)
+    model.graph.initializer.extend([big, ints, typed, short, strings])
+    return model
+
+
+def test_split_copy_parses_to_the_same_model_with_large_raw_tensors_mapped(tmp_path):
+    from ptqlite.model import SPLIT_DATA, write_split
+    from ptqlite.stream import read_in_place
+
+    model = _split_model()
+    path = write_split(model, tmp_path)
+    graph = onnx.load(str(path), load_external_data=False)
+    external = [t.name for t in graph.graph.initializer if t.data_location == T.EXTERNAL]
+    assert external == ["big", "ints"]  # W (8x16 floats, 512 bytes) stays in the graph
+    assert all(read_in_place(t) for t in graph.graph.initializer if t.name in external)
+    assert all(t.external_data[0].value == SPLIT_DATA for t in graph.graph.initializer if t.name in external)
+    back = onnx.load(str(path))
+    for tensor in back.graph.initializer:
+        tensor.ClearField("data_location")  # onnx sets DEFAULT on the tensors it read back
+    assert back == model
+    feeds = {"x": np.random.default_rng(1).normal(size=(1, 8)).astype(np.float32)}
+    from ptqlite import runtime
+
+    light = onnx.ModelProto.FromString(model.SerializeToString())
+    for name in ("short", "strings"):  # not loadable in ONNX Runtime; the file keeps them as they are
+        index = [t.name for t in light.graph.initializer].index(name)
+        del light.graph.initializer[index]
+    expected = runtime.cpu_session(light, "in memory", prepacking=False).run(None, feeds)[0]
+    got = runtime.cpu_session(str(write_split(light, tmp_path)), "split", prepacking=False).run(None, feeds)[0]
+    assert np.array_equal(got, expected)

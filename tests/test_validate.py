@@ -313,43 +313,89 @@ def test_models_over_the_limit_are_checked_from_their_file(tmp_path, monkeypatch
                  "WEIGHT_QUANT")
 
 
-# ---------------------------------------------------------------- the CLI's input as loaded: checked from its file
+# ---------------------------------------------------------------- the checks read a split copy of the model
+
+
+def _with_large_weight(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with an unused 64x64 initializer, which the split copy moves to its data file."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.graph.initializer.append(_w("big", (64, 64)))
+    return model
 
 
 @pytest.mark.parametrize("case", INVALID)
-def test_checks_from_the_file_refuse_alike(case, tmp_path):
-    """`as_loaded` (the CLI's ONNX input with --inputShape): the checker and ONNX Runtime read the file, not a
-    serialisation of the model; every refusal is the same sentence."""
-    from ptqlite.validate import validate_model
+def test_checks_on_the_split_copy_refuse_alike(case, monkeypatch):
+    """The checker and ONNX Runtime read model.write_split's copy (the weights in a data file); every refusal is
+    the sentence the checks on the model itself give (where no copy can be written, they run on the model)."""
+    from ptqlite import validate
 
-    model, _ = INVALID[case]
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
+    model = _with_large_weight(INVALID[case][0])
     messages = []
-    for as_loaded in (False, True):
+    for copy in (True, False):
+        if not copy:
+            monkeypatch.setattr(validate, "_split_copy", lambda model: None)
         with pytest.raises(ModelError) as caught:
-            validate_model(onnx.load(str(path)), str(path), path, as_loaded=as_loaded)
+            validate.validate_model(model, "m.onnx")
         messages.append(str(caught.value))
-    assert messages[0] == messages[1]
+    assert messages[0] == messages[1] == f"m.onnx: {INVALID[case][1]}"
 
 
-def test_checks_from_the_file_serialise_nothing(tmp_path, monkeypatch):
+def test_the_runtime_check_on_the_split_copy_says_what_onnx_runtime_says(monkeypatch):
+    from ptqlite import validate
+
+    monkeypatch.setattr(validate, "_check_onnx", lambda model, source: None)  # let the model reach the runtime
+    with pytest.raises(ModelError) as caught:
+        validate.validate_model(_with_large_weight(INVALID["cycle"][0]), "m.onnx")
+    assert str(caught.value) == ("m.onnx: onnxruntime cannot load the model as given (This is an invalid model. "
+                                 "Error: the graph is not acyclic)")
+
+
+def test_checks_read_the_split_copy_not_the_model(monkeypatch):
+    """Neither check serialises the model: the checker reads the copy's graph file (the weights in its data file),
+    ONNX Runtime loads the copy without prepacking; the copy is gone afterwards. A model without output shapes:
+    the checker's graph gets the inferred ones, ONNX Runtime loads the model's own."""
+    import shutil
+    from pathlib import Path
+
     from ptqlite import runtime, validate
 
-    path = tmp_path / "m.onnx"
-    onnx.save(matmul(), path)
     checked, loaded = [], []
     real_check, real_session = onnx.checker.check_model, runtime.cpu_session
     monkeypatch.setattr(onnx.checker, "check_model", lambda m, **k: checked.append(m) or real_check(m, **k))
-    monkeypatch.setattr(validate, "cpu_session", lambda m, *a, **k: loaded.append(m) or real_session(m, *a, **k))
-    assert validate.validate_model(onnx.load(str(path)), str(path), path, as_loaded=True) == []
-    assert checked == [str(path)] and loaded == [str(path)]
-    # without it (a model given in memory, or changed since it was read) both check the model itself
-    assert validate.validate_model(onnx.load(str(path)), str(path), path) == []
-    assert all(isinstance(m, onnx.ModelProto) for m in checked[1:] + loaded[1:]) and len(loaded) == 2
-    # a model without output shapes: the checker sees its copy with the inferred ones, the runtime the file
-    shapeless = matmul()
+    monkeypatch.setattr(validate, "cpu_session",
+                        lambda m, *a, **k: loaded.append((m, onnx.load(m, load_external_data=False), k))
+                        or real_session(m, *a, **k))
+    model = _with_large_weight(matmul())
+    assert validate.validate_model(model, "m.onnx") == []
+    (file, graph, options), = loaded
+    assert checked == [file] and Path(file).name == "model.onnx" and options["prepacking"] is False
+    assert [t.data_location for t in graph.graph.initializer] == [TensorProto.DEFAULT, TensorProto.EXTERNAL]
+    assert not Path(file).parent.exists()
+    shapeless = _with_large_weight(matmul())
     shapeless.graph.output[0].type.tensor_type.ClearField("shape")
-    onnx.save(shapeless, path)
-    assert validate.validate_model(onnx.load(str(path)), str(path), path, as_loaded=True) == []
-    assert isinstance(checked[-1], onnx.ModelProto) and loaded[-1] == str(path)
+    assert validate.validate_model(shapeless, "m.onnx") == []
+    assert Path(checked[-1]).name == "checked.onnx" and Path(checked[-1]).parent == Path(loaded[-1][0]).parent
+    assert not loaded[-1][1].graph.output[0].type.tensor_type.HasField("shape")
+    # the copy validate_with_copy keeps for the caller holds the same model
+    notes, copy = validate.validate_with_copy(model, "m.onnx")
+    try:
+        again = onnx.load(str(copy))
+        for tensor in again.graph.initializer:
+            tensor.ClearField("data_location")  # set to DEFAULT where onnx read it back
+        assert notes == [] and again.SerializeToString() == model.SerializeToString()
+    finally:
+        shutil.rmtree(copy.parent)
+
+
+def test_a_model_that_cannot_be_copied_is_checked_in_memory(monkeypatch):
+    import tempfile
+
+    from ptqlite import validate
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_room)
+    assert validate.validate_with_copy(_with_large_weight(matmul()), "m.onnx") == ([], None)
+    with pytest.raises(ModelError, match="Incompatible dimensions"):
+        validate.validate_model(_with_large_weight(INVALID["wrong shapes"][0]), "m.onnx")

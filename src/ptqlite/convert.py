@@ -143,8 +143,7 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
     started = time.perf_counter()
     quant_pass = pass_for(config)
     source = str(model_path) if model_path else f"model '{model.graph.name or '(unnamed graph)'}'"
-    # given up: the CLI's ONNX input as loaded, so the checks read its file
-    notes = validate_model(model, source, model_path, as_loaded=given_up) if validate else []
+    notes = validate_model(model, source, model_path) if validate else []
     trim_heap()  # the input check's ONNX Runtime session left its load-time scratch in the heap
     report_folder = config.common.debug_info_save_path
     if report_folder:

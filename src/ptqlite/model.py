@@ -387,6 +387,56 @@ def write_by_tensor(model: onnx.ModelProto, file) -> None:
         file.write(data)
 
 
+SPLIT_MODEL = "model.onnx"  # write_split's file names in its folder
+SPLIT_DATA = "model.onnx.data"
+_SPLIT_MIN_BYTES = 1024  # smaller tensors stay in the graph, as onnx.save_model does
+_SPLIT_ALIGN = 4096  # tensors start on page boundaries, so ONNX Runtime maps them
+
+
+def write_split(model: onnx.ModelProto, folder: str | Path) -> Path:
+    """`model` written into `folder` for a parser to read back (onnx's checker, ONNX Runtime), not as an output:
+    the graph in SPLIT_MODEL and the bytes of each main-graph initializer of 1 KB or more in SPLIT_DATA, page-aligned,
+    one tensor at a time (the largest tensor is the only copy made). ONNX Runtime maps such tensors instead of
+    allocating them, and the checker reads the graph alone. A tensor that the data file would not hold exactly as it
+    is (values in typed fields, a byte count that disagrees with its dims, strings, sub-byte types, external data)
+    stays in the graph, so every parser meets the same model and refuses it in the same words. Returns the model
+    file."""
+    folder = Path(folder)
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    with open(folder / SPLIT_DATA, "wb") as data:
+        for tensor in model.graph.initializer:
+            stub = skeleton.graph.initializer.add()
+            size = _nbytes(tensor) if tensor.data_type in _PLAIN_TYPES else 0
+            raw = tensor.raw_data if size >= _SPLIT_MIN_BYTES and _raw_only(tensor) else b""
+            if len(raw) != size or not raw:
+                stub.CopyFrom(tensor)
+                continue
+            data.write(b"\0" * (-data.tell() % _SPLIT_ALIGN))
+            offset = data.tell()
+            data.write(raw)
+            del raw
+            for name in ("name", "data_type", "doc_string"):
+                if tensor.HasField(name):  # proto2: an empty string set is a field present
+                    setattr(stub, name, getattr(tensor, name))
+            stub.dims.extend(tensor.dims)
+            stub.metadata_props.extend(tensor.metadata_props)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", SPLIT_DATA), ("offset", str(offset)), ("length", str(size))):
+                stub.external_data.add(key=key, value=value)
+    path = folder / SPLIT_MODEL
+    path.write_bytes(skeleton.SerializeToString())
+    return path
+
+
+def _raw_only(tensor: onnx.TensorProto) -> bool:
+    """Whether the tensor's values are in raw_data alone (inline, no typed field or segment beside it)."""
+    return (tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL
+            and not tensor.HasField("segment") and not tensor.string_data
+            and not any(len(getattr(tensor, name)) for name in _TYPED_FIELDS))
+
+
 _MODEL_GRAPH_TAG = bytes([7 << 3 | 2])
 _GRAPH_INITIALIZER_TAG = bytes([5 << 3 | 2])
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import operator
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ConversionError, DataError, ModelError
-from .model import iter_graphs, iter_tensors, stored_bytes, too_large_for_one_file
+from .model import iter_graphs, iter_tensors, stored_bytes, too_large_for_one_file, write_split
 from .plan import WEIGHT_SLOTS
 from .runtime import cpu_session
 from .stream import all_finite_external, external_bytes, has_external_data, loads_whole, over_whole_load
@@ -40,38 +42,81 @@ _WEIGHT_READERS = frozenset(WEIGHT_SLOTS) | {"BatchNormalization", "InstanceNorm
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
-def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None = None,
-                   as_loaded: bool = False) -> list[str]:
+def validate_model(model: onnx.ModelProto, source: str, path: str | Path | None = None) -> list[str]:
     """Refuse a model that breaks an input rule; returns notes (checks that could not run and why).
 
     `source` names the model in messages; `path`, when given, is the file it was loaded from, which the
-    checks of models over 2 GB use (protobuf cannot serialise those in memory). `as_loaded`: `model` is exactly
-    what `path` holds (the CLI's ONNX input), so the checker and ONNX Runtime read the file instead of a
-    serialisation of the model (the same checks, two copies of the weights fewer made)."""
-    notes: list[str] = []
-    _check_opsets(model, source)
-    if path is not None and has_external_data(model, iter_tensors):
-        return _validate_streamed(model, source, Path(path))
-    large = too_large_for_one_file(model)
-    if large and path is None:
-        notes.append("the ONNX checker and the ONNX Runtime load check did not run: the model is over 2 GB and "
-                     "was given in memory, not as a file")
-        refuse_quantized(model, source)
-        check_weights_finite(model, source)
-        return notes
-    # a model over 2 GB cannot be serialised in memory: both checks read its file instead
-    from_file = large or (as_loaded and path is not None)
-    if from_file and not large:
-        _check_inputs_shaped(model, source)  # _check_onnx checks this on a model, not on a file
-    # the checker wants output shapes that a file without them lacks: those go through _check_onnx's copy
-    shapeless = not large and any(_shapeless(value) for value in model.graph.output)
-    _check_onnx(str(path) if from_file and not shapeless else model, source)
-    refuse_quantized(model, source)
-    check_weights_finite(model, source)
-    _check_runtime(str(path) if from_file else model, source)
+    checks of models over 2 GB use (protobuf cannot serialise those in memory)."""
+    notes, copy = validate_with_copy(model, source, path)
+    if copy is not None:
+        shutil.rmtree(copy.parent, ignore_errors=True)
     return notes
 
 
+def validate_with_copy(model: onnx.ModelProto, source: str, path: str | Path | None = None
+                       ) -> tuple[list[str], Path | None]:
+    """validate_model, and the model file the checks read where they wrote the model for them (model.write_split,
+    in a new temp folder the caller removes with the file's folder; None where they did not): the same model, its
+    large weights in a page-aligned data file beside it, which ONNX Runtime maps instead of allocating (the gate's
+    float session can run it)."""
+    _check_opsets(model, source)
+    if path is not None and has_external_data(model, iter_tensors):
+        return _validate_streamed(model, source, Path(path)), None
+    large = too_large_for_one_file(model)
+    if large and path is None:
+        notes = [("the ONNX checker and the ONNX Runtime load check did not run: the model is over 2 GB and was "
+                  "given in memory, not as a file")]
+        refuse_quantized(model, source)
+        check_weights_finite(model, source)
+        return notes, None
+    if large:  # a model over 2 GB cannot be serialised in memory: both checks read its file
+        _check_inputs_shaped(model, source)
+        _check_onnx(str(path), source)
+        refuse_quantized(model, source)
+        check_weights_finite(model, source)
+        _check_runtime(str(path), source)
+        return [], None
+    copy = None if has_external_data(model, iter_tensors) else _split_copy(model)
+    if copy is None:  # tensors in external data that only the caller can resolve, or no room for the copy
+        _check_onnx(model, source)
+        refuse_quantized(model, source)
+        check_weights_finite(model, source)
+        _check_runtime(model, source)
+        return [], None
+    try:
+        # The checker and ONNX Runtime read the split copy: the checker the graph alone (from a model it holds
+        # the weights twice, in the serialisation and in its parse: MiniLM's check peaked at 2.9x the model),
+        # ONNX Runtime with the weights mapped, not allocated.
+        _check_inputs_shaped(model, source)
+        checked = copy
+        if any(_shapeless(value) for value in model.graph.output):
+            checked = copy.with_name(_CHECKED)  # names the same data file
+            graph = onnx.load(str(copy), load_external_data=False)
+            checked.write_bytes(_with_output_shapes(graph).SerializeToString())
+        _check_onnx(str(checked), source)
+        refuse_quantized(model, source)
+        check_weights_finite(model, source)
+        _check_runtime(str(copy), source, copy=True)
+    except BaseException:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        raise
+    return [], copy
+
+
+_CHECKED = "checked.onnx"
+
+
+def _split_copy(model: onnx.ModelProto) -> Path | None:
+    """`model` written by model.write_split into a new temp folder (None when it cannot be written there)."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="ptqlite-check-"))
+    except OSError:
+        return None
+    try:
+        return write_split(model, folder)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 def _validate_streamed(model: onnx.ModelProto, source: str, path: Path) -> list[str]:
@@ -145,11 +190,14 @@ def _with_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return probe
 
 
-def _check_runtime(model: onnx.ModelProto | str, source: str) -> None:
+def _check_runtime(model: onnx.ModelProto | str, source: str, copy: bool = False) -> None:
+    """ONNX Runtime's load check; `copy`: `model` is the split copy's file, whose name the message leaves out, and
+    the session does not prepack (a load check needs no packed copies of the weights: MiniLM +54 MB)."""
     try:
-        cpu_session(model, "as given", spinning=False, optimize=False)
+        cpu_session(model, "as given", spinning=False, optimize=False, prepacking=not copy)
     except ConversionError as exc:
-        raise ModelError(f"{source}: {one_line(str(exc))}") from None
+        text = str(exc).replace(f"Load model from {model} failed:", "") if copy else str(exc)
+        raise ModelError(f"{source}: {one_line(text)}") from None
 
 
 def one_line(text: str) -> str:
