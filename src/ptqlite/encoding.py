@@ -306,7 +306,9 @@ class Builder:
         parts = g + 1
         axis = next((a for a in reversed(range(values.ndim)) if values.shape[a] % parts == 0), None)
         planes = values if axis is not None else np.pad(values.ravel(), (0, -values.size % parts))
-        planes = [p.astype(np.int32) for p in np.split(planes, parts, axis=axis or 0)]
+        # int16 holds every intermediate below (|value| < 2^(bits-1), so |value| * 2^(8-bits) + field < 2^8): half
+        # the temporaries of int32 on a large weight, the same values
+        planes = [p.astype(np.int16) for p in np.split(planes, parts, axis=axis or 0)]
         last = planes[-1] + (1 << (bits - 1))  # in [0, 2^bits)
         get = self.shared.get
         unit = get(np.array(1 << spare, np.int8))
@@ -472,35 +474,29 @@ class SplitPlan:
 def plan_split(z: np.ndarray) -> SplitPlan:
     """The k, gap and value widths that store unsigned values `z` in the fewest bytes (every k from 0 up)."""
     z = np.asarray(z)
-    z = z.ravel() if z.dtype == np.int32 else z.astype(np.int64, copy=False).ravel()
+    # uint16 and int32 values are scanned as they are (a block at a time below), others in int32 where they fit
+    z = z.ravel() if z.dtype in (np.int32, np.uint16) else z.astype(np.int64, copy=False).ravel()
     top = int(z.max()).bit_length() if z.size else 0
-    if top < 31 and z.dtype != np.int32:
+    if top < 31 and z.dtype not in (np.int32, np.uint16):
         z = z.astype(np.int32)  # half the memory traffic of the shifts and scans below
     # positions (and their gaps) as int32 where they fit: the same values at half the memory of a large weight's
     narrow = np.int32 if z.size < 1 << 31 else np.int64
     best: SplitPlan | None = None
-    candidates = None  # positions where z >> j != 0 for the last j looked at: a superset for every k > j
+    candidates = None  # positions where z >> j != 0 for the last j looked at, when few: a superset for every k > j
     for k in range(top + 1):
         low_bytes = packed_bytes(z.size, k) if k else 0
         if best is not None and low_bytes >= best.stored_bytes:
             continue  # the low bits alone cost more (widths above 8 can be cheaper again: 9 = 8 + 1)
-        if candidates is None:
-            positions = _nonzero_positions(z, k, narrow)
-        else:
-            positions = candidates[(z[candidates] >> k) != 0]
-        candidates = positions
-        if positions.size == 0:
+        count, (gaps, gap_counts), (values, value_counts), candidates = _entry_counts(z, k, candidates, narrow)
+        if count == 0:
             plan = SplitPlan(k, 1, 1, low_bytes)
         else:
-            # Distinct gaps and values with their counts: each width is then priced on a few numbers.
-            # (np.bincount: the same distinct values and counts as np.unique, without sorting the entries)
-            (gaps, gap_counts), (values, value_counts) = _gap_and_value_counts(z, positions, k)
             plan = None
             for gap_bits in range(1, bits_for(int(gaps[-1]) + 1) + 1):
                 fillers = int(np.sum(gap_counts * (np.maximum(gaps - 1, 0) // ((1 << gap_bits) - 1))))
                 for value_bits in range(1, bits_for(int(values[-1]) + 1) + 1):
                     extra = int(np.sum(value_counts * ((values - 1) // ((1 << value_bits) - 1))))
-                    entries = positions.size + fillers + extra
+                    entries = count + fillers + extra
                     size = low_bytes + packed_bytes(entries, gap_bits) + packed_bytes(entries, value_bits)
                     if plan is None or size < plan.stored_bytes:
                         plan = SplitPlan(k, gap_bits, value_bits, size)
@@ -510,36 +506,49 @@ def plan_split(z: np.ndarray) -> SplitPlan:
     return best
 
 
-SPLIT_CHUNK = 1 << 20  # values of z (or positions) plan_split scans at a time
+SPLIT_CHUNK = 1 << 18  # values of z (or positions) plan_split scans at a time
 
 
-def _nonzero_positions(z: np.ndarray, k: int, narrow: type) -> np.ndarray:
-    """np.flatnonzero(z >> k) as `narrow`, SPLIT_CHUNK values at a time: on a large weight flatnonzero's int64
-    answer and z >> k were whole-weight temporaries beside it (the mixed-bit peak on MiniLM's embedding table)."""
-    spans = range(0, z.size, SPLIT_CHUNK)
-    counts = [int(np.count_nonzero(z[s:s + SPLIT_CHUNK] >> k)) for s in spans]
-    out = np.empty(sum(counts), narrow)
-    at = 0
-    for start, count in zip(spans, counts, strict=True):
-        if count:
-            out[at:at + count] = np.flatnonzero(z[start:start + SPLIT_CHUNK] >> k) + start
-            at += count
-    return out
+CANDIDATE_SHARE = 8  # positions are kept for the next k only while at most 1 / CANDIDATE_SHARE of the values
 
 
-def _gap_and_value_counts(z: np.ndarray, positions: np.ndarray, k: int):
-    """The distinct gaps between `positions` (the first from 0) and values z[positions] >> k, ascending, with
-    how often each occurs (np.bincount: as np.unique, without sorting), counted
-    SPLIT_CHUNK positions at a time (the same arrays as on the whole, without whole-weight temporaries)."""
+def _entry_counts(z: np.ndarray, k: int, candidates: np.ndarray | None, narrow: type):
+    """For the values z >> k that are nonzero: how many, the distinct gaps between their positions (the first
+    from 0) and the distinct values, ascending, with how often each occurs (np.bincount: as np.unique, without
+    sorting), and the positions themselves when they are few (the candidates of the next k), else None.
+
+    Counted SPLIT_CHUNK values (or candidates) at a time: the same counts as on the whole weight, without
+    whole-weight temporaries (on a large weight the positions of k = 0, almost every value, and z >> k were the
+    mixed-bit search's peak)."""
     gap_total = value_total = np.zeros(0, np.int64)
-    previous = 0
-    for start in range(0, positions.size, SPLIT_CHUNK):
-        part = positions[start:start + SPLIT_CHUNK]
-        gap_total = _add_counts(gap_total, np.diff(part, prepend=previous))
-        previous = part[-1]
-        value_total = _add_counts(value_total, z[part] >> k)
+    previous, count = 0, 0
+    kept: list[np.ndarray] | None = []
+    limit = z.size // CANDIDATE_SHARE
+    spans = range(0, z.size if candidates is None else candidates.size, SPLIT_CHUNK)
+    for start in spans:
+        if candidates is None:
+            part = z[start:start + SPLIT_CHUNK] >> k
+            positions = np.flatnonzero(part)
+            values = part[positions]
+            positions = positions.astype(narrow) + narrow(start)
+        else:
+            at = candidates[start:start + SPLIT_CHUNK]
+            part = z[at] >> k
+            nonzero = part != 0
+            positions, values = at[nonzero], part[nonzero]
+        if positions.size == 0:
+            continue
+        gap_total = _add_counts(gap_total, np.diff(positions, prepend=previous))
+        value_total = _add_counts(value_total, values)
+        previous = positions[-1]
+        count += positions.size
+        if kept is not None:
+            kept.append(positions)
+            if count > limit:
+                kept = None
     gaps, values = np.flatnonzero(gap_total), np.flatnonzero(value_total)
-    return (gaps, gap_total[gaps]), (values, value_total[values])
+    found = None if kept is None else (np.concatenate(kept) if kept else np.zeros(0, narrow))
+    return count, (gaps, gap_total[gaps]), (values, value_total[values]), found
 
 
 def _add_counts(total: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -554,18 +563,39 @@ def split_entries(high: np.ndarray, gap_bits: int, value_bits: int) -> tuple[np.
     """(gaps, values) of the nonzero `high` values, with filler and extra entries so each fits its width."""
     high = np.asarray(high, dtype=np.int64).ravel()
     positions = np.flatnonzero(high)
-    gaps = np.diff(positions, prepend=0)
-    values = high[positions]
+    return split_entries_at(positions, high[positions], gap_bits, value_bits)
+
+
+def split_entries_at(positions: np.ndarray, values: np.ndarray, gap_bits: int,
+                     value_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """split_entries from the flat `positions` (ascending) of the nonzero high values and those `values`."""
+    # int32 where the positions fit (the packers keep int32 codes as they are): half the temporaries, the same
+    # values
+    kind = np.int32 if positions.size == 0 or int(positions[-1]) < 1 << 31 else np.int64
+    gaps = np.diff(np.asarray(positions, kind), prepend=0)
+    values = np.asarray(values, kind)
     gap_limit, value_limit = (1 << gap_bits) - 1, (1 << value_bits) - 1
     fill = np.maximum(gaps - 1, 0) // gap_limit  # filler entries (value 0) before each entry
     extra = (values - 1) // value_limit  # entries after it at the same position (gap 0)
-    counts = fill + 1 + extra
-    owner = np.repeat(np.arange(positions.size), counts)
-    j = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)  # rank within the owner's run
-    f, e = fill[owner], extra[owner]
-    out_gaps = np.where(j < f, gap_limit, np.where(j == f, gaps[owner] - f * gap_limit, 0))
-    out_values = np.where(j < f, 0, np.where(j == f, values[owner] - e * value_limit, value_limit))
+    # each entry's run: its fillers, itself at `main`, its extra entries; only the (few) entries with fillers or
+    # extras need more than one slot, so the runs are laid out without a per-slot owner index
+    main = np.cumsum(fill + 1 + extra) - 1 - extra
+    total = int(main[-1] + extra[-1] + 1) if main.size else 0
+    out_gaps, out_values = np.zeros(total, kind), np.zeros(total, kind)
+    out_gaps[main] = gaps - fill * gap_limit
+    out_values[main] = values - extra * value_limit
+    del gaps, values
+    out_gaps[_run_slots(main - fill, fill)] = gap_limit
+    out_values[_run_slots(main + 1, extra)] = value_limit
     return out_gaps, out_values
+
+
+def _run_slots(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The slots start, start + 1, ..., start + length - 1 of every run with length > 0, joined."""
+    some = np.flatnonzero(lengths)
+    starts, lengths = starts[some], lengths[some]
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + offsets
 
 
 def split_type(zmax: int) -> tuple[type, int]:
@@ -609,6 +639,31 @@ def split_codes(b: Builder, z: np.ndarray, plan: SplitPlan) -> str:
     return b.node("ScatterElements", [low, where, high], reduction="add")
 
 
+def _signed_parts(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From signed codes q (within +-2^30), SPLIT_CHUNK values at a time: b = unzigzag(zigzag(q) mod 2^k) flat as
+    int8 (k <= 8), and the flat positions (int64) and values of the nonzero high parts zigzag(q) >> k. No
+    temporary of a large weight's size besides b (one byte a value)."""
+    flat = q.reshape(-1)
+    low = np.empty(flat.size, np.int8)
+    positions, values = [], []
+    for start in range(0, flat.size, SPLIT_CHUNK):
+        part = flat[start:start + SPLIT_CHUNK].astype(np.int32)
+        z = (part << 1) ^ (part >> 31)  # zigzag
+        high = z >> k
+        at = np.flatnonzero(high)
+        positions.append(at + start)
+        values.append(high[at])
+        z &= (1 << k) - 1
+        low[start:start + SPLIT_CHUNK] = (z >> 1) ^ -(z & 1)  # unzigzag of the low bits
+    join = (lambda parts: np.concatenate(parts)) if positions else (lambda parts: np.zeros(0, np.int64))
+    return low, join(positions), join(values)
+
+
+def _magnitude(q: np.ndarray) -> int:
+    """max |q| without a temporary of q's size."""
+    return max(int(q.max()), -int(q.min())) if q.size else 0
+
+
 FLAT_ENTRY_BYTES = 26  # ScatterND's coordinates cost about 52 bytes an entry at load, a flat int16 Reshape 2 a value
 
 
@@ -633,18 +688,13 @@ def signed_split_codes(b: Builder, q: np.ndarray, plan: SplitPlan) -> tuple[str,
     value at load besides the result, where split_codes and the table Gather took about 18."""
     q = np.asarray(q)
     k = plan.k
-    z = (q.astype(np.int32) << 1) ^ (q.astype(np.int32) >> 31)  # zigzag (codes within +-2^30)
-    high = z >> k
-    entries = split_entries(high.ravel(), plan.gap_bits, plan.value_bits) if np.any(high) else None
-    del high
+    signed_low, positions, high = _signed_parts(q, k)
+    entries = split_entries_at(positions, high, plan.gap_bits, plan.value_bits) if positions.size else None
+    del positions, high
     # Few entries: ScatterND at their coordinates in q's shape (about 56 bytes an entry at load). Many (or a
     # 1-D weight): ScatterElements on the flat values, then one int16 Reshape (2 bytes a value).
     flat = q.ndim == 1 or (entries is not None and FLAT_ENTRY_BYTES * entries[0].size > q.size)
-    low = z & ((1 << k) - 1)
-    del z
-    signed_low = (low >> 1) ^ -(low & 1)  # unzigzag of the low bits
-    del low
-    base = b.signed_low_bits(signed_low.ravel() if flat else signed_low.reshape(q.shape), k)
+    base = b.signed_low_bits(signed_low if flat else signed_low.reshape(q.shape), k)
     del signed_low
     if entries is None:
         if flat and q.ndim != 1:
@@ -668,7 +718,7 @@ def signed_split_codes(b: Builder, q: np.ndarray, plan: SplitPlan) -> tuple[str,
     # each entry's value times 2^(k-1) - 2^k * (b < 0) there: +-2^(k-1) by the sign of b (no Where: ONNX
     # Runtime's has no int8 or int16)
     # int8 all the way where every value and entry fits (|q| + 2^(k-1) <= 127), else int16
-    np_type, code_type = ((np.int8, TensorProto.INT8) if int(np.abs(q).max()) + (1 << (k - 1)) <= 127
+    np_type, code_type = ((np.int8, TensorProto.INT8) if _magnitude(q) + (1 << (k - 1)) <= 127
                           else (np.int16, TensorProto.INT16))
     at = b.node("Gather", [base, index]) if flat else b.node("GatherND", [base, index])
     negative = b.node("Cast", [b.node("Less", [at, get(np.array(0, np.int8))])], to=code_type)

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 SEARCH_ITERATIONS = 100  # the reference's bound on the step search
 SEARCH_TOLERANCE = 0.01  # stop once the error is within 1% below the target
 MAX_CODE_BITS = 16  # a step needing wider codes counts as "cannot meet the target"
-SEARCH_CHUNK = 1 << 20  # values of a large weight's rows the search computes at a time (row_blocks)
+SEARCH_CHUNK = 1 << 18  # values of a large weight's rows the search computes at a time (row_blocks)
 FALLBACK_BITS = 8
 RICE_CHUNK = 1 << 20  # values per Rice stream: bounds the scratch memory of each TopK at load
 MAX_QUOTIENT = 254  # the integer decoder takes quotients (+1) as uint8 differences of bit positions
@@ -98,25 +98,46 @@ def _rows_of(step: np.ndarray, rows: slice) -> np.ndarray:
     return step[rows] if step.ndim and step.shape[0] > 1 else step
 
 
+def slice_sums(w: np.ndarray, axis: int | None, values_of: Callable[[slice], np.ndarray]) -> np.ndarray:
+    """The sums of values_of(rows) (float64 values of w[rows], elementwise) over each slice along `axis`, shaped
+    like the steps, a block of rows at a time so that a large weight's float64 temporaries stay small.
+
+    Bit-identical to one sum over the whole weight: slices that are rows (axis 0) are summed within their rows
+    (row_blocks); slices that are the columns of a 2-D weight (a MatMul's output channels) are summed over the
+    rows with the running sums carried, as the first row of the next block: numpy adds the rows of an axis-0 sum
+    one after another, so this adds the same values in the same order (tests/test_conversion_memory.py)."""
+    if w.ndim == 2 and axis is not None and axis % 2 == 1 and w.size > SEARCH_CHUNK:
+        total = None
+        for rows in row_blocks(w, 0):
+            block = values_of(rows)
+            if total is not None:
+                block = np.concatenate([total, block])
+            total = np.sum(block, axis=0, keepdims=True)
+            del block
+        return total
+    axes = reduce_axes(w.ndim, axis)
+    parts = [np.sum(values_of(rows), axis=axes, keepdims=True) for rows in row_blocks(w, axis)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def slice_energy(w: np.ndarray, axis: int | None) -> np.ndarray:
     """sum(w * w) in float64 per slice along `axis` (one value for None), shaped like the steps."""
-    axes = reduce_axes(w.ndim, axis)
-    parts = []
-    for rows in row_blocks(w, axis):
-        w64 = np.asarray(w[rows], np.float64)
-        parts.append(np.sum(w64 * w64, axis=axes, keepdims=True))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def squares(rows: slice) -> np.ndarray:
+        w64 = np.array(w[rows], np.float64)  # a copy even of float64 weights: squared in place
+        return np.multiply(w64, w64, out=w64)
+
+    return slice_sums(w, axis, squares)
 
 
 def channel_errors(w: np.ndarray, step: np.ndarray, axis: int | None,
                    energy: np.ndarray | None = None) -> np.ndarray:
     """Relative error per slice along `axis` (one value for axis None), shaped like `step`. `energy` (the sums
     of w * w over the slices, slice_energy) may be given when the caller computes it once for many steps."""
-    axes = reduce_axes(w.ndim, axis)
     if energy is None:
         energy = slice_energy(w, axis)
-    parts = []
-    for rows in row_blocks(w, axis):  # a large weight's rows a block at a time: its float64 copies stay small
+
+    def squared_errors(rows: slice) -> np.ndarray:
         w64 = np.asarray(w[rows], np.float64)
         part = _rows_of(step, rows)
         # The same arithmetic as w - _reconstruct(round_half_away(w / step), step), in place: these run on whole
@@ -126,20 +147,51 @@ def channel_errors(w: np.ndarray, step: np.ndarray, axis: int | None,
         decoded *= part.astype(np.float32)
         diff = np.subtract(w64, decoded, out=q)
         del decoded, w64
-        np.square(diff, out=diff)
-        parts.append(np.sum(diff, axis=axes, keepdims=True))
-        del diff
-    err = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return np.square(diff, out=diff)
+
+    err = slice_sums(w, axis, squared_errors)
     # An all-zero slice is exact when it decodes to zeros, and fully wrong otherwise.
     ratio = np.sqrt(err / np.where(energy > 0, energy, 1.0))
     return np.where(energy > 0, ratio, (err > 0).astype(np.float64))
 
 
+def codes_error(w: np.ndarray, q: np.ndarray, step: np.ndarray) -> float:
+    """relative_error(w, _reconstruct(q, step)), a block of rows at a time: no float32 copy of the weight and no
+    float64 temporaries of its size (the sums of a large weight's blocks add in another order than numpy's sum
+    over the whole, so the error may differ in its last bits)."""
+    energy = error = 0.0
+    for rows in row_blocks(w, 0):
+        work = np.asarray(w[rows], np.float64)
+        energy += float(np.sum(np.square(work)))
+        work -= _reconstruct(q[rows], _rows_of(step, rows))
+        error += float(np.sum(np.square(work, out=work)))
+    return float(np.sqrt(error / energy)) if energy > 0 else float(error > 0)
+
+
+def distinct_codes(q: np.ndarray) -> int:
+    """np.unique(q).size without sorting or a temporary of q's size: the codes seen, marked SEARCH_CHUNK at a time
+    (the codes span at most 2^MAX_CODE_BITS + 1 values)."""
+    if not q.size:
+        return 0
+    low = int(q.min())
+    seen = np.zeros(int(q.max()) - low + 1, bool)
+    flat = q.reshape(-1)
+    for at in range(0, flat.size, SEARCH_CHUNK):
+        seen[flat[at:at + SEARCH_CHUNK].astype(np.int32) - low] = True
+    return int(np.count_nonzero(seen))
+
+
 def codes_for(w: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """round_half_away(w / step) as int32, a block of rows at a time (the steps the search returns keep every
-    code within +-2^MAX_CODE_BITS / 2, so int32 holds them; elementwise, so the values are those of the whole
-    weight at once)."""
-    q = np.empty(w.shape, np.int32)
+    """round_half_away(w / step), a block of rows at a time (elementwise, so the values are those of the whole
+    weight at once), as int16 where every code lies in (-2^15, 2^15), else int32 (the steps the search returns
+    keep every code within +-2^MAX_CODE_BITS / 2). The range is known before the codes are made: rounding and
+    dividing by a positive step are monotone, so each slice's extreme codes are those of its extreme weights."""
+    reduced = tuple(a for a in range(w.ndim) if step.ndim < w.ndim or step.shape[a] == 1)
+    steps = np.asarray(step, np.float64)
+    top = round_half_away(np.asarray(w.max(axis=reduced, keepdims=True), np.float64) / steps)
+    bottom = round_half_away(np.asarray(w.min(axis=reduced, keepdims=True), np.float64) / steps)
+    narrow = w.size and -(1 << 15) < bottom.min() and top.max() < 1 << 15
+    q = np.empty(w.shape, np.int16 if narrow else np.int32)
     for rows in row_blocks(w, 0):
         q[rows] = round_half_away(np.asarray(w[rows], np.float64) / _rows_of(step, rows))
     return q
@@ -162,7 +214,9 @@ def search_step(w: np.ndarray, target: float, axis: int | None,
     # max, min and |w| of the float32 values are exact in float64: no float64 copy of the weight is needed
     span = (w.max(axis=axes, keepdims=True).astype(np.float64)
             - w.min(axis=axes, keepdims=True).astype(np.float64)).reshape(shape)
-    amax = np.abs(w).max(axis=axes, keepdims=True).astype(np.float64).reshape(shape)
+    # |w|'s maximum from the extremes: no float32 copy of the weight
+    amax = np.maximum(np.abs(w.max(axis=axes, keepdims=True)),
+                      np.abs(w.min(axis=axes, keepdims=True))).astype(np.float64).reshape(shape)
     # The finest step allowed: codes of MAX_CODE_BITS bits over [-amax, amax].
     finest = np.where(amax > 0, 2 * amax / ((1 << MAX_CODE_BITS) - 2), 1.0)
     step = np.where(span > 0, span * target, np.where(amax > 0, amax, 1.0))
@@ -204,8 +258,33 @@ def zigzag(q: np.ndarray) -> np.ndarray:
 
 def zigzag32(q: np.ndarray) -> np.ndarray:
     """zigzag(q) as int32, for codes within +-2^30 (the step search's are within +-2^MAX_CODE_BITS / 2)."""
-    q = np.asarray(q, dtype=np.int32)
-    return (q << 1) ^ (q >> 31)
+    q = np.asarray(q)
+    flat, z = q.reshape(-1), np.empty(q.shape, np.int32)
+    out = z.reshape(-1)
+    for at in range(0, flat.size, SEARCH_CHUNK):  # a block at a time: no temporaries of a large weight's size
+        part = flat[at:at + SEARCH_CHUNK].astype(np.int32)
+        out[at:at + SEARCH_CHUNK] = (part << 1) ^ (part >> 31)
+    return z
+
+
+def zigzag_narrow(q: np.ndarray) -> np.ndarray:
+    """zigzag(q) as uint16 where every value fits (max zigzag < 2^16), else int32
+    (zigzag32), a block at a time: the same values in half the memory of int32 for 16-bit codes."""
+    if zigzag_max(q) >= 1 << 16:
+        return zigzag32(q)
+    flat, z = q.reshape(-1), np.empty(q.shape, np.uint16)
+    out = z.reshape(-1)
+    for at in range(0, flat.size, SEARCH_CHUNK):
+        part = flat[at:at + SEARCH_CHUNK].astype(np.int32)
+        out[at:at + SEARCH_CHUNK] = (part << 1) ^ (part >> 31)
+    return z
+
+
+def zigzag_max(q: np.ndarray) -> int:
+    """max(zigzag(q)) from q's extremes (2 max q for q >= 0, -2 min q - 1 below), without a zigzag copy."""
+    if not q.size:
+        return 0
+    return max(2 * max(int(q.max()), 0), -2 * min(int(q.min()), 0) - 1, 0)
 
 
 def rice_parameter(z: np.ndarray) -> int:
@@ -217,8 +296,14 @@ def rice_parameter(z: np.ndarray) -> int:
     zmax = int(z.max()) if z.size else 0
     top = max(1, zmax.bit_length())
     lowest = next(k for k in range(top + 1) if zmax >> k <= MAX_QUOTIENT)
-    costs = [z.size * (k + 1) + int(np.sum(z >> k)) for k in range(lowest, top + 1)]
+    costs = [z.size * (k + 1) + _quotient_sum(z, k) for k in range(lowest, top + 1)]
     return lowest + int(np.argmin(costs))
+
+
+def _quotient_sum(z: np.ndarray, k: int) -> int:
+    """sum(z >> k) of flat unsigned values, SEARCH_CHUNK at a time (no temporary of a large weight's size; an
+    integer sum, so the same value)."""
+    return sum(int(np.sum(z[at:at + SEARCH_CHUNK] >> k)) for at in range(0, z.size, SEARCH_CHUNK))
 
 
 def rice_encode(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -250,13 +335,15 @@ def unzigzag(z: np.ndarray) -> np.ndarray:
 
 def rice_bits(z: np.ndarray, k: int) -> int:
     """Length in bits of the Rice code of unsigned values `z` with parameter k."""
-    return int(z.size * (k + 1) + np.sum(_unsigned(z) >> k))
+    z = _unsigned(z)
+    return int(z.size * (k + 1) + _quotient_sum(z, k))
 
 
 def _unsigned(z: np.ndarray) -> np.ndarray:
-    """Zigzag values, flat, as int64 unless already int32 (zigzag32; np.sum adds int32 in int64)."""
+    """Zigzag values, flat, as int64 unless already int32 or uint16 (zigzag32, zigzag_narrow; np.sum adds them
+    in 64 bits)."""
     z = np.asarray(z)
-    return z.ravel() if z.dtype == np.int32 else z.astype(np.int64, copy=False).ravel()
+    return z.ravel() if z.dtype in (np.int32, np.uint16) else z.astype(np.int64, copy=False).ravel()
 
 
 def rice_decoders(index: GraphIndex, shared: SharedConstants, layers: list[MixedLayer],
@@ -398,7 +485,7 @@ def _signed_weight(b: Builder, codes: str, step: np.ndarray, target: str, site: 
 
 def signed_form_fits(q: np.ndarray, plan: SplitPlan) -> bool:
     """Whether split codes q with `plan` get the signed form (_signed_fits)."""
-    return _signed_fits(q.size, q.ndim, int(np.abs(q).max()) if q.size else 0, plan)
+    return _signed_fits(q.size, q.ndim, max(int(q.max()), -int(q.min())) if q.size else 0, plan)
 
 
 def _signed_fits(size: int, ndim: int, qmax: int, plan: SplitPlan) -> bool:
@@ -425,7 +512,7 @@ def split_group_decoders(index: GraphIndex, shared: SharedConstants, layers: lis
     tops = {}  # each layer's largest zigzag value (its codes are made again for it in a streaming conversion)
     for layer in layers:
         plan = layer.split
-        top = tops[layer.spec.tensor] = int(zigzag32(layer.q).max())
+        top = tops[layer.spec.tensor] = zigzag_max(layer.q)
         if _signed_fits(layer.size, len(layer.shape), (top + 1) // 2, plan):
             key = ("signed", layer.spec.tensor)  # its own decoder: the values are rebuilt in the layer's shape
         else:
@@ -622,31 +709,31 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
         step32 = step.astype(np.float32)
         q = codes_for(w, step)  # int32: the values of round_half_away(w / step), a block of rows at a time
         bits = bits_for(int(q.max()) - int(q.min()) + 1)
-        reconstructed = _reconstruct(q, step32)
-        error = relative_error(w, reconstructed)
-        del reconstructed
-        # what the layer keeps: the codes in the narrowest type that holds them (at most MAX_CODE_BITS wide)
-        kept = q.astype(np.int16) if bits <= 15 and q.min() > -(1 << 15) else q
+        # what the layer keeps, and what the forms below read: the codes in the narrowest type that holds them
+        # (at most MAX_CODE_BITS wide); every use widens a block at a time where it needs to
+        if bits <= 15 and q.min() > -(1 << 15):
+            q = q.astype(np.int16, copy=False)
+        kept = q
+        error = codes_error(w, q, step32)
         # Rice: the model shares one decoding graph per k, so a layer costs its bits and its steps.
-        z = zigzag32(q)  # only sizes and plans are computed from it, int32 halves their memory
+        z = zigzag_narrow(q)  # only sizes and plans are computed from it: uint16 or int32 halve their memory
         k = rice_parameter(z)
         rice_bytes = -(-rice_bits(z, k) // 8) + step32.nbytes
         if (rice_bytes + RICE_LAYER_BYTES) / (1 - RICE_MARGIN) < best_key:
             weigh(MixedLayer(spec, measure, bits, step32, kept, None, error,
                              rice_bytes, rice_k=k, zero_point=np.zeros(step.size, np.int64)))
-        if shared.opset >= SPLIT_OPSET:
-            plan = plan_split(z)
-            if plan.stored_bytes + step32.nbytes < best_key:
-                decoder = split_decoder(index, shared, spec.tensor, q, step32, plan)
-                weigh(MixedLayer(spec, measure, bits, step32, kept, None, error,
-                                 decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64),
-                                 split=plan))
+        plan = plan_split(z) if shared.opset >= SPLIT_OPSET else None
+        del z  # before the split encoder's temporaries
+        if plan is not None and plan.stored_bytes + step32.nbytes < best_key:
+            decoder = split_decoder(index, shared, spec.tensor, q, step32, plan)
+            weigh(MixedLayer(spec, measure, bits, step32, kept, None, error,
+                             decoder.stored_bytes, decoder=decoder, zero_point=np.zeros(step.size, np.int64),
+                             split=plan))
         # Skip the fixed-width forms when even their lower bound (indices into the distinct codes, or only the
         # nonzero codes) cannot beat the best so far: building them costs time, auto_tune quantizes many times.
-        del z
         if bits > MAX_CODE_BITS:
             continue
-        distinct = int(np.count_nonzero(np.bincount((q - q.min()).ravel())))  # np.unique(q).size, no sort
+        distinct = distinct_codes(q)
         bound = min(q.size * bits_for(distinct), int(np.count_nonzero(q)) * bits) // 8
         if bound >= best_key:
             del q, kept  # before the next measure's search: a large weight's codes are a large share of the peak
