@@ -12,6 +12,7 @@ from . import lite_flags
 from .config import load_config
 from .convert import (
     convert,
+    discard_checked_copy,
     discard_output,
     discard_reports,
     publish_output,
@@ -30,6 +31,7 @@ from .model import (
     stored_bytes,
     tensor_bytes,
     too_large_for_one_file,
+    weight_free_copy,
 )
 from .paths import check_input_file, check_not_special, check_output_file, is_devnull
 from .result import ConversionResult, Verification
@@ -136,19 +138,26 @@ def run(args: argparse.Namespace) -> int:
     # (no copy of the weights beside it); integer boundaries read the float model afterwards.
     given_up = (bool(shapes) and not streamed and args.fmk == "ONNX" and not lite.input_type
                 and not lite.output_type)
+    # the gate's inputs are read from the model's graph inputs: kept without the weights, since the pass works on
+    # `model` itself (in_place)
+    inputs_of = weight_free_copy(model) if gate_here else None
     result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
                      defer_reports=True, input_shapes=shapes, verify=verify and not gate_here, verify_floor=floor,
                      analyze_command=analyze_command(args), float16=lite.fp16,
-                     stream_to=out if streamed else None, in_place=gate_here or given_up)
-    if gate_here:
-        started = time.perf_counter()
-        # a mixed-bit pass worked on `model` itself (in_place): its graph inputs, all this reads, are unchanged
-        inputs = verification_inputs(model, config, args.inputDataFormat or None)
-        del model
-        trim_heap()
-        run_gate(None, None, str(args.modelFile), result, config, {"input_format": args.inputDataFormat or None},
-                 floor, analyze_command(args), None, None, inputs=inputs)
-        result.seconds += time.perf_counter() - started
+                     stream_to=out if streamed else None, in_place=gate_here or given_up, keep_checked_copy=gate_here)
+    try:
+        if gate_here:
+            started = time.perf_counter()
+            del model
+            trim_heap()
+            inputs = verification_inputs(inputs_of, config, args.inputDataFormat or None)
+            # the float model from the input checks' copy (its weights mapped from a data file), else from the file
+            float_file = str(result.checked_copy or args.modelFile)
+            run_gate(None, None, float_file, result, config, {"input_format": args.inputDataFormat or None},
+                     floor, analyze_command(args), None, None, inputs=inputs)
+            result.seconds += time.perf_counter() - started
+    finally:
+        discard_checked_copy(result)
     refusal = "" if streamed or discard or args.fmk != "ONNX" else streaming_refusal(config, shapes, args.modelFile,
                                                                                       lite.fp16)
     if refusal and stored_bytes(args.modelFile) > os.path.getsize(args.modelFile):  # it has external data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .result import ConversionResult, SkippedTensor
 from .runtime import cpu_session, temp_model_file
 from .stream import StagedOutput, reading_from, trim_heap
 from .targets import target as target_preset
-from .validate import checked_samples, one_line, validate_model
+from .validate import checked_samples, one_line, validate_with_copy
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
             validate: bool = True, defer_reports: bool = False, input_shapes: dict[str, list[int]] | None = None,
             verify: bool = True, verify_floor: float | None = None, analyze_command: str | None = None,
             float16: bool = False, stream_to: str | Path | None = None, in_place: bool = False,
-            **options: Any) -> ConversionResult:
+            keep_checked_copy: bool = False, **options: Any) -> ConversionResult:
     """Quantize a copy of `model` as `config` says; `model` itself is left untouched.
 
     The input rules (validate.py) are checked first unless validate=False (for callers that convert the same,
@@ -88,8 +89,11 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
     Only where streaming_refusal(...) is "".
 
     `in_place` (the CLI, which then runs the gate itself from the model file, verify=False): the caller gives up
-    `model`, and a mixed-bit pass works on it instead of on a copy (one copy of the weights less while the pass
-    runs). Only for WEIGHT_QUANT mixed bit without --inputShape, debug reports or --fp16; otherwise ignored.
+    `model`, and the pass works on it instead of on a copy (one copy of the weights less while the pass runs). Only
+    without --inputShape, debug reports or --fp16; otherwise ignored. `keep_checked_copy`: the input checks' copy of
+    the model (its weights in a data file that ONNX Runtime maps) stays in result.checked_copy for the caller's gate,
+    which removes it with discard_checked_copy(result); without it, convert's own gate runs the float model from that
+    copy where it is the model the gate compares with (no --inputShape), and the copy is removed before returning.
     With --inputShape (the CLI on an ONNX file, where `model` is what `model_path` holds), `in_place` lets the
     pass work on `model` itself with the fixed shapes, and the gate loads the float model from `model_path`
     (not without debug reports or --fp16, which read the float model afterwards, nor over 2 GB).
@@ -101,7 +105,7 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
         staged = StagedOutput(Path(stream_to))
         try:
             result = _convert(model, config, model_path, validate, defer_reports, input_shapes, verify,
-                              verify_floor, analyze_command, float16, staged, False, options)
+                              verify_floor, analyze_command, float16, staged, False, options, keep=keep_checked_copy)
         except BaseException:
             staged.discard()
             raise
@@ -109,10 +113,10 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
         return result
     given_up = (in_place and bool(input_shapes) and model_path is not None and not float16
                 and not config.common.debug_info_save_path and not too_large_for_one_file(model))
-    in_place = (in_place and config.is_mixed_bit and not verify and not input_shapes and not float16
+    in_place = (in_place and not verify and not input_shapes and not float16
                 and not config.common.debug_info_save_path)
     return _convert(model, config, model_path, validate, defer_reports, input_shapes, verify, verify_floor,
-                    analyze_command, float16, None, in_place, options, given_up)
+                    analyze_command, float16, None, in_place, options, given_up, keep_checked_copy)
 
 
 def streaming_refusal(config: QuantConfig, input_shapes: dict[str, list[int]] | None,
@@ -139,11 +143,42 @@ def streaming_refusal(config: QuantConfig, input_shapes: dict[str, list[int]] | 
 def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path | None, validate: bool,
              defer_reports: bool, input_shapes: dict[str, list[int]] | None, verify: bool,
              verify_floor: float | None, analyze_command: str | None, float16: bool, staged: StagedOutput | None,
-             in_place: bool, options: dict[str, Any], given_up: bool = False) -> ConversionResult:
+             in_place: bool, options: dict[str, Any], given_up: bool = False, keep: bool = False) -> ConversionResult:
     started = time.perf_counter()
-    quant_pass = pass_for(config)
     source = str(model_path) if model_path else f"model '{model.graph.name or '(unnamed graph)'}'"
-    notes = validate_model(model, source, model_path) if validate else []
+    notes, copy = validate_with_copy(model, source, model_path) if validate else ([], None)
+    try:
+        result = _checked(model, config, model_path, defer_reports, input_shapes, verify, verify_floor,
+                          analyze_command, float16, staged, in_place, options, given_up, notes, copy, source)
+    except BaseException:
+        _remove_copy(copy)
+        raise
+    if keep:
+        result.checked_copy = copy
+    else:
+        _remove_copy(copy)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _remove_copy(copy: Path | None) -> None:
+    if copy is not None:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+
+
+def discard_checked_copy(result: ConversionResult) -> None:
+    """Remove the input checks' copy of the float model that convert(keep_checked_copy=True) left."""
+    copy, result.checked_copy = result.checked_copy, None
+    _remove_copy(copy)
+
+
+def _checked(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path | None, defer_reports: bool,
+             input_shapes: dict[str, list[int]] | None, verify: bool, verify_floor: float | None,
+             analyze_command: str | None, float16: bool, staged: StagedOutput | None, in_place: bool,
+             options: dict[str, Any], given_up: bool, notes: list[str], copy: Path | None,
+             source: str) -> ConversionResult:
+    """The conversion after the input checks (`copy`: their copy of the model, or None)."""
+    quant_pass = pass_for(config)
     trim_heap()  # the input check's ONNX Runtime session left its load-time scratch in the heap
     report_folder = config.common.debug_info_save_path
     if report_folder:
@@ -243,6 +278,9 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
             with reading_from(base, staged.sink):
                 quant_file = str(staged.finish(result.model, base, iter_tensors, iter_initializers))
             runnable = str(model_path)
+        elif copy is not None and runnable is model:
+            # the checks' copy is the float model the gate compares with: its session maps the weights
+            runnable = str(copy)
         if verify:
             from .verify import run_gate
 
@@ -253,7 +291,6 @@ def _convert(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
             _write_reports(result.float_model, result, config, options, Path(report_folder))
             if not defer_reports:
                 publish_reports(result)
-        result.seconds = time.perf_counter() - started
         return result
     finally:
         if float_file is not None:

@@ -99,3 +99,6 @@ class ConversionResult:
     # Constant nodes as initializers; FULL_QUANT: as prepared, BatchNormalization folded, equalised when
     # per_channel=false). Set only when debug reports are asked for.
     float_model: onnx.ModelProto | None = None
+    # convert(keep_checked_copy=True): the input checks' copy of the float model (validate.validate_with_copy), for
+    # the caller's gate to run, until convert.discard_checked_copy
+    checked_copy: Path | None = None
