@@ -226,6 +226,9 @@ def summary(result: ConversionResult, source: Path, out: Path | None) -> str:
 def verification_lines(verification: Verification | None) -> list[str]:
     if verification is None:
         return ["not verified (--verify=off)"]
+    if verification.not_loaded:
+        why = f"; the float model was not run either: {verification.skipped}" if verification.skipped else ""
+        return [f"NOT verified: the gate did not load the output, since {verification.not_loaded}{why}"]
     if verification.ran_alone:
         found = "; ".join(f"output '{name}' has NaN/Inf on {count} of {verification.ran_alone} sample(s)"
                           for name, count in verification.non_finite.items()) or "every output finite"

@@ -62,6 +62,8 @@ class Verification:
     floor: float  # the min output cosine below which an output counts as collapsed
     outputs: list[OutputCheck] = field(default_factory=list)
     skipped: str = ""  # why the comparison with the float model did not run ("" when it did)
+    # Why the gate did not load the output at all ("" when it did): the output is NOT verified
+    not_loaded: str = ""
     # When the float model was too large to run: the samples the output ran on alone, and its float outputs that held
     # NaN/Inf, with on how many of them
     ran_alone: int = 0

@@ -17,6 +17,10 @@ run next to the float model, and each graph output is compared.
   COMPARE_RESERVE) fits in the memory available (MemAvailable), so a mapped float model larger than the memory
   is still compared (its pages are read from disk again); else the output runs alone on the same inputs and its
   outputs must be finite (Verification.non_finite), and the summary says why it was not compared.
+- The output's session is made only when what loading it needs (loadmem.predict_load: its tensors and every value
+  ONNX Runtime's constant folding materialises at load, the float weights a mixed-bit output decodes to among
+  them) plus LOAD_RESERVE fits in the memory available just before it loads; else the gate does not load it, the
+  output is NOT verified (Verification.not_loaded says why, with both figures) and convert() warns.
 - Slices: the whole-output cosine is dominated by the output's largest values (a detector's box coordinates in
   pixels beside its 0..1 class scores), so each float output is also cut along every short axis (2 to MAX_SLICES
   entries, at least MIN_SLICE_VALUES values per entry and sample); each slice whose float norm is under
@@ -44,6 +48,7 @@ import onnx
 
 from .config import QuantConfig
 from .errors import ConversionError, PtqError, VerificationError
+from .loadmem import folded_bytes, predict_load
 from .model import (
     IoShapes,
     external_locations,
@@ -99,6 +104,12 @@ SMALL_SLICE = 0.1
 COMPARE_FACTOR = 1.5
 MAPPED_FACTOR = 0.02
 COMPARE_RESERVE = 512 << 20
+# The output's session: constant folding holds every value it makes until the whole graph is folded, so an output
+# whose weights decode to float at load takes several times its float model's memory to load (a mixed-bit output
+# of a 1.1 GB decoder 4.2 GB, and the 3 GB decoder's passed 15 GB). It is loaded only when loadmem.predict_load's
+# bytes plus LOAD_RESERVE (the runs' activations, the process's own growth) fit in the memory available then; else
+# loading it could get the conversion killed for memory, with no output and no message.
+LOAD_RESERVE = 512 << 20
 _PURPOSE = "to verify the output"
 
 
@@ -174,6 +185,9 @@ class FloatPlan:
     size: int
     mapped: int = 0
     held: int = 0
+    # bytes ONNX Runtime's constant folding makes from its constants at load (loadmem): 0 on the float models
+    # measured, a float32 copy of float16 weights behind Casts
+    folded: int = 0
 
     @property
     def prepacking(self) -> bool:
@@ -196,11 +210,11 @@ def float_plan(model: onnx.ModelProto | str) -> FloatPlan:
         return _file_plan(model, stat.st_size, stat.st_mtime_ns)
     size = tensor_bytes(model)
     if not too_large_for_one_file(model):
-        return FloatPlan(size)
+        return FloatPlan(size, folded=folded_bytes(model) if not loads_whole(size) else 0)
     # save_model moves initializers of MIN_BYTES or more to the data file; Constant values stay in the graph
     moved = sum(n for n in map(inline_bytes, iter_initializers(model.graph)) if n >= MIN_BYTES)
     large = sum(n for n in map(inline_bytes, iter_tensors(model.graph)) if n >= MIN_BYTES)
-    return FloatPlan(size, moved, large - moved)
+    return FloatPlan(size, moved, large - moved, folded_bytes(model))
 
 
 @functools.lru_cache(maxsize=4)
@@ -222,13 +236,13 @@ def _file_plan(model: str, file_size: int, _mtime_ns: int) -> FloatPlan:
         else:
             nbytes = external_bytes(tensor) if is_external(tensor) else inline_bytes(tensor)
             held += nbytes if nbytes >= MIN_BYTES else 0
-    return FloatPlan(size, mapped, held)
+    return FloatPlan(size, mapped, held, folded_bytes(loaded) if not loads_whole(size) else 0)
 
 
 def compare_memory(plan: FloatPlan) -> int:
     """Memory the gate asks for before it runs the float model as `plan` says."""
     mapped = 0 if plan.prepacking else plan.mapped
-    return int(plan.allocated * COMPARE_FACTOR + mapped * MAPPED_FACTOR) + COMPARE_RESERVE
+    return int(plan.allocated * COMPARE_FACTOR + mapped * MAPPED_FACTOR) + plan.folded + COMPARE_RESERVE
 
 
 def too_large_to_compare(plan: FloatPlan) -> str:
@@ -241,6 +255,26 @@ def too_large_to_compare(plan: FloatPlan) -> str:
     held = "" if plan.prepacking else f" ({plan.mapped / 1e9:.2f} GB of it mapped from its data files)"
     return (f"the float model takes {plan.size / 1e9:.2f} GB with its external data{held}; running it would need "
             f"about {need / 1e9:.1f} GB of memory and {have / 1e9:.1f} GB is available")
+
+
+def too_large_to_load(model: onnx.ModelProto | str) -> str:
+    """Why the gate does not load the output `model` ("" when it does): what its session would need beside the
+    memory available now."""
+    estimate = predict_load(model)
+    need, have = estimate.total + LOAD_RESERVE, available_memory()
+    if need <= have:
+        return ""
+    folded = (f", plus {estimate.folded / 1e9:.2f} GB of values that ONNX Runtime's constant folding computes from "
+              "them at load" if estimate.folded else "")
+    return (f"loading it in ONNX Runtime would need about {need / 1e9:.1f} GB of memory (its tensors "
+            f"{estimate.initializers / 1e9:.2f} GB{folded}) and {have / 1e9:.1f} GB is available")
+
+
+def not_loaded_message(verification: Verification) -> str:
+    """One line: the gate did not load the output, so the output was written unverified."""
+    return (f"the output was written but NOT verified: the gate did not load it, since {verification.not_loaded}; "
+            "check it where that memory is available, e.g. with: ptqlite benchmark --modelFile=OUTPUT "
+            "--baselineFile=MODEL")
 
 
 @contextlib.contextmanager
@@ -409,7 +443,10 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
         trim_heap()
         quant_source, no_room = stack.enter_context(_loadable(quant_model))
         if quant_source is None:
-            result.skipped = f"the output {no_room}, so it was not loaded"
+            result.not_loaded = f"the output {no_room}"
+            return result
+        result.not_loaded = too_large_to_load(quant_source)
+        if result.not_loaded:
             return result
         quant = _quant_session(quant_source, float_source)
         return _compare(result, quant, names, expected, stopped, inputs, source, floor, other_shape)
@@ -419,9 +456,13 @@ def _run_alone(result: Verification, quant_model: onnx.ModelProto | str, inputs:
                source: str, why: str, stack: contextlib.ExitStack) -> None:
     """The output without the float model: it must load and run on every input; its float outputs with NaN/Inf
     are counted in result.non_finite."""
+    result.skipped = why
     quant_source, no_room = stack.enter_context(_loadable(quant_model))
     if quant_source is None:
-        result.skipped = f"{why}, and the output {no_room}, so it was not loaded"
+        result.not_loaded = f"the output {no_room}"
+        return
+    result.not_loaded = too_large_to_load(quant_source)
+    if result.not_loaded:
         return
     quant = _quant_session(quant_source, None)
     names = [o.name for o in quant.get_outputs()]
@@ -436,7 +477,6 @@ def _run_alone(result: Verification, quant_model: onnx.ModelProto | str, inputs:
             if array.dtype.kind in "fc" and not np.isfinite(array).all():
                 result.non_finite[name] = result.non_finite.get(name, 0) + 1
     result.ran_alone = len(inputs)
-    result.skipped = why
 
 
 def _compare(result: Verification, quant, names: list[str] | None, expected: list[list[np.ndarray]], stopped: str,
@@ -645,8 +685,11 @@ def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: on
         fixed.put_back(result.model)
         result.notes.append(f"the output keeps the --inputShape shapes, since {problem}")
     command = analyze_command or f"ptqlite analyze --fmk=ONNX --modelFile=MODEL --configFile={config.source}"
-    # a collapse or NaN/Inf is an error under --verifyFloor, else a warning; the low-bit caution is always a warning
-    if result.verification.collapsed:
+    # a collapse or NaN/Inf is an error under --verifyFloor, else a warning; the low-bit caution is always a warning,
+    # and so is an output the gate did not load: it is written unverified, as with --verify=off (exit 0), but said
+    if result.verification.not_loaded:
+        message, fatal = not_loaded_message(result.verification), False
+    elif result.verification.collapsed:
         message = collapse_message(result.verification, config, command, explicit_floor=floor is not None)
         fatal = floor is not None
     elif result.verification.non_finite:
