@@ -77,7 +77,8 @@ def test_the_predictor_counts_the_foldable_chain_and_nothing_else():
     # the Reshape to the computed shape, and so the Cast, Mul and Add after it, are not inferred: each is sized
     # as its largest input's values in its own type, the same bytes
     assert estimate.largest == ROWS * COLS * 4 and estimate.unsized == 4
-    assert estimate.total == (int(TENSORS * loadmem.INLINE_FACTOR) + FOLDED + ROWS * COLS * 4
+    assert estimate.fused == 0  # a per-tensor DequantizeLinear: no MatMulNBits
+    assert estimate.total == (int(TENSORS * loadmem.INLINE_FACTOR + FOLDED * loadmem.FOLD_FACTOR) + ROWS * COLS * 4
                               + loadmem.SESSION_OVERHEAD)
 
 
@@ -206,3 +207,26 @@ def test_the_float_models_rule_counts_what_its_folding_makes(tmp_path, monkeypat
     assert plan.folded == expected
     assert verify_module.compare_memory(plan) == verify_module.compare_memory(
         verify_module.FloatPlan(plan.size, plan.mapped, plan.held)) + expected
+
+
+def test_a_block_wise_dequantize_of_a_matmul_weight_counts_the_fused_copy():
+    """onnxruntime fuses DequantizeLinear(block_size) + MatMul into MatMulNBits, which makes its own copy of the
+    codes, float32 scales and zero points while the originals are held; a per-tensor one is not counted."""
+    k, n, block = 64, 8, 32
+    rng = np.random.default_rng(0)
+    codes = helper.make_tensor("codes", TensorProto.INT4, [k, n], rng.integers(-8, 8, k * n).tolist())
+    zero = helper.make_tensor("zero", TensorProto.INT4, [k // block, n], [0] * (k // block * n))
+    scales = numpy_helper.from_array(rng.random((k // block, n)).astype(np.float16), "scales16")
+    nodes = [helper.make_node("Cast", ["scales16"], ["scales"], to=TensorProto.FLOAT),
+             helper.make_node("DequantizeLinear", ["codes", "scales", "zero"], ["w"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [codes, zero, scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    cpu_session(model, "for the test")
+    estimate = loadmem.predict_load(model)
+    assert estimate.folded == k // block * n * 4  # the Cast of the scales
+    assert estimate.fused == k * n // 2 + 4 * (k // block * n) + k // block * n // 2
+    assert estimate.initializers == k * n // 2 + k // block * n // 2 + k // block * n * 2

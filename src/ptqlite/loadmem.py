@@ -11,7 +11,9 @@ several times its float model's memory to load. What is folded follows onnxrunti
 - not folded: nodes with subgraphs (If, Loop, Scan: their bodies' nodes are folded on their own), the
   non-deterministic ops (NOT_FOLDED), and DequantizeLinear, which onnxruntime keeps for its QDQ fusions
   (DequantizeLinear + MatMul becomes MatMulNBits; the integer weight stays as it is);
-- Shape is folded when its input's shape is fully known (8 bytes a dim: counted as nothing).
+- Shape is folded when its input's shape is fully known (8 bytes a dim: counted as nothing);
+- a block-wise DequantizeLinear read as a MatMul's B is fused into MatMulNBits, which makes its own copy of the
+  codes, float32 scales and zero points while the originals are still held (`LoadEstimate.fused`).
 
 The sizes of folded values come from ONNX shape inference on a weight-free copy of the graph (small constants
 keep their values, so Reshape targets stored as initializers are read); a value whose shape is not inferred (a
@@ -30,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .model import inline_bytes, iter_tensors, subgraphs, weight_free_copy
+from .model import attribute, inline_bytes, iter_graphs, iter_tensors, subgraphs, weight_free_copy
 from .stream import external_bytes, is_external
 
 # The ops onnxruntime's optimizer_utils::IsOperationDeterministic names for the default domain, and the op it keeps
@@ -40,10 +42,13 @@ NOT_FOLDED = frozenset({"RandomUniform", "RandomNormal", "RandomUniformLike", "R
                         "Dropout", "DequantizeLinear"})
 # What a CPU session takes beyond the model's tensors and the folded values: its allocator arenas, kernels,
 # graph copies and thread pools; inline tensors count INLINE_FACTOR times (the parsed message and the tensors
-# onnxruntime makes from it: all-MiniLM-L6-v2's 90 MB took 148 MB to load). Fitted on the load peaks of
-# docs/results.md, "The gate's load rule for the output".
-SESSION_OVERHEAD = 40 << 20
-INLINE_FACTOR = 1.25
+# onnxruntime makes from it: a 699 MB inline file took 974 MB to load), folded values FOLD_FACTOR times (the
+# kernels' temporaries while they fold: a block-wise default-strategy decoder's 855 MB of folded values and
+# 37 MB of tensors took 1076 MB). Fitted so that no output measured in docs/results.md, "The gate's load rule for
+# the output", is predicted low.
+SESSION_OVERHEAD = 48 << 20
+INLINE_FACTOR = 1.4
+FOLD_FACTOR = 1.1
 
 
 @dataclass(frozen=True)
@@ -51,20 +56,22 @@ class LoadEstimate:
     """Bytes an ONNX Runtime CPU session needs while it loads a model: `initializers` (inline and external, with
     Constant values; `inline` of them in the model's message), `folded` (every value constant folding
     materialises, held together), `largest` (the largest folded value: folding copies each result into the
-    graph's initializers, so the largest is held twice for a moment), `overhead`, and the number of folded values
-    whose shape was not inferred (`unsized`, counted at their largest input's size)."""
+    graph's initializers, so the largest is held twice for a moment), `fused` (the copies QDQ fusion makes of
+    block-wise DequantizeLinear weights of MatMuls), `overhead`, and the number of folded values whose shape was
+    not inferred (`unsized`, counted at their largest input's size)."""
 
     initializers: int
     folded: int
     inline: int = 0
     largest: int = 0
+    fused: int = 0
     overhead: int = SESSION_OVERHEAD
     unsized: int = 0
 
     @property
     def total(self) -> int:
-        return (int(self.initializers + self.inline * (INLINE_FACTOR - 1)) + self.folded + self.largest
-                + self.overhead)
+        return (int(self.initializers + self.inline * (INLINE_FACTOR - 1) + self.folded * FOLD_FACTOR) + self.largest
+                + self.fused + self.overhead)
 
 
 def _itemsize(data_type: int) -> int:
@@ -72,6 +79,18 @@ def _itemsize(data_type: int) -> int:
         return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
     except (KeyError, TypeError, ValueError):
         return 8
+
+
+# 4-bit types are held two values a byte (numpy's ml_dtypes give them a byte each)
+_HALF_BYTE = frozenset(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+                       if hasattr(onnx.TensorProto, n))
+
+
+def _held_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes ONNX Runtime holds for a stored tensor, inline or external, from its dims and type."""
+    if tensor.data_type in _HALF_BYTE:
+        return (int(np.prod(tensor.dims, dtype=np.int64)) + 1) // 2
+    return external_bytes(tensor) if is_external(tensor) else inline_bytes(tensor)
 
 
 class _Sizes:
@@ -105,7 +124,8 @@ class _Sizes:
         elem, dims = self.types.get(name, (0, None))
         if dims is None or not elem:
             return None
-        return int(np.prod(dims, dtype=np.int64)) * _itemsize(elem)
+        count = int(np.prod(dims, dtype=np.int64))
+        return (count + 1) // 2 if elem in _HALF_BYTE else count * _itemsize(elem)
 
     def count(self, name: str) -> int:
         dims = self.shape(name)
@@ -117,11 +137,34 @@ def predict_load(model: onnx.ModelProto | str) -> LoadEstimate:
     if isinstance(model, str):
         model = onnx.load(model, load_external_data=False)
     tensors = list(iter_tensors(model.graph))
-    inline = sum(inline_bytes(t) for t in tensors if not is_external(t))
-    initializers = inline + sum(external_bytes(t) for t in tensors if is_external(t))
+    inline = sum(_held_bytes(t) for t in tensors if not is_external(t))
+    initializers = inline + sum(_held_bytes(t) for t in tensors if is_external(t))
     values: list[int] = []
-    unsized = _fold(model.graph, set(), _Sizes(model), values)
-    return LoadEstimate(initializers, sum(values), inline, max(values, default=0), unsized=unsized)
+    sizes = _Sizes(model)
+    unsized = _fold(model.graph, set(), sizes, values)
+    return LoadEstimate(initializers, sum(values), inline, max(values, default=0), _fused_bytes(model, sizes),
+                        unsized=unsized)
+
+
+def _fused_bytes(model: onnx.ModelProto, sizes: _Sizes) -> int:
+    """Bytes of the weights onnxruntime's QDQ fusion makes while the originals are held: a block-wise
+    DequantizeLinear of an initializer read as a MatMul's B becomes MatMulNBits with its own copy of the codes,
+    float32 scales and the zero points (the 3 GB decoder's ON_THE_FLY int4 output: 447 MB of tensors took 930 MB
+    to load)."""
+    held = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer}
+    total = 0
+    for graph in iter_graphs(model.graph):
+        weights = {node.input[1] for node in graph.node if node.op_type == "MatMul" and len(node.input) > 1}
+        for node in graph.node:
+            if (node.op_type != "DequantizeLinear" or not attribute(node, "block_size", 0)
+                    or node.output[0] not in weights or node.input[0] not in held):
+                continue
+            total += _held_bytes(held[node.input[0]])
+            scale = held.get(node.input[1])
+            total += 4 * (int(np.prod(scale.dims, dtype=np.int64)) if scale is not None else sizes.count(node.input[1]))
+            if len(node.input) > 2 and node.input[2] in held:
+                total += _held_bytes(held[node.input[2]])
+    return total
 
 
 def folded_bytes(model: onnx.ModelProto) -> int:
