@@ -471,3 +471,29 @@ def test_nan_from_an_output_that_ran_alone_is_a_warning_or_with_a_floor_an_error
     code, _, err = convert_cli(work, "default_8bit", capsys, "--verifyFloor=0.9")
     assert code == 1 and "has NaN/Inf on the 2 synthetic inputs" in err
     assert not [p for p in (work / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_heap_temporaries_sets_glibc_thresholds_and_is_a_no_op_without_glibc(monkeypatch):
+    """The pass's temporaries up to 32 MB come from glibc's heap (mmap threshold 32 MB, trim threshold twice that);
+    without glibc nothing is called. convert() sets them before the pass."""
+    from ptqlite import stream
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(stream, "_LIBC", FakeLibc())
+    stream.heap_temporaries()
+    stream.trim_heap()
+    assert calls == [(-3, 32 << 20), (-1, 64 << 20), ("trim", 0)]
+    monkeypatch.setattr(stream, "_LIBC", False)  # looked up, not found
+    stream.heap_temporaries()
+    stream.trim_heap()
+    assert len(calls) == 3

@@ -31,7 +31,7 @@ from .paths import check_output_folder, publish_folder, remove_quietly, stage_fo
 from .plan import WEIGHT_SLOTS, expand_skips, weight_tensors
 from .result import ConversionResult, SkippedTensor
 from .runtime import cpu_session, temp_model_file
-from .stream import StagedOutput, reading_from, trim_heap
+from .stream import StagedOutput, heap_temporaries, reading_from, trim_heap
 from .targets import target as target_preset
 from .validate import checked_samples, one_line, validate_with_copy
 
@@ -180,6 +180,7 @@ def _checked(model: onnx.ModelProto, config: QuantConfig, model_path: str | Path
     """The conversion after the input checks (`copy`: their copy of the model, or None)."""
     quant_pass = pass_for(config)
     trim_heap()  # the input check's ONNX Runtime session left its load-time scratch in the heap
+    heap_temporaries()  # the pass's temporaries from the heap, whatever the checks freed before it
     report_folder = config.common.debug_info_save_path
     if report_folder:
         check_output_folder(Path(report_folder), "debug_info_save_path")
