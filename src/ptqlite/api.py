@@ -51,8 +51,9 @@ def convert(model: ModelLike, config: ConfigLike, calibration: Any = None, *,
     from files; `progress` shows bars (default: on a terminal); `alwc_weights` is DYNAMIC_QUANT's ALWC weight
     storage ("int8" or "uint8"). `input_shapes` ({name: dims} or --inputShape's text) fix input shapes for
     calibration and analysis only; the output keeps the model's own. `verify` runs the verification gate
-    (result.verification; docs/spec.md "Verification"); `verify_floor` in (0, 1] makes a collapse below it a
-    ConversionError instead of a warning. converter_lite's flags, with their values and messages: `fp16`
+    (result.verification; docs/spec.md "Verification": an output too large to load in the memory available is
+    returned unverified, result.verification.not_loaded saying why, with a warning in result.warnings);
+    `verify_floor` in (0, 1] makes a collapse below it a ConversionError instead of a warning. converter_lite's flags, with their values and messages: `fp16`
     (--fp16=on) stores the float32 constants left unquantized as float16; `input_data_type` /
     `output_data_type` "INT8" or "UINT8" (--inputDataType / --outputDataType, FULL_QUANT only) make the float
     graph inputs / outputs integer codes, their scales in result.notes and metadata_props (io_types.py)."""
