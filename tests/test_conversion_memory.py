@@ -4,6 +4,7 @@ the quantized ONNX Runtime sessions together."""
 
 from __future__ import annotations
 
+import sys
 import tracemalloc
 import weakref
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import record_gate_sessions
+from helpers import record_gate_sessions, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import ptqlite.verify as verify_module
@@ -193,7 +194,6 @@ def test_the_gate_never_holds_both_sessions(monkeypatch):
 def test_the_cli_gate_loads_the_float_model_from_the_checks_copy_and_scores_the_same(tmp_path, capsys, monkeypatch):
     """The gate's float side is the input checks' copy (validate.validate_with_copy: the weights in a data file the
     session maps), removed afterwards; the scores are those of a conversion in memory (Python API)."""
-    from helpers import run_cli
 
     model = tmp_path / "embed.onnx"
     onnx.save(_embedding_model(64, 16), model)
@@ -207,6 +207,28 @@ def test_the_cli_gate_loads_the_float_model_from_the_checks_copy_and_scores_the_
     assert not Path(loaded[0]).parent.exists()
     in_memory = convert(onnx.load(model), parse_config(MIXED), progress=False).verification.outputs[0]
     assert f"cosine mean {in_memory.mean:.6f}, min {in_memory.min:.6f}" in out
+
+
+def test_the_cli_without_the_gate_converts_the_loaded_model_itself(tmp_path, capsys, monkeypatch):
+    """--verify=off: nothing reads the loaded float model after the pass, so the pass works on it instead of a
+    copy (one copy of the weights less at the conversion's peak), and the output is the same."""
+    convert_module = sys.modules["ptqlite.convert"]  # the package's `convert` is the function
+
+    model = tmp_path / "embed.onnx"
+    onnx.save(_embedding_model(64, 16), model)
+    config = tmp_path / "mixed.cfg"
+    config.write_text(MIXED)
+    copies = []
+    real_copy = convert_module._copy
+    monkeypatch.setattr(convert_module, "_copy", lambda m: copies.append(len(m.graph.initializer)) or real_copy(m))
+    code, _, _ = run_cli(["convert", "--fmk=ONNX", f"--modelFile={model}", f"--outputFile={tmp_path / 'q'}",
+                          f"--configFile={config}", "--verify=off"], capsys)
+    assert code == 0
+    # only the output's own copy at the end (a decoder graph: more initializers than the model's one table)
+    assert len(copies) == 1 and copies[0] > 1
+    expected = convert(onnx.load(model), parse_config(MIXED), progress=False, verify=False).model
+    assert onnx.load(tmp_path / "q.onnx").SerializeToString(deterministic=True) == \
+        expected.SerializeToString(deterministic=True)
 
 
 def test_in_place_conversion_gives_the_same_output_and_only_where_asked():

@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     config, model = load_inputs(args, apply_shapes=False, lazy=lambda c: not discard and args.fmk == "ONNX"
                                 and not streaming_refusal(c, shapes, args.modelFile, lite.fp16))
     lite_flags.check_for_config(lite, config)
+    # the input's size for the summary, from the loaded model's entries (the pass may change them in place)
+    source_bytes = stored_bytes(args.modelFile, model if args.fmk == "ONNX" else None)
     streamed = has_external_data(model, iter_tensors)
     if not discard:
         _check_input_data_kept(model, Path(args.modelFile), out)
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     gate_here = (verify and not streamed and args.fmk == "ONNX" and not shapes and not lite.input_type
                  and not lite.output_type and not config.common.debug_info_save_path)
     # With --inputShape the pass works on the loaded model itself and the gate reads the float model from the file
-    # (no copy of the weights beside it); integer boundaries read the float model afterwards.
+    # (no copy of the weights beside it); integer boundaries read the float model afterwards. With --verify=off
+    # nothing reads it afterwards either (unless integer boundaries do), so the pass may work on it too.
     given_up = (bool(shapes) and not streamed and args.fmk == "ONNX" and not lite.input_type
                 and not lite.output_type)
     # the gate's inputs are read from the model's graph inputs: kept without the weights, since the pass works on
@@ -144,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
     result = convert(model, config, input_format=args.inputDataFormat or None, model_path=args.modelFile,
                      defer_reports=True, input_shapes=shapes, verify=verify and not gate_here, verify_floor=floor,
                      analyze_command=analyze_command(args), float16=lite.fp16,
-                     stream_to=out if streamed else None, in_place=gate_here or given_up, keep_checked_copy=gate_here)
+                     stream_to=out if streamed else None,
+                     in_place=gate_here or given_up or (not verify and not lite.input_type and not lite.output_type),
+                     keep_checked_copy=gate_here)
     try:
         if gate_here:
             started = time.perf_counter()
@@ -180,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         discard_output(result)
         discard_reports(result)
     if not args.quiet:
-        print(summary(result, Path(args.modelFile), None if discard else out))
+        print(summary(result, Path(args.modelFile), None if discard else out, source_bytes))
     return 0
 
 
@@ -200,10 +205,10 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.2f} MB"
 
 
-def summary(result: ConversionResult, source: Path, out: Path | None) -> str:
+def summary(result: ConversionResult, source: Path, out: Path | None, before: int | None = None) -> str:
     """What the conversion did; `out` None when nothing was written (--outputFile=/dev/null). Sizes include
-    external-data files."""
-    before = stored_bytes(source)
+    external-data files; `before`: the input's (stored_bytes), measured from the file when not given."""
+    before = stored_bytes(source) if before is None else before
     if out is None:
         model = result.model
         after = tensor_bytes(model) if too_large_for_one_file(model) else model.ByteSize()

@@ -243,17 +243,19 @@ def external_locations(model: onnx.ModelProto) -> set[str]:
     return {entry.value for t in iter_tensors(model.graph) for entry in t.external_data if entry.key == "location"}
 
 
-def stored_bytes(path: str | Path) -> int:
+def stored_bytes(path: str | Path, model: onnx.ModelProto | None = None) -> int:
     """Bytes a model takes on disk: the file plus the external-data files its tensors name (a SavedModel
-    folder: all its files)."""
+    folder: all its files). `model`: the ONNX model as loaded from `path`, whose external-data entries are read
+    instead of parsing the file again (which holds a model without external data whole in memory)."""
     path = Path(path)
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     total = path.stat().st_size
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001  (the size of the file itself is still right)
-        return total
+    if model is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001  (the size of the file itself is still right)
+            return total
     locations = external_locations(model)
     return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 

@@ -872,10 +872,17 @@ def run(model: onnx.ModelProto, config: QuantConfig, input_format: str | None = 
     inits = [t for d in decoders for t in d.initializers] + mapping.decoder.initializers
     inits = shared.used_by(nodes) + inits
     shared.compact(nodes + [reader for reader, _ in after] + mapping.decoder.nodes, inits)
+    # The decoders hold the layers' data now: the codes (held for every layer until here) and the decoders'
+    # own references go before the graph takes its copy of the data, so the copies do not add up.
+    for layer in layers:
+        layer.stored_q = layer.stored_decoded = layer.remake = None
+    for decoder in decoders:
+        decoder.initializers = []
+    del decoders
+    result.quantized = [_record(layer) for layer in layers]
     # keyed by the readers' output names once they are final
     replace_weights(model, {layer.spec.tensor for layer in layers}, nodes, inits,
              {reader.output[0]: following for reader, following in after})
-    result.quantized = [_record(layer) for layer in layers]
     return result
 
 

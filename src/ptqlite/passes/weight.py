@@ -732,10 +732,14 @@ def replace_weights(model: onnx.ModelProto, removed: set[str], nodes: list[onnx.
              inits: list[onnx.TensorProto], after: dict[str, list[onnx.NodeProto]] | None = None) -> None:
     """Swap quantized initializers for their decoders; decoders go first since they read only constants.
 
-    after: nodes to insert right after the node whose first output is the key.
+    after: nodes to insert right after the node whose first output is the key. `inits` is emptied.
     """
     remove_initializers(model.graph, removed)
-    model.graph.initializer.extend(inits)
+    # one at a time, each dropped from `inits` once the graph holds its copy (protobuf copies on append): a
+    # caller that keeps no other reference never holds the decoders' data twice
+    inits.reverse()
+    while inits:
+        model.graph.initializer.append(inits.pop())
     old_nodes = list(model.graph.node)
     after = after or {}
     del model.graph.node[:]
