@@ -19,8 +19,9 @@ run next to the float model, and each graph output is compared.
   outputs must be finite (Verification.non_finite), and the summary says why it was not compared.
 - The output's session is made only when what loading it needs (loadmem.predict_load: its tensors and every value
   ONNX Runtime's constant folding materialises at load, the float weights a mixed-bit output decodes to among
-  them) plus LOAD_RESERVE fits in the memory available just before it loads; else the gate does not load it, the
-  output is NOT verified (Verification.not_loaded says why, with both figures) and convert() warns.
+  them) plus LOAD_RESERVE fits in the memory available, asked before the float model runs and again just before
+  the output loads; else the gate does not load it (nor, when known first, the float model), the output is NOT
+  verified (Verification.not_loaded says why, with both figures) and convert() warns.
 - Slices: the whole-output cosine is dominated by the output's largest values (a detector's box coordinates in
   pixels beside its 0..1 class scores), so each float output is also cut along every short axis (2 to MAX_SLICES
   entries, at least MIN_SLICE_VALUES values per entry and sample); each slice whose float norm is under
@@ -429,6 +430,11 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
     one of the float model's outputs. `other_shape` (the original float model, one sample at other input shapes,
     their text) also runs both there and records a failure or a different output shape in shape_problem."""
     result = Verification(source, len(inputs), floor)
+    # An output that does not fit now will not after the float model's run either: neither session is made.
+    # It is asked again just before the output loads, when the memory available may have shrunk.
+    result.not_loaded = too_large_to_load(quant_model)
+    if result.not_loaded:
+        return result
     with contextlib.ExitStack() as stack:
         too_large = too_large_to_compare(float_plan(float_model))
         if not too_large:
