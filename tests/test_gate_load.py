@@ -173,8 +173,10 @@ def test_a_folding_output_of_the_api_is_written_unverified_with_a_warning(monkey
     quantized = convert(decoder(), config, verify=False).model
     estimate = loadmem.predict_load(quantized)
     assert estimate.folded > 0  # the decoders fold at load
-    monkeypatch.setattr(verify_module, "available_memory",
-                        lambda: estimate.total + verify_module.LOAD_RESERVE - 1)
+    # too little even for a session without constant folding (which needs less: the next tests)
+    unfolded = loadmem.predict_unfolded(quantized)
+    assert unfolded < estimate.total
+    monkeypatch.setattr(verify_module, "available_memory", lambda: unfolded + verify_module.LOAD_RESERVE - 1)
     loaded = record_gate_sessions(monkeypatch)
     result = convert(decoder(), config)
     assert loaded == []
@@ -246,3 +248,59 @@ def test_a_block_wise_dequantize_of_a_matmul_weight_counts_the_fused_copy():
     assert estimate.folded == k // block * n * 4  # the Cast of the scales
     assert estimate.fused == k * n // 2 + 4 * (k // block * n) + k // block * n // 2
     assert estimate.initializers == k * n // 2 + k // block * n // 2 + k // block * n * 2
+
+
+def _spy_folding(monkeypatch) -> list[bool]:
+    """constant_folding of every session the gate makes for the output (the float model's are not recorded)."""
+    seen: list[bool] = []
+    real = verify_module.cpu_session
+
+    def spy(model, purpose, **kwargs):
+        seen.append(kwargs.get("constant_folding", True))
+        return real(model, purpose, **kwargs)
+
+    monkeypatch.setattr(verify_module, "cpu_session", spy)
+    return seen
+
+
+def test_an_output_whose_folding_does_not_fit_is_compared_without_constant_folding(monkeypatch, caplog):
+    """Reproduction (issue 11: a mixed-bit output over 2 GB decodes to several times its float model at load):
+    where the default load does not fit but the decoded values alone do, the gate compares the output in a
+    session without constant folding (the same kernels: the same values), and says why, with a warning."""
+    config = parse_config(CONFIGS["default_8bit"].replace("bit_num=8", "bit_num=4"))
+    quantized = convert(decoder(), config, verify=False).model
+    estimate, unfolded = loadmem.predict_load(quantized), loadmem.predict_unfolded(quantized)
+    room = unfolded + verify_module.LOAD_RESERVE
+    assert room < estimate.total + verify_module.LOAD_RESERVE
+    reference = convert(decoder(), config)  # with the memory the machine has: the default session
+    assert not reference.verification.unfolded
+    monkeypatch.setattr(verify_module, "available_memory", lambda: room)
+    seen = _spy_folding(monkeypatch)
+    result = convert(decoder(), config)
+    assert seen[-1] is False  # the output's session: without constant folding
+    checked = result.verification
+    assert not checked.not_loaded and checked.unfolded.startswith("loading it in ONNX Runtime would need about")
+    assert checked.outputs[0].mean == pytest.approx(reference.verification.outputs[0].mean, abs=1e-6)
+    assert result.warnings[0] == verify_module.unfolded_message(checked)  # (then the 4-bit caution)
+    assert "without constant folding" in caplog.text
+
+
+def test_a_session_without_constant_folding_computes_the_same_outputs():
+    """Property of the fallback: the decoders run at every run compute what folding computes at load."""
+    config = parse_config(CONFIGS["mixed_bit"])
+    quantized = convert(decoder(), config, verify=False).model
+    feeds = {"ids": _ids()[0]["ids"]}
+    folded = cpu_session(quantized, "for the test").run(None, feeds)
+    unfolded = cpu_session(quantized, "for the test", constant_folding=False).run(None, feeds)
+    for a, b in zip(folded, unfolded, strict=True):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert loadmem.predict_unfolded(quantized) < loadmem.predict_load(quantized).total
+
+
+def test_the_cli_says_the_output_was_compared_without_constant_folding(work, capsys, monkeypatch):  # noqa: F811
+    why = "loading it in ONNX Runtime would need about 9.9 GB of memory (its tensors 2.00 GB) and 5.0 GB is available"
+    monkeypatch.setattr(verify_module, "too_large_to_load", lambda model: why)
+    monkeypatch.setattr(verify_module, "too_large_to_run_unfolded", lambda model: False)
+    code, out, _ = convert_cli(work, "mixed_bit", capsys)
+    assert code == 0 and "cosine mean" in out
+    assert f"  note: in a session without constant folding, since {why}" in out

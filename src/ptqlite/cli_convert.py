@@ -243,6 +243,8 @@ def verification_lines(verification: Verification | None) -> list[str]:
         return [f"verified that ONNX Runtime loads the output; not compared with the float model: {verification.skipped}"]
     lines = [f"verified in ONNX Runtime against the float model on {verification.inputs}:"]
     lines += [f"  {describe(check)}" for check in verification.outputs]
+    if verification.unfolded:
+        lines.append(f"  note: in a session without constant folding, since {verification.unfolded}")
     if is_synthetic(verification):
         lines.append(f"  note: {SYNTHETIC_NOTE}")
     if verification.skipped:

@@ -167,6 +167,25 @@ def _fused_bytes(model: onnx.ModelProto, sizes: _Sizes) -> int:
     return total
 
 
+def predict_unfolded(model: onnx.ModelProto | str) -> int:
+    """Bytes an ONNX Runtime CPU session without constant folding needs to load `model` and run it: the tensors
+    (as predict_load counts them), every value computed from constants that a node computed from the inputs reads
+    (the decoded weights: a run computes them first, since they read constants only, and each is held until its
+    reader has run; all of them held together is the bound), twice the largest value computed from constants
+    (a decoder's last intermediate and its result), and the session's overhead."""
+    if isinstance(model, str):
+        model = onnx.load(model, load_external_data=False)
+    estimate = predict_load(model)
+    named: dict[str, int] = {}
+    _fold(model.graph, set(), _Sizes(model), [], named)
+    read = {name for graph in iter_graphs(model.graph) for node in graph.node if not set(node.output) <= set(named)
+            for name in node.input}
+    read |= {value.name for value in model.graph.output}
+    results = sum(nbytes for name, nbytes in named.items() if name in read)
+    return int(estimate.initializers + estimate.inline * (INLINE_FACTOR - 1)) + results + 2 * estimate.largest \
+        + estimate.fused + estimate.overhead
+
+
 def folded_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every value constant folding makes when ONNX Runtime loads `model` (LoadEstimate.folded)."""
     values: list[int] = []
@@ -174,16 +193,18 @@ def folded_bytes(model: onnx.ModelProto) -> int:
     return sum(values)
 
 
-def _fold(graph: onnx.GraphProto, outer: set[str], sizes: _Sizes, values: list[int]) -> int:
+def _fold(graph: onnx.GraphProto, outer: set[str], sizes: _Sizes, values: list[int],
+          named: dict[str, int] | None = None) -> int:
     """Append to `values` the bytes of each value constant folding makes in `graph` and its bodies (`outer`: the
-    constant names of the graphs around it); returns how many of them were not sized by shape inference."""
+    constant names of the graphs around it), and record them by name in `named` when given; returns how many of
+    them were not sized by shape inference."""
     constant = set(outer) | {t.name for t in graph.initializer} | {""}
     counts = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer}
     unsized = 0
     for node in graph.node:
         bodies = subgraphs(node)
         for body in bodies:
-            unsized += _fold(body, constant, sizes, values)
+            unsized += _fold(body, constant, sizes, values, named)
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             constant.update(node.output)  # a Constant is an initializer to onnxruntime (counted with them)
             continue
@@ -204,5 +225,7 @@ def _fold(graph: onnx.GraphProto, outer: set[str], sizes: _Sizes, values: list[i
                 nbytes, unsized = largest * _itemsize(elem), unsized + 1
             counts[out] = sizes.count(out) if sizes.shape(out) is not None else largest
             values.append(nbytes)
+            if named is not None:
+                named[out] = nbytes
             constant.add(out)
     return unsized

@@ -64,6 +64,9 @@ class Verification:
     skipped: str = ""  # why the comparison with the float model did not run ("" when it did)
     # Why the gate did not load the output at all ("" when it did): the output is NOT verified
     not_loaded: str = ""
+    # Why the gate ran the output in a session without constant folding ("" when it used ONNX Runtime's defaults):
+    # loading it with the defaults needs more memory than is available
+    unfolded: str = ""
     # When the float model was too large to run: the samples the output ran on alone, and its float outputs that held
     # NaN/Inf, with on how many of them
     ran_alone: int = 0

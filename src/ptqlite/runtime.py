@@ -55,14 +55,16 @@ def _options(threads: int | None = None, spinning: bool = True, profile_prefix: 
 
 def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = True,
                 optimize: bool = True, threads: int | None = None, qdq_fusion: bool = True,
-                prepacking: bool = True) -> ort.InferenceSession:
+                prepacking: bool = True, constant_folding: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session on an in-memory model (or a model file, for models over 2 GB); a model it
     cannot load is a ConversionError naming `purpose` (e.g. "for calibration"). spinning=False keeps idle worker
     threads from taking the CPU that Python work between runs needs; optimize=False only loads (a load check);
     `threads` fixes the intra-op threads (onnxruntime's default otherwise); qdq_fusion=False runs
     QuantizeLinear/DequantizeLinear as written instead of fusing them into int8 kernels; prepacking=False keeps
     the kernels from copying constant weights into their packed layouts, so weights read from a memory-mapped
-    external data file stay mapped (the gate's float model: verify.FloatPlan)."""
+    external data file stay mapped (the gate's float model: verify.FloatPlan); constant_folding=False computes
+    the values that depend on constants only on every run instead of once at load (the gate's output where its
+    default load does not fit in memory: verify.too_large_to_load)."""
     import onnxruntime as ort
 
     staged = None
@@ -74,9 +76,10 @@ def cpu_session(model: onnx.ModelProto | str, purpose: str, spinning: bool = Tru
     else:
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
+        unfolded = {} if constant_folding else {"disabled_optimizers": ["ConstantFolding"]}
         return ort.InferenceSession(source, _options(threads, spinning=spinning, optimize=optimize,
                                                      qdq_fusion=qdq_fusion, prepacking=prepacking),
-                                    providers=["CPUExecutionProvider"])
+                                    providers=["CPUExecutionProvider"], **unfolded)
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises several unrelated types)
         raise ConversionError(f"onnxruntime cannot load the model {purpose} ({exc})") from None
     finally:

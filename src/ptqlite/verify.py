@@ -20,7 +20,10 @@ run next to the float model, and each graph output is compared.
 - The output's session is made only when what loading it needs (loadmem.predict_load: its tensors and every value
   ONNX Runtime's constant folding materialises at load, the float weights a mixed-bit output decodes to among
   them) plus LOAD_RESERVE fits in the memory available, asked before the float model runs and again just before
-  the output loads; else the gate does not load it (nor, when known first, the float model), the output is NOT
+  the output loads. Else, where a session without constant folding fits (loadmem.predict_unfolded: the tensors
+  and the decoded values, computed on every run), the output is compared in one (the same kernels compute the
+  same values; Verification.unfolded says why, and convert() warns that the default load needs more memory);
+  else the gate does not load it (nor, when known first, the float model), the output is NOT
   verified (Verification.not_loaded says why, with both figures) and convert() warns.
 - Slices: the whole-output cosine is dominated by the output's largest values (a detector's box coordinates in
   pixels beside its 0..1 class scores), so each float output is also cut along every short axis (2 to MAX_SLICES
@@ -49,7 +52,7 @@ import onnx
 
 from .config import QuantConfig
 from .errors import ConversionError, PtqError, VerificationError
-from .loadmem import folded_bytes, predict_load
+from .loadmem import folded_bytes, predict_load, predict_unfolded
 from .model import (
     IoShapes,
     external_locations,
@@ -271,6 +274,22 @@ def too_large_to_load(model: onnx.ModelProto | str) -> str:
             f"{estimate.initializers / 1e9:.2f} GB{folded}) and {have / 1e9:.1f} GB is available")
 
 
+def too_large_to_run_unfolded(model: onnx.ModelProto | str) -> bool:
+    """Whether the output's session without constant folding (loadmem.predict_unfolded) and LOAD_RESERVE would
+    not fit in the memory available either, or would not need less than the default session."""
+    estimate = predict_load(model)
+    unfolded = predict_unfolded(model)
+    return unfolded >= estimate.total or unfolded + LOAD_RESERVE > available_memory()
+
+
+def unfolded_message(verification: Verification) -> str:
+    """One line: the gate compared the output in a session without constant folding, and why."""
+    return (f"the output was compared in an ONNX Runtime session without constant folding, since {verification.unfolded}; "
+            "with ONNX Runtime's defaults it loads only where that memory is available, or run it with constant "
+            "folding off (Python: InferenceSession(..., disabled_optimizers=['ConstantFolding'])), which "
+            "decodes its weights on every run")
+
+
 def not_loaded_message(verification: Verification) -> str:
     """One line: the gate did not load the output, so the output was written unverified."""
     return (f"the output was written but NOT verified: the gate did not load it, since {verification.not_loaded}; "
@@ -430,10 +449,12 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
     one of the float model's outputs. `other_shape` (the original float model, one sample at other input shapes,
     their text) also runs both there and records a failure or a different output shape in shape_problem."""
     result = Verification(source, len(inputs), floor)
-    # An output that does not fit now will not after the float model's run either: neither session is made.
-    # It is asked again just before the output loads, when the memory available may have shrunk.
-    result.not_loaded = too_large_to_load(quant_model)
-    if result.not_loaded:
+    # An output that does not fit now, with constant folding or without, will not after the float model's run
+    # either: neither session is made. It is asked again just before the output loads, when the memory available
+    # may have shrunk.
+    why = too_large_to_load(quant_model)
+    if why and too_large_to_run_unfolded(quant_model):
+        result.not_loaded = why
         return result
     with contextlib.ExitStack() as stack:
         too_large = too_large_to_compare(float_plan(float_model))
@@ -451,10 +472,9 @@ def verify(float_model: onnx.ModelProto | str, quant_model: onnx.ModelProto | st
         if quant_source is None:
             result.not_loaded = f"the output {no_room}"
             return result
-        result.not_loaded = too_large_to_load(quant_source)
-        if result.not_loaded:
+        quant = _output_session(result, quant_source, float_source)
+        if quant is None:
             return result
-        quant = _quant_session(quant_source, float_source)
         return _compare(result, quant, names, expected, stopped, inputs, source, floor, other_shape)
 
 
@@ -467,10 +487,9 @@ def _run_alone(result: Verification, quant_model: onnx.ModelProto | str, inputs:
     if quant_source is None:
         result.not_loaded = f"the output {no_room}"
         return
-    result.not_loaded = too_large_to_load(quant_source)
-    if result.not_loaded:
+    quant = _output_session(result, quant_source, None)
+    if quant is None:
         return
-    quant = _quant_session(quant_source, None)
     names = [o.name for o in quant.get_outputs()]
     for number, feeds in enumerate(inputs):
         try:
@@ -536,11 +555,28 @@ def _compare(result: Verification, quant, names: list[str] | None, expected: lis
     return result
 
 
-def _quant_session(quant_model: onnx.ModelProto | str, float_model: onnx.ModelProto | str | None):
+def _output_session(result: Verification, quant_source: onnx.ModelProto | str,
+                    float_source: onnx.ModelProto | str | None):
+    """The output's session with ONNX Runtime's defaults where its load fits in the memory available; else,
+    where what the output's constant folding materialises is what does not fit, a session without constant
+    folding (the decoders then run on every run: the same kernels, so the same values, in the memory of their
+    results only; result.unfolded says why); else None, with result.not_loaded saying why."""
+    why = too_large_to_load(quant_source)
+    if not why:
+        return _quant_session(quant_source, float_source)
+    if too_large_to_run_unfolded(quant_source):
+        result.not_loaded = why
+        return None
+    result.unfolded = why
+    return _quant_session(quant_source, float_source, constant_folding=False)
+
+
+def _quant_session(quant_model: onnx.ModelProto | str, float_model: onnx.ModelProto | str | None,
+                   constant_folding: bool = True):
     """The output's session; one that does not load is a VerificationError (saying whether the float model
     loads either, unless `float_model` is None: too large to load)."""
     try:
-        return cpu_session(quant_model, _PURPOSE, spinning=False)
+        return cpu_session(quant_model, _PURPOSE, spinning=False, constant_folding=constant_folding)
     except ConversionError as exc:
         message = _runtime_message(exc)
     if float_model is None:
@@ -693,6 +729,9 @@ def run_gate(original: onnx.ModelProto, reference: onnx.ModelProto, runnable: on
     command = analyze_command or f"ptqlite analyze --fmk=ONNX --modelFile=MODEL --configFile={config.source}"
     # a collapse or NaN/Inf is an error under --verifyFloor, else a warning; the low-bit caution is always a warning,
     # and so is an output the gate did not load: it is written unverified, as with --verify=off (exit 0), but said
+    if result.verification.unfolded:  # verified, but the default load needs more memory than this machine has
+        result.warnings.append(unfolded_message(result.verification))
+        log.warning("%s", result.warnings[-1])
     if result.verification.not_loaded:
         message, fatal = not_loaded_message(result.verification), False
     elif result.verification.collapsed:
