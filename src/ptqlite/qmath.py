@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,10 +61,15 @@ class QParams:
 
 def asymmetric_params(x: np.ndarray, bits: int, axis: int | None, signed: bool = True) -> QParams:
     """Asymmetric full-range parameters; the range always holds 0 and 0 is exactly representable."""
-    qmin, qmax = qrange(bits, signed)
     axes = reduce_axes(x.ndim, axis)
-    lo = np.minimum(x.min(axis=axes, keepdims=True).astype(np.float64), 0.0)
-    hi = np.maximum(x.max(axis=axes, keepdims=True).astype(np.float64), 0.0)
+    return asymmetric_params_of_range(x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True), bits, signed)
+
+
+def asymmetric_params_of_range(low: np.ndarray, high: np.ndarray, bits: int, signed: bool = True) -> QParams:
+    """asymmetric_params from the per-channel minimum and maximum (a weight reduced a block at a time)."""
+    qmin, qmax = qrange(bits, signed)
+    lo = np.minimum(np.asarray(low).astype(np.float64), 0.0)
+    hi = np.maximum(np.asarray(high).astype(np.float64), 0.0)
     span = hi - lo
     scale = np.where(span > 0, span / (qmax - qmin), 1.0)
     zero_point = np.clip(round_half_away(qmin - lo / scale), qmin, qmax).astype(np.int64)
@@ -250,6 +256,36 @@ def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
     work -= w_hat
     err = float(np.sum(np.square(work, out=work)))
     del work
+    return float(np.sqrt(err / denom)) if denom > 0 else float(err > 0)
+
+
+def relative_error_by_ranges(w: np.ndarray, w_hat: Callable[[int, int], np.ndarray], leaf: int = 1 << 20,
+                             release: Callable[[int, int], None] | None = None) -> float:
+    """relative_error(w, w_hat) without w_hat whole: `w_hat(start, stop)` gives its flat elements [start, stop).
+
+    numpy sums a contiguous float64 array pairwise (pairwise_sum: above 128 values, the first half cut at a
+    multiple of 8, each half summed alike), so the sums of the halves cut at the same points, down to ranges of
+    at most `leaf` values each summed by numpy, are the same float64 values bit for bit. `release(start, stop)`
+    is told each range once read (a mapped weight's pages)."""
+    flat = w.reshape(-1)
+
+    def sums(start: int, stop: int) -> tuple[float, float]:
+        count = stop - start
+        if count > max(leaf, 128):
+            half = count // 2
+            half -= half % 8
+            (d1, e1), (d2, e2) = sums(start, start + half), sums(start + half, stop)
+            return d1 + d2, e1 + e2
+        work = flat[start:stop].astype(np.float64)
+        denom = np.sum(np.square(work, out=work))
+        work[...] = flat[start:stop]
+        work -= w_hat(start, stop)
+        err = np.sum(np.square(work, out=work))
+        if release is not None:
+            release(start, stop)
+        return denom, err
+
+    denom, err = sums(0, flat.size)
     return float(np.sqrt(err / denom)) if denom > 0 else float(err > 0)
 
 

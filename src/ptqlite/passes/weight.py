@@ -40,6 +40,7 @@ from ..plan import WeightSpec, plan_weights, weight_quant_rules
 from ..prepare import fold_batch_norm
 from ..qmath import (
     asymmetric_params,
+    asymmetric_params_of_range,
     code_groups,
     dequantize,
     group_layout,
@@ -49,6 +50,7 @@ from ..qmath import (
     quantize,
     reduce_axes,
     relative_error,
+    relative_error_by_ranges,
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
 from ..stream import release_pages, spill, streaming
@@ -58,6 +60,11 @@ log = logging.getLogger(__name__)
 
 # Variance corrections outside this open interval are treated as degenerate and dropped (as the reference does).
 _VAR_CORR_LIMITS = (0.0, 10.0)
+
+
+# Values of a row block (8 MB of float64 temporaries): a weight larger than this is quantized a block of rows at
+# a time where the values are the same (quantize_weight).
+BLOCK_VALUES = 1 << 20
 
 
 @dataclass
@@ -76,12 +83,60 @@ class QuantizedWeight:
     mean_corr: np.ndarray
 
     def decoded(self) -> np.ndarray:
+        return self.decoded_rows(0, len(self.codes)) if self.codes.ndim else self._decode(self.codes, 0, 1)
+
+    def decoded_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of decoded(), computed from those rows alone (the same values)."""
+        return self._decode(self.codes[start:stop], start, stop)
+
+    def _decode(self, codes: np.ndarray, start: int, stop: int) -> np.ndarray:
         # float32 in the decoder's order (Mul, then Add), so this equals what onnxruntime computes
-        return self.codes.astype(np.float32) * self.scale.astype(np.float32) + self.offset.astype(np.float32)
+        scale, offset = (rows_of(v, start, stop) for v in (self.scale, self.offset))
+        return codes.astype(np.float32) * scale.astype(np.float32) + offset.astype(np.float32)
+
+
+def rows_of(param: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a parameter broadcastable to a weight (all of it when it has one row)."""
+    return param[start:stop] if np.ndim(param) and np.shape(param)[0] > 1 else param
 
 
 def quantize_weight(w: np.ndarray, bits: int, axis: int | None, correction_axis: int | None,
-                    bias_correction: bool) -> QuantizedWeight:
+                    bias_correction: bool, codes_dtype: type = np.int64,
+                    block_values: int | None = None) -> QuantizedWeight:
+    """Asymmetric codes of `w` per channel along `axis` (None: per tensor), with the distribution correction
+    along `correction_axis` when `bias_correction`. A weight of more than `block_values` values is worked a block
+    of rows at a time where that gives the same values: channels along axis 0 (every reduction within a row) or
+    the columns of a matrix (minimum and maximum of the blocks' minima and maxima, the correction's sums carried
+    row by row as numpy adds along axis 0). Other layouts (per tensor, a middle channel axis, a correction axis
+    other than the channel's) reduce across rows in numpy's pairwise order and keep the whole weight."""
+    block_values = BLOCK_VALUES if block_values is None else block_values
+    rows = _row_blocks(w, axis, correction_axis, bias_correction, block_values)
+    if rows == "rows":
+        return _quantize_by_rows(w, bits, bias_correction, codes_dtype, block_values)
+    if rows == "columns":
+        return _quantize_columns(w, bits, bias_correction, codes_dtype, block_values)
+    return _quantize_whole(w, bits, axis, correction_axis, bias_correction, codes_dtype)
+
+
+def _row_blocks(w: np.ndarray, axis: int | None, correction_axis: int | None, bias_correction: bool,
+                block_values: int) -> str:
+    """"rows", "columns" or "" (the whole weight at once): see quantize_weight."""
+    if w.ndim < 2 or w.size <= block_values or axis is None:
+        return ""
+    axis %= w.ndim
+    if bias_correction and (correction_axis is None or correction_axis % w.ndim != axis):
+        return ""
+    if axis == 0:
+        return "rows"
+    return "columns" if w.ndim == 2 and w.shape[1] > 1 and w.flags.c_contiguous else ""
+
+
+def _block_rows(w: np.ndarray, block_values: int) -> int:
+    return max(1, block_values // max(1, w[0].size))
+
+
+def _quantize_whole(w: np.ndarray, bits: int, axis: int | None, correction_axis: int | None,
+                    bias_correction: bool, codes_dtype: type = np.int64) -> QuantizedWeight:
     params = asymmetric_params(w, bits, axis)
     q = quantize(w, params)
     ones = np.ones_like(params.scale)
@@ -90,10 +145,100 @@ def quantize_weight(w: np.ndarray, bits: int, axis: int | None, correction_axis:
         var_corr, mean_corr = _distribution_correction(w, dequantize(q, params), correction_axis)
     a = params.scale * var_corr
     offset = (params.qmin - params.zero_point) * a + mean_corr
+    q -= params.qmin
     return QuantizedWeight(
-        codes=q - params.qmin, bits=bits, scale=a, offset=offset, zero_codes=params.zero_point - params.qmin,
+        codes=q if codes_dtype == np.int64 else q.astype(codes_dtype), bits=bits, scale=a, offset=offset,
+        zero_codes=params.zero_point - params.qmin, q_scale=params.scale, q_zero_point=params.zero_point,
+        var_corr=var_corr, mean_corr=mean_corr,
+    )
+
+
+def _quantize_by_rows(w: np.ndarray, bits: int, bias_correction: bool, codes_dtype: type,
+                      block_values: int) -> QuantizedWeight:
+    """Channels along axis 0: each block of rows is quantized on its own, exactly as the whole weight."""
+    step = _block_rows(w, block_values)
+    codes = np.empty(w.shape, codes_dtype)
+    parts = []
+    for start in range(0, w.shape[0], step):
+        part = _quantize_whole(w[start:start + step], bits, 0, 0, bias_correction, codes_dtype)
+        codes[start:start + step] = part.codes
+        part.codes = None
+        parts.append(part)
+        _release_rows(w, start, start + step)
+
+    def joined(field: str) -> np.ndarray:
+        return np.concatenate([getattr(part, field) for part in parts])
+
+    return QuantizedWeight(
+        codes=codes, bits=bits, scale=joined("scale"), offset=joined("offset"), zero_codes=joined("zero_codes"),
+        q_scale=joined("q_scale"), q_zero_point=joined("q_zero_point"), var_corr=joined("var_corr"),
+        mean_corr=joined("mean_corr"),
+    )
+
+
+def _quantize_columns(w: np.ndarray, bits: int, bias_correction: bool, codes_dtype: type,
+                      block_values: int) -> QuantizedWeight:
+    """Channels along the columns of a matrix, a block of rows at a time: the per-column minimum and maximum of
+    the blocks' (exact), elementwise rounding, and the correction's means and deviations summed row by row into
+    a carried sum, the order in which numpy reduces a C-contiguous matrix along axis 0 (tests check it)."""
+    step = _block_rows(w, block_values)
+    blocks = range(0, w.shape[0], step)
+    low = high = None
+    for start in blocks:
+        part = w[start:start + step]
+        part_low, part_high = part.min(axis=0, keepdims=True), part.max(axis=0, keepdims=True)
+        low = part_low if low is None else np.minimum(low, part_low)
+        high = part_high if high is None else np.maximum(high, part_high)
+        _release_rows(w, start, start + step)
+    params = asymmetric_params_of_range(low, high, bits)
+    codes = np.empty(w.shape, codes_dtype)
+    sums = [None, None]  # of the float weight and of the dequantized one, in float64
+    for start in blocks:
+        part = w[start:start + step]
+        q = quantize(part, params)
+        if bias_correction:
+            _carry(sums, 0, part.astype(np.float64))
+            _carry(sums, 1, dequantize(q, params).astype(np.float64))
+        q -= params.qmin
+        codes[start:start + step] = q
+        del q
+        _release_rows(w, start, start + step)
+    ones = np.ones_like(params.scale)
+    var_corr, mean_corr = ones, np.zeros_like(params.scale)
+    if bias_correction:
+        count = w.shape[0]
+        means = [np.true_divide(total, count) for total in sums]
+        squares = [None, None]
+        for start in blocks:
+            part = w[start:start + step].astype(np.float64)
+            decoded = dequantize(codes[start:start + step].astype(np.int64) + params.qmin, params)
+            for k, values in enumerate((part, decoded.astype(np.float64))):
+                values -= means[k]
+                _carry(squares, k, np.multiply(values, values, out=values))
+            _release_rows(w, start, start + step)
+        std_w, std_h = (np.sqrt(np.true_divide(total, count)) for total in squares)
+        var_corr, mean_corr = _corrections(std_w, std_h, means[0], means[1])
+    a = params.scale * var_corr
+    offset = (params.qmin - params.zero_point) * a + mean_corr
+    return QuantizedWeight(
+        codes=codes, bits=bits, scale=a, offset=offset, zero_codes=params.zero_point - params.qmin,
         q_scale=params.scale, q_zero_point=params.zero_point, var_corr=var_corr, mean_corr=mean_corr,
     )
+
+
+def _carry(sums: list, k: int, rows: np.ndarray) -> None:
+    """Add `rows` (keepdims shape [n, columns]) into sums[k] one row after another, the first row copied."""
+    for row in rows:
+        if sums[k] is None:
+            sums[k] = row[None].copy()
+        else:
+            sums[k] += row
+
+
+def _release_rows(w: np.ndarray, start: int, stop: int) -> None:
+    """A mapped weight's pages of rows [start, stop), read: dropped (stream.release_pages)."""
+    row = w[0].size if w.ndim else 1
+    release_pages(w, start * row, min(stop, len(w)) * row)
 
 
 def _distribution_correction(w: np.ndarray, w_hat: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -101,11 +246,16 @@ def _distribution_correction(w: np.ndarray, w_hat: np.ndarray, axis: int | None)
     axes = reduce_axes(w.ndim, axis)
     w64, h64 = w.astype(np.float64), w_hat.astype(np.float64)
     std_w, std_h = w64.std(axis=axes, keepdims=True), h64.std(axis=axes, keepdims=True)
+    return _corrections(std_w, std_h, w64.mean(axis=axes, keepdims=True), h64.mean(axis=axes, keepdims=True))
+
+
+def _corrections(std_w: np.ndarray, std_h: np.ndarray, mean_w: np.ndarray,
+                 mean_h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         var_corr = std_w / std_h
     lo, hi = _VAR_CORR_LIMITS
     var_corr = np.where(np.isfinite(var_corr) & (var_corr > lo) & (var_corr < hi), var_corr, 1.0)
-    mean_corr = w64.mean(axis=axes, keepdims=True) - h64.mean(axis=axes, keepdims=True) * var_corr
+    mean_corr = mean_w - mean_h * var_corr
     return var_corr, mean_corr
 
 
@@ -180,7 +330,9 @@ def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format:
             del bq
             new_inits += spill(inits)  # a streaming conversion writes them to the output's data file now
             continue
-        qw = quantize_weight(w, spec.bits, spec.axis, spec.correction_axis, options.bias_correction)
+        # ON_THE_FLY stores the codes as int4/int8/int16: 16-bit unsigned codes until then, not int64
+        qw = quantize_weight(w, spec.bits, spec.axis, spec.correction_axis, options.bias_correction,
+                             codes_dtype=np.uint16 if on_the_fly else np.int64)
         if on_the_fly:
             nodes, inits, storage, dequantized = _dequantize_linear(index, spec, qw, opset_version(model))
         else:
@@ -192,7 +344,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format:
                 result.skipped.append(SkippedTensor(spec.tensor, spec.op_type, spec.nodes,
                                                     "quantized storage would not be smaller than float"))
                 continue
-            nodes, inits, storage, dequantized = decoder.nodes, decoder.initializers, decoder.encoding, qw.decoded()
+            nodes, inits, storage, dequantized = decoder.nodes, decoder.initializers, decoder.encoding, qw.decoded_rows
             if where != "load":
                 for node, slot in index.consumers[spec.tensor]:  # for the debug reports: codes -> float weight
                     result.input_maps[(node.name, slot)] = (decoder.scale.astype(np.float32),
@@ -336,14 +488,30 @@ def _scheme(spec: WeightSpec) -> str:
     return "asymmetric " + (f"per-channel axis {spec.axis}" if spec.axis is not None else "per-tensor")
 
 
-def _record(spec: WeightSpec, qw: QuantizedWeight, storage: str, w: np.ndarray, w_hat: np.ndarray,
-            stored: int) -> QuantizedTensor:
+def _record(spec: WeightSpec, qw: QuantizedWeight, storage: str, w: np.ndarray, w_hat_rows, stored: int
+            ) -> QuantizedTensor:
+    """`w_hat_rows(start, stop)`: rows [start, stop) of the dequantized weight (no whole copy is made)."""
     return QuantizedTensor(
         spec.tensor, spec.op_type, spec.nodes, spec.shape, spec.bits, _scheme(spec), storage,
-        bytes_before=w.nbytes, bytes_after=stored, relative_error=relative_error(w, w_hat),
+        bytes_before=w.nbytes, bytes_after=stored, relative_error=weight_error(w, w_hat_rows),
         scale=qw.q_scale.ravel(), zero_point=qw.q_zero_point.ravel(),
         correction_var=qw.var_corr.ravel(), correction_mean=qw.mean_corr.ravel(),
     )
+
+
+def weight_error(w: np.ndarray, w_hat_rows) -> float:
+    """relative_error(w, w_hat) from the rows of w_hat (`w_hat_rows(start, stop)`), a block of rows at a time:
+    the same value bit for bit (qmath.relative_error_by_ranges)."""
+    if w.ndim == 0:
+        return relative_error(w, w_hat_rows(0, 1))
+    row = max(1, w[0].size)
+
+    def flat(start: int, stop: int) -> np.ndarray:
+        first, last = start // row, -(-stop // row)
+        return w_hat_rows(first, last).reshape(-1)[start - first * row:stop - first * row]
+
+    return relative_error_by_ranges(w, flat, leaf=max(BLOCK_VALUES, row),
+                                    release=lambda start, stop: release_pages(w, start, stop))
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
@@ -364,28 +532,47 @@ def _dequantize_linear(index: GraphIndex, spec: WeightSpec, qw: QuantizedWeight,
     else:
         dtype, np_type, width = TensorProto.INT16, np.int16, 16
     lo, hi = qrange(width)
-    q = qw.codes + qrange(bits)[0]  # signed codes of the asymmetric scheme
+    qmin = qrange(bits)[0]
     scale = np.broadcast_to(qw.q_scale * qw.var_corr, np.broadcast_shapes(qw.q_scale.shape, qw.var_corr.shape))
     zero = qw.q_zero_point - np.rint(qw.mean_corr / scale)
     zero = np.clip(np.broadcast_to(zero, scale.shape), lo, hi).astype(np_type)
     axis = None if scale.size == 1 else int(np.argmax(scale.shape))
     scale_vec = scale.reshape(-1).astype(np.float32) if axis is not None else scale.reshape(()).astype(np.float32)
     zero_vec = zero.reshape(-1) if axis is not None else zero.reshape(())
+    q = _signed_codes(qw.codes, qmin, np_type)
     prefix = spec.tensor.replace("::", "_").strip("/")
     q_name, s_name, z_name = (index.unique_name(f"{prefix}_{s}") for s in ("quantized", "scale", "zero_point"))
     if dtype == TensorProto.INT4:
         q_tensor = int4_tensor(q_name, q)
         z_tensor = int4_tensor(z_name, zero_vec)
     else:
-        q_tensor = numpy_helper.from_array(q.astype(np_type), q_name)
+        q_tensor = numpy_helper.from_array(q, q_name)
         z_tensor = numpy_helper.from_array(zero_vec, z_name)
+    del q
     s_tensor = numpy_helper.from_array(scale_vec, s_name)
     attrs = {"axis": axis} if axis is not None else {}
     node = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [spec.tensor],
                             name=index.unique_name(f"{prefix}/DequantizeLinear"), **attrs)
-    dequantized = ((q - zero.reshape(scale.shape).astype(np.float64)) * scale).astype(np.float32)
+    zero64 = zero.reshape(scale.shape).astype(np.float64)
+
+    def dequantized(start: int, stop: int) -> np.ndarray:  # rows of what DequantizeLinear computes
+        q = qw.codes[start:stop].astype(np.int64) + qmin
+        return ((q - rows_of(zero64, start, stop)) * rows_of(scale, start, stop)).astype(np.float32)
+
     storage = f"DequantizeLinear {TensorProto.DataType.Name(dtype).lower()}"
     return [node], [q_tensor, s_tensor, z_tensor], storage, dequantized
+
+
+def _signed_codes(codes: np.ndarray, qmin: int, np_type: type) -> np.ndarray:
+    """codes + qmin (the asymmetric scheme's signed codes) as `np_type`, a block of rows at a time."""
+    signed = np.empty(codes.shape, np_type)
+    if codes.ndim == 0:
+        signed[...] = codes.astype(np.int64) + qmin
+        return signed
+    step = _block_rows(codes, BLOCK_VALUES)
+    for start in range(0, len(codes), step):
+        signed[start:start + step] = codes[start:start + step].astype(np.int32) + qmin
+    return signed
 
 
 def int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
