@@ -1,12 +1,14 @@
 """Peak RSS and CPU time of one CLI conversion in every mode, for several source trees taking turns, with the
-sha256 of each output (so a change is checked to write the same bytes).
+sha256 of each output (so a change is checked to write the same bytes). --gate off converts with --verify=off
+(the pass's own peak, without the gate's sessions).
 
     .venv/bin/python bench/convert_memory.py --src /path/to/before/src src [--model minilm mobilenet_v2]
                                              [--mode weight8 mixed on_the_fly dynamic full] [--repeat 2]
+                                             [--gate off]
 
 Each conversion is the ptqlite CLI in its own child process (bench/measure.py's launcher: the peak RSS is the
 kernel's rusage of that process alone, CPU is user + system), with PYTHONPATH set to one --src folder, the gate on
-(the default). The trees take turns conversion by conversion (A B A B ...). DYNAMIC_QUANT and FULL_QUANT run with
+(unless --gate off). The trees take turns conversion by conversion (A B A B ...). DYNAMIC_QUANT and FULL_QUANT run with
 latency-aware planning off, whose timing on a loaded machine would decide the output bytes by noise. MiniLM's
 FULL_QUANT is bench/full_quant_minilm.py's CLI conversion (20 sentences, --inputShape); MobileNet V2's reads 100
 calibration images as bench/full_quant.py does. Prints one markdown row per model, mode and tree: median peak and
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["minilm", *sorted(full_quant.BENCHES)])
     parser.add_argument("--mode", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--gate", choices=["on", "off"], default="on", help="off: --verify=off")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "minilm", help="bench/minilm.py's cache")
     args = parser.parse_args(argv)
     work = ROOT / ".cache" / "bench" / "convert_memory"
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                     for old in out.parent.glob(out.name + "*"):
                         old.unlink()
                     command = [sys.executable, "-m", "ptqlite.cli", "convert", "--fmk=ONNX", f"--modelFile={model}",
-                               f"--outputFile={out}", f"--configFile={config}", "--quiet", *flags]
+                               f"--outputFile={out}", f"--configFile={config}", "--quiet", *flags,
+                               *(["--verify=off"] if args.gate == "off" else [])]
                     done = measure.run_child(command, env=dict(os.environ, PYTHONPATH=str(src.resolve())), cwd=ROOT)
                     if done.returncode != 0:
                         print(f"| {name} | {mode} | {src} | failed: {done.stderr.strip().splitlines()[-1:]} |")

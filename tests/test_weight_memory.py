@@ -4,7 +4,9 @@ pass holds no float64 copy of a large weight."""
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
+import weakref
 
 import numpy as np
 import onnx
@@ -138,3 +140,19 @@ def test_the_fixed_bit_pass_holds_no_float64_copy_of_a_large_weight(monkeypatch,
     # codes and the dequantized weight for the correction, and the decoded copy for the error)
     monkeypatch.setattr(weight, "BLOCK_VALUES", 1 << 30)
     assert _pass_peak(w, on_the_fly) > 8 * w.nbytes
+
+
+def test_the_relative_error_leaves_no_reference_cycle_holding_the_codes(monkeypatch):
+    # A self-calling closure in the ranged sum kept every weight's codes until the garbage collector ran: MobileNet
+    # V2's 8-bit conversion peaked 24 MB higher.
+    w = _weight((3001, 64), 0)
+    monkeypatch.setattr(weight, "BLOCK_VALUES", 1000)
+    qw = quantize_weight(w, 8, 0, 0, True)
+    held = weakref.ref(qw)
+    gc.disable()
+    try:
+        weight_error(w, qw.decoded_rows)
+        del qw
+        assert held() is None
+    finally:
+        gc.enable()

@@ -268,25 +268,32 @@ def relative_error_by_ranges(w: np.ndarray, w_hat: Callable[[int, int], np.ndarr
     at most `leaf` values each summed by numpy, are the same float64 values bit for bit. `release(start, stop)`
     is told each range once read (a mapped weight's pages)."""
     flat = w.reshape(-1)
-
-    def sums(start: int, stop: int) -> tuple[float, float]:
-        count = stop - start
-        if count > max(leaf, 128):
-            half = count // 2
-            half -= half % 8
-            (d1, e1), (d2, e2) = sums(start, start + half), sums(start + half, stop)
-            return d1 + d2, e1 + e2
-        work = flat[start:stop].astype(np.float64)
-        denom = np.sum(np.square(work, out=work))
-        work[...] = flat[start:stop]
-        work -= w_hat(start, stop)
-        err = np.sum(np.square(work, out=work))
-        if release is not None:
-            release(start, stop)
-        return denom, err
-
-    denom, err = sums(0, flat.size)
+    # a module function, not a closure: a closure calling itself is a reference cycle that would keep the caller's
+    # arrays (its w_hat's codes) until the garbage collector runs
+    denom, err = _pairwise_sums(flat, w_hat, 0, flat.size, max(leaf, 128), release)
     return float(np.sqrt(err / denom)) if denom > 0 else float(err > 0)
+
+
+def _pairwise_sums(flat: np.ndarray, w_hat: Callable[[int, int], np.ndarray], start: int, stop: int, leaf: int,
+                   release: Callable[[int, int], None] | None) -> tuple[float, float]:
+    """(sum of w^2, sum of (w - w_hat)^2) over flat elements [start, stop), cut as numpy's pairwise sum cuts."""
+    count = stop - start
+    if count > leaf:
+        half = count // 2
+        half -= half % 8
+        d1, e1 = _pairwise_sums(flat, w_hat, start, start + half, leaf, release)
+        d2, e2 = _pairwise_sums(flat, w_hat, start + half, stop, leaf, release)
+        return d1 + d2, e1 + e2
+    decoded = w_hat(start, stop)  # before the float64 work array, as relative_error's callers made it
+    work = flat[start:stop].astype(np.float64)
+    denom = np.sum(np.square(work, out=work))
+    work[...] = flat[start:stop]
+    work -= decoded
+    del decoded
+    err = np.sum(np.square(work, out=work))
+    if release is not None:
+        release(start, stop)
+    return denom, err
 
 
 def pack_int4(values: np.ndarray) -> bytes:

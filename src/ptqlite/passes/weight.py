@@ -53,7 +53,7 @@ from ..qmath import (
     relative_error_by_ranges,
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
-from ..stream import release_pages, spill, streaming
+from ..stream import release_pages, spill, streaming, trim_heap
 from . import on_the_fly_speed
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,12 @@ def quantize_weight(w: np.ndarray, bits: int, axis: int | None, correction_axis:
     other than the channel's) reduce across rows in numpy's pairwise order and keep the whole weight."""
     block_values = BLOCK_VALUES if block_values is None else block_values
     rows = _row_blocks(w, axis, correction_axis, bias_correction, block_values)
-    if rows == "rows":
-        return _quantize_by_rows(w, bits, bias_correction, codes_dtype, block_values)
-    if rows == "columns":
-        return _quantize_columns(w, bits, bias_correction, codes_dtype, block_values)
-    return _quantize_whole(w, bits, axis, correction_axis, bias_correction, codes_dtype)
+    if not rows:
+        return _quantize_whole(w, bits, axis, correction_axis, bias_correction, codes_dtype)
+    qw = (_quantize_by_rows if rows == "rows" else _quantize_columns)(w, bits, bias_correction, codes_dtype,
+                                                                      block_values)
+    trim_heap()  # the blocks' temporaries come from the heap (stream.heap_temporaries): freed, given back
+    return qw
 
 
 def _row_blocks(w: np.ndarray, axis: int | None, correction_axis: int | None, bias_correction: bool,
