@@ -230,3 +230,23 @@ def test_shared_values_are_built_once_and_names_compacted_around_the_models_own(
     graph.initializer.extend(inits)
     out = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", SPLIT_OPSET)]), {})[0]
     np.testing.assert_array_equal(out, [0, 4, 8])
+
+
+def test_forms_that_cannot_pay_are_refused_before_their_large_arrays():
+    """Reproduction: on a dense 8-bit weight (MiniLM's embedding table) the indexed form sorted an int64 copy and
+    made its int64 inverse, and the sparse form an int64 copy of the zero codes and every position, before
+    finding that neither could pay: the fixed-bit conversion's peak (806 MB on MiniLM). Both are refused first."""
+    import tracemalloc
+
+    codes = np.random.default_rng(0).integers(0, 256, (1024, 512)).astype(np.int64)  # every code used, dense
+    zero = np.full((1024, 1), 128, np.int64)
+    scale, offset = np.full((1024, 1), 0.01, np.float32), np.zeros((1024, 1), np.float32)
+    tracemalloc.start()
+    try:
+        _, decoder = _model_with_decoder(codes, 8, scale, offset, zero)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoder.encoding == "packed"
+    # the packed form's bytes and its TensorProto (about 2 bytes a code), not an int64 copy (8 bytes a code)
+    assert peak < 4 * codes.size, peak

@@ -374,10 +374,12 @@ def _packed(b: Builder, codes, bits, scale, offset, target, result) -> Decoder:
 
 
 def _indexed(b: Builder, codes, bits, scale, offset, target, result) -> Decoder | None:
+    # the distinct codes counted first (codes < 2^bits: a small bincount): a weight whose index would not be
+    # narrower than its codes is refused before np.unique sorts a copy of it and makes its int64 inverse
+    if bits_for(int(np.count_nonzero(np.bincount(codes.ravel())))) >= bits:
+        return None
     table, positions = np.unique(codes, return_inverse=True)
     index_bits = bits_for(table.size)
-    if index_bits >= bits:
-        return None
     idx = b.node("Cast", [b.unpack_codes(positions.reshape(codes.shape), index_bits)], to=TensorProto.INT32)
     shaped = b.node("Gather", [b.const(table.astype(_code_type(bits))), idx])
     return b.finish(shaped, codes.shape, scale, offset, target, result)
@@ -388,10 +390,14 @@ def _sparse(b: Builder, codes, bits, scale, offset, target, zero_codes, result) 
     running sums of packed gaps (positions inside the tensor by construction)."""
     shape = codes.shape
     flat_codes = codes.ravel()
-    positions = np.flatnonzero(flat_codes != np.broadcast_to(zero_codes, shape).ravel())
-    # Only worth it when most codes sit on the zero point; a dense tensor is never stored this way.
-    if positions.size == 0 or positions.size * 2 > flat_codes.size:
+    off_zero = (codes != zero_codes).ravel()  # broadcast in the comparison: no int64 copy of the zero codes
+    # Only worth it when most codes sit on the zero point; a dense tensor is never stored this way (and is
+    # refused before its positions, int64, are made).
+    count = int(np.count_nonzero(off_zero))
+    if count == 0 or count * 2 > flat_codes.size:
         return None
+    positions = np.flatnonzero(off_zero)
+    del off_zero
     gaps = np.diff(positions, prepend=0)
     values = b.unpack_codes(flat_codes[positions], bits)
     where = b.node("CumSum", [b.node("Cast", [b.unpack_codes(gaps, bits_for(int(gaps.max()) + 1))],
