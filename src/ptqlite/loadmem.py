@@ -167,15 +167,16 @@ def _fused_bytes(model: onnx.ModelProto, sizes: _Sizes) -> int:
     return total
 
 
-def predict_unfolded(model: onnx.ModelProto | str) -> int:
+def predict_unfolded(model: onnx.ModelProto | str, estimate: LoadEstimate | None = None) -> int:
     """Bytes an ONNX Runtime CPU session without constant folding needs to load `model` and run it: the tensors
     (as predict_load counts them), every value computed from constants that a node computed from the inputs reads
     (the decoded weights: a run computes them first, since they read constants only, and each is held until its
     reader has run; all of them held together is the bound), twice the largest value computed from constants
-    (a decoder's last intermediate and its result), and the session's overhead."""
+    (a decoder's last intermediate and its result), and the session's overhead. `estimate`: predict_load(model),
+    when the caller has it already."""
     if isinstance(model, str):
         model = onnx.load(model, load_external_data=False)
-    estimate = predict_load(model)
+    estimate = estimate or predict_load(model)
     named: dict[str, int] = {}
     _fold(model.graph, set(), _Sizes(model), [], named)
     read = {name for graph in iter_graphs(model.graph) for node in graph.node if not set(node.output) <= set(named)

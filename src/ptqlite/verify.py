@@ -277,8 +277,10 @@ def too_large_to_load(model: onnx.ModelProto | str) -> str:
 def too_large_to_run_unfolded(model: onnx.ModelProto | str) -> bool:
     """Whether the output's session without constant folding (loadmem.predict_unfolded) and LOAD_RESERVE would
     not fit in the memory available either, or would not need less than the default session."""
+    if isinstance(model, str):  # the graph once, for both predictions
+        model = onnx.load(model, load_external_data=False)
     estimate = predict_load(model)
-    unfolded = predict_unfolded(model)
+    unfolded = predict_unfolded(model, estimate)
     return unfolded >= estimate.total or unfolded + LOAD_RESERVE > available_memory()
 
 
