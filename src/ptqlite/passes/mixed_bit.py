@@ -258,21 +258,20 @@ def zigzag(q: np.ndarray) -> np.ndarray:
 
 def zigzag32(q: np.ndarray) -> np.ndarray:
     """zigzag(q) as int32, for codes within +-2^30 (the step search's are within +-2^MAX_CODE_BITS / 2)."""
-    q = np.asarray(q)
-    flat, z = q.reshape(-1), np.empty(q.shape, np.int32)
-    out = z.reshape(-1)
-    for at in range(0, flat.size, SEARCH_CHUNK):  # a block at a time: no temporaries of a large weight's size
-        part = flat[at:at + SEARCH_CHUNK].astype(np.int32)
-        out[at:at + SEARCH_CHUNK] = (part << 1) ^ (part >> 31)
-    return z
+    return _zigzag_as(q, np.int32)
 
 
 def zigzag_narrow(q: np.ndarray) -> np.ndarray:
     """zigzag(q) as uint16 where every value fits (max zigzag < 2^16), else int32
-    (zigzag32), a block at a time: the same values in half the memory of int32 for 16-bit codes."""
-    if zigzag_max(q) >= 1 << 16:
-        return zigzag32(q)
-    flat, z = q.reshape(-1), np.empty(q.shape, np.uint16)
+    (zigzag32): the same values in half the memory of int32 for 16-bit codes."""
+    return _zigzag_as(q, np.uint16 if zigzag_max(q) < 1 << 16 else np.int32)
+
+
+def _zigzag_as(q: np.ndarray, dtype: type) -> np.ndarray:
+    """zigzag(q) in `dtype` (which must hold every value), computed in int32 a block at a time: no temporaries
+    of a large weight's size."""
+    q = np.asarray(q)
+    flat, z = q.reshape(-1), np.empty(q.shape, dtype)
     out = z.reshape(-1)
     for at in range(0, flat.size, SEARCH_CHUNK):
         part = flat[at:at + SEARCH_CHUNK].astype(np.int32)
@@ -707,13 +706,11 @@ def quantize_layer(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
         if not met.all():
             continue
         step32 = step.astype(np.float32)
-        q = codes_for(w, step)  # int32: the values of round_half_away(w / step), a block of rows at a time
-        bits = bits_for(int(q.max()) - int(q.min()) + 1)
         # what the layer keeps, and what the forms below read: the codes in the narrowest type that holds them
-        # (at most MAX_CODE_BITS wide); every use widens a block at a time where it needs to
-        if bits <= 15 and q.min() > -(1 << 15):
-            q = q.astype(np.int16, copy=False)
-        kept = q
+        # (codes_for: int16 where they fit, a block of rows at a time); every use widens a block at a time where
+        # it needs to
+        q = kept = codes_for(w, step)
+        bits = bits_for(int(q.max()) - int(q.min()) + 1)
         error = codes_error(w, q, step32)
         # Rice: the model shares one decoding graph per k, so a layer costs its bits and its steps.
         z = zigzag_narrow(q)  # only sizes and plans are computed from it: uint16 or int32 halve their memory
