@@ -177,12 +177,15 @@ def test_bounded_groups_cut_in_order_and_keep_a_large_layer_alone(monkeypatch):
 
 def test_a_conversion_that_cannot_stream_a_model_with_external_data_says_why(work, capsys):
     """--fp16=on rewrites every float weight, so the model is loaded whole: the summary says so and why (as it
-    would for FULL_QUANT, debug reports, --inputShape or mixed bit's auto_tune, which runs the float model)."""
+    would for FULL_QUANT, debug reports or --inputShape). Mixed bit's auto_tune streams."""
     from ptqlite.convert import streaming_refusal
 
     tuned = parse_config(CONFIGS["mixed_bit"] + "auto_tune=true\n")
-    assert "auto_tune runs the float model in memory" in streaming_refusal(tuned, None, "m.onnx")
+    assert streaming_refusal(tuned, None, "m.onnx") == ""
     assert streaming_refusal(parse_config(CONFIGS["mixed_bit"]), None, "m.onnx") == ""
+    assert "FULL_QUANT runs the float model in memory" in streaming_refusal(
+        parse_config(_COMMON.format(mode="FULL_QUANT", bits=8) + "[data_preprocess_param]\ncalibrate_path=ids:d\n"
+                     "calibrate_size=1\ninput_type=BIN\n"), None, "m.onnx")
     code, out, err = convert_cli(work, "mixed_bit", capsys, "--fp16=on", "--verify=off")
     assert code == 0, err
     assert ("not streamed: --fp16=on rewrites every float weight, so the model was loaded whole with its "

@@ -121,14 +121,12 @@ def convert(model: onnx.ModelProto, config: QuantConfig, *, model_path: str | Pa
 
 def streaming_refusal(config: QuantConfig, input_shapes: dict[str, list[int]] | None,
                       model_path: str | Path | None, float16: bool = False) -> str:
-    """Why a conversion cannot stream ("" when it can): WEIGHT_QUANT (fixed bit width or mixed bit) and
-    DYNAMIC_QUANT read each weight on its own; FULL_QUANT and mixed bit's auto_tune run the float model in memory,
-    debug reports need it whole, --inputShape runs it with other shapes, and --fp16 rewrites the weights it does
-    not quantize."""
+    """Why a conversion cannot stream ("" when it can): WEIGHT_QUANT (fixed bit width or mixed bit, auto_tune
+    too: each init_scale it tries runs from a temp file whose weights ONNX Runtime maps) and DYNAMIC_QUANT read
+    each weight on its own; FULL_QUANT runs the float model in memory, debug reports need it whole, --inputShape
+    runs it with other shapes, and --fp16 rewrites the weights it does not quantize."""
     if config.quant_type not in ("WEIGHT_QUANT", "DYNAMIC_QUANT"):
         return f"{config.quant_type} runs the float model in memory"
-    if config.is_mixed_bit and config.mixed_bit.auto_tune:
-        return "WEIGHT_QUANT mixed bit with auto_tune runs the float model in memory for every init_scale it tries"
     if config.common.debug_info_save_path:
         return "the debug reports run the float model in memory"
     if input_shapes:

@@ -19,6 +19,7 @@ each decoder's data goes to the output's data file when it is final.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..autotune import MAX_COARSE, MAX_FINE, TARGET_COSINE, OutputComparer, evaluation_inputs, search_scale
+from ..autotune import (
+    MAX_COARSE,
+    MAX_FINE,
+    TARGET_COSINE,
+    MappedCandidate,
+    OutputComparer,
+    evaluation_inputs,
+    search_scale,
+)
 from ..config import QuantConfig
 from ..encoding import (
     MIN_OPSET,
@@ -44,11 +53,18 @@ from ..encoding import (
     split_codes,
     split_type,
 )
-from ..model import GraphIndex, attribute, ensure_opset, opset_version, subgraph_inputs
+from ..model import (
+    GraphIndex,
+    attribute,
+    ensure_opset,
+    opset_version,
+    subgraph_inputs,
+    too_large_for_one_file,
+)
 from ..plan import WeightSpec, plan_weights, weight_quant_rules
 from ..qmath import bits_for, channel_shape, reduce_axes, round_half_away
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
-from ..stream import spill, streaming
+from ..stream import spill, streaming, trim_heap
 from .weight import decode_on_consumers, quantize_weight, relative_error, replace_weights
 
 log = logging.getLogger(__name__)
@@ -772,15 +788,12 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
     from ..progress import progress as bar
 
     plan = plan_weights(model, weight_quant_rules(config, per_channel=True))
-    index = index or GraphIndex(model.graph)
-    shared = shared or SharedConstants(index, opset_version(model))
     skipped = [SkippedTensor(s.tensor, s.op_type, s.nodes, s.skip_reason) for s in plan.skipped]
     layers = []
-    for spec in bar(plan.quantized, len(plan.quantized), "mixed-bit search", progress, unit="layer"):
-        w = index.array(spec.tensor)
-        layer = quantize_layer(index, shared, spec, w, init_scale, config.weight.per_channel,
-                               config.weight.bias_correction)
-        if layer.stored_bytes >= w.nbytes:
+    index = index or GraphIndex(model.graph)
+    specs = bar(plan.quantized, len(plan.quantized), "mixed-bit search", progress, unit="layer")
+    for spec, w, layer in each_layer(model, config, init_scale, specs, index, shared):
+        if layer is None:
             skipped.append(SkippedTensor(spec.tensor, spec.op_type, spec.nodes,
                                          "quantized storage would not be smaller than float"))
             continue
@@ -791,6 +804,23 @@ def quantize_weights(model: onnx.ModelProto, config: QuantConfig, init_scale: fl
             _park(index, layer)
         layers.append(layer)
     return layers, skipped
+
+
+def each_layer(model: onnx.ModelProto, config: QuantConfig, init_scale: float, specs=None,
+               index: GraphIndex | None = None, shared: SharedConstants | None = None):
+    """(spec, weight, layer) for each planned weight of `model` in turn (specs: the planned ones, or those given),
+    layer None where its quantized storage would not be smaller than float (it stays float). The weight is the
+    float values (a memory map in a streaming conversion); the caller drops both before the next is made."""
+    if specs is None:
+        specs = plan_weights(model, weight_quant_rules(config, per_channel=True)).quantized
+    index = index or GraphIndex(model.graph)
+    shared = shared or SharedConstants(index, opset_version(model))
+    for spec in specs:
+        w = index.array(spec.tensor)
+        layer = quantize_layer(index, shared, spec, w, init_scale, config.weight.per_channel,
+                               config.weight.bias_correction)
+        yield spec, w, (None if layer.stored_bytes >= w.nbytes else layer)
+        del w, layer
 
 
 def _park(index: GraphIndex, layer: MixedLayer) -> None:
@@ -817,12 +847,28 @@ def tune_init_scale(model: onnx.ModelProto, config: QuantConfig, input_format: s
     from ..progress import progress_bar
 
     inputs, described = evaluation_inputs(model, config, input_format, samples)
-    compare = OutputComparer(model, inputs)
+    mapped = streaming() or too_large_for_one_file(model)
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(progress_bar(MAX_COARSE + MAX_FINE, "auto_tune", progress, unit="evaluation"))
+        if mapped:
+            specs = plan_weights(model, weight_quant_rules(config, per_channel=True)).quantized
+            candidate = stack.enter_context(MappedCandidate(model, {spec.tensor for spec in specs}))
+            compare = OutputComparer(str(candidate.path), inputs, prepacking=False)  # its float values, for now
+        else:
+            compare = OutputComparer(model, inputs)
 
-    with progress_bar(MAX_COARSE + MAX_FINE, "auto_tune", progress, unit="evaluation") as bar:
         def evaluate(scale: float) -> float:
-            layers, _ = quantize_weights(model, config, scale, progress=False)
-            cosine = compare(substitute(model, layers))
+            if mapped:
+                # each weight's decoded values (the float ones where it stays float) into the candidate's data
+                # file, one weight at a time: no copy of the model in memory
+                for spec, w, layer in each_layer(model, config, scale, specs):
+                    candidate.write(spec.tensor, w if layer is None else layer.decoded)
+                    del w, layer
+                trim_heap()
+                cosine = compare(str(candidate.path))
+            else:
+                layers, _ = quantize_weights(model, config, scale, progress=False)
+                cosine = compare(substitute(model, layers))
             bar.update(1)
             bar.set_postfix_str(f"init_scale {scale:.4g}: cosine {cosine:.5f}")
             log.debug("auto_tune: init_scale %.4g gives output cosine %.5f", scale, cosine)
@@ -833,6 +879,9 @@ def tune_init_scale(model: onnx.ModelProto, config: QuantConfig, input_format: s
     notes = [(f"auto_tune: init_scale={found.init_scale:.4g} gives mean output cosine {found.cosine:.5f} "
               f"(target {TARGET_COSINE}) on {described}"),
              f"auto_tune: {len(found.history)} evaluations (init_scale->cosine): {tried}"]
+    if mapped:
+        notes.append("auto_tune: each evaluation wrote the decoded weights to a temp data file that ONNX Runtime "
+                     "mapped (the model was not loaded whole)")
     return found.init_scale, notes
 
 
