@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from ptqlite import encoding
 from ptqlite.encoding import (
     MIN_OPSET,
     SPLIT_OPSET,
@@ -62,6 +63,58 @@ def test_each_form_decodes_exactly(bits, form, shape):
     model, decoder = _model_with_decoder(codes, bits, scale, offset, zero, forms=(form,))
     assert decoder.encoding == form
     np.testing.assert_array_equal(run(model, {})[0], _expected(codes, scale, offset))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8, 9, 12, 16])
+@pytest.mark.parametrize("form", ["packed", "indexed", "sparse", "plain"])
+def test_narrow_code_types_store_the_same_decoder_as_int64(bits, form):
+    """Codes arrive uint16 (WEIGHT_QUANT), int16 (mixed bit) or uint8: every form stores the bytes, nodes and
+    values it stores for the same codes in int64 (COUNT_CHUNK made small, so the chunked counts and lookups
+    join several chunks)."""
+    if form == "plain" and bits not in (8, 16):
+        pytest.skip("enable_encode=false stores only 8 and 16 bits")
+    rng = np.random.default_rng(bits)
+    shape = (9, 7, 5)
+    zero = rng.integers(0, 1 << bits, size=(shape[0], 1, 1))
+    codes = rng.integers(0, 1 << bits, size=shape)
+    if form == "indexed":
+        codes = rng.choice(rng.integers(0, 1 << bits, size=3), size=shape)
+    if form == "sparse":
+        codes = np.where(rng.random(shape) < 0.8, zero, codes)
+    codes[0, 0, 0] = (1 << bits) - 1  # the top code: nothing may wrap in a narrow type
+    scale, offset = rng.uniform(0.01, 0.1, size=(shape[0], 1, 1)), rng.uniform(-1, 1, size=(shape[0], 1, 1))
+    kwargs = {"encode": False} if form == "plain" else {"forms": (form,)}
+    wide, _ = _model_with_decoder(codes, bits, scale, offset, zero, **kwargs)
+    types = [np.uint16, np.int32] + ([np.int16] if bits < 16 else []) + ([np.uint8] if bits <= 8 else [])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encoding, "COUNT_CHUNK", 64)
+        for dtype in types:
+            narrow, _ = _model_with_decoder(codes.astype(dtype), bits, scale, offset, zero, **kwargs)
+            assert narrow.SerializeToString() == wide.SerializeToString(), dtype
+    if form != "plain":
+        np.testing.assert_array_equal(run(wide, {})[0], _expected(codes, scale, offset))
+
+
+@pytest.mark.parametrize("form", ["packed", "indexed"])
+def test_uint16_codes_are_encoded_without_a_wide_copy(form):
+    """A weight's 2^21 uint16 codes (4 MB): encoding them allocates well under the 16 MB one int64 copy takes."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    table = np.arange(256) if form == "packed" else np.array([3, 90, 200])
+    codes = rng.choice(table, size=(1 << 11, 1 << 10)).astype(np.uint16)
+    ones = np.ones((codes.shape[0], 1))
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(codes.shape))])
+    index = GraphIndex(graph)
+    tracemalloc.start()
+    try:
+        decoder = build_decoder(index, SharedConstants(index, MIN_OPSET), "w", codes, 8, ones, ones, ones,
+                                forms=(form,))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoder.encoding == form
+    assert peak < 12 << 20, peak
 
 
 @pytest.mark.parametrize("bits", [8, 16])

@@ -190,9 +190,7 @@ class Builder:
         "Weight storage"): bit fields come from Mod, Sub of a smaller value, Div of an exact multiple, Mul that
         stays in range, and Gather from small tables computed at load.
         """
-        codes = np.asarray(codes)
-        if codes.dtype != np.int32:  # int32 codes stay int32: the same fields, half the temporaries
-            codes = codes.astype(np.int64, copy=False)
+        codes = narrow_codes(codes)
         if bits in (8, 16):
             return self.const(codes.astype(np.uint8 if bits == 8 else np.uint16))
         if bits > 8:
@@ -365,6 +363,28 @@ class Builder:
         return d
 
 
+def narrow_codes(codes) -> np.ndarray:
+    """Integer codes as they come where they are 32 bits or narrower (every field and comparison below gives the
+    same values in them; a large weight's uint16 codes take a quarter of int64's memory), others as int64."""
+    codes = np.asarray(codes)
+    if codes.dtype.kind in "ui" and codes.dtype.itemsize <= 4 and codes.dtype != np.uint32:
+        return codes
+    return codes.astype(np.int64, copy=False)
+
+
+def code_counts(codes: np.ndarray, bits: int) -> np.ndarray:
+    """How often each code 0 .. 2^bits - 1 occurs, COUNT_CHUNK codes at a time (np.bincount copies its input to
+    int64)."""
+    flat = codes.ravel()
+    counts = np.zeros(1 << bits, np.int64)
+    for start in range(0, flat.size, COUNT_CHUNK):
+        counts += np.bincount(flat[start:start + COUNT_CHUNK], minlength=1 << bits)
+    return counts
+
+
+COUNT_CHUNK = 1 << 20
+
+
 def _code_type(bits: int) -> type:
     return np.uint16 if bits > 8 else np.uint8
 
@@ -376,11 +396,20 @@ def _packed(b: Builder, codes, bits, scale, offset, target, result) -> Decoder:
 def _indexed(b: Builder, codes, bits, scale, offset, target, result) -> Decoder | None:
     # the distinct codes counted first (codes < 2^bits: a small bincount): a weight whose index would not be
     # narrower than its codes is refused before np.unique sorts a copy of it and makes its int64 inverse
-    if bits_for(int(np.count_nonzero(np.bincount(codes.ravel())))) >= bits:
+    present = code_counts(codes, bits) > 0
+    if bits_for(int(np.count_nonzero(present))) >= bits:
         return None
-    table, positions = np.unique(codes, return_inverse=True)
+    # the sorted distinct codes, and each code's place among them looked up (np.unique would sort a copy and
+    # make an int64 inverse): the same table and positions
+    table = np.flatnonzero(present)
     index_bits = bits_for(table.size)
-    idx = b.node("Cast", [b.unpack_codes(positions.reshape(codes.shape), index_bits)], to=TensorProto.INT32)
+    place = np.zeros(present.size, _code_type(index_bits))
+    place[table] = np.arange(table.size)
+    positions = np.empty(codes.shape, place.dtype)
+    flat, out = codes.ravel(), positions.reshape(-1)
+    for start in range(0, flat.size, COUNT_CHUNK):  # a lookup casts its index to int64: a chunk at a time
+        out[start:start + COUNT_CHUNK] = place[flat[start:start + COUNT_CHUNK]]
+    idx = b.node("Cast", [b.unpack_codes(positions, index_bits)], to=TensorProto.INT32)
     shaped = b.node("Gather", [b.const(table.astype(_code_type(bits))), idx])
     return b.finish(shaped, codes.shape, scale, offset, target, result)
 
@@ -411,7 +440,7 @@ def _sparse(b: Builder, codes, bits, scale, offset, target, zero_codes, result) 
 def _plain(b: Builder, codes, bits, scale, offset, target, result) -> Decoder:
     """enable_encode=false: signed int8/int16 storage in the weight's shape."""
     shift = 1 << (bits - 1)
-    stored = b.const((codes - shift).astype(np.int8 if bits == 8 else np.int16))
+    stored = b.const((codes.astype(np.int32) - shift).astype(np.int8 if bits == 8 else np.int16))
     # offset is defined for unsigned codes; signed codes need offset + shift * scale
     return b.finish(stored, codes.shape, scale, offset + shift * scale, target, result)
 
@@ -428,7 +457,8 @@ def build_decoder(index: GraphIndex, shared: SharedConstants, target: str, codes
     the integer decoding), the caller applying decoder.scale and decoder.offset; "codes": the integer codes
     (uint8/uint16; int8/int16 unencoded). For the last two the result is decoder.output.
     """
-    codes = np.asarray(codes, dtype=np.int64)
+    codes = narrow_codes(codes)
+
     def builder(encoding: str) -> Builder:
         return Builder(index, shared, encoding)
 
