@@ -97,12 +97,13 @@ def test_narrow_code_types_store_the_same_decoder_as_int64(bits, form):
 
 @pytest.mark.parametrize("form", ["packed", "indexed"])
 def test_uint16_codes_are_encoded_without_a_wide_copy(form):
-    """A weight's 2^21 uint16 codes (4 MB): encoding them allocates well under the 16 MB one int64 copy takes."""
+    """A weight's 2^23 uint16 codes (16 MB): encoding them allocates well under the 64 MB one int64 copy takes
+    (what remains is per chunk: pack_bits' unpacked bits of PACK_CHUNK codes)."""
     import tracemalloc
 
     rng = np.random.default_rng(0)
     table = np.arange(256) if form == "packed" else np.array([3, 90, 200])
-    codes = rng.choice(table, size=(1 << 11, 1 << 10)).astype(np.uint16)
+    codes = rng.choice(table, size=(1 << 13, 1 << 10)).astype(np.uint16)
     ones = np.ones((codes.shape[0], 1))
     graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(codes.shape))])
     index = GraphIndex(graph)
@@ -114,7 +115,7 @@ def test_uint16_codes_are_encoded_without_a_wide_copy(form):
     finally:
         tracemalloc.stop()
     assert decoder.encoding == form
-    assert peak < 12 << 20, peak
+    assert peak < 32 << 20, peak
 
 
 @pytest.mark.parametrize("bits", [8, 16])
