@@ -93,6 +93,23 @@ def test_task_metrics_count_agreement_and_boxes() -> None:
     assert corpus.metric_fraction("agree 6/8") == 0.75
 
 
+def strip_logits(classes: list[int]) -> list[np.ndarray]:
+    logits = np.zeros((1, len(classes), 4), np.float32)
+    logits[0, np.arange(len(classes)), classes] = 1
+    return [logits]
+
+
+def test_ctc_agreement_also_counts_texts_equal_up_to_edge_spaces() -> None:
+    # class 3 is the space: " 2 1" against "2 1 " differ only at the edges, "2 1" against "21" inside
+    ref = [strip_logits([3, 0, 2, 3, 1]), strip_logits([2, 3, 1, 0])]
+    got = [strip_logits([0, 0, 2, 3, 1, 3]), strip_logits([2, 0, 1, 0])]
+    assert corpus.strip_class((3, 3, 2, 3, 1, 3), 3) == (2, 3, 1)
+    assert corpus.task_metric("ctc", ref, got, space_class=3) == ("agree 0/2 (1/2 up to edge spaces)", False)
+    assert corpus.task_metric("ctc", ref, got) == ("agree 0/2", False)
+    assert corpus.task_metric("ctc", ref, ref, space_class=3) == ("agree 2/2", True)
+    assert corpus.metric_fraction("agree 0/2 (1/2 up to edge spaces)") == 0.0
+
+
 def test_cosine_edge_cases() -> None:
     assert corpus.cosine(np.zeros(3), np.zeros(3)) == 1.0
     assert corpus.cosine(np.zeros(3), np.ones(3)) == 0.0
