@@ -146,7 +146,8 @@ def float16_grid(scale: np.ndarray) -> np.ndarray:
     """Scales rounded to the nearest float16 (as float32), kept within float16's positive range: a scale stored as
     float16 is exactly what the search measured. Callers check for the top of the range (FLOAT16_MAX): such a
     weight needs float32 scales."""
-    return np.clip(scale, FLOAT16_TINY, FLOAT16_MAX).astype(np.float16).astype(np.float32)
+    # maximum and minimum are clip's values here (no NaN scale) without its Python wrapper: a call per tile
+    return np.minimum(np.maximum(scale, FLOAT16_TINY), FLOAT16_MAX).astype(np.float16).astype(np.float32)
 
 
 FLOAT16_TINY, FLOAT16_MAX = np.float32(2.0 ** -24), np.float32(65504.0)
@@ -184,16 +185,15 @@ def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
         rtn += z
         return rtn, s1, z, e
     q, p = np.empty_like(y), np.empty_like(y)  # scratch for the candidates' codes and the errors
-    best_g = best_e = None
+    best_g = best_gain = None
     for factor in CLIP_GRID:
         f = np.float32(factor)
-        num, den = _moments(y, rtn if factor == 1.0 else _codes(y, f, a, b, q), h)
-        g, e = _least_squares(num, den, f)
-        if best_e is None:
-            best_g, best_e = g, e
-        else:
-            take = e < best_e
-            best_g, best_e = np.where(take, g, best_g), np.minimum(e, best_e)
+        g, gain = _least_squares(*_moments(y, rtn if factor == 1.0 else _codes(y, f, a, b, q), h), f)
+        if best_gain is None:
+            best_g, best_gain = g, gain
+        else:  # the first factor of the largest gain (the least error) per block
+            np.copyto(best_g, g, where=gain > best_gain)
+            np.maximum(best_gain, gain, out=best_gain)
     for _ in range(_LLOYD_STEPS):
         best_g, _ = _least_squares(*_moments(y, _codes(y, best_g, a, b, q), h), best_g)
     s = best_g * s1
@@ -213,6 +213,7 @@ def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
 # than 0.1% of relative error on Gaussian and t(4) weights at 4 bits, block 32, and costs time per weight.
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _LLOYD_STEPS = 1
+_LEAST = np.finfo(np.float32).smallest_subnormal
 
 
 def _codes(y: np.ndarray, g, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -230,18 +231,18 @@ def _moments(y: np.ndarray, q: np.ndarray, h: np.ndarray | None = None) -> tuple
 
 
 def _least_squares(num: np.ndarray, den: np.ndarray, g) -> tuple[np.ndarray, np.ndarray]:
-    """The least-squares scale of codes with moments (num, den), and its error less the block's sum(y^2) (the
-    same for every candidate); blocks without a non-zero code keep g."""
-    fits = den > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fitted = num / den
-    # both rules (no non-zero code; a scale not positive) in one where, float32 throughout, no copies: these
-    # small per-block arrays are made a dozen times per tile, and their calls cost more than their arithmetic
-    fitted = np.where(fits & (fitted > 0), fitted, g)
-    error = -num
-    error *= fitted
-    error[~fits] = 0.0
-    return fitted, error
+    """The least-squares scale of codes with moments (num, den) (blocks without a non-zero code, or whose fitted
+    scale is not positive, keep g), and its gain num * scale: the block's sum(y^2) less its error, so the largest
+    gain is the least error. num and den are overwritten.
+
+    den is a sum of squared (weighted) codes: 0 only where every code (or its weight) is 0, and then num is 0 too;
+    raised to the least positive float32 it is unchanged wherever it is positive and makes the quotient 0 (not
+    positive: g kept) where it is not. These per-block arrays are made a dozen times per tile, and their calls cost
+    more than their arithmetic: few calls, no copies."""
+    fitted = np.divide(num, np.maximum(den, _LEAST, out=den), out=den)
+    fitted = np.where(fitted > 0, fitted, g)
+    num *= fitted
+    return fitted, num
 
 
 def _block_dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:

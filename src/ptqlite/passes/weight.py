@@ -516,7 +516,14 @@ def weight_error(w: np.ndarray, w_hat_rows) -> float:
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
-    return len(tensor.raw_data) or numpy_helper.to_array(tensor).nbytes
+    """The bytes of a tensor this pass made: raw data from its shape and type (each read of a bytes field copies
+    it: a large weight's codes once more per read), int4 two values a byte."""
+    if tensor.HasField("raw_data"):
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+            return (count + 1) // 2
+        return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return numpy_helper.to_array(tensor).nbytes
 
 
 def _dequantize_linear(index: GraphIndex, spec: WeightSpec, qw: QuantizedWeight, opset: int):
@@ -638,9 +645,13 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
     packing = packed_table(bq.bits, int(codes.shape[-1]))
     zero = bq.zero_point
     if packing:
-        unsigned = codes.astype(np.int16) - qrange(bq.bits)[0]
+        if packing == "nibbles" and codes.dtype == np.int8:
+            # codes - qmin in [0, 15] in uint8 arithmetic (mod 256: the same values), with no int16 copies
+            unsigned = codes.view(np.uint8) + np.uint8(-qrange(bq.bits)[0])
+        else:
+            unsigned = codes.astype(np.int16) - qrange(bq.bits)[0]
         if packing == "nibbles":
-            unsigned = unsigned.astype(np.uint8)
+            unsigned = unsigned.astype(np.uint8, copy=False)
             stored = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
         else:
             stored = pack_code_groups(unsigned, bq.bits)
