@@ -189,3 +189,23 @@ def test_mapped_candidate_rewrites_weights_in_place_and_maps_the_rest(tmp_path, 
         folder = candidate.folder
     assert not folder.exists()
     assert len(model.graph.initializer[0].raw_data) == w.nbytes  # the caller's model is not touched
+
+
+def test_a_temp_directory_without_room_is_one_sentence(tuned, capsys, monkeypatch):
+    import errno
+
+    real = MappedCandidate._put
+    calls = []
+
+    def full(self, values):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, values)
+
+    monkeypatch.setattr(MappedCandidate, "_put", full)
+    code, _, err = convert_cli(tuned, capsys)
+    assert code == 2
+    assert "could not write auto_tune's temp copy of the model" in err and "free some space" in err
+    assert "Traceback" not in err and "TMPDIR" in err
+    assert left_in_temp(tuned) == [] and list((tuned / "out").iterdir()) == []

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from .config import QuantConfig
 from .errors import DataError
 from .model import iter_tensors
+from .paths import write_error
 from .runtime import REFERENCE_VALUES, cosine_similarity, cpu_session, model_input_specs, synthetic_inputs
 from .stream import MIN_BYTES, is_external, read_array, release_pages
 
@@ -40,6 +41,7 @@ RANDOM_SAMPLES = 4
 
 _PURPOSE = "for auto_tune"
 _DATA = "candidate.onnx.data"
+_WHAT = "auto_tune's temp copy of the model (as large as the float model: set TMPDIR to a folder with room)"
 _ALIGN = 4096  # page-aligned tensors: ONNX Runtime maps them in place
 _CHUNK = 1 << 22  # values written at a time
 
@@ -74,7 +76,10 @@ class MappedCandidate:
     failure."""
 
     def __init__(self, model: onnx.ModelProto, rewritten: set[str]):
-        self.folder = Path(tempfile.mkdtemp(prefix="ptqlite-tune-"))
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix="ptqlite-tune-"))
+        except OSError as exc:
+            raise write_error(Path(tempfile.gettempdir()), _WHAT, exc) from None
         self.path = self.folder / "candidate.onnx"
         self.slots: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
         try:
@@ -92,6 +97,9 @@ class MappedCandidate:
             self.handle.flush()
             with open(self.path, "wb") as handle:
                 handle.write(skeleton.SerializeToString())
+        except OSError as exc:  # disk full, a read-only temp directory...
+            self.close()
+            raise write_error(self.folder, _WHAT, exc) from None
         except BaseException:
             self.close()
             raise
@@ -129,9 +137,12 @@ class MappedCandidate:
         values = np.asarray(values)
         if values.shape != shape:
             raise ValueError(f"{name}: candidate values of shape {values.shape}, the weight has {shape}")
-        self.handle.seek(offset)
-        self._put(values.astype(dtype, copy=False))
-        self.handle.flush()
+        try:
+            self.handle.seek(offset)
+            self._put(values.astype(dtype, copy=False))
+            self.handle.flush()
+        except OSError as exc:
+            raise write_error(self.folder, _WHAT, exc) from None
 
     def close(self) -> None:
         handle = getattr(self, "handle", None)
