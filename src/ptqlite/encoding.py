@@ -268,7 +268,10 @@ class Builder:
         axis = next((a for a in reversed(range(codes.ndim)) if codes.shape[a] % 2 == 0), None)
         planes = codes if axis is not None else np.pad(codes.ravel(), (0, codes.size % 2))
         hi, lo = np.split(planes, 2, axis=axis or 0)
-        stream = self.const((hi * 16 + lo).astype(np.uint8))
+        byte = hi.astype(np.uint8)  # 16 * hi + lo < 256, made in place: one temporary of a byte a pair
+        byte *= 16
+        np.add(byte, lo, out=byte, casting="unsafe")
+        stream = self.const(byte)
         low = self.node("Mod", [stream, self.uint8(16)])
         high = self.node("Div", [self.node("Sub", [stream, low]), self.uint8(16)])
         joined = self.node("Concat", [high, low], axis=axis or 0)

@@ -831,8 +831,11 @@ def _packed_blocks(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
     is only gathered stays integer, as the per-channel default does: the consumers gather integer rows and their
     blocks' zero codes and scales, and decode only those rows (the same bits as the decoded table's rows)."""
     qmin = qrange(bq.bits)[0]
-    # unsigned codes in [0, 2^bits): int16 holds them up to 8 bits, a quarter of int64's memory
-    codes = bq.codes.astype(np.int16 if bq.bits <= 8 else np.int32) - qmin
+    if bq.bits <= 8:  # codes - qmin in [0, 2^bits) as uint8, in place: the int8 codes' bytes plus -qmin mod 256
+        codes = bq.codes.astype(np.uint8)
+        codes += np.uint8(-qmin)
+    else:
+        codes = bq.codes.astype(np.int32) - qmin
     zero = bq.zero_point - qmin
     if not rows:
         decoder = build_block_decoder(index, shared, spec.tensor, codes, zero, bq.scale, bq.axis, bq.block, bq.bits)
