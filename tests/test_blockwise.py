@@ -629,3 +629,18 @@ def test_raised_table_rows_of_any_width_unpack_to_the_dequantized_rows(width, bi
     want = quantize_blocks(table, bits, 1, block, scale_grid=float16_grid).dequantized()[ids]
     np.testing.assert_array_equal(run(result.model, {"ids": ids})[0], want)
     np.testing.assert_array_equal(ReferenceEvaluator(result.model).run(None, {"ids": ids})[0], want)
+
+
+def test_float16_grid_is_numpys_float16_rounding():
+    """The bit-level rounding of float16_grid gives numpy's float16 conversion, ties and carries included, and the
+    subnormal range (numpy's own conversion there) too."""
+    rng = np.random.default_rng(3)
+    normal = np.float32(2.0 ** -14)
+    values = [rng.random(100_000).astype(np.float32) * 0.05 + normal, (rng.random(1000) * 65504).astype(np.float32)]
+    # float32 values exactly halfway between two float16 values (ties to even), and just either side of them
+    halves = (np.arange(1, 4096, dtype=np.uint32) << np.uint32(13)) + np.uint32(0x1000) + np.uint32(0x38800000)
+    values += [halves.view(np.float32), (halves + 1).view(np.float32), (halves - 1).view(np.float32),
+               np.array([normal, 65504.0, 65519.0, 70000.0, 2.0 ** -20, 1e-9], np.float32)]
+    for v in values:
+        expected = np.clip(v, 2.0 ** -24, 65504.0).astype(np.float16).astype(np.float32)
+        assert np.array_equal(float16_grid(v).view(np.uint32), expected.view(np.uint32))

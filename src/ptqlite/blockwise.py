@@ -150,10 +150,24 @@ def float16_grid(scale: np.ndarray) -> np.ndarray:
     float16 is exactly what the search measured. Callers check for the top of the range (FLOAT16_MAX): such a
     weight needs float32 scales."""
     # maximum and minimum are clip's values here (no NaN scale) without its Python wrapper: a call per tile
-    return np.minimum(np.maximum(scale, FLOAT16_TINY), FLOAT16_MAX).astype(np.float16).astype(np.float32)
+    clipped = np.minimum(np.maximum(scale, FLOAT16_TINY), FLOAT16_MAX)
+    if clipped.dtype != np.float32 or (clipped.size and clipped.min() < _FLOAT16_NORMAL):
+        # float16's subnormals (and other float types): numpy's conversion
+        return clipped.astype(np.float16).astype(np.float32)
+    # In float16's normal range the nearest float16 (ties to even) is the float32 with its 13 low mantissa bits
+    # rounded off, ties to even, carrying into the exponent: the same values as numpy's float16 conversion (every
+    # float32 of [2^-14, 65504] checked), several times faster (numpy converts one value at a time).
+    bits = clipped.view(np.uint32)
+    rounded = bits >> np.uint32(13)
+    rounded &= np.uint32(1)
+    rounded += bits
+    rounded += np.uint32(0x0FFF)
+    rounded &= np.uint32(0xFFFFE000)
+    return rounded.view(np.float32)
 
 
 FLOAT16_TINY, FLOAT16_MAX = np.float32(2.0 ** -24), np.float32(65504.0)
+_FLOAT16_NORMAL = np.float32(2.0 ** -14)
 
 
 def _search(x: np.ndarray, qmin: int, qmax: int, search: bool,
