@@ -299,6 +299,11 @@ def _pairwise_sums(flat: np.ndarray, w_hat: Callable[[int, int], np.ndarray], st
 def pack_int4(values: np.ndarray) -> bytes:
     """Signed or unsigned 4-bit values (each in [-8, 15]) as ONNX int4/uint4 raw data: two per byte, the first
     element in the low nibble, an odd count padded with a zero nibble."""
+    return pack_int4_array(values).tobytes()
+
+
+def pack_int4_array(values: np.ndarray) -> np.ndarray:
+    """pack_int4's bytes as a uint8 array (a streaming conversion writes it to the data file as it is)."""
     flat = np.asarray(values).ravel()
     packed = np.empty((flat.size + 1) // 2, np.uint8)
     # values at a time (even): the temporaries stay in the CPU's cache (and in the heap, not fresh pages)
@@ -315,4 +320,4 @@ def pack_int4(values: np.ndarray) -> bytes:
         word = np.ascontiguousarray(nibbles).view("<u2") & np.uint16(0x0F0F)
         word |= word >> np.uint16(4)
         packed[start // 2:start // 2 + word.size] = word
-    return packed.tobytes()
+    return packed

@@ -180,10 +180,12 @@ def reading_from(base: Path, sink: DataSink | None = None):
         _BASE.reset(tokens[0])
 
 
-def spill(tensors: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
+def spill(tensors: list[onnx.TensorProto], trim: bool = True) -> list[onnx.TensorProto]:
     """When a streaming conversion runs, write the data of each large tensor to the output's data file and return
     new messages that keep only the reference (protobuf holds a message's bytes until the message itself goes,
-    even once the field is cleared, so the callers must keep the returned ones). Else returns `tensors`."""
+    even once the field is cleared, so the callers must keep the returned ones). Else returns `tensors`.
+    `trim=False` leaves the freed heap to the caller's next weight (which trims once at the end): a weight whose
+    temporaries come back from the system each time faults every page in again."""
     sink = _SINK.get()
     if sink is None:
         return tensors
@@ -194,8 +196,24 @@ def spill(tensors: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
             light.CopyFrom(tensor)
             tensor = light
         spilled.append(tensor)
-    trim_heap()
+    if trim:
+        trim_heap()
     return spilled
+
+
+def raw_tensor(name: str, data_type: int, dims, data: np.ndarray) -> onnx.TensorProto | None:
+    """While a streaming conversion runs, a tensor whose raw data is the bytes of `data` (C-contiguous, MIN_BYTES
+    or more), written to the output's data file at once: the message only refers to them. Else None (the caller
+    makes the inline tensor). A raw-data message, spilled, costs three copies of its bytes on the way (the bytes
+    object, protobuf's own, and the read of the field), each a large weight's codes in fresh memory."""
+    sink = _SINK.get()
+    if sink is None or data.nbytes < MIN_BYTES:
+        return None
+    tensor = onnx.TensorProto()
+    tensor.name, tensor.data_type = name, data_type
+    tensor.dims.extend(int(d) for d in dims)
+    sink.put_array(tensor, np.ascontiguousarray(data))
+    return tensor
 
 
 def trim_heap() -> None:
@@ -288,6 +306,12 @@ class DataSink:
         self.handle.write(data)
         self._refer(tensor, offset, len(data))
         return True
+
+    def put_array(self, tensor: onnx.TensorProto, data: np.ndarray) -> None:
+        """Append the bytes of C-contiguous `data` as `tensor`'s data and give it the reference."""
+        offset = self._start()
+        self.handle.write(memoryview(data).cast("B"))
+        self._refer(tensor, offset, data.nbytes)
 
     def copy_from(self, tensor: onnx.TensorProto, base: Path) -> None:
         """Copy an external tensor of the input (untouched by the pass) into the output's data file, in chunks."""

@@ -45,7 +45,7 @@ from ..qmath import (
     dequantize,
     group_layout,
     pack_code_groups,
-    pack_int4,
+    pack_int4_array,
     qrange,
     quantize,
     reduce_axes,
@@ -53,7 +53,7 @@ from ..qmath import (
     relative_error_by_ranges,
 )
 from ..result import ConversionResult, QuantizedTensor, SkippedTensor
-from ..stream import release_pages, spill, streaming, trim_heap
+from ..stream import is_external, raw_tensor, release_pages, spill, streaming, trim_heap
 from . import on_the_fly_speed
 
 log = logging.getLogger(__name__)
@@ -329,7 +329,10 @@ def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format:
             result.quantized.append(_record_blocks(spec, bq, float_bytes, sum(_nbytes(t) for t in inits),
                                                    rows=rows, on_the_fly=on_the_fly))
             del bq
-            new_inits += spill(inits)  # a streaming conversion writes them to the output's data file now
+            # a streaming conversion writes them to the output's data file now; the heap is trimmed once, after
+            # the last weight: the next weight's search reuses these temporaries (the same sizes layer after
+            # layer), where a trim per weight made it fault them in again (a third of the pass's system time)
+            new_inits += spill(inits, trim=False)
             continue
         # codes < 2^16: uint16 until they are stored (int4/int8/int16 or packed), a quarter of int64's memory
         qw = quantize_weight(w, spec.bits, spec.axis, spec.correction_axis, options.bias_correction,
@@ -356,6 +359,7 @@ def run(model: onnx.ModelProto, config: QuantConfig, samples=None, input_format:
         result.quantized.append(_record(spec, qw, storage, w, dequantized, sum(_nbytes(t) for t in inits)))
         del w, qw, dequantized
         new_inits += spill(inits)
+    trim_heap()
     mapping = [n for nodes in after.values() for n in nodes]
     # shared values (the decoders' lookup tables) first: they read constants only
     new_nodes = shared.nodes_used_by(new_nodes + mapping) + new_nodes
@@ -517,7 +521,10 @@ def weight_error(w: np.ndarray, w_hat_rows) -> float:
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
     """The bytes of a tensor this pass made: raw data from its shape and type (each read of a bytes field copies
-    it: a large weight's codes once more per read), int4 two values a byte."""
+    it: a large weight's codes once more per read), int4 two values a byte; already in the output's data file, the
+    length written there."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return int(next(entry.value for entry in tensor.external_data if entry.key == "length"))
     if tensor.HasField("raw_data"):
         count = int(np.prod(tensor.dims, dtype=np.int64))
         if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
@@ -583,9 +590,15 @@ def _signed_codes(codes: np.ndarray, qmin: int, np_type: type) -> np.ndarray:
     return signed
 
 
-def int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
-    """An int4 initializer as raw packed bytes (two values a byte), not one int32 per value."""
-    return helper.make_tensor(name, TensorProto.INT4, np.shape(values), pack_int4(values), raw=True)
+def int4_tensor(name: str, values: np.ndarray, direct: bool = False) -> onnx.TensorProto:
+    """An int4 initializer as raw packed bytes (two values a byte), not one int32 per value. `direct`: while a
+    streaming conversion runs, written to the output's data file now, from the packed array (stream.raw_tensor;
+    the caller keeps the order spill would write its tensors in)."""
+    packed = pack_int4_array(values)
+    written = raw_tensor(name, TensorProto.INT4, np.shape(values), packed) if direct else None
+    if written is not None:
+        return written
+    return helper.make_tensor(name, TensorProto.INT4, np.shape(values), packed.tobytes(), raw=True)
 
 
 def _storage_type(bits: int) -> tuple[int, type]:
@@ -601,11 +614,17 @@ def _blocked_dequantize_linear(index: GraphIndex, spec: WeightSpec, bq: BlockQua
     prefix = spec.tensor.replace("::", "_").strip("/")
     q_name, s_name, z_name = (index.unique_name(f"{prefix}_{s}") for s in ("quantized", "scale", "zero_point"))
     if dtype == TensorProto.INT4:
-        q_tensor, z_tensor = int4_tensor(q_name, bq.codes), int4_tensor(z_name, bq.zero_point)
+        # streaming, the packed codes go to the data file as they are (no bytes copies), in the order spill writes
+        # the three tensors: codes, scales, zero points
+        q_tensor = int4_tensor(q_name, bq.codes, direct=True)
+        s_tensor, cast = _scale_tensor(index, bq, s_name)
+        if is_external(q_tensor):
+            s_tensor = spill([s_tensor], trim=False)[0]
+        z_tensor = int4_tensor(z_name, bq.zero_point, direct=True)
     else:
         q_tensor = numpy_helper.from_array(bq.codes.astype(np_type), q_name)
         z_tensor = numpy_helper.from_array(bq.zero_point.astype(np_type), z_name)
-    s_tensor, cast = _scale_tensor(index, bq, s_name)
+        s_tensor, cast = _scale_tensor(index, bq, s_name)
     node = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [spec.tensor],
                             name=index.unique_name(f"{prefix}/DequantizeLinear"), axis=bq.axis, block_size=bq.block)
     return [n for n in (cast, node) if n is not None], [q_tensor, s_tensor, z_tensor]
