@@ -500,3 +500,24 @@ def test_heap_temporaries_sets_glibc_thresholds_and_is_a_no_op_without_glibc(mon
     stream.heap_temporaries()
     stream.trim_heap()
     assert len(calls) == 3
+
+
+def test_streamed_int4_blocks_keep_codes_scales_zero_points_in_that_order(work, capsys, monkeypatch):
+    """The int4 block codes and zero points go to the data file from their packed arrays when they are made
+    (stream.raw_tensor), the scales between them: the data file holds each weight's three tensors in the order
+    spill writes a pass's tensors (codes, scales, zero points), as before that shortcut."""
+    monkeypatch.setattr(stream, "MIN_BYTES", 1)  # the small model's scales and zero points to the data file too
+    code, _, err = convert_cli(work, "on_the_fly_block32", capsys, "--verify=off")
+    assert code == 0, err
+    graph = onnx.load(str(work / "out" / "on_the_fly_block32.onnx"), load_external_data=False).graph
+    offsets = {t.name: int(next(e.value for e in t.external_data if e.key == "offset"))
+               for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    cast_from = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}  # float16 scales
+    checked = 0
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in offsets:
+            names = [cast_from.get(name, name) for name in node.input]
+            placed = [offsets[name] for name in names if name in offsets]
+            assert placed == sorted(placed), node.name
+            checked += len(placed) == 3
+    assert checked, "no weight with its three tensors in the data file"
