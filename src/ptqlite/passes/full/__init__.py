@@ -215,9 +215,10 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
     # Nodes inside If/Loop/Scan bodies whose weights are int8 weight-only: the first to go back to float
     body_nodes = {n for name in params.weight_only for n in weight_plan_nodes(weight_plan, name)}
 
-    def candidate(demoted: set[str], clear_of: tuple[float, float]):
-        cand_plan = plan if not demoted else plan_graph(model, types, weight_plan.quantized, preset,
-                                                        skip | demoted)
+    def candidate(demoted: set[str], clear_of: tuple[float, float], cand_plan: GraphPlan | None = None):
+        if cand_plan is None:
+            cand_plan = plan if not demoted else plan_graph(model, types, weight_plan.quantized, preset,
+                                                            skip | demoted)
         cand_ranges = ranges
         if not set(cand_plan.tensors.values()) <= set(ranges):  # not expected; measured rather than guessed
             cand_ranges = collect(model, _range_requests(cand_plan, config.full.activation_quant_method),
@@ -266,6 +267,15 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
             del tried
             if ratio <= 1.0:
                 break
+    every = set(smallest_first(model, plan)) | body_nodes
+    if every and best[0] >= every and best[1][0].tensors:
+        # Every weighted layer went back to float: the int8 activations left (an Add of two activations, say)
+        # only add quantize/dequantize pairs and save no bytes, so the output is the float graph
+        try:
+            float_plan = GraphPlan(("float",) * len(model.graph.node))
+            best = (best[0], candidate(best[0], (1.0, timer.SLOWER), float_plan))
+        except PtqError:
+            pass
     demoted, (best_plan, best_params, timing, written) = best
     if demoted:
         result.notes.append(f"latency-aware planning: int8 ran {first.ratio:.2f}x float on this machine; "
