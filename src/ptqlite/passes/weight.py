@@ -665,8 +665,7 @@ def _blocked_gathered_rows(index: GraphIndex, spec: WeightSpec, bq: BlockQuant,
     zero = bq.zero_point
     if packing:
         if packing == "nibbles" and codes.dtype == np.int8:
-            # codes - qmin in [0, 15] in uint8 arithmetic (mod 256: the same values), with no int16 copies
-            unsigned = codes.view(np.uint8) + np.uint8(-qrange(bq.bits)[0])
+            unsigned = unsigned_block_codes(codes, bq.bits)
         else:
             unsigned = codes.astype(np.int16) - qrange(bq.bits)[0]
         if packing == "nibbles":
@@ -836,6 +835,15 @@ def _decode_gathered_rows(index: GraphIndex, tensor: str, codes: str, zero: str,
         after[raw] = new
 
 
+def unsigned_block_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Signed block codes minus qmin, in [0, 2^bits): int8 codes as uint8, their bytes plus -qmin mod 256 (the
+    same values, one array of a byte a code), wider ones as int32."""
+    qmin = qrange(bits)[0]
+    if codes.dtype == np.int8:
+        return codes.view(np.uint8) + np.uint8(-qmin)
+    return codes.astype(np.int32) - qmin
+
+
 def _packed_block_bytes(bq: BlockQuant) -> int:
     """Bytes the default strategy stores for `bq`: codes and zero codes packed, float16 scales (float32 where
     they are off the float16 grid)."""
@@ -849,13 +857,7 @@ def _packed_blocks(index: GraphIndex, shared: SharedConstants, spec: WeightSpec,
     at load to the weight (folded; equal bit for bit to ON_THE_FLY's block-wise DequantizeLinear). A table that
     is only gathered stays integer, as the per-channel default does: the consumers gather integer rows and their
     blocks' zero codes and scales, and decode only those rows (the same bits as the decoded table's rows)."""
-    qmin = qrange(bq.bits)[0]
-    if bq.bits <= 8:  # codes - qmin in [0, 2^bits) as uint8, in place: the int8 codes' bytes plus -qmin mod 256
-        codes = bq.codes.astype(np.uint8)
-        codes += np.uint8(-qmin)
-    else:
-        codes = bq.codes.astype(np.int32) - qmin
-    zero = bq.zero_point - qmin
+    codes, zero = unsigned_block_codes(bq.codes, bq.bits), bq.zero_point - qrange(bq.bits)[0]
     if not rows:
         decoder = build_block_decoder(index, shared, spec.tensor, codes, zero, bq.scale, bq.axis, bq.block, bq.bits)
         return decoder.nodes, decoder.initializers
