@@ -254,8 +254,9 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
     first = timing0
     # the fastest so far: (layers in float, (plan, params, timing, written)); ties go to the earlier candidate
     best = (set(), (plan0, params0, timing0, written0))
+    weighted = smallest_first(model, plan)
     if first.ratio > timer.SLOWER:
-        for demoted in timer.demotions(smallest_first(model, plan), body_nodes):
+        for demoted in timer.demotions(weighted, body_nodes):
             try:
                 # the search stops at <= 1.0; a candidate slower than the fastest so far is not kept
                 tried = (demoted, candidate(demoted, (1.0, best[1][2].ratio)))
@@ -267,7 +268,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
             del tried
             if ratio <= 1.0:
                 break
-    every = set(smallest_first(model, plan)) | body_nodes
+    every = set(weighted) | body_nodes
     if every and best[0] >= every and best[1][0].tensors:
         # Every weighted layer went back to float: the int8 activations left (an Add of two activations, say)
         # only add quantize/dequantize pairs and save no bytes, so the output is the float graph
@@ -279,7 +280,7 @@ def _never_slower_than_float(model, types, weight_plan, preset, skip, plan, para
     demoted, (best_plan, best_params, timing, written) = best
     if demoted:
         result.notes.append(f"latency-aware planning: int8 ran {first.ratio:.2f}x float on this machine; "
-                            f"{len(demoted)} of {len(smallest_first(model, plan)) + len(body_nodes)} "
+                            f"{len(demoted)} of {len(weighted) + len(body_nodes)} "
                             "weighted layers kept float ("
                             + ("those inside If/Loop/Scan bodies first, then " if body_nodes else "")
                             + f"the smallest), now {timing.ratio:.2f}x float "
